@@ -1,0 +1,1207 @@
+#!/usr/bin/env python3
+"""Parameter Golf trainer: the dual-lane parallel-residual GPT of the PR #1529 record.
+
+One file, configured by environment variables (the SETTINGS table below is the single place
+each one is declared). Run on 1-8 GPUs with
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
+
+or on a CPU for a smoke run (see README.md). Sections, in order:
+
+    SETTINGS       every environment variable: name, default, help, allowed values
+    RUNTIME        errors, logging, distributed set-up
+    DATA           challenge shards, the training loader, validation tokens
+    MODEL          the GPT: attention, MLP, blocks, lanes, depth recurrence
+    OPTIMIZER      Muon (MuonEq-R, batched Newton-Schulz, sharded) + AdamW, schedules, EMA
+    EVALUATION     tokenizer-agnostic bits per byte
+    TRAINING       compile warm-up, the wallclock-capped loop, main()
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import hashlib
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =================================================================================================
+# SETTINGS
+# =================================================================================================
+# Defaults are the values the PR #1529 record ran with (not its code defaults where they differ:
+# MUON_MOMENTUM 0.97, PARALLEL_RESIDUAL_START 8, GPTQ_RESERVE_SECONDS 13).
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: object  # its Python type (bool, int, float, str) is the variable's type
+    help: str
+    choices: tuple = ()
+    group: str = "run"
+
+
+SETTINGS = [
+    # --- data and run ---
+    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder holding fineweb_train_*.bin and fineweb_val_*.bin", group="data"),
+    Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model the shards were made with", group="data"),
+    Setting("VOCAB_SIZE", 8192, "vocabulary size; must equal the tokenizer's", group="data"),
+    Setting("RUN_ID", "", "name of the log file logs/<RUN_ID>.txt (default: a fresh uuid)"),
+    Setting("LOG_DIR", "logs", "folder for the run log"),
+    Setting("SEED", 1337, "seed of the initialisation and of the training-window order"),
+    Setting("ITERATIONS", 20000, "hard cap on optimizer steps (the wallclock cap normally stops first)"),
+    Setting("MAX_WALLCLOCK_SECONDS", 600.0, "training budget in seconds; 0 disables the cap (schedule then follows ITERATIONS)"),
+    Setting("GPTQ_RESERVE_SECONDS", 13.0, "seconds of the budget kept for GPTQ Hessian collection after the loop"),
+    Setting("WARMUP_STEPS", 20, "untimed compile warm-up steps per graph (looping off, then on); state is rolled back"),
+    Setting("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of the GPU count"),
+    Setting("TRAIN_SEQ_LEN", 2048, "training window length in tokens"),
+    Setting("TRAIN_LOG_EVERY", 500, "log a train_loss line every N steps (and steps 1-5)"),
+    Setting("VAL_LOSS_EVERY", 4000, "validate every N steps during training (0: only at the end)"),
+    Setting("VAL_BATCH_TOKENS", 524288, "global tokens per validation batch"),
+    Setting("EVAL_SEQ_LEN", 2048, "evaluation window length in tokens"),
+    Setting("COMPILE", True, "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)"),
+    Setting("ATTN_BACKEND", "auto", "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA", ("auto", "fa3", "sdpa")),
+    # --- model ---
+    Setting("NUM_LAYERS", 11, "physical transformer blocks", group="model"),
+    Setting("MODEL_DIM", 512, "residual stream width", group="model"),
+    Setting("NUM_HEADS", 8, "query heads", group="model"),
+    Setting("NUM_KV_HEADS", 4, "key/value heads (grouped-query attention)", group="model"),
+    Setting("MLP_MULT", 4.0, "MLP hidden width as a multiple of MODEL_DIM", group="model"),
+    Setting("ROPE_DIMS", 16, "leading dims of each head that RoPE rotates (partial RoPE)", group="model"),
+    Setting("ROPE_BASE", 10000.0, "RoPE base frequency", group="model"),
+    Setting("QK_GAIN_INIT", 5.0, "initial per-head gain applied to the RMS-normed queries", group="model"),
+    Setting("XSA_LAST_N", 11, "exclusive self-attention on the last N physical layers", group="model"),
+    Setting("LOGIT_SOFTCAP", 30.0, "logits are squashed to c*tanh(z/c)", group="model"),
+    Setting("TIED_EMBED_INIT_STD", 0.005, "std of the tied embedding's normal initialisation", group="model"),
+    Setting("SKIP_GATES_ENABLED", True, "U-Net skips are sigmoid-gated lerps (off: plain weighted adds)", group="model"),
+    Setting("LN_SCALE", True, "scale each block's normed input by 1/sqrt(layer+1)", group="model"),
+    Setting("NUM_LOOPS", 2, "extra passes over layers LOOP_START..LOOP_END once looping is on (0: no recurrence)", group="model"),
+    Setting("LOOP_START", 3, "first physical layer of the recurrent segment", group="model"),
+    Setting("LOOP_END", 5, "last physical layer of the recurrent segment (inclusive)", group="model"),
+    Setting("ENABLE_LOOPING_AT", 0.35, "fraction of the training budget at which depth recurrence switches on", group="model"),
+    Setting("PARALLEL_RESIDUAL_MODE", "full", "two-lane residuals: full = PR #1529, split = PR #1477, sequential = PR #1204, off", ("full", "split", "sequential", "off"), group="model"),
+    Setting("PARALLEL_RESIDUAL_START", 8, "first physical layer that runs as a two-lane block", group="model"),
+    # --- optimizer ---
+    Setting("MATRIX_LR", 0.022, "Muon learning rate of the block matrices", group="optimizer"),
+    Setting("TIED_EMBED_LR", 0.03, "AdamW learning rate of the tied embedding", group="optimizer"),
+    Setting("SCALAR_LR", 0.02, "AdamW learning rate of gains, mixes, skips and lane lambdas", group="optimizer"),
+    Setting("MUON_MOMENTUM", 0.97, "Muon Nesterov momentum after warm-up", group="optimizer"),
+    Setting("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", group="optimizer"),
+    Setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps over which the momentum rises linearly", group="optimizer"),
+    Setting("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", group="optimizer"),
+    Setting("MUON_NS_COEFFS", "quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.775, 2.0315) or polar_express", ("quintic", "polar_express"), group="optimizer"),
+    Setting("MUON_ROW_NORMALIZE", True, "MuonEq-R: normalise each row of the update before Newton-Schulz", group="optimizer"),
+    Setting("MUON_WD", 0.095, "decoupled weight decay of the Muon matrices", group="optimizer"),
+    Setting("EMBED_WD", 0.095, "AdamW weight decay of the tied embedding", group="optimizer"),
+    Setting("ADAM_WD", 0.02, "AdamW weight decay of the scalar/control tensors", group="optimizer"),
+    Setting("BETA1", 0.9, "AdamW beta1", group="optimizer"),
+    Setting("BETA2", 0.95, "AdamW beta2", group="optimizer"),
+    Setting("ADAM_EPS", 1e-8, "AdamW epsilon", group="optimizer"),
+    Setting("GRAD_CLIP_NORM", 0.3, "clip the global gradient norm to this (0: off)", group="optimizer"),
+    Setting("WARMDOWN_FRAC", 0.667, "last fraction of the budget over which the LR falls linearly", group="optimizer"),
+    Setting("MIN_LR", 0.0, "floor of the LR multiplier during warm-down", group="optimizer"),
+    Setting("EMA_DECAY", 0.997, "decay of the weight EMA swapped in after training (0: no EMA)", group="optimizer"),
+]
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class UserError(Exception):
+    """Bad input or an impossible setting: reported as one line, exit status 1."""
+
+
+def _parse_setting(setting: Setting, raw: str):
+    kind = type(setting.default)
+    fix = f"set {setting.name} to a {kind.__name__}" + (f" (one of {', '.join(setting.choices)})" if setting.choices else "")
+    try:
+        if kind is bool:
+            if raw.strip().lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            value = raw.strip().lower() in ("1", "true")
+        elif kind is int:
+            as_float = float(raw)  # accepts 786432 as well as 7.86432e5
+            if not as_float.is_integer():
+                raise ValueError
+            value = int(as_float)
+        elif kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+        else:
+            value = raw
+    except ValueError:
+        raise UserError(f"{setting.name}={raw!r} is not valid: {fix}") from None
+    if setting.choices and value not in setting.choices:
+        raise UserError(f"{setting.name}={raw!r} is not one of {', '.join(setting.choices)}")
+    return value
+
+
+class Settings:
+    """All settings as lower-case attributes (settings.matrix_lr), read once from the environment."""
+
+    def __init__(self, environ=None, **overrides):
+        environ = os.environ if environ is None else environ
+        for s in SETTINGS:
+            raw = environ.get(s.name)
+            setattr(self, s.name.lower(), s.default if raw is None or raw == "" else _parse_setting(s, raw))
+        for key, value in overrides.items():
+            if key.upper() not in SETTINGS_BY_NAME:
+                raise UserError(f"unknown setting {key}")
+            setattr(self, key, value)
+        if not self.run_id:
+            self.run_id = uuid.uuid4().hex[:12]
+
+    def items(self):
+        return [(s.name, getattr(self, s.name.lower())) for s in SETTINGS]
+
+    def validate(self, world_size: int):
+        """Cross-field checks that a single variable's parse cannot see."""
+        def need(ok, msg):
+            if not ok:
+                raise UserError(msg)
+        need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes)")
+        accum = 8 // world_size
+        need(self.train_seq_len > 0 and self.eval_seq_len > 0, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be positive")
+        need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
+             f"(8 = world size x grad accumulation)")
+        need(self.val_batch_tokens >= world_size * self.eval_seq_len,
+             f"VAL_BATCH_TOKENS={self.val_batch_tokens} must hold at least one EVAL_SEQ_LEN window per rank")
+        need(self.num_layers >= 1 and self.model_dim >= 1, "NUM_LAYERS and MODEL_DIM must be positive")
+        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        need(0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be between 0 and NUM_LAYERS={self.num_layers}")
+        need(self.mlp_mult > 0, "MLP_MULT must be positive")
+        need(self.num_loops >= 0, "NUM_LOOPS must be >= 0")
+        if self.num_loops > 0:
+            need(0 <= self.loop_start <= self.loop_end < self.num_layers,
+                 f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        need(0.0 <= self.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT must be a fraction in [0, 1]")
+        need(0 <= self.parallel_residual_start, "PARALLEL_RESIDUAL_START must be >= 0")
+        need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC must be in [0, 1]")
+        need(0.0 <= self.ema_decay < 1.0, "EMA_DECAY must be in [0, 1)")
+        need(self.max_wallclock_seconds >= 0 and self.gptq_reserve_seconds >= 0, "MAX_WALLCLOCK_SECONDS and GPTQ_RESERVE_SECONDS must be >= 0")
+        need(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
+             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
+        need(self.iterations >= 1, "ITERATIONS must be >= 1")
+        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS must be >= 1")
+        return accum
+
+
+# =================================================================================================
+# RUNTIME: logging and distributed set-up
+# =================================================================================================
+
+
+class Runtime:
+    """Rank, world size, device and the run log. Only rank 0 writes the log file."""
+
+    def __init__(self, settings: Settings):
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.grad_accum = settings.validate(self.world_size)
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.distributed:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
+        self.master = self.rank == 0
+        self.log_path = None
+        if self.master:
+            os.makedirs(settings.log_dir, exist_ok=True)
+            self.log_path = Path(settings.log_dir) / f"{settings.run_id}.txt"
+
+    def log(self, msg: str = "", console: bool = True):
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        if self.distributed:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def source_sha256() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+# =================================================================================================
+# DATA: challenge shards, training windows, validation tokens
+# =================================================================================================
+# A shard is 256 little-endian int32 header words (magic 20240520, version 1, token count) followed
+# by the tokens as little-endian uint16. Each document is [BOS] + tokens; documents run on across
+# windows and shard boundaries.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_WORDS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_WORDS * 4
+
+
+def read_shard(path, mmap: bool = True) -> np.ndarray:
+    """The tokens of one shard as a uint16 array (memory-mapped), after checking its header and size."""
+    path = Path(path)
+    fix = "re-download it (data/cached_challenge_fineweb.py) or rebuild it (data/build_shards.py)"
+    if not path.is_file():
+        raise UserError(f"shard {path} does not exist: {fix}")
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise UserError(f"shard {path} is {size} bytes, shorter than its {SHARD_HEADER_BYTES}-byte header: {fix}")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
+    if header[0] != SHARD_MAGIC:
+        raise UserError(f"shard {path} has magic {header[0]}, expected {SHARD_MAGIC}: not a challenge shard; {fix}")
+    if header[1] != SHARD_VERSION:
+        raise UserError(f"shard {path} has version {header[1]}, expected {SHARD_VERSION}: {fix}")
+    n_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * n_tokens
+    if n_tokens < 0 or size != expected:
+        raise UserError(f"shard {path} is {size} bytes but its header promises {n_tokens} tokens ({expected} bytes): "
+                        f"truncated or corrupt; {fix}")
+    if mmap:
+        return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n_tokens,))
+    return np.fromfile(path, dtype="<u2", offset=SHARD_HEADER_BYTES, count=n_tokens)
+
+
+def write_shard(path, tokens) -> None:
+    """Write tokens in the challenge format (used by tests; data/ has the real builders)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise UserError(f"token ids for {path} must fit in uint16")
+    header = np.zeros(SHARD_HEADER_WORDS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise UserError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}: download them with "
+                        f"`python3 data/cached_challenge_fineweb.py --variant sp8192` or point DATA_PATH at your shards")
+    return files
+
+
+class TrainLoader:
+    """Random training windows of TRAIN_SEQ_LEN+1 tokens, the same global batches for any GPU count.
+
+    Every epoch draws, from SEED and the epoch number, a random phase per shard (so window edges move
+    between epochs) and one permutation of all windows of all shards. Step s consumes the next
+    `global_seqs` windows of that permutation; rank r's micro-batch m is slice (m * world_size + r).
+    So a rank reads only its own windows, and 1 GPU with 8 accumulation steps sees exactly the same
+    global batch as 8 GPUs with 1.
+    """
+
+    def __init__(self, files, seq_len: int, global_seqs: int, seed: int, rank: int, world_size: int, grad_accum: int):
+        self.tokens = [read_shard(f) for f in files]
+        self.seq_len, self.seed = seq_len, seed
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.global_seqs = global_seqs
+        self.micro_seqs = global_seqs // (world_size * grad_accum)
+        self.epoch = -1
+        self._start_epoch()
+        if len(self.order) < global_seqs:
+            raise UserError(f"training shards hold {len(self.order)} windows of {seq_len + 1} tokens, fewer than one "
+                            f"batch of {global_seqs}: lower TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN or add training shards")
+
+    def _start_epoch(self):
+        self.epoch += 1
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
+        shard_ids, starts = [], []
+        for i, toks in enumerate(self.tokens):
+            n = len(toks)
+            if n < self.seq_len + 1:
+                continue
+            phase = int(rng.integers(0, min(self.seq_len, n - self.seq_len - 1) + 1))
+            count = (n - 1 - phase) // self.seq_len
+            shard_ids.append(np.full(count, i, dtype=np.int32))
+            starts.append(phase + self.seq_len * np.arange(count, dtype=np.int64))
+        self.shard_ids = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32)
+        self.starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        self.order = rng.permutation(len(self.starts))
+        self.cursor = 0
+
+    def next_step(self) -> list[torch.Tensor]:
+        """This rank's grad_accum micro-batches for the next step, each [micro_seqs, seq_len+1] int64."""
+        if self.cursor + self.global_seqs > len(self.order):
+            self._start_epoch()
+        step_windows = self.order[self.cursor:self.cursor + self.global_seqs]
+        self.cursor += self.global_seqs
+        batches = []
+        for m in range(self.grad_accum):
+            part = (m * self.world_size + self.rank) * self.micro_seqs
+            ids = step_windows[part:part + self.micro_seqs]
+            rows = [self.tokens[self.shard_ids[w]][self.starts[w]:self.starts[w] + self.seq_len + 1] for w in ids]
+            batches.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
+        return batches
+
+
+def load_validation_tokens(data_path: str, seq_len: int) -> torch.Tensor:
+    """All validation shards in name order, cut to a whole number of seq_len windows (+1 for the last target)."""
+    tokens = np.concatenate([read_shard(f, mmap=False) for f in shard_files(data_path, "val")])
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise UserError(f"validation shards in DATA_PATH={data_path} hold {len(tokens)} tokens, fewer than one "
+                        f"EVAL_SEQ_LEN={seq_len} window + 1: lower EVAL_SEQ_LEN or use the full validation split")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+    if not Path(path).is_file():
+        raise UserError(f"TOKENIZER_PATH={path} does not exist: download it with data/cached_challenge_fineweb.py or set TOKENIZER_PATH")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError with long messages
+        raise UserError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({type(e).__name__})") from None
+    if sp.vocab_size() != vocab_size:
+        raise UserError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: set VOCAB_SIZE={sp.vocab_size()} "
+                        f"or use the tokenizer the shards were made with")
+    return sp
+
+
+# =================================================================================================
+# MODEL
+# =================================================================================================
+# Matrices keep fp32 master weights and are cast to the compute dtype (bf16 on GPU) at use; the
+# residual stream runs in the compute dtype. Every forward pass (training, evaluation, sliding
+# window, TTT) goes through GPT.forward_hidden, so eval-only features (hash embedding, LoRA adapters)
+# plug into the same code the model was trained with.
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Module):
+    """Bias-free linear layer; the fp32 weight is cast to the input's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if zero_init:  # output projections start at zero so each block starts as the identity
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.orthogonal_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rope_tables(seq_len: int, rope_dims: int, base: float, train_seq_len: int, device, dtype):
+    """cos/sin [seq_len, rope_dims/2] for the split-half convention (pairs j and j + rope_dims/2)."""
+    if seq_len > train_seq_len:  # NTK-style base stretch for contexts longer than training
+        base = base * (seq_len / train_seq_len) ** (rope_dims / max(rope_dims - 2, 1))
+    inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.size(-1) dims of each head of x [B, T, H, D]; the rest pass through."""
+    half = cos.size(-1)
+    if half == 0:
+        return x
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos, rest), dim=-1)
+
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along its own position's value vector.
+
+    y [B, T, H, D] attention output; v [B, T, Hkv, D]; query head h uses KV head h // (H / Hkv)."""
+    B, T, H, D = y.shape
+    kv = v.size(2)
+    y = y.view(B, T, kv, H // kv, D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+    return y.view(B, T, H, D)
+
+
+def pick_attention(requested: str, device: torch.device):
+    """Return (name, attend) where attend(q, k, v) -> causal attention output, all [B, T, heads, D]."""
+    if requested in ("auto", "fa3") and device.type == "cuda":
+        try:
+            from flash_attn_interface import flash_attn_func
+
+            def attend_fa3(q, k, v):
+                out = flash_attn_func(q, k, v, causal=True)
+                return out[0] if isinstance(out, tuple) else out
+            return "fa3", attend_fa3
+        except ImportError:
+            if requested == "fa3":
+                raise UserError("ATTN_BACKEND=fa3 but flash_attn_interface (FlashAttention 3) is not importable: "
+                                "install it or set ATTN_BACKEND=auto") from None
+
+    def attend_sdpa(q, k, v):
+        # SDPA wants [B, heads, T, D]; enable_gqa lets the kernel share K/V heads without copying them.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=q.size(2) != k.size(2))
+        return out.transpose(1, 2)
+    return ("sdpa" if device.type == "cuda" else "sdpa-cpu"), attend_sdpa
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
+        self.use_xsa = use_xsa
+
+    def forward(self, x, rope, attend, adapter=None):
+        B, T, _ = x.shape
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if adapter is not None:
+            q, k, v = q + adapter.q(x), k + adapter.k(x), v + adapter.v(x)
+        q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
+        k = rms_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        cos, sin = rope
+        q = apply_partial_rope(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_partial_rope(k, cos, sin)
+        y = attend(q, k, v)
+        if self.use_xsa:
+            y = exclusive_self_attention(y, v)
+        out = self.proj(y.reshape(B, T, -1))
+        if adapter is not None:
+            out = out + adapter.o(x)
+        return out
+
+
+class MLP(nn.Module):
+    """W_down (LeakyReLU_0.5(W_up x))^2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x, adapter=None):
+        out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+        if adapter is not None:
+            out = out + adapter.mlp(x)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, layer: int, s: Settings):
+        super().__init__()
+        dim = s.model_dim
+        self.attn = Attention(dim, s.num_heads, s.num_kv_heads, s.qk_gain_init, layer >= s.num_layers - s.xsa_last_n)
+        self.mlp = MLP(dim, int(s.mlp_mult * dim))
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of (x, x0)
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if s.ln_scale else 1.0
+
+    def mix(self, x, x0):
+        m = self.resid_mix.to(x.dtype)
+        return m[0] * x + m[1] * x0
+
+    def attn_branch(self, x_in, rope, attend, adapter=None):
+        return self.attn_scale.to(x_in.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, rope, attend, adapter)
+
+    def mlp_branch(self, h, adapter=None):
+        return self.mlp_scale.to(h.dtype) * self.mlp(rms_norm(h) * self.norm_scale, adapter)
+
+    def forward(self, x, x0, rope, attend, adapter=None):
+        """The standard (single-stream) block."""
+        x_in = self.mix(x, x0)
+        x_mid = x_in + self.attn_branch(x_in, rope, attend, adapter)
+        return x_mid + self.mlp_branch(x_mid, adapter)
+
+
+def virtual_layers(num_layers: int, num_loops: int, loop_start: int, loop_end: int, looping: bool) -> tuple:
+    """Physical block index at each virtual position: the recurrent segment repeats NUM_LOOPS extra times."""
+    if not looping or num_loops == 0:
+        return tuple(range(num_layers))
+    segment = list(range(loop_start, loop_end + 1))
+    return tuple(list(range(loop_start)) + segment * (num_loops + 1) + list(range(loop_end + 1, num_layers)))
+
+
+class GPT(nn.Module):
+    def __init__(self, s: Settings):
+        super().__init__()
+        self.settings = s
+        self.vocab_size, self.dim = s.vocab_size, s.model_dim
+        self.tok_emb = nn.Embedding(s.vocab_size, s.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=s.tied_embed_init_std)
+        self.blocks = nn.ModuleList(Block(i, s) for i in range(s.num_layers))
+        self.mode = s.parallel_residual_mode
+        self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value
+        schedules = [virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, on) for on in (False, True)]
+        num_skips = max(min(len(v) // 2, len(v) - len(v) // 2) for v in schedules)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, s.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, s.model_dim)) if s.skip_gates_enabled else None
+        if self.mode in ("full", "sequential"):
+            # Per physical layer: lane decays R[i, lane] and writes P[i, branch, lane] (branch 0 = attention, 1 = MLP).
+            resid_init = 1.1 if self.mode == "full" else math.sqrt(1.1)
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((s.num_layers, 2), resid_init))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(s.num_layers, 2, 2))
+        elif self.mode == "split":
+            self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        for schedule in schedules:
+            self._check_parallel_region(schedule)
+        self.attention_backend, self.attend = pick_attention("sdpa", torch.device("cpu"))
+
+    def use_attention(self, requested: str, device: torch.device) -> str:
+        self.attention_backend, self.attend = pick_attention(requested, device)
+        return self.attention_backend
+
+    # --- structure -------------------------------------------------------------------------------
+
+    def schedule(self) -> tuple:
+        s = self.settings
+        return virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, self.looping)
+
+    def parallel_positions(self, schedule) -> list:
+        if self.mode == "off":
+            return []
+        return [p for p, i in enumerate(schedule) if i >= self.settings.parallel_residual_start]
+
+    def _check_parallel_region(self, schedule):
+        active = self.parallel_positions(schedule)
+        if active and (active != list(range(active[0], len(schedule))) or active[0] < len(schedule) // 2):
+            raise UserError(f"PARALLEL_RESIDUAL_START={self.settings.parallel_residual_start} puts two-lane blocks outside the "
+                            f"tail of the decoder (schedule {list(schedule)}): use a layer after LOOP_END and in the decoder half")
+
+    # --- forward ---------------------------------------------------------------------------------
+
+    def _apply_skip(self, x, skip, j):
+        scaled = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        gate = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
+        return torch.lerp(scaled, x, gate)  # gate * x + (1 - gate) * scaled
+
+    def _parallel_block(self, i, lanes, x0, rope, attend, adapter):
+        block = self.blocks[i]
+        lane0, lane1 = lanes
+        if self.mode == "split":  # PR #1477: an attention-only lane and an MLP-only lane
+            x_in = block.mix(lane0, x0)
+            return x_in + block.attn_branch(x_in, rope, attend, adapter), lane1 + block.mlp_branch(lane1, adapter)
+        R = self.parallel_resid_lambdas[i].to(lane0.dtype)
+        P = self.parallel_post_lambdas[i].to(lane0.dtype)
+        a = block.attn_branch(block.mix(lane0, x0), rope, attend, adapter)
+        if self.mode == "full":  # PR #1529: both branches read the pre-block lanes
+            m = block.mlp_branch(lane1, adapter)
+            return R[0] * lane0 + P[0, 0] * a + P[1, 0] * m, R[1] * lane1 + P[0, 1] * a + P[1, 1] * m
+        # sequential (PR #1204): the MLP reads lane1 after the attention write, mixed with x0
+        lane0, lane1 = R[0] * lane0 + P[0, 0] * a, R[0] * lane1 + P[0, 1] * a
+        m = block.mlp_branch(block.mix(lane1, x0), adapter)
+        return R[1] * lane0 + P[1, 0] * m, R[1] * lane1 + P[1, 1] * m
+
+    def forward_hidden(self, input_ids, lora=None, extra_embedding=None):
+        """Final-normed hidden states [B, T, dim] for input_ids [B, T]."""
+        s, attend = self.settings, self.attend
+        x = rms_norm(self.tok_emb(input_ids).to(compute_dtype(input_ids.device)))
+        if extra_embedding is not None:  # eval-time hash embedding, added to the normed token embedding
+            x = x + extra_embedding(input_ids).to(x.dtype)
+        x0 = x
+        rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
+        schedule = self.schedule()
+        num_encoder = len(schedule) // 2
+        parallel = set(self.parallel_positions(schedule))
+        skips, lanes = [], None
+        for pos, i in enumerate(schedule):
+            adapter = lora.adapter(pos) if lora is not None else None
+            if pos >= num_encoder:
+                j = pos - num_encoder
+                if j < self.skip_weights.size(0) and skips:
+                    skip = skips.pop()
+                    if lanes is None:
+                        x = self._apply_skip(x, skip, j)
+                    elif self.mode == "sequential":
+                        lanes = (self._apply_skip(lanes[0], skip, j), self._apply_skip(lanes[1], skip, j))
+                    else:  # full / split: later skips feed the attention lane only
+                        lanes = (self._apply_skip(lanes[0], skip, j), lanes[1])
+            if pos in parallel:
+                if lanes is None:
+                    lanes = (x, x)
+                lanes = self._parallel_block(i, lanes, x0, rope, attend, adapter)
+            else:
+                x = self.blocks[i](x, x0, rope, attend, adapter)
+            if pos < num_encoder:
+                skips.append(x)
+        if lanes is not None:
+            if self.mode == "split":
+                lam = self.lane_merge.to(lanes[0].dtype)
+                x = lam * lanes[0] + (1 - lam) * lanes[1]
+            else:
+                x = 0.5 * (lanes[0] + lanes[1])
+        return rms_norm(x)
+
+    def logits(self, hidden, lora=None):
+        z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
+        if lora is not None:
+            z = z + lora.head(hidden).float()
+        c = self.settings.logit_softcap
+        return c * torch.tanh(z / c)
+
+    def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None):
+        """Per-position natural-log NLL [B, T] (fp32)."""
+        z = self.logits(self.forward_hidden(input_ids, lora, extra_embedding), lora)
+        return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1), reduction="none").view(target_ids.shape)
+
+    def forward(self, input_ids, target_ids):
+        """Mean training loss."""
+        z = self.logits(self.forward_hidden(input_ids))
+        return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1))
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def matmul_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 6 x multiply-adds), attention included, for the current schedule."""
+        per_layer = sum(p.numel() for n, p in self.blocks[0].named_parameters() if p.ndim == 2)
+        layers = len(self.schedule())
+        attention = 6 * layers * self.dim * seq_len  # causal QK^T and AV: 2 * (T/2) * dim multiply-adds each, x3
+        return 6.0 * (layers * per_layer + self.vocab_size * self.dim) + attention
+
+    def lane_report(self) -> list[str]:
+        if self.mode == "off":
+            return []
+        lines = []
+        schedule = virtual_layers(self.settings.num_layers, self.settings.num_loops, self.settings.loop_start,
+                                  self.settings.loop_end, True)
+        if self.mode == "split":
+            return [f"parallel_residual:converged mode=split lane_merge:{self.lane_merge.item():.4f}"]
+        R, P = self.parallel_resid_lambdas.detach().float().cpu(), self.parallel_post_lambdas.detach().float().cpu()
+        positions = self.parallel_positions(schedule)
+        lines.append(f"parallel_residual:converged mode={self.mode} used_layers={len(positions)}")
+        for pos in positions:
+            i = schedule[pos]
+            lines.append(f"parallel_residual layer:{pos} physical:{i} attn_resid:{R[i, 0]:.4f} attn_to_attn:{P[i, 0, 0]:.4f} "
+                         f"attn_to_mlp:{P[i, 0, 1]:.4f} mlp_resid:{R[i, 1]:.4f} mlp_to_attn:{P[i, 1, 0]:.4f} mlp_to_mlp:{P[i, 1, 1]:.4f}")
+        return lines
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# =================================================================================================
+# OPTIMIZER: Muon for block matrices, AdamW for the embedding and control tensors
+# =================================================================================================
+
+NS_COEFFICIENTS = {
+    # (a, b, c) per iteration of X <- aX + (bA + cA^2)X with A = XX^T.
+    "quintic": ((3.4445, -4.7750, 2.0315),),  # the standard Muon quintic, reused every iteration
+    "polar_express": (  # per-iteration minimax coefficients (Polar Express, Amsel et al. 2025)
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
+}
+
+
+def newton_schulz(G: torch.Tensor, steps: int, coeffs: tuple) -> torch.Tensor:
+    """Approximate the orthogonal polar factor of each matrix in G [B, r, c] (bf16 in and out)."""
+    X = G.bfloat16()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # iterate on the wide orientation: A = XX^T is then the smaller Gram matrix
+        X = X.mT
+    # Polar Express coefficients assume singular values <= 1 with a little margin.
+    margin = 1.02 if len(coeffs) > 1 else 1.0
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
+    for k in range(steps):
+        a, b, c = coeffs[min(k, len(coeffs) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if transposed else X
+
+
+class Muon:
+    """MuonEq-R with Nesterov momentum, decoupled weight decay and batched, sharded Newton-Schulz.
+
+    Matrices of the same shape form one group, orthogonalised as one batch. With several ranks the
+    group's gradients are reduce-scattered so each rank orthogonalises only its share of whole
+    matrices, then the updates are all-gathered. The caller hands in the global clip coefficient so
+    clipping sees the averaged gradient (the result is then independent of the GPU count).
+    """
+
+    def __init__(self, named_params, lr, wd, steps, coeffs, row_normalize, rank, world_size, compiled_ns):
+        self.lr, self.wd, self.steps, self.coeffs = lr, wd, steps, coeffs
+        self.row_normalize = row_normalize
+        self.rank, self.world_size = rank, world_size
+        self.ns = compiled_ns
+        by_shape = {}
+        for name, p in named_params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        # Largest groups first so their communication starts earliest.
+        self.groups = sorted(by_shape.values(), key=lambda ps: -ps[0].numel() * len(ps))
+        self.shard_sizes = [math.ceil(len(ps) / world_size) for ps in self.groups]
+        self.momentum = [torch.zeros((n, *ps[0].shape), device=ps[0].device) for n, ps in zip(self.shard_sizes, self.groups)]
+
+    def reduce_grads(self):
+        """Start averaging this rank's gradients; returns [(handle or None, shard grad [n, r, c])]."""
+        pending = []
+        for params, n in zip(self.groups, self.shard_sizes):
+            stacked = torch.stack([p.grad for p in params])
+            if self.world_size == 1:
+                pending.append((None, stacked))
+                continue
+            padded = stacked.new_zeros((n * self.world_size, *stacked.shape[1:]))
+            padded[:len(params)] = stacked
+            shard = stacked.new_empty((n, *stacked.shape[1:]))
+            handle = dist.reduce_scatter_tensor(shard, padded, op=dist.ReduceOp.SUM, async_op=True)
+            pending.append((handle, shard))
+        return pending
+
+    @staticmethod
+    def wait(pending, world_size):
+        shards = []
+        for handle, shard in pending:
+            if handle is not None:
+                handle.wait()
+                shard.mul_(1.0 / world_size)
+            shards.append(shard)
+        return shards
+
+    @torch.no_grad()
+    def step(self, shards, lr_mul: float, momentum: float, clip_coef: torch.Tensor):
+        lr = self.lr * lr_mul
+        for params, n, buf, grad in zip(self.groups, self.shard_sizes, self.momentum, shards):
+            grad = grad * clip_coef
+            buf.mul_(momentum).add_(grad)
+            update = grad.add(buf, alpha=momentum)  # Nesterov
+            if self.row_normalize:  # MuonEq-R: equalise row norms before orthogonalising
+                update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            ortho = self.ns(update, self.steps, self.coeffs)
+            if self.world_size > 1:
+                full = ortho.new_empty((n * self.world_size, *ortho.shape[1:]))
+                dist.all_gather_into_tensor(full, ortho.contiguous())
+                ortho = full
+            rows, cols = params[0].shape
+            scale = max(1.0, rows / cols) ** 0.5
+            torch._foreach_mul_(params, 1.0 - lr * self.wd)
+            torch._foreach_add_(params, list(ortho[:len(params)].float().unbind(0)), alpha=-lr * scale)
+
+
+
+def split_parameters(model: GPT):
+    """(Muon matrices, the tied embedding, control scalars/vectors), each a list of (name, param)."""
+    matrices, embedding, scalars = [], [], []
+    for name, p in model.named_parameters():
+        if name == "tok_emb.weight":
+            embedding.append((name, p))
+        elif p.ndim == 2 and name.startswith("blocks."):
+            matrices.append((name, p))
+        else:
+            scalars.append((name, p))
+    return matrices, embedding, scalars
+
+
+_COMPILED_NEWTON_SCHULZ = None
+
+
+def newton_schulz_fn(compile_it: bool):
+    """newton_schulz, compiled once per process when asked (optimizers are rebuilt after warm-up)."""
+    global _COMPILED_NEWTON_SCHULZ
+    if not compile_it:
+        return newton_schulz
+    if _COMPILED_NEWTON_SCHULZ is None:
+        _COMPILED_NEWTON_SCHULZ = torch.compile(newton_schulz, dynamic=False)
+    return _COMPILED_NEWTON_SCHULZ
+
+
+class Optimizers:
+    """Everything one optimizer step does: average gradients across ranks, clip, Muon + AdamW."""
+
+    def __init__(self, model: GPT, s: Settings, rt: "Runtime"):
+        self.settings, self.world_size = s, rt.world_size
+        matrices, embedding, scalars = split_parameters(model)
+        ns = newton_schulz_fn(s.compile and rt.device.type == "cuda")
+        self.muon = Muon(matrices, s.matrix_lr, s.muon_wd, s.muon_backend_steps, NS_COEFFICIENTS[s.muon_ns_coeffs],
+                         s.muon_row_normalize, rt.rank, rt.world_size, ns)
+        fused = rt.device.type == "cuda"
+        adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=fused)
+        self.adam_groups = [
+            torch.optim.AdamW([p for _, p in embedding], lr=s.tied_embed_lr, weight_decay=s.embed_wd, **adam),
+            torch.optim.AdamW([p for _, p in scalars], lr=s.scalar_lr, weight_decay=s.adam_wd, **adam),
+        ]
+        self.base_lrs = [s.tied_embed_lr, s.scalar_lr]
+        self.replicated = [p for _, p in embedding + scalars]
+        self.all_params = [p for _, p in matrices] + self.replicated
+
+    def momentum_at(self, step: int) -> float:
+        s = self.settings
+        frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+        return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+
+    @torch.no_grad()
+    def step(self, step: int, lr_mul: float) -> torch.Tensor:
+        """One update; returns the global gradient norm (before clipping) as a 0-d tensor."""
+        pending = self.muon.reduce_grads()
+        grads = [p.grad for p in self.replicated]
+        if self.world_size > 1:  # one flat all-reduce for every replicated gradient
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.mul_(1.0 / self.world_size)
+            torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))
+        shards = Muon.wait(pending, self.world_size)
+        # Squared norm: Muon shards are disjoint across ranks; replicated grads count 1/world_size per rank.
+        sq = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in shards]).sum()
+        sq = sq + torch.stack(torch._foreach_norm(grads)).square().sum() / self.world_size
+        if self.world_size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+        norm = sq.sqrt()
+        clip = self.settings.grad_clip_norm
+        coef = (clip / (norm + 1e-6)).clamp(max=1.0) if clip > 0 else torch.ones_like(norm)
+        self.muon.step(shards, lr_mul, self.momentum_at(step), coef)
+        torch._foreach_mul_(grads, coef)
+        for opt, base in zip(self.adam_groups, self.base_lrs):
+            for group in opt.param_groups:
+                group["lr"] = base * lr_mul
+            opt.step()
+        return norm
+
+    def zero_grad(self):
+        for p in self.all_params:
+            p.grad = None
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """Flat at 1, then linear to 0 over the last warmdown_frac of training, floored at min_lr."""
+    if warmdown_frac <= 0 or frac < 1.0 - warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / warmdown_frac, min_lr)
+
+
+class EMA:
+    """fp32 exponential moving average of the weights, updated after every step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        for p, e in zip(self.params, self.shadow):
+            p.copy_(e.to(p.dtype))
+
+
+# =================================================================================================
+# EVALUATION: tokenizer-agnostic bits per byte
+# =================================================================================================
+# bpb = total NLL in bits / total UTF-8 bytes of the scored text. A target's bytes are the UTF-8
+# length of its piece without the leading "▁", plus one for that "▁" unless the previous token is a
+# control/boundary token (the space is not text right after BOS). Byte-fallback pieces are one byte;
+# control, unknown and unused pieces are zero.
+
+
+@dataclass
+class ByteTables:
+    base_bytes: torch.Tensor       # int32 [V]
+    has_leading_space: torch.Tensor  # bool [V]
+    is_boundary: torch.Tensor      # bool [V]
+
+    def to(self, device):
+        return ByteTables(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
+
+    def count(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Bytes of the text each target adds, given the token before it ([...] int64 tensors)."""
+        space = self.has_leading_space[targets] & ~self.is_boundary[inputs]
+        return self.base_bytes[targets] + space.to(torch.int32)
+
+
+def build_byte_tables(sp, vocab_size: int) -> ByteTables:
+    size = max(sp.vocab_size(), vocab_size)
+    base = np.zeros(size, dtype=np.int32)
+    space = np.zeros(size, dtype=bool)
+    boundary = np.ones(size, dtype=bool)  # ids beyond the tokenizer behave like control tokens
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, loss_fn, val_tokens: torch.Tensor, tables: ByteTables, seq_len: int, batch_seqs: int, rt: Runtime):
+    """Non-overlapping windows of seq_len, split contiguously across ranks. Returns (val_loss, val_bpb, targets)."""
+    was_training = model.training
+    model.eval()
+    total_seqs = (len(val_tokens) - 1) // seq_len
+    first, last = total_seqs * rt.rank // rt.world_size, total_seqs * (rt.rank + 1) // rt.world_size
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, targets, bytes
+    for b in range(first, last, batch_seqs):
+        e = min(b + batch_seqs, last)
+        chunk = val_tokens[b * seq_len:e * seq_len + 1].to(rt.device, non_blocking=True)
+        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+        sums[0] += loss_fn(x, y).double().sum()
+        sums[1] += y.numel()
+        sums[2] += tables.count(x, y).double().sum()
+    rt.all_reduce(sums)
+    model.train(was_training)
+    loss = (sums[0] / sums[1]).item()
+    return loss, loss / math.log(2) * (sums[1] / sums[2]).item(), int(sums[1].item())
+
+
+# =================================================================================================
+# TRAINING: compile warm-up, the wallclock-capped loop, main()
+# =================================================================================================
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+def peak_flops(device: torch.device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def log_header(s: Settings, rt: Runtime):
+    rt.log("Hyperparameters:")
+    for name, value in sorted(s.items()):
+        rt.log(f"  {name}: {value}")
+    rt.log(f"source_sha256: {source_sha256()}")
+    rt.log(f"python: {platform.python_version()} torch: {torch.__version__} cuda: {torch.version.cuda} "
+           f"device: {torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else platform.processor() or 'cpu'}")
+    rt.log(f"world_size: {rt.world_size} grad_accum_steps: {rt.grad_accum}")
+
+
+def seed_everything(seed: int):
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Holds the model, its compiled callables and the data for one run."""
+
+    def __init__(self, s: Settings, rt: Runtime):
+        self.s, self.rt = s, rt
+        seed_everything(s.seed)
+        self.sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
+        self.tables = build_byte_tables(self.sp, s.vocab_size).to(rt.device)
+        self.train_files = shard_files(s.data_path, "train")
+        self.val_tokens = load_validation_tokens(s.data_path, s.eval_seq_len)
+        self.model = GPT(s).to(rt.device)
+        self.attention_backend = self.model.use_attention(s.attn_backend, rt.device)
+        if s.compile:
+            self.train_loss = torch.compile(self.model, dynamic=False, fullgraph=True)
+            self.eval_losses = torch.compile(self.model.token_losses, dynamic=False, fullgraph=True)
+        else:
+            self.train_loss, self.eval_losses = self.model, self.model.token_losses
+        self.global_seqs = s.train_batch_tokens // s.train_seq_len
+        self.can_loop = s.num_loops > 0
+
+    def new_loader(self) -> TrainLoader:
+        return TrainLoader(self.train_files, self.s.train_seq_len, self.global_seqs, self.s.seed,
+                           self.rt.rank, self.rt.world_size, self.rt.grad_accum)
+
+    def fetch(self, loader: TrainLoader):
+        batches = loader.next_step()
+        return [b.pin_memory() for b in batches] if self.rt.device.type == "cuda" else batches
+
+    def forward_backward(self, batches) -> torch.Tensor:
+        """Accumulate gradients over this rank's micro-batches; returns the mean loss (0-d tensor)."""
+        total = torch.zeros((), device=self.rt.device)
+        for batch in batches:
+            batch = batch.to(self.rt.device, non_blocking=True)
+            loss = self.train_loss(batch[:, :-1], batch[:, 1:])
+            (loss / len(batches)).backward()
+            total += loss.detach()
+        return total / len(batches)
+
+    def validate(self):
+        s, rt = self.s, self.rt
+        batch_seqs = max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
+        return evaluate(self.model, self.eval_losses, self.val_tokens, self.tables, s.eval_seq_len, batch_seqs, rt)
+
+    def compile_warmup(self):
+        """Run WARMUP_STEPS real steps in each graph (looping off, then on) so nothing compiles in the
+        timed loop, then roll the weights back; the caller builds fresh optimizers and loader."""
+        s, rt = self.s, self.rt
+        if s.warmup_steps <= 0:
+            return
+        initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        optimizers, loader = Optimizers(self.model, s, rt), self.new_loader()
+        t0 = time.perf_counter()
+        for looping in ((False, True) if self.can_loop else (False,)):
+            self.model.looping = looping
+            if looping:
+                rt.log(f"loop_warmup:enabled schedule:{list(self.model.schedule())}")
+            for k in range(s.warmup_steps):
+                self.forward_backward(self.fetch(loader))
+                optimizers.step(k, 1.0)
+                optimizers.zero_grad()
+                if k + 1 == s.warmup_steps or (k + 1) % 10 == 0:
+                    rt.log(f"{'loop_warmup_step' if looping else 'warmup_step'}: {k + 1}/{s.warmup_steps}")
+        with torch.no_grad():
+            self.model.load_state_dict(initial)
+        self.model.looping = False
+        rt.sync()
+        rt.log(f"warmup:done seconds:{time.perf_counter() - t0:.1f} (untimed; weights rolled back)")
+
+    def train(self) -> dict:
+        s, rt, model = self.s, self.rt, self.model
+        self.compile_warmup()
+        optimizers, loader = Optimizers(model, s, rt), self.new_loader()
+        ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
+        cap_ms = (s.max_wallclock_seconds - s.gptq_reserve_seconds) * 1000.0 if s.max_wallclock_seconds > 0 else math.inf
+        if math.isfinite(cap_ms):
+            rt.log(f"wallclock:budget {s.max_wallclock_seconds:.0f}s gptq_reserve {s.gptq_reserve_seconds:.0f}s "
+                   f"training_cap {cap_ms:.0f}ms")
+        tokens_per_step = self.global_seqs * s.train_seq_len
+        peak = peak_flops(rt.device)
+        prefetch = ThreadPoolExecutor(max_workers=1)
+        next_batches = prefetch.submit(self.fetch, loader)
+        training_ms, elapsed_ms, step, stop_reason = 0.0, 0.0, 0, None
+        last_log = (0, 0.0)
+        history = []
+        rt.sync()
+        t0 = time.perf_counter()
+        while True:
+            done = stop_reason is not None or step >= s.iterations
+            if done or (s.val_loss_every > 0 and step > 0 and step % s.val_loss_every == 0):
+                rt.sync()
+                training_ms += 1000.0 * (time.perf_counter() - t0)  # the clock pauses while validating
+                val_loss, val_bpb, _ = self.validate()
+                rt.log(f"step:{step}/{s.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{training_ms:.0f}ms")
+                rt.sync()
+                t0 = time.perf_counter()
+            if done:
+                break
+            frac = elapsed_ms / cap_ms if math.isfinite(cap_ms) else step / s.iterations
+            if self.can_loop and not model.looping and frac >= s.enable_looping_at:
+                model.looping = True
+                rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} schedule:{list(model.schedule())}")
+            batches = next_batches.result()
+            next_batches = prefetch.submit(self.fetch, loader)
+            loss = self.forward_backward(batches)
+            optimizers.step(step, lr_multiplier(frac, s.warmdown_frac, s.min_lr))
+            optimizers.zero_grad()
+            if ema is not None:
+                ema.update()
+            step += 1
+            rt.sync()
+            # Ranks agree on the clock (max) and on divergence, so they switch and stop on the same step.
+            shared = torch.tensor([training_ms + 1000.0 * (time.perf_counter() - t0),
+                                   float(not torch.isfinite(loss).item())], device=rt.device)
+            rt.all_reduce(shared, op=dist.ReduceOp.MAX)
+            elapsed_ms = shared[0].item()
+            if shared[1].item() > 0:
+                raise UserError(f"training loss became {loss.item()} at step {step}: the run diverged; lower MATRIX_LR, "
+                                f"TIED_EMBED_LR or SCALAR_LR, or check the training shards")
+            if elapsed_ms >= cap_ms:
+                stop_reason = "wallclock_cap"
+            if step <= 5 or step % s.train_log_every == 0 or stop_reason or step == s.iterations:
+                mean_loss = rt.all_reduce(loss.detach().clone()).item() / rt.world_size
+                tok_s = (step - last_log[0]) * tokens_per_step / max((elapsed_ms - last_log[1]) / 1000.0, 1e-9)
+                mfu = f" mfu:{100 * tok_s * model.matmul_flops_per_token(s.train_seq_len) / (peak * rt.world_size):.1f}%" if peak else ""
+                rt.log(f"step:{step}/{s.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                       f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tok_s:.0f}{mfu} looping:{int(model.looping)}")
+                history.append({"step": step, "train_loss": mean_loss, "tok_s": tok_s, "looping": model.looping})
+                last_log = (step, elapsed_ms)
+        prefetch.shutdown(wait=True)
+        if stop_reason:
+            rt.log(f"stopping_early: {stop_reason} train_time:{elapsed_ms:.0f}ms step:{step}/{s.iterations}")
+        if rt.device.type == "cuda":
+            rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated(rt.device) // 2**20} MiB "
+                   f"reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB")
+        if ema is not None:
+            ema.copy_to_model()
+            rt.log("ema:applied EMA weights")
+        for line in model.lane_report():
+            rt.log(line)
+        return {"steps": step, "train_ms": elapsed_ms, "history": history}
+
+
+def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
+    """The whole run; returns the figures it logged (tests call this in-process)."""
+    log_header(s, rt)
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    trainer = Trainer(s, rt)
+    model = trainer.model
+    rt.log(f"train_shards: {len(trainer.train_files)}")
+    rt.log(f"val_tokens: {len(trainer.val_tokens) - 1}")
+    rt.log(f"model_params: {sum(p.numel() for p in model.parameters())}")
+    rt.log(f"attention_backend: {trainer.attention_backend}")
+    rt.log(f"parallel_residual: mode={s.parallel_residual_mode} start_layer={s.parallel_residual_start}")
+    rt.log(f"depth_recurrence: num_loops={s.num_loops} segment={s.loop_start}-{s.loop_end} enable_at={s.enable_looping_at}")
+    results = trainer.train()
+    model.looping = trainer.can_loop  # evaluation always runs the full recurrent schedule
+    t0 = time.perf_counter()
+    val_loss, val_bpb, n_targets = trainer.validate()
+    rt.log(f"pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+           f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms scored_targets:{n_targets}")
+    results.update(val_loss=val_loss, val_bpb=val_bpb, trainer=trainer)
+    rt.log(f"final val_bpb:{val_bpb:.8f}")
+    return results
+
+
+def main():
+    rt = None
+    try:
+        settings = Settings()
+        rt = Runtime(settings)
+        train_and_evaluate(settings, rt)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if rt is not None:
+            rt.close()
+
+
+if __name__ == "__main__":
+    main()
