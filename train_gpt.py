@@ -878,7 +878,7 @@ class Optimizers:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat.mul_(1.0 / self.world_size)
-            torch._foreach_copy_(grads, list(torch.split(flat, [g.numel() for g in grads])))
+            torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)])
         shards = Muon.wait(pending, self.world_size)
         # Squared norm: Muon shards are disjoint across ranks; replicated grads count 1/world_size per rank.
         sq = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in shards]).sum()

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny corpus, tokenizer and shard set the tests build themselves, and the
+settings of a model small enough to train on a CPU in seconds."""
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+TINY_VOCAB = 384
+
+# A small model with every feature of the full one: loops, two-lane tail, XSA, GQA, partial RoPE.
+TINY_MODEL = dict(
+    VOCAB_SIZE=str(TINY_VOCAB), NUM_LAYERS="6", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+    ROPE_DIMS="8", LOOP_START="2", LOOP_END="3", PARALLEL_RESIDUAL_START="4", XSA_LAST_N="6",
+    TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", VAL_BATCH_TOKENS="4096",
+    MAX_WALLCLOCK_SECONDS="0", COMPILE="0", WARMUP_STEPS="0", EMA_DECAY="0.9", VAL_LOSS_EVERY="0",
+)
+
+
+def tiny_documents(n_docs: int, seed: int = 0) -> list[str]:
+    """Repetitive, learnable English-like documents with a few non-ASCII words."""
+    rng = random.Random(seed)
+    names = ["Alice", "Bob", "Carol", "Dan", "Émile"]
+    verbs = ["likes", "sees", "builds", "reads", "sells"]
+    things = ["a red car", "the old book", "café au lait", "three apples", "a naïve plan", "the €5 ticket"]
+    docs = []
+    for _ in range(n_docs):
+        sentences = [f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)} on day {rng.randint(1, 31)}."
+                     for _ in range(rng.randint(2, 20))]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def build_tiny_dataset(root: Path, n_docs: int = 1200, n_val_docs: int = 150, vocab: int = TINY_VOCAB) -> dict:
+    import sentencepiece as spm
+    root.mkdir(parents=True, exist_ok=True)
+    docs = tiny_documents(n_docs)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(docs), encoding="utf-8")
+    prefix = root / f"tok{vocab}"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab, model_type="bpe", byte_fallback=True,
+        split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, character_coverage=0.999,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    encoded = [[1] + sp.encode(d) for d in docs]
+    data = root / "shards"
+    data.mkdir(exist_ok=True)
+    val = np.concatenate([np.array(e) for e in encoded[:n_val_docs]])
+    train = np.concatenate([np.array(e) for e in encoded[n_val_docs:]])
+    tg.write_shard(data / "fineweb_val_000000.bin", val)
+    half = len(train) // 2
+    tg.write_shard(data / "fineweb_train_000000.bin", train[:half])
+    tg.write_shard(data / "fineweb_train_000001.bin", train[half:])
+    return {"DATA_PATH": str(data), "TOKENIZER_PATH": str(prefix) + ".model", "docs": docs, "n_val_docs": n_val_docs}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def tiny_env(tiny_data, tmp_path):
+    """Environment for a tiny run (subprocess or Settings(environ=...)), logging into tmp_path."""
+    env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+               LOG_DIR=str(tmp_path / "logs"), RUN_ID="test")
+    return env
+
+
+def subprocess_env(overrides: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(overrides)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
