@@ -64,29 +64,33 @@ FACTS = [
 ]
 
 
+# Sentence templates; each {slot} is filled by a fresh random choice (see sentence()).
+TEMPLATES = [
+    "{name} {verb} {obj} in {place} on {date}.",
+    "The {adj} {noun} was long, and {name} said it cost {price} €.",
+    "In {year}, {subj} {verb} {count} {plural}.",
+    "{Subj} was {adj} because {name} had {verb} {obj}.",
+    '"Did you see {obj}?" asked {name}. "Yes, in {place}," said {name2}.',
+    "It was {temp} °C in {place} when {subj} arrived ({date}).",
+    "{connector} {subj} {verb} {obj} and met {name} at {place}.",
+    "{fact}",
+    "{name} thinks that {subj} is {adj}, but {name2} does not agree.",
+]
+
+
 def sentence(rng: random.Random) -> str:
-    """One sentence from one of a handful of templates."""
-    name, place, subj = rng.choice(NAMES), rng.choice(PLACES), rng.choice(SUBJECTS)
-    verb, obj, adj = rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(ADJECTIVES)
-    date = f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1950, 2024)}"
-    kind = rng.randrange(9)
-    if kind == 0:
-        return f"{name} {verb} {obj} in {place} on {date}."
-    if kind == 1:
-        return f"The {adj} {rng.choice(NOUNS)} was long, and {name} said it cost {rng.randint(2, 90)} €."
-    if kind == 2:
-        return f"In {rng.randint(1950, 2024)}, {subj} {verb} {rng.randint(2, 40)} {rng.choice(PLURALS)}."
-    if kind == 3:
-        return f"{subj.capitalize()} was {adj} because {name} had {verb} {obj}."
-    if kind == 4:
-        return f'"Did you see {obj}?" asked {name}. "Yes, in {place}," said {rng.choice(NAMES)}.'
-    if kind == 5:
-        return f"It was {rng.randint(-5, 35)} °C in {place} when {subj} arrived ({date})."
-    if kind == 6:
-        return f"{rng.choice(CONNECTORS)} {subj} {verb} {obj} and met {name} at {place}."
-    if kind == 7:
-        return rng.choice(FACTS)
-    return f"{name} thinks that {subj} is {adj}, but {rng.choice(NAMES)} does not agree."
+    """One sentence: a random template with its slots filled."""
+    subj = rng.choice(SUBJECTS)
+    slots = {
+        "name": rng.choice(NAMES), "name2": rng.choice(NAMES), "place": rng.choice(PLACES),
+        "subj": subj, "Subj": subj.capitalize(), "verb": rng.choice(VERBS),
+        "obj": rng.choice(OBJECTS), "adj": rng.choice(ADJECTIVES), "noun": rng.choice(NOUNS),
+        "plural": rng.choice(PLURALS), "connector": rng.choice(CONNECTORS), "fact": rng.choice(FACTS),
+        "date": f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1950, 2024)}",
+        "year": rng.randint(1950, 2024), "count": rng.randint(2, 40),
+        "price": rng.randint(2, 90), "temp": rng.randint(-5, 35),
+    }
+    return rng.choice(TEMPLATES).format(**slots)
 
 
 def document(rng: random.Random) -> str:
