@@ -29,7 +29,11 @@ MAX_TOKEN_ID = np.iinfo(np.uint16).max  # 65535: tokens are stored as uint16
 
 
 class ShardFormatError(ValueError):
-    """A file that is not a well-formed challenge shard."""
+    """A file that is not a well-formed challenge shard; ``reason`` omits the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
 
 
 def die(msg: str) -> None:
@@ -79,17 +83,17 @@ def read_header(path: str | os.PathLike) -> int:
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ShardFormatError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+        raise ShardFormatError(path, f"{size} bytes is shorter than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != MAGIC:
-        raise ShardFormatError(f"{path}: bad magic {header[0]} (expected {MAGIC}); not a challenge shard")
+        raise ShardFormatError(path, f"bad magic {header[0]} (expected {MAGIC}); not a challenge shard")
     if header[1] != VERSION:
-        raise ShardFormatError(f"{path}: unsupported version {header[1]} (expected {VERSION})")
+        raise ShardFormatError(path, f"unsupported version {header[1]} (expected {VERSION})")
     count = int(header[2])
     expected = HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
         raise ShardFormatError(
-            f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes"
+            path, f"header says {count} tokens ({expected} bytes) but the file has {size} bytes"
         )
     return count
 
