@@ -24,6 +24,7 @@ the split); tokens are streamed to disk shard by shard.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
@@ -89,33 +90,36 @@ def train_tokenizer(docs: list[str], vocab_size: int, tokenizers_dir: str | Path
         die(f"--vocab-size {vocab_size} must be between 1 and {MAX_VOCAB} (ids are stored as uint16)")
     tokenizers_dir = Path(tokenizers_dir)
     tokenizers_dir.mkdir(parents=True, exist_ok=True)
-    prefix = tokenizers_dir / tokenizer_file_name(vocab_size).removesuffix(".model")
+    name = tokenizer_file_name(vocab_size).removesuffix(".model")
     spm.set_random_generator_seed(1337)
     longest = max((len(d.encode("utf-8")) for d in docs), default=0)
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(docs),
-            model_prefix=str(prefix),
-            model_type="bpe",
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            split_digits=True,
-            normalization_rule_name="nmt_nfkc",
-            add_dummy_prefix=False,
-            character_coverage=0.999,
-            pad_id=0,
-            bos_id=1,
-            eos_id=2,
-            unk_id=3,
-            hard_vocab_limit=False,
-            # The default (4192 bytes) silently drops longer documents from training.
-            max_sentence_length=max(4192, longest + 1),
-            num_threads=1,
-            minloglevel=2,
-        )
+        # The .model records its model_prefix; a bare name (trained from inside the
+        # folder) keeps the file byte-identical wherever it is built.
+        with contextlib.chdir(tokenizers_dir):
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(docs),
+                model_prefix=name,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                split_digits=True,
+                normalization_rule_name="nmt_nfkc",
+                add_dummy_prefix=False,
+                character_coverage=0.999,
+                pad_id=0,
+                bos_id=1,
+                eos_id=2,
+                unk_id=3,
+                hard_vocab_limit=False,
+                # The default (4192 bytes) silently drops longer documents from training.
+                max_sentence_length=max(4192, longest + 1),
+                num_threads=1,
+                minloglevel=2,
+            )
     except RuntimeError as e:  # e.g. a vocab too small for the 256 byte pieces
         die(f"sentencepiece could not train the tokenizer: {str(e).strip()}")
-    return prefix.with_suffix(".model")
+    return tokenizers_dir / f"{name}.model"
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:

@@ -125,7 +125,9 @@ def test_digits_are_never_merged(tmp_path):
 
 
 def test_tokenizer_training_is_deterministic(docs, sp_model, tmp_path):
-    again = build_shards.train_tokenizer(docs, VOCAB, tmp_path)
+    # Another folder, same documents: byte-identical files (no path is baked into the .model).
+    again = build_shards.train_tokenizer(docs, VOCAB, tmp_path / "elsewhere")
+    assert again.read_bytes() == sp_model.read_bytes()
     assert again.with_suffix(".vocab").read_bytes() == sp_model.with_suffix(".vocab").read_bytes()
 
 
