@@ -176,14 +176,18 @@ class ShardWriter:
             self.fill = 0
 
 
-def build_shards(docs, sp, dataset_dir, num_val_docs: int, shard_tokens: int) -> dict:
-    """Tokenize ``docs`` into val/train shards under ``dataset_dir``; return counts."""
-    if len(docs) < 2:
-        die(f"need at least 2 documents (one for val, one for train), got {len(docs)}")
+def check_split(n_docs: int, num_val_docs: int, shard_tokens: int) -> None:
+    if n_docs < 2:
+        die(f"need at least 2 documents (one for val, one for train), got {n_docs}")
     if num_val_docs < 1:
         die("--num-val-docs must be at least 1")
     if shard_tokens < 1:
         die("--shard-tokens must be at least 1")
+
+
+def build_shards(docs, sp, dataset_dir, num_val_docs: int, shard_tokens: int) -> dict:
+    """Tokenize ``docs`` into val/train shards under ``dataset_dir``; return counts."""
+    check_split(len(docs), num_val_docs, shard_tokens)
     # Cap so that at least one document is left for training.
     num_val = min(num_val_docs, len(docs) - 1)
     dataset_dir = Path(dataset_dir)
@@ -231,7 +235,10 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.train_tokenizer and args.vocab_size is None:
         die("--train-tokenizer needs --vocab-size")
+    if args.tokenizer and args.vocab_size is not None:
+        die("--vocab-size goes with --train-tokenizer; --tokenizer brings its own vocab")
     docs = read_documents(args.inputs, args.text_field, args.txt_split_lines)
+    check_split(len(docs), args.num_val_docs, args.shard_tokens)  # before any slow training
     if args.shuffle_seed is not None:
         random.Random(args.shuffle_seed).shuffle(docs)
 

@@ -240,6 +240,15 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys, name, content, message)
     assert message in one_line_error(capsys)
 
 
+def test_too_few_documents_fail_before_training(tmp_path, capsys):
+    one = tmp_path / "one.txt"
+    one.write_text("a single document")
+    with pytest.raises(SystemExit):
+        build_shards.main([str(one), "--train-tokenizer", "--vocab-size", "300", "--out", str(tmp_path / "out")])
+    assert "need at least 2 documents" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- make_smoke_corpus
 
 
