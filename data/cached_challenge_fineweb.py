@@ -207,6 +207,7 @@ def main(argv=None) -> None:
     else:
         tokenizer_files = [f"tokenizers/fineweb_{vocab}_bpe.model", f"tokenizers/fineweb_{vocab}_bpe.vocab"]
         optional = {tokenizer_files[1]}  # the .vocab is for people; training needs only the .model
+
     def get(rel: str) -> bool:
         return dl.get(rel, sizes.get(Path(rel).name))
 
