@@ -1,0 +1,41 @@
+# Parameter Golf stack: `make smoke` runs the whole pipeline on CPU on data it builds itself;
+# `make test` runs the test suite. See README.md for the real 8-GPU run.
+PY ?= python3
+NPROC ?= 8
+TRAIN_SHARDS ?= 80
+SMOKE_DIR := data/smoke
+# A small model with every feature of the full one (loops, two-lane tail, XSA, GQA, partial RoPE),
+# trained for 90 s of wallclock on the CPU.
+SMOKE_ENV := DATA_PATH=$(SMOKE_DIR)/datasets/fineweb10B_sp1024 TOKENIZER_PATH=$(SMOKE_DIR)/tokenizers/fineweb_1024_bpe.model \
+	VOCAB_SIZE=1024 NUM_LAYERS=6 MODEL_DIM=96 NUM_HEADS=4 NUM_KV_HEADS=2 ROPE_DIMS=8 MLP_MULT=3 \
+	LOOP_START=2 LOOP_END=3 PARALLEL_RESIDUAL_START=4 XSA_LAST_N=6 \
+	TRAIN_SEQ_LEN=128 EVAL_SEQ_LEN=128 TRAIN_BATCH_TOKENS=8192 VAL_BATCH_TOKENS=16384 \
+	MAX_WALLCLOCK_SECONDS=90 GPTQ_RESERVE_SECONDS=5 WARMUP_STEPS=0 COMPILE=0 EMA_DECAY=0.95 \
+	TRAIN_LOG_EVERY=20 VAL_LOSS_EVERY=0 MATRIX_LR=0.03 RUN_ID=smoke
+
+.PHONY: setup smoke smoke-data test data train bench help
+
+help:
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+setup: ## install the Python dependencies (CPU torch 2.13.0 when no torch is installed)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -m pip install -q -r requirements.txt
+
+smoke-data: ## build the self-generated smoke corpus, tokenizer and shards (no download)
+	@test -f $(SMOKE_DIR)/tokenizers/fineweb_1024_bpe.model || $(PY) data/make_smoke_corpus.py --out $(SMOKE_DIR) --build --vocab-size 1024
+
+smoke: setup smoke-data ## the whole pipeline on CPU in a few minutes; prints val_bpb
+	env $(SMOKE_ENV) $(PY) train_gpt.py
+
+test: setup ## the test suite (CPU, under 10 minutes)
+	$(PY) -m pytest -q tests
+
+data: ## download the official SP8192 shards and tokenizer (TRAIN_SHARDS=80)
+	$(PY) data/cached_challenge_fineweb.py --variant sp8192 --train-shards $(TRAIN_SHARDS)
+
+train: ## the real run: torchrun on NPROC GPUs with the defaults
+	torchrun --standalone --nproc_per_node=$(NPROC) train_gpt.py
+
+bench: ## training throughput on this machine's GPU (full config, 60 steps)
+	$(PY) tools/bench.py

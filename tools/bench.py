@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Training-throughput benchmark: run train_gpt.py for a fixed number of steps and report tokens/s
+before and after depth recurrence switches on, step time and peak memory.
+
+    python3 tools/bench.py                       # full config, 1 process, 60 steps, loop at step 30
+    python3 tools/bench.py --steps 80 --nproc 8  # through torchrun
+    python3 tools/bench.py KEY=VALUE ...         # any train_gpt.py setting, e.g. PARALLEL_RESIDUAL_MODE=split
+
+Not a test: the figures depend on the machine. The first steps after each graph switch are left out
+of the averages (they can still include allocator warm-up)."""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms tok/s:(\d+)(?: mfu:(\S+)%)? looping:(\d)")
+MEMORY_LINE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
+
+
+def summarize(lines, skip_after_switch: int):
+    steps = [m.groups() for m in map(STEP_LINE.match, lines) if m]
+    switch = next((int(s) for s, *_, loop in steps if loop == "1"), None)
+    phases = {"before_loop": [], "after_loop": []}
+    prev_step, prev_ms = 0, 0
+    for s, loss, ms, avg, tok_s, mfu, loop in steps:
+        s, ms = int(s), int(ms)
+        interval = (s - prev_step, ms - prev_ms)
+        prev_step, prev_ms = s, ms
+        if s <= 5:  # single-step lines right after start-up
+            continue
+        if loop == "0" and (switch is None or s < switch):
+            phases["before_loop"].append(interval)
+        elif loop == "1" and s - interval[0] >= switch + skip_after_switch:
+            phases["after_loop"].append(interval)
+    result = {}
+    for name, intervals in phases.items():
+        n, ms = sum(i[0] for i in intervals), sum(i[1] for i in intervals)
+        if n:
+            result[name] = {"steps": n, "step_ms": ms / n}
+    mem = [m.groups() for m in map(MEMORY_LINE.match, lines) if m]
+    if mem:
+        result["peak_allocated_mib"], result["peak_reserved_mib"] = map(int, mem[-1])
+    result["last_train_loss"] = float(steps[-1][1]) if steps else None
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--loop-at", type=float, default=0.5, help="ENABLE_LOOPING_AT as a fraction of --steps")
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--json", help="also write the summary here")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE settings for train_gpt.py")
+    args = ap.parse_args()
+    env = dict(os.environ, ITERATIONS=str(args.steps), MAX_WALLCLOCK_SECONDS="0", ENABLE_LOOPING_AT=str(args.loop_at),
+               TRAIN_LOG_EVERY=str(args.log_every), WARMUP_STEPS=str(args.warmup_steps), VAL_LOSS_EVERY="0",
+               RUN_ID=f"bench_{int(time.time())}")
+    for kv in args.overrides:
+        key, _, value = kv.partition("=")
+        env[key] = value
+    cmd = [sys.executable, "train_gpt.py"] if args.nproc == 1 else \
+        ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "train_gpt.py"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    sys.stderr.write(proc.stderr[-3000:])
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:])
+        sys.exit(f"bench: train_gpt.py exited with {proc.returncode}")
+    lines = proc.stdout.splitlines()
+    result = summarize(lines, skip_after_switch=args.log_every)
+    tokens = int(env.get("TRAIN_BATCH_TOKENS", 786432))
+    for phase in ("before_loop", "after_loop"):
+        if phase in result:
+            result[phase]["tokens_per_s"] = tokens / (result[phase]["step_ms"] / 1000.0)
+    result.update(wall_seconds=time.time() - t0, command=" ".join(cmd), overrides=args.overrides,
+                  device=next((l for l in lines if l.startswith("python:")), ""),
+                  attention=next((l for l in lines if l.startswith("attention_backend:")), ""))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
