@@ -177,8 +177,7 @@ class Settings:
         need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
              f"(8 = world size x grad accumulation)")
-        need(self.val_batch_tokens >= world_size * self.eval_seq_len,
-             f"VAL_BATCH_TOKENS={self.val_batch_tokens} must hold at least one EVAL_SEQ_LEN window per rank")
+        need(self.val_batch_tokens > 0, "VAL_BATCH_TOKENS must be positive")
         need(self.num_layers >= 1 and self.model_dim >= 1, "NUM_LAYERS and MODEL_DIM must be positive")
         need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
@@ -820,12 +819,16 @@ class Muon:
 
 
 def split_parameters(model: GPT):
-    """(Muon matrices, the tied embedding, control scalars/vectors), each a list of (name, param)."""
+    """(Muon matrices, the tied embedding, control tensors), each a list of (name, param).
+
+    Muon gets exactly the weights of the blocks' linear layers; 2-D control tensors such as
+    resid_mix [2, dim] or skip_weights stay with AdamW."""
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, CastedLinear)}
     matrices, embedding, scalars = [], [], []
     for name, p in model.named_parameters():
-        if name == "tok_emb.weight":
+        if p is model.tok_emb.weight:
             embedding.append((name, p))
-        elif p.ndim == 2 and name.startswith("blocks."):
+        elif id(p) in linear_weights:
             matrices.append((name, p))
         else:
             scalars.append((name, p))

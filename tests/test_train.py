@@ -1,0 +1,100 @@
+"""TRAINING section and the command line: learning, world-size invariance, warm-up rollback,
+the wallclock cap, and every bad-input error as one line with a non-zero exit."""
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, subprocess_env, tg
+
+STEP = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+)", re.M)
+
+
+def run_in_process(env: dict):
+    s = tg.Settings(environ=env)
+    rt = tg.Runtime(s)
+    return tg.train_and_evaluate(s, rt), rt
+
+
+def run_script(env: dict, nproc: int = 1, timeout: int = 300):
+    cmd = [sys.executable, "train_gpt.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_gpt.py"]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def periodic_data(tiny_data, tmp_path):
+    """Shards of a fixed random cycle of 50 tokens: the next token is a function of the current one."""
+    cycle = np.random.default_rng(0).permutation(np.arange(4, 384))[:50]
+    tokens = np.tile(cycle, 400)
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", tokens[:15000])
+    tg.write_shard(tmp_path / "fineweb_val_000000.bin", tokens[15000:])
+    return str(tmp_path)
+
+
+def test_tiny_model_learns_a_learnable_sequence(tiny_env, periodic_data):
+    results, _ = run_in_process(dict(tiny_env, DATA_PATH=periodic_data, ITERATIONS="40", TRAIN_LOG_EVERY="1"))
+    losses = [h["train_loss"] for h in results["history"]]
+    assert losses[0] > 5.0  # ~ln(384) at the start
+    assert losses[-1] < 0.5 and results["val_loss"] < 0.5
+    assert any(h["looping"] for h in results["history"]) and not results["history"][0]["looping"]
+
+
+def test_compile_warmup_rolls_the_state_back(tiny_env):
+    """Warm-up steps train for real; afterwards weights, optimizer state and data order restart."""
+    env = dict(tiny_env, ITERATIONS="6", TRAIN_LOG_EVERY="1")
+    cold, _ = run_in_process(dict(env, WARMUP_STEPS="0"))
+    warm, _ = run_in_process(dict(env, WARMUP_STEPS="3", RUN_ID="warm"))
+    assert [h["train_loss"] for h in warm["history"]] == [h["train_loss"] for h in cold["history"]]
+    assert warm["val_loss"] == cold["val_loss"]
+
+
+def test_wallclock_cap_stops_the_loop_and_sets_the_schedule(tiny_env):
+    results, rt = run_in_process(dict(tiny_env, MAX_WALLCLOCK_SECONDS="4", GPTQ_RESERVE_SECONDS="1", ITERATIONS="100000",
+                                      TRAIN_LOG_EVERY="1000"))
+    log = rt.log_path.read_text()
+    assert "wallclock:budget 4s gptq_reserve 1s training_cap 3000ms" in log
+    m = re.search(r"stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/100000", log)
+    assert m and 3000 <= int(m.group(1)) < 6000 and int(m.group(2)) == results["steps"] < 100000
+    switch = re.search(r"layer_loop:enabled step:(\d+) frac:(\S+)", log)
+    assert switch and 0.35 <= float(switch.group(2)) < 0.6
+
+
+def test_two_gloo_processes_match_one_process(tiny_env):
+    env = dict(tiny_env, ITERATIONS="6", TRAIN_LOG_EVERY="1", WARMUP_STEPS="0")
+    one = run_script(env)
+    two = run_script(dict(env, RUN_ID="two"), nproc=2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "grad_accum_steps: 8" in one.stdout and "world_size: 2 grad_accum_steps: 4" in two.stdout
+    losses_one = [float(v) for _, v in STEP.findall(one.stdout)]
+    losses_two = [float(v) for _, v in STEP.findall(two.stdout)]
+    assert len(losses_one) == 6 and losses_one == pytest.approx(losses_two, abs=2e-4)
+    final = lambda out: float(re.search(r"post-ema val_loss:(\S+)", out).group(1))  # noqa: E731
+    assert final(one.stdout) == pytest.approx(final(two.stdout), abs=2e-4)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(PARALLEL_RESIDUAL_MODE="diagonal"), "PARALLEL_RESIDUAL_MODE='diagonal' is not one of full, split, sequential, off"),
+    (dict(MATRIX_LR="fast"), "MATRIX_LR='fast' is not valid: set MATRIX_LR to a float"),
+    (dict(NUM_LAYERS="2.5"), "NUM_LAYERS='2.5' is not valid"),
+    (dict(COMPILE="maybe"), "COMPILE='maybe' is not valid"),
+    (dict(LOOP_END="9"), "LOOP_START=2 and LOOP_END=9 must satisfy"),
+    (dict(NUM_HEADS="3"), "MODEL_DIM=64 must be divisible by NUM_HEADS=3"),
+    (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000 must be a multiple of 8*TRAIN_SEQ_LEN=512"),
+    (dict(MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10"), "leaves no training time"),
+    (dict(RANK="0", WORLD_SIZE="3"), "WORLD_SIZE=3 must divide 8"),
+    (dict(VOCAB_SIZE="8192"), "has 384 pieces but VOCAB_SIZE=8192"),
+    (dict(DATA_PATH="/nonexistent/shards"), "no fineweb_train_*.bin shards in DATA_PATH=/nonexistent/shards"),
+    (dict(TOKENIZER_PATH="/nonexistent/tok.model"), "TOKENIZER_PATH=/nonexistent/tok.model does not exist"),
+    (dict(EVAL_SEQ_LEN="100000"), "fewer than one EVAL_SEQ_LEN=100000 window"),
+    (dict(SCALAR_LR="1e30", ITERATIONS="20"), "training loss became nan at step"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_env, overrides, message):
+    proc = run_script(dict(tiny_env, **overrides))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
