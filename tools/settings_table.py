@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Print the README's environment-variable table from train_gpt.py's SETTINGS (the one declaration).
+
+    python3 tools/settings_table.py            # print the markdown table
+    python3 tools/settings_table.py --update   # rewrite the table between the markers in README.md
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt  # noqa: E402
+
+BEGIN, END = "<!-- settings-table:begin -->", "<!-- settings-table:end -->"
+
+
+def table() -> str:
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    group = None
+    for s in train_gpt.SETTINGS:
+        if s.group != group:
+            group = s.group
+            rows.append(f"| **{group}** | | |")
+        default = int(s.default) if isinstance(s.default, bool) else s.default
+        default = "(uuid)" if s.name == "RUN_ID" else f"`{default}`"
+        choices = f" One of: {', '.join(f'`{c}`' for c in s.choices)}." if s.choices else ""
+        rows.append(f"| `{s.name}` | {default} | {s.help}.{choices} |")
+    return "\n".join(rows)
+
+
+def main():
+    if "--update" not in sys.argv:
+        print(table())
+        return
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    readme.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
