@@ -13,6 +13,7 @@ or on a CPU for a smoke run (see README.md). Sections, in order:
     DATA           challenge shards, the training loader, validation tokens
     MODEL          the GPT: attention, MLP, blocks, lanes, depth recurrence
     OPTIMIZER      Muon (MuonEq-R, batched Newton-Schulz, sharded) + AdamW, schedules, EMA
+    QUANTIZATION AND PACKING   GPTQ int6/int8 with SDClip, the artifact format, byte accounting, the shipped stub
     EVALUATION     tokenizer-agnostic bits per byte
     TRAINING       compile warm-up, the wallclock-capped loop, main()
 """
@@ -22,12 +23,17 @@ import contextlib
 import copy
 import glob
 import hashlib
+import json
+import linecache
+import lzma
 import math
 import os
 import platform
+import struct
 import sys
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +120,24 @@ SETTINGS = [
     Setting("WARMDOWN_FRAC", 0.667, "last fraction of the budget over which the LR falls linearly", group="optimizer"),
     Setting("MIN_LR", 0.0, "floor of the LR multiplier during warm-down", group="optimizer"),
     Setting("EMA_DECAY", 0.997, "decay of the weight EMA swapped in after training (0: no EMA)", group="optimizer"),
+    # --- quantization and the artifact ---
+    Setting("GPTQ_CALIBRATION", "train", "GPTQ calibration data: train = this rank's training micro-batches from a fresh loader "
+            "(counted in the budget); selfgen = sequences the model samples itself (much slower)", ("train", "selfgen"), group="quantization"),
+    Setting("GPTQ_CALIBRATION_BATCHES", 64, "calibration micro-batches per rank (selfgen: sequences per rank)", group="quantization"),
+    Setting("GPTQ_DAMP", 0.01, "GPTQ damping added to the Hessian diagonal, as a fraction of its mean", group="quantization"),
+    Setting("GPTQ_BLOCK_SIZE", 128, "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once)", group="quantization"),
+    Setting("MATRIX_BITS", 6, "bits of the block matrices (values in [-(2^(b-1)-1), 2^(b-1)-1])", group="quantization"),
+    Setting("MATRIX_CLIP_SIGMAS", 12.85, "SDClip: a block-matrix row's scale is k*std(row)/q_max; larger k = finer steps, bigger artifact", group="quantization"),
+    Setting("EMBED_BITS", 8, "bits of the tied embedding", group="quantization"),
+    Setting("EMBED_CLIP_SIGMAS", 20.0, "SDClip k of the tied embedding", group="quantization"),
+    Setting("COMPRESSOR", "brotli", "compressor of the artifact", ("brotli", "lzma"), group="quantization"),
+    Setting("PASSTHROUGH_MAX_NUMEL", 65536, "float tensors with at most this many elements ship as fp16 instead of being quantized", group="quantization"),
+    Setting("ARTIFACT_PATH", "", "where the compressed model goes (default LOG_DIR/<RUN_ID>.ptz)", group="quantization"),
+    Setting("ARTIFACT_LIMIT_BYTES", 16000000, "limit on model bytes + code bytes; the run fails before evaluation above it", group="quantization"),
+    Setting("CODE_BYTES_FROM", "packed", "code bytes counted: packed = the shipped form tools/pack_submission.py writes, computed "
+            "from the running source; file = the size of the file being run", ("packed", "file"), group="quantization"),
+    Setting("EVAL_ONLY", "", "path of an artifact: skip training, rebuild the model from the artifact alone and evaluate it "
+            "(reads tokenizer and validation shards only)", group="quantization"),
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -930,6 +954,590 @@ class EMA:
 
 
 # =================================================================================================
+# QUANTIZATION AND PACKING: GPTQ with SDClip, the artifact format, exact byte accounting
+# =================================================================================================
+# After training, every block matrix is rounded to MATRIX_BITS (int6) and the tied embedding to
+# EMBED_BITS (int8) with GPTQ: columns are rounded one at a time and each rounding error is pushed
+# onto the not-yet-rounded columns in proportion to the inverse Hessian of that layer's inputs,
+# so the layer's *output* error stays small. Hessians H = sum X^T X come from training batches
+# (never validation tokens) and count against the training budget. Each row gets one fp16 scale
+# from SDClip: s = k * std(row) / q_max, so k (the CLIP_SIGMAS settings) trades artifact size for
+# rounding error. Small float tensors (gains, mixes, lambdas) ship as fp16.
+
+def quantized_linears(model: GPT) -> dict:
+    """{weight name: CastedLinear} for every matrix GPTQ rounds through its input Hessian."""
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, CastedLinear)}
+
+
+def hessian_source(weight_name: str) -> str:
+    """c_k and c_v read the same normed input as c_q, so the three share c_q's Hessian."""
+    for sibling in (".attn.c_k.", ".attn.c_v."):
+        if sibling in weight_name:
+            return weight_name.replace(sibling, ".attn.c_q.")
+    return weight_name
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, rt: Runtime) -> dict:
+    """{weight name: H [cols, cols] fp32} = sum of x x^T over every row x that entered the matrix,
+    summed over all ranks and divided by the number of calibration tokens.
+
+    `batches` yields token windows [n, seq+1]; the model runs in eval mode with its current
+    `looping`, so looped layers add every visit. The tied embedding is calibrated as the output
+    head: its input is the final-norm output (GPT.forward_hidden's return value). Every rank
+    calibrates on its own batches and all-reduces, so all ranks hold the same H built from
+    world_size times more data in the same time.
+    """
+    sums = {}
+
+    def add(name, x):
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        if name not in sums:
+            sums[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        sums[name].addmm_(x.T, x)
+
+    hooks = [module.register_forward_hook(lambda m, inputs, out, name=name: add(name, inputs[0]))
+             for name, module in quantized_linears(model).items() if hessian_source(name) == name]
+    was_training = model.training
+    model.eval()
+    tokens = torch.zeros((), dtype=torch.float64, device=rt.device)
+    try:
+        for batch in batches:
+            x = batch[:, :-1].to(rt.device, non_blocking=True)
+            add("tok_emb.weight", model.forward_hidden(x))
+            tokens += x.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    rt.all_reduce(tokens)
+    for H in sums.values():
+        rt.all_reduce(H).div_(tokens.item())
+    return {name: sums[hessian_source(name)] for name in [*quantized_linears(model), "tok_emb.weight"]}
+
+
+def calibration_batches(trainer, n: int):
+    """n of this rank's training micro-batches from a fresh loader (the loader reads training shards only)."""
+    loader = trainer.new_loader()
+    batches = []
+    while len(batches) < n:
+        batches.extend(trainer.fetch(loader))
+    return batches[:n]
+
+
+@torch.no_grad()
+def selfgen_batches(model: GPT, n: int, seq_len: int, vocab_size: int, seed: int, device, batch_size: int = 8):
+    """n sequences of seq_len+1 tokens the model samples itself (temperature 0.8, a uniformly random
+    first token), in batches of batch_size. No KV cache, so it costs ~seq_len/2 forward passes per
+    token: far slower than training batches; for experiments where training data must not be read."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    for b in range(0, n, batch_size):
+        seqs = torch.randint(0, vocab_size, (min(batch_size, n - b), 1), device=device, generator=gen)
+        for _ in range(seq_len):
+            logits = model.logits(model.forward_hidden(seqs)[:, -1:])[:, 0]
+            probs = torch.softmax(logits.float() / 0.8, dim=-1)
+            seqs = torch.cat((seqs, torch.multinomial(probs, 1, generator=gen)), dim=1)
+        out.append(seqs.cpu())
+    model.train(was_training)
+    return out
+
+
+def sdclip_scales(W: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """Per-row fp16 scales k*std(row)/q_max of W [..., rows, cols].
+
+    Clamped to the smallest positive fp16 (the 1e-10 floor of the reference rounds to 0 in fp16),
+    so an all-zero row divides by a tiny number instead of zero."""
+    q_max = 2 ** (bits - 1) - 1
+    scale = clip_sigmas * W.float().std(dim=-1) / q_max
+    return scale.clamp_min(2.0 ** -24).half()
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, q_max: int) -> torch.Tensor:
+    """clamp(round(w / scale), -q_max, q_max) as float; scale broadcasts against w."""
+    return torch.clamp(torch.round(w / scale), -q_max, q_max)
+
+
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """U with U^T U = H^-1 for a batch of SPD H [B, C, C]. If rounding makes a factorisation fail,
+    the diagonal is raised by 1% of its mean at a time (already damped, so this is rare)."""
+    eye = torch.eye(H.size(-1), device=H.device, dtype=H.dtype)
+    bump = 0.01 * H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
+    for _ in range(20):
+        L, info = torch.linalg.cholesky_ex(H)
+        if not info.any():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if not info.any():
+                return U
+        H = H + bump
+    raise RuntimeError("GPTQ: Hessian stays singular after damping; raise GPTQ_DAMP")
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, block_size: int = 128,
+                  damp: float = 0.01):
+    """GPTQ-round W [rows, cols] (or a batch [B, rows, cols] with H [B, cols, cols]) to integers in
+    [-q_max, q_max]. Returns (q int8 like W, scale fp16 [..., rows]); W ~ q * scale[..., None].
+
+    Steps: dead inputs (H_jj = 0) get H_jj = 1 and a zeroed weight column; damping adds
+    damp * mean(diag H); act-order visits columns by descending H_jj (the most active inputs are
+    rounded first, while the most columns remain to absorb their error); U is the upper Cholesky
+    factor of H^-1. Inside a block of block_size columns the loop runs column by column, vectorised
+    over rows and over the batch; the block's accumulated error then updates all later columns in
+    one matmul. Scales come from the original W, so they do not depend on the rounding path.
+    """
+    batched = W.dim() == 3
+    W = (W if batched else W[None]).float().clone()
+    H = (H if batched else H[None]).float().clone()
+    B, rows, cols = W.shape
+    q_max = 2 ** (bits - 1) - 1
+    scale = sdclip_scales(W, bits, clip_sigmas)
+    s = scale.float()[:, :, None]  # the fp16 value that ships is the one we round against
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    W.masked_fill_(dead[:, None, :], 0.0)
+    diag.masked_fill_(dead, 1.0)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+    W = W.gather(2, perm[:, None, :].expand(B, rows, cols))
+    H = H.gather(1, perm[:, :, None].expand(B, cols, cols)).gather(2, perm[:, None, :].expand(B, cols, cols))
+    U = upper_cholesky_of_inverse(H)
+    Q = torch.empty_like(W)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        Wb, Ub = W[:, :, start:end].clone(), U[:, start:end, start:end]
+        errors = torch.empty_like(Wb)
+        for j in range(end - start):
+            w = Wb[:, :, j:j + 1]
+            q = round_to_grid(w, s, q_max)
+            Q[:, :, start + j:start + j + 1] = q
+            err = (w - q * s) / Ub[:, j:j + 1, j:j + 1]
+            Wb[:, :, j:] -= err * Ub[:, j:j + 1, j:]
+            errors[:, :, j:j + 1] = err
+        W[:, :, end:] -= errors @ U[:, start:end, end:]
+    Q = Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(B, rows, cols)).to(torch.int8)
+    return (Q, scale) if batched else (Q[0], scale[0])
+
+
+@dataclass
+class QTensor:
+    """One tensor of the quantized state, as it ships."""
+    kind: str                 # "int": GPTQ grid values + per-row scales; "fp16": float passthrough; "raw": as is
+    data: torch.Tensor        # int8 grid values / fp16 values / the raw tensor (CPU)
+    dtype: torch.dtype        # dtype restored on load
+    scale: torch.Tensor = None  # fp16 [rows] for kind "int"
+    bits: int = 0
+
+
+def quantization_plan(name: str, tensor: torch.Tensor, s: Settings, has_hessian: bool):
+    """(kind, bits, clip_sigmas) of one state-dict entry: matrices GPTQ can calibrate become integers,
+    other floats ship as fp16, anything else as is."""
+    if not tensor.is_floating_point():
+        return "raw", 0, 0.0
+    if not has_hessian or tensor.dim() != 2 or tensor.numel() <= s.passthrough_max_numel:
+        return "fp16", 0, 0.0
+    if name == "tok_emb.weight":
+        return "int", s.embed_bits, s.embed_clip_sigmas
+    return "int", s.matrix_bits, s.matrix_clip_sigmas
+
+
+@torch.no_grad()
+def quantize_model(state: dict, hessians: dict, s: Settings) -> dict:
+    """{name: QTensor} for a state dict and its Hessians (collect_hessians). Matrices of one shape and
+    bit width are GPTQ'd as one batch: one column loop serves all the layers' copies."""
+    out, groups = {}, {}
+    for name, t in state.items():
+        kind, bits, clip = quantization_plan(name, t, s, name in hessians)
+        if kind == "int":
+            groups.setdefault((tuple(t.shape), bits, clip), []).append(name)
+        else:
+            data = t.detach().cpu()
+            out[name] = QTensor(kind, data.half() if kind == "fp16" else data.clone(), t.dtype)
+    for (shape, bits, clip), names in groups.items():
+        W = torch.stack([state[n].detach().float() for n in names])
+        H = torch.stack([hessians[n].to(W.device) for n in names])
+        q, scale = gptq_quantize(W, H, bits, clip, s.gptq_block_size, s.gptq_damp)
+        for n, qn, sn in zip(names, q.cpu(), scale.cpu()):
+            out[n] = QTensor("int", qn.contiguous(), state[n].dtype, sn.contiguous(), bits)
+    return {name: out[name] for name in state}  # state-dict order
+
+
+def dequantize_state(qstate: dict) -> dict:
+    """{name: tensor} in each tensor's original dtype, ready for load_state_dict."""
+    state = {}
+    for name, qt in qstate.items():
+        if qt.kind == "int":
+            state[name] = (qt.data.float() * qt.scale.float()[:, None]).to(qt.dtype)
+        else:
+            state[name] = qt.data.to(qt.dtype)
+    return state
+
+
+# --- the artifact: a tiny binary format ------------------------------------------------------------
+# file  := magic "PGQA" | version u8 | compressor u8 | n u16 | n x u32 compressed stream lengths |
+#          u32 CRC-32 of the streams | the n compressed streams, back to back (all little-endian)
+# stream 0 (decompressed) := u32 header length | header (JSON: the model settings, and per tensor
+#          [name, kind, dtype, shape, bits]) | every fp16 array (row scales of the quantized matrices,
+#          fp16 passthrough tensors) concatenated in header order and byte-shuffled | raw tensors
+# stream k >= 1 := the grid values of the k-th quantized matrix, one int8 per value, column-major
+#
+# Layout measurements (brotli-11 unless noted; tools/measure_packing.py re-runs them on any artifact):
+#   * int6 values one per byte compress to within 1.2-1.4% of their order-0 entropy; bit-packing 4
+#     values into 3 bytes is 15% larger, bit planes (low 3 | high 3 bits) 4.5% larger, lzma -9e 3.5-5%
+#     larger. Two's complement, offset (+32) and zigzag codes are within 0.01% of each other.
+#   * Column-major order is 0.22% smaller on a trained model (MODEL_DIM=128, 150 steps: 455,028 vs
+#     456,046 B), neutral on random-normal weights: an input column's values share a magnitude.
+#   * One stream per matrix costs ~17 B each (+0.14% on the tiny model, ~1.4 KB of 16 MB at full
+#     size) and buys exact per-tensor sizes and parallel compression: brotli releases the GIL, so
+#     threads scale (2 x 1 MB: 1.68 s on one thread, 0.87 s on two).
+#   * fp16 scales byte-shuffled: 8,104 vs 8,233 B plain. On the tiny model the whole artifact is
+#     ~480 KB against 491,676 B for torch.save + byte shuffle + brotli (the reference's container).
+#   * brotli quality 10 gives the same bytes as 11 on int6 streams; quality 9 is 12% larger; window
+#     lgwin 16 is 0.07% larger and twice as fast.
+
+ARTIFACT_MAGIC = b"PGQA"
+ARTIFACT_VERSION = 1
+COMPRESSORS = ("brotli", "lzma")
+
+
+def byte_shuffle(data: bytes, width: int) -> bytes:
+    """Byte k of every width-byte word together, for k = 0..width-1: an fp16's high byte (sign,
+    exponent) repeats far more than its low byte, so grouping them compresses better."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, width).T.tobytes()
+
+
+def byte_unshuffle(data: bytes, width: int) -> bytes:
+    return np.frombuffer(data, dtype=np.uint8).reshape(width, -1).T.tobytes()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+
+
+def serialize_quantized(qstate: dict, settings: dict) -> list:
+    """The quantized state as uncompressed streams (see the format above)."""
+    entries, fp16_parts, raw_parts, streams = [], [], [], []
+    for name, qt in qstate.items():
+        entries.append([name, qt.kind, str(qt.dtype).removeprefix("torch."), list(qt.data.shape), qt.bits])
+        if qt.kind == "int":
+            streams.append(tensor_bytes(qt.data.T))
+            fp16_parts.append(tensor_bytes(qt.scale))
+        elif qt.kind == "fp16":
+            fp16_parts.append(tensor_bytes(qt.data))
+        else:
+            raw_parts.append(tensor_bytes(qt.data))
+    header = json.dumps({"settings": settings, "tensors": entries}, separators=(",", ":")).encode()
+    first = struct.pack("<I", len(header)) + header + byte_shuffle(b"".join(fp16_parts), 2) + b"".join(raw_parts)
+    return [first] + streams
+
+
+def deserialize_quantized(streams: list):
+    """Inverse of serialize_quantized: ({name: QTensor}, settings). Raises ValueError on any
+    inconsistency between the header and the payloads."""
+    first = streams[0]
+    (n,) = struct.unpack_from("<I", first)
+    header = json.loads(first[4:4 + n].decode())
+    entries = header["tensors"]
+    dtypes = {name: getattr(torch, dtype) for name, _, dtype, _, _ in entries}
+    if not all(isinstance(d, torch.dtype) for d in dtypes.values()):
+        raise ValueError("unknown dtype in the header")
+    n_fp16 = sum(shape[0] if kind == "int" else math.prod(shape) for _, kind, _, shape, _ in entries if kind != "raw")
+    raw_sizes = [math.prod(shape) * dtypes[name].itemsize for name, kind, _, shape, _ in entries if kind == "raw"]
+    int_count = sum(kind == "int" for _, kind, *_ in entries)
+    pos = 4 + n
+    if len(first) != pos + 2 * n_fp16 + sum(raw_sizes) or len(streams) != 1 + int_count:
+        raise ValueError("payload sizes do not match the header")
+    fp16 = torch.frombuffer(bytearray(byte_unshuffle(first[pos:pos + 2 * n_fp16], 2)), dtype=torch.float16)
+    pos += 2 * n_fp16
+    qstate, f, k = {}, 0, 1
+    for name, kind, _, shape, bits in entries:
+        if kind == "int":
+            rows, cols = shape
+            if len(streams[k]) != rows * cols:
+                raise ValueError(f"stream {k} of {name} has {len(streams[k])} bytes, not {rows * cols}")
+            q = tensor_from_bytes(streams[k], torch.int8, (cols, rows)).T.contiguous()
+            qstate[name] = QTensor("int", q, dtypes[name], fp16[f:f + rows].clone(), bits)
+            f, k = f + rows, k + 1
+        elif kind == "fp16":
+            numel = math.prod(shape)
+            qstate[name] = QTensor("fp16", fp16[f:f + numel].clone().reshape(shape), dtypes[name])
+            f += numel
+        elif kind == "raw":
+            size = math.prod(shape) * dtypes[name].itemsize
+            qstate[name] = QTensor("raw", tensor_from_bytes(first[pos:pos + size], dtypes[name], shape), dtypes[name])
+            pos += size
+        else:
+            raise ValueError(f"unknown tensor kind {kind!r}")
+    return qstate, header["settings"]
+
+
+def compress(data: bytes, kind: str) -> bytes:
+    if kind == "brotli":
+        import brotli
+        return brotli.compress(data, quality=11)
+    return lzma.compress(data, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
+
+
+def decompress(data: bytes, kind: str) -> bytes:
+    if kind == "brotli":
+        import brotli
+        return brotli.decompress(data)
+    return lzma.decompress(data, format=lzma.FORMAT_ALONE)
+
+
+def pack_artifact(streams: list, compressor: str, threads: int) -> tuple:
+    """(artifact bytes, compressed size of each stream). Streams compress independently, largest
+    first, on a thread pool (brotli and lzma release the GIL while they work)."""
+    order = sorted(range(len(streams)), key=lambda i: -len(streams[i]))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        done = dict(zip(order, pool.map(lambda i: compress(streams[i], compressor), order)))
+    parts = [done[i] for i in range(len(streams))]
+    body = b"".join(parts)
+    head = ARTIFACT_MAGIC + struct.pack(f"<BBH{len(parts)}II", ARTIFACT_VERSION, COMPRESSORS.index(compressor),
+                                        len(parts), *map(len, parts), zlib.crc32(body))
+    return head + body, [len(p) for p in parts]
+
+
+def unpack_artifact(blob: bytes, label: str):
+    """({name: QTensor}, stored settings) from artifact bytes; every defect is a one-line UserError."""
+    fix = "re-create it with a training run (or copy it again), or point EVAL_ONLY at another artifact"
+    if len(blob) < 8 or blob[:4] != ARTIFACT_MAGIC:
+        raise UserError(f"artifact {label} does not start with {ARTIFACT_MAGIC!r} (got {blob[:4]!r}): "
+                        f"not a train_gpt.py artifact; {fix}")
+    version, comp, n = struct.unpack_from("<BBH", blob, 4)
+    if version != ARTIFACT_VERSION:
+        raise UserError(f"artifact {label} has format version {version}, this train_gpt.py reads version "
+                        f"{ARTIFACT_VERSION}: evaluate it with the train_gpt.py that wrote it")
+    head = 8 + 4 * n + 4
+    if comp >= len(COMPRESSORS) or len(blob) < head:
+        raise UserError(f"artifact {label} has a corrupt or truncated header ({len(blob)} bytes): {fix}")
+    *lengths, crc = struct.unpack_from(f"<{n}II", blob, 8)
+    if len(blob) != head + sum(lengths):
+        raise UserError(f"artifact {label} is {len(blob)} bytes but its header promises {head + sum(lengths)}: "
+                        f"truncated or padded; {fix}")
+    if zlib.crc32(blob[head:]) != crc:
+        raise UserError(f"artifact {label} fails its CRC-32 check: corrupt; {fix}")
+    try:
+        offsets = np.cumsum([head] + lengths).tolist()
+        streams = [decompress(blob[a:b], COMPRESSORS[comp]) for a, b in zip(offsets, offsets[1:])]
+        return deserialize_quantized(streams)
+    except Exception as e:  # decompressor errors, bad JSON, sizes that disagree with the header
+        raise UserError(f"artifact {label} passes its checksum but does not decode ({type(e).__name__}: {e}): {fix}") from None
+
+
+def read_artifact(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"artifact {path} does not exist: check the path (training runs write ARTIFACT_PATH, "
+                        f"default LOG_DIR/<RUN_ID>.ptz)")
+    blob = path.read_bytes()
+    return (*unpack_artifact(blob, str(path)), len(blob))
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write to a temporary name beside path, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# --- the shipped script ----------------------------------------------------------------------------
+# The counted train_gpt.py of a submission is a two-line stub that decompresses this source and runs
+# it. Brotli-11 of the source is ~5% smaller than lzma -9e; the compressed bytes sit in a latin-1
+# string literal (only NUL, CR, backslash and quote are escaped: ~2% overhead) instead of base85
+# (25%). The stub puts the readable lines into linecache under the stub's own path and uses the
+# Python traceback printer, so tracebacks, inspect.getsource and running_source() see the readable
+# source; __file__ and __name__ are the stub's, as for the readable file.
+
+STUB_HEAD = b"#coding:l1\nimport brotli,linecache as l,sys,traceback as t;s=brotli.decompress('''"
+STUB_TAIL = (b"'''.encode('l1')).decode();l.cache[__file__]=(len(s),None,s.splitlines(1),__file__);"
+             b"sys.excepthook=t.print_exception;exec(compile(s,__file__,'exec'))\n")
+STUB_ESCAPES = {0: b"\\0", 13: b"\\r", 92: b"\\\\", 39: b"\\'"}
+
+
+def pack_script(source: str) -> bytes:
+    """The self-extracting shipped form of a source text (what tools/pack_submission.py writes)."""
+    import brotli
+    data = brotli.compress(source.encode("utf-8"), quality=11)
+    out = bytearray()
+    for i, byte in enumerate(data):
+        if byte == 0 and i + 1 < len(data) and data[i + 1] in b"01234567":
+            out += b"\\x00"  # "\0" followed by an octal digit would read as a longer octal escape
+        else:
+            out += STUB_ESCAPES.get(byte, bytes((byte,)))
+    return STUB_HEAD + bytes(out) + STUB_TAIL
+
+
+def running_source() -> str:
+    """The readable source of this script: the file itself, or the text a packed stub registered."""
+    lines = linecache.getlines(__file__)
+    if not lines:
+        raise UserError(f"cannot read the source of {__file__} to count its packed size: set CODE_BYTES_FROM=file")
+    return "".join(lines)
+
+
+def code_bytes(s: Settings) -> int:
+    if s.code_bytes_from == "file":
+        return Path(__file__).stat().st_size
+    return len(pack_script(running_source()))
+
+
+def artifact_setting_names() -> list:
+    """Settings the artifact carries: everything that shapes the model or its forward pass."""
+    return [x.name for x in SETTINGS if x.group == "model"] + ["VOCAB_SIZE", "TRAIN_SEQ_LEN"]
+
+
+def adopt_artifact_settings(s: Settings, stored: dict, environ, rt: Runtime) -> Settings:
+    """The model is rebuilt with the artifact's own settings. A setting left unset in the environment
+    silently follows the artifact (logged); one set explicitly to another value is an error, since
+    the user asked for a model the artifact does not hold."""
+    s = copy.copy(s)
+    for name, value in stored.items():
+        if name not in SETTINGS_BY_NAME or getattr(s, name.lower()) == value:
+            continue
+        if environ.get(name):
+            raise UserError(f"{name}={environ[name]} but the artifact {s.eval_only} was trained with {name}={value}: "
+                            f"unset {name} (the artifact's value is then used) or set it to {value}")
+        rt.log(f"eval_only: {name}={value} from the artifact (default {getattr(s, name.lower())})")
+        setattr(s, name.lower(), value)
+    return s
+
+
+def model_from_artifact(qstate: dict, s: Settings, rt: Runtime, label: str) -> GPT:
+    """A fresh GPT built from s with the dequantized weights, on the device, looping on."""
+    model = GPT(s)
+    try:
+        model.load_state_dict(dequantize_state(qstate), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"artifact {label} does not fit the model this train_gpt.py builds ({detail}): "
+                        f"evaluate it with the train_gpt.py that wrote it") from None
+    model.to(rt.device)
+    model.use_attention(s.attn_backend, rt.device)
+    model.looping = s.num_loops > 0
+    return model
+
+
+def evaluate_quantized(model: GPT, s: Settings, rt: Runtime, val_tokens, tables) -> dict:
+    """evaluate() on a model rebuilt from an artifact, logged: identical in a training run and in EVAL_ONLY."""
+    loss_fn = torch.compile(model.token_losses, dynamic=False, fullgraph=True) if s.compile else model.token_losses
+    batch_seqs = max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
+    t0 = time.perf_counter()
+    val_loss, val_bpb, n = evaluate(model, loss_fn, val_tokens, tables, s.eval_seq_len, batch_seqs, rt)
+    rt.log(f"quantized val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
+           f"scored_targets:{n}")
+    return {"quantized_val_loss": val_loss, "quantized_val_bpb": val_bpb, "quantized_model": model}
+
+
+def artifact_path(s: Settings) -> Path:
+    return Path(s.artifact_path) if s.artifact_path else Path(s.log_dir) / f"{s.run_id}.ptz"
+
+
+def quantize_and_pack(trainer, train_ms: float) -> dict:
+    """Hessians (all ranks, inside the budget) -> GPTQ, serialization, compression (rank 0) ->
+    the artifact file, its accounting and the size check. Returns the figures it logged."""
+    s, rt, model = trainer.s, trainer.rt, trainer.model
+    model.looping = trainer.can_loop  # calibrate the recurrent schedule the model is evaluated with
+    rt.sync()
+    t0 = time.perf_counter()
+    if s.gptq_calibration == "selfgen":
+        batches = selfgen_batches(model, s.gptq_calibration_batches, s.train_seq_len, s.vocab_size, s.seed + rt.rank, rt.device)
+    else:
+        batches = calibration_batches(trainer, s.gptq_calibration_batches)
+    hessians = collect_hessians(model, batches, rt)
+    rt.sync()
+    hessian_s = time.perf_counter() - t0
+    counted = train_ms / 1000.0 + hessian_s
+    budget = f"of {s.max_wallclock_seconds:.0f}s budget" if s.max_wallclock_seconds > 0 else "(no budget: MAX_WALLCLOCK_SECONDS=0)"
+    rt.log(f"gptq:hessians batches:{len(batches)} calibration:{s.gptq_calibration} seconds:{hessian_s:.1f} "
+           f"train+calibration:{counted:.1f}s {budget}")
+    if 0 < s.max_wallclock_seconds < counted:
+        rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
+               f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least {hessian_s + 1:.0f} "
+               f"or lower GPTQ_CALIBRATION_BATCHES")
+    out = {"hessian_seconds": hessian_s, "train_calibration_seconds": counted}
+    path = artifact_path(s)
+    over = torch.zeros((), device=rt.device)
+    if rt.master:
+        t0 = time.perf_counter()
+        qstate = quantize_model(model.state_dict(), hessians, s)
+        rt.sync()
+        kinds = {}
+        for qt in qstate.values():
+            key = f"int{qt.bits}" if qt.kind == "int" else qt.kind
+            kinds[key] = kinds.get(key, 0) + 1
+        rt.log(f"gptq:quantize seconds:{time.perf_counter() - t0:.1f} tensors:" + ",".join(f"{k}x{v}" for k, v in sorted(kinds.items())))
+        t0 = time.perf_counter()
+        streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()})
+        threads = min(32, len(os.sched_getaffinity(0)))
+        blob, sizes = pack_artifact(streams, s.compressor, threads)
+        raw = sum(map(len, streams))
+        rt.log(f"serialize: raw_bytes:{raw} compressed_bytes:{len(blob)} ratio:{raw / len(blob):.3f} "
+               f"seconds:{time.perf_counter() - t0:.1f} compressor:{s.compressor} streams:{len(streams)} threads:{threads}")
+        contributions = {"header+small tensors": sizes[0]}
+        contributions.update(zip([n for n, qt in qstate.items() if qt.kind == "int"], sizes[1:]))
+        by_bits = {}
+        for name, size in contributions.items():
+            key = f"int{qstate[name].bits}" if name in qstate else "header+small"
+            by_bits[key] = by_bits.get(key, 0) + size
+        rt.log("serialize:breakdown " + " ".join(f"{k}:{v}" for k, v in sorted(by_bits.items())))
+        write_atomic(path, blob)
+        code = code_bytes(s)
+        total = len(blob) + code
+        rt.log(f"artifact: model_bytes:{len(blob)} code_bytes:{code} total:{total} limit:{s.artifact_limit_bytes} "
+               f"margin:{s.artifact_limit_bytes - total} path:{path} code_from:{s.code_bytes_from}")
+        out.update(model_bytes=len(blob), code_bytes=code, artifact_bytes=total, stream_bytes=contributions)
+        over.fill_(float(total > s.artifact_limit_bytes))
+    if rt.all_reduce(over, op=dist.ReduceOp.MAX).item() > 0:
+        if not rt.master:
+            raise UserError("the artifact is over ARTIFACT_LIMIT_BYTES (rank 0 has the details)")
+        top = sorted(contributions.items(), key=lambda kv: -kv[1])[:5]
+        raise UserError(f"artifact {path}: {out['model_bytes']} model + {out['code_bytes']} code = {out['artifact_bytes']} bytes, "
+                        f"{out['artifact_bytes'] - s.artifact_limit_bytes} over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes}; "
+                        f"largest compressed: " + ", ".join(f"{n} {b}" for n, b in top) +
+                        "; lower MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS or MATRIX_BITS/EMBED_BITS, or shrink the model")
+    if rt.distributed:  # ranks may have drawn different default RUN_IDs: all read rank 0's file (one host)
+        shared = [str(path)]
+        dist.broadcast_object_list(shared, src=0)
+        path = Path(shared[0])
+    out["artifact_path"] = str(path)
+    return out
+
+
+def evaluate_artifact_roundtrip(trainer, path, pre_quant_bpb: float) -> dict:
+    """Every rank rebuilds a fresh GPT from the artifact file alone and evaluates it."""
+    qstate, _, _ = read_artifact(path)
+    model = model_from_artifact(qstate, trainer.s, trainer.rt, str(path))
+    out = evaluate_quantized(model, trainer.s, trainer.rt, trainer.val_tokens, trainer.tables)
+    trainer.rt.log(f"quantization_tax: {out['quantized_val_bpb'] - pre_quant_bpb:+.8f} bpb")
+    return out
+
+
+def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
+    """EVAL_ONLY: rebuild the model from the artifact alone and evaluate it. Reads the tokenizer and
+    the validation shards, never a training shard."""
+    log_header(s, rt)
+    if rt.device.type == "cuda":  # the same numerics as a training run's roundtrip evaluation
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    qstate, stored, model_bytes = read_artifact(s.eval_only)
+    s = adopt_artifact_settings(s, stored, os.environ, rt)
+    s.validate(rt.world_size)
+    rt.log(f"eval_only: artifact:{s.eval_only} model_bytes:{model_bytes}")
+    tables = build_byte_tables(load_tokenizer(s.tokenizer_path, s.vocab_size), s.vocab_size).to(rt.device)
+    val_tokens = load_validation_tokens(s.data_path, s.eval_seq_len)
+    return evaluate_quantized(model_from_artifact(qstate, s, rt, s.eval_only), s, rt, val_tokens, tables)
+
+
+# =================================================================================================
 # EVALUATION: tokenizer-agnostic bits per byte
 # =================================================================================================
 # bpb = total NLL in bits / total UTF-8 bytes of the scored text. A target's bytes are the UTF-8
@@ -1188,7 +1796,9 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
            f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms scored_targets:{n_targets}")
     results.update(val_loss=val_loss, val_bpb=val_bpb, trainer=trainer)
-    rt.log(f"final val_bpb:{val_bpb:.8f}")
+    results.update(quantize_and_pack(trainer, results["train_ms"]))
+    results.update(evaluate_artifact_roundtrip(trainer, results["artifact_path"], val_bpb))
+    rt.log(f"final val_bpb:{results['quantized_val_bpb']:.8f}")
     return results
 
 
@@ -1197,7 +1807,10 @@ def main():
     try:
         settings = Settings()
         rt = Runtime(settings)
-        train_and_evaluate(settings, rt)
+        if settings.eval_only:
+            evaluate_artifact(settings, rt)
+        else:
+            train_and_evaluate(settings, rt)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
