@@ -963,6 +963,12 @@ class EMA:
 # (never validation tokens) and count against the training budget. Each row gets one fp16 scale
 # from SDClip: s = k * std(row) / q_max, so k (the CLIP_SIGMAS settings) trades artifact size for
 # rounding error. Small float tensors (gains, mixes, lambdas) ship as fp16.
+#
+# With several ranks, each collects Hessians on its own micro-batches and they are all-reduced (8x
+# the calibration data in the same time). Rank 0 alone runs GPTQ, compresses and writes the artifact
+# (GPTQ is seconds on one GPU; the file must come from one place); the other ranks wait, then every
+# rank rebuilds the model from that file for the roundtrip evaluation.
+
 
 def quantized_linears(model: GPT) -> dict:
     """{weight name: CastedLinear} for every matrix GPTQ rounds through its input Hessian."""
@@ -1017,12 +1023,13 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict:
 
 
 def calibration_batches(trainer, n: int):
-    """n of this rank's training micro-batches from a fresh loader (the loader reads training shards only)."""
-    loader = trainer.new_loader()
-    batches = []
-    while len(batches) < n:
-        batches.extend(trainer.fetch(loader))
-    return batches[:n]
+    """The first n of this rank's training micro-batches from a fresh loader (training shards only),
+    yielded one at a time so that reading the next overlaps the GPU's work on this one."""
+    loader, step = trainer.new_loader(), []
+    for _ in range(n):
+        if not step:
+            step = trainer.fetch(loader)
+        yield step.pop(0)
 
 
 @torch.no_grad()
@@ -1075,7 +1082,19 @@ def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("GPTQ: Hessian stays singular after damping; raise GPTQ_DAMP")
 
 
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    """GPTQ inverts ill-conditioned Hessians: keep TF32's 10-bit mantissa out of its matmuls."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @torch.no_grad()
+@full_fp32_matmuls()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, block_size: int = 128,
                   damp: float = 0.01):
     """GPTQ-round W [rows, cols] (or a batch [B, rows, cols] with H [B, cols, cols]) to integers in
@@ -1183,19 +1202,23 @@ def dequantize_state(qstate: dict) -> dict:
 #          fp16 passthrough tensors) concatenated in header order and byte-shuffled | raw tensors
 # stream k >= 1 := the grid values of the k-th quantized matrix, one int8 per value, column-major
 #
-# Layout measurements (brotli-11 unless noted; tools/measure_packing.py re-runs them on any artifact):
-#   * int6 values one per byte compress to within 1.2-1.4% of their order-0 entropy; bit-packing 4
-#     values into 3 bytes is 15% larger, bit planes (low 3 | high 3 bits) 4.5% larger, lzma -9e 3.5-5%
-#     larger. Two's complement, offset (+32) and zigzag codes are within 0.01% of each other.
-#   * Column-major order is 0.22% smaller on a trained model (MODEL_DIM=128, 150 steps: 455,028 vs
-#     456,046 B), neutral on random-normal weights: an input column's values share a magnitude.
-#   * One stream per matrix costs ~17 B each (+0.14% on the tiny model, ~1.4 KB of 16 MB at full
-#     size) and buys exact per-tensor sizes and parallel compression: brotli releases the GIL, so
-#     threads scale (2 x 1 MB: 1.68 s on one thread, 0.87 s on two).
-#   * fp16 scales byte-shuffled: 8,104 vs 8,233 B plain. On the tiny model the whole artifact is
-#     ~480 KB against 491,676 B for torch.save + byte shuffle + brotli (the reference's container).
-#   * brotli quality 10 gives the same bytes as 11 on int6 streams; quality 9 is 12% larger; window
-#     lgwin 16 is 0.07% larger and twice as fast.
+# Layout measurements (brotli-11 unless noted; tools/measure_packing.py re-runs them on any artifact;
+# "tiny" = a trained MODEL_DIM=128 model, 150 steps, its own Hessians; "random" = N(0,1) weights):
+#   * int6 values one per byte land within 1.2% (tiny) / 1.4% (random) of their order-0 entropy.
+#     Bit-packing 4 values into 3 bytes is 14-15% larger, bit planes (low 3 | high 3 bits) 4.5-6%
+#     larger, lzma -9e 3.5-5% larger. Two's complement, offset (+32) and zigzag codes differ < 0.01%.
+#   * Column-major: row-major is 0.27% larger on tiny (486,845 vs 485,516 B), the same on random.
+#     An input column's values share a magnitude.
+#   * One stream per matrix instead of one stream: +0.06% on tiny, +774 B (0.005%) at full size, and
+#     twice as fast even on one thread (random full size: 57 s vs 112 s on this 2-core box); exact
+#     per-tensor sizes for the over-limit error; and parallel compression, since brotli releases
+#     the GIL (two 1 MB streams: 1.68 s on one thread, 0.87 s on two).
+#   * fp16 scales byte-shuffled: 8,104 vs 8,233 B plain (tiny).
+#   * Whole artifact vs the reference container (torch.save + byte shuffle + one brotli stream):
+#     485,516 vs 491,987 B on tiny; 15,924,787 vs 15,935,871 B on random full size (order-0 bound of
+#     the grid values alone: 15,666,928 B).
+#   * brotli quality 10 gives the same bytes as 11 on int6 streams; quality 9 is 13% larger; window
+#     lgwin 16 is 0.07% larger and twice as fast. Defaults kept (quality 11, lgwin 22).
 
 ARTIFACT_MAGIC = b"PGQA"
 ARTIFACT_VERSION = 1
@@ -1441,9 +1464,8 @@ def artifact_path(s: Settings) -> Path:
     return Path(s.artifact_path) if s.artifact_path else Path(s.log_dir) / f"{s.run_id}.ptz"
 
 
-def quantize_and_pack(trainer, train_ms: float) -> dict:
-    """Hessians (all ranks, inside the budget) -> GPTQ, serialization, compression (rank 0) ->
-    the artifact file, its accounting and the size check. Returns the figures it logged."""
+def calibrate(trainer, train_ms: float) -> tuple:
+    """(Hessians, figures): calibration on every rank, timed against the training budget."""
     s, rt, model = trainer.s, trainer.rt, trainer.model
     model.looping = trainer.can_loop  # calibrate the recurrent schedule the model is evaluated with
     rt.sync()
@@ -1454,56 +1476,75 @@ def quantize_and_pack(trainer, train_ms: float) -> dict:
         batches = calibration_batches(trainer, s.gptq_calibration_batches)
     hessians = collect_hessians(model, batches, rt)
     rt.sync()
-    hessian_s = time.perf_counter() - t0
-    counted = train_ms / 1000.0 + hessian_s
+    seconds = time.perf_counter() - t0
+    counted = train_ms / 1000.0 + seconds
     budget = f"of {s.max_wallclock_seconds:.0f}s budget" if s.max_wallclock_seconds > 0 else "(no budget: MAX_WALLCLOCK_SECONDS=0)"
-    rt.log(f"gptq:hessians batches:{len(batches)} calibration:{s.gptq_calibration} seconds:{hessian_s:.1f} "
+    rt.log(f"gptq:hessians batches:{s.gptq_calibration_batches} calibration:{s.gptq_calibration} seconds:{seconds:.1f} "
            f"train+calibration:{counted:.1f}s {budget}")
     if 0 < s.max_wallclock_seconds < counted:
         rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
-               f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least {hessian_s + 1:.0f} "
+               f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least {seconds + 1:.0f} "
                f"or lower GPTQ_CALIBRATION_BATCHES")
-    out = {"hessian_seconds": hessian_s, "train_calibration_seconds": counted}
+    return hessians, {"hessian_seconds": seconds, "train_calibration_seconds": counted}
+
+
+def build_artifact(model: GPT, hessians: dict, s: Settings, rt: Runtime) -> tuple:
+    """GPTQ, serialization and compression: (artifact bytes, {part: compressed bytes})."""
+    t0 = time.perf_counter()
+    qstate = quantize_model(model.state_dict(), hessians, s)
+    rt.sync()
+    kinds = {}
+    for qt in qstate.values():
+        key = f"int{qt.bits}" if qt.kind == "int" else qt.kind
+        kinds[key] = kinds.get(key, 0) + 1
+    fp16_bytes = sum(2 * qt.data.numel() for qt in qstate.values() if qt.kind == "fp16")
+    rt.log(f"gptq:quantize seconds:{time.perf_counter() - t0:.1f} tensors:" + ",".join(f"{k}x{v}" for k, v in sorted(kinds.items()))
+           + f" passthrough_fp16_bytes:{fp16_bytes}")
+    t0 = time.perf_counter()
+    streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()})
+    threads = min(32, len(os.sched_getaffinity(0)))
+    blob, sizes = pack_artifact(streams, s.compressor, threads)
+    raw = sum(map(len, streams))
+    rt.log(f"serialize: raw_bytes:{raw} compressed_bytes:{len(blob)} ratio:{raw / len(blob):.3f} "
+           f"seconds:{time.perf_counter() - t0:.1f} compressor:{s.compressor} streams:{len(streams)} threads:{threads}")
+    parts = {"header+small tensors": sizes[0]}
+    parts.update(zip([n for n, qt in qstate.items() if qt.kind == "int"], sizes[1:]))
+    by_bits = {}
+    for name, size in parts.items():
+        key = f"int{qstate[name].bits}" if name in qstate else "header+small"
+        by_bits[key] = by_bits.get(key, 0) + size
+    rt.log("serialize:breakdown " + " ".join(f"{k}:{v}" for k, v in sorted(by_bits.items())))
+    return blob, parts
+
+
+def artifact_accounting(model_bytes: int, code: int, limit: int) -> dict:
+    """The challenge's count: compressed model bytes + bytes of the shipped train_gpt.py."""
+    total = model_bytes + code
+    return {"model_bytes": model_bytes, "code_bytes": code, "artifact_bytes": total, "margin": limit - total}
+
+
+def quantize_and_pack(trainer, train_ms: float) -> dict:
+    """Hessians (all ranks) -> GPTQ and the artifact file (rank 0) -> accounting; fails with a
+    UserError before any evaluation if the artifact is over ARTIFACT_LIMIT_BYTES."""
+    s, rt = trainer.s, trainer.rt
+    hessians, out = calibrate(trainer, train_ms)
     path = artifact_path(s)
     over = torch.zeros((), device=rt.device)
     if rt.master:
-        t0 = time.perf_counter()
-        qstate = quantize_model(model.state_dict(), hessians, s)
-        rt.sync()
-        kinds = {}
-        for qt in qstate.values():
-            key = f"int{qt.bits}" if qt.kind == "int" else qt.kind
-            kinds[key] = kinds.get(key, 0) + 1
-        rt.log(f"gptq:quantize seconds:{time.perf_counter() - t0:.1f} tensors:" + ",".join(f"{k}x{v}" for k, v in sorted(kinds.items())))
-        t0 = time.perf_counter()
-        streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()})
-        threads = min(32, len(os.sched_getaffinity(0)))
-        blob, sizes = pack_artifact(streams, s.compressor, threads)
-        raw = sum(map(len, streams))
-        rt.log(f"serialize: raw_bytes:{raw} compressed_bytes:{len(blob)} ratio:{raw / len(blob):.3f} "
-               f"seconds:{time.perf_counter() - t0:.1f} compressor:{s.compressor} streams:{len(streams)} threads:{threads}")
-        contributions = {"header+small tensors": sizes[0]}
-        contributions.update(zip([n for n, qt in qstate.items() if qt.kind == "int"], sizes[1:]))
-        by_bits = {}
-        for name, size in contributions.items():
-            key = f"int{qstate[name].bits}" if name in qstate else "header+small"
-            by_bits[key] = by_bits.get(key, 0) + size
-        rt.log("serialize:breakdown " + " ".join(f"{k}:{v}" for k, v in sorted(by_bits.items())))
+        blob, parts = build_artifact(trainer.model, hessians, s, rt)
         write_atomic(path, blob)
-        code = code_bytes(s)
-        total = len(blob) + code
-        rt.log(f"artifact: model_bytes:{len(blob)} code_bytes:{code} total:{total} limit:{s.artifact_limit_bytes} "
-               f"margin:{s.artifact_limit_bytes - total} path:{path} code_from:{s.code_bytes_from}")
-        out.update(model_bytes=len(blob), code_bytes=code, artifact_bytes=total, stream_bytes=contributions)
-        over.fill_(float(total > s.artifact_limit_bytes))
+        out.update(artifact_accounting(len(blob), code_bytes(s), s.artifact_limit_bytes), artifact_parts=parts)
+        rt.log(f"artifact: model_bytes:{out['model_bytes']} code_bytes:{out['code_bytes']} total:{out['artifact_bytes']} "
+               f"limit:{s.artifact_limit_bytes} margin:{out['margin']} path:{path} code_from:{s.code_bytes_from}")
+        over.fill_(float(out["margin"] < 0))
     if rt.all_reduce(over, op=dist.ReduceOp.MAX).item() > 0:
         if not rt.master:
-            raise UserError("the artifact is over ARTIFACT_LIMIT_BYTES (rank 0 has the details)")
-        top = sorted(contributions.items(), key=lambda kv: -kv[1])[:5]
+            raise UserError("the artifact is over ARTIFACT_LIMIT_BYTES (rank 0 reports the details)")
+        largest = sorted(out["artifact_parts"].items(), key=lambda kv: -kv[1])[:5]
         raise UserError(f"artifact {path}: {out['model_bytes']} model + {out['code_bytes']} code = {out['artifact_bytes']} bytes, "
-                        f"{out['artifact_bytes'] - s.artifact_limit_bytes} over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes}; "
-                        f"largest compressed: " + ", ".join(f"{n} {b}" for n, b in top) +
-                        "; lower MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS or MATRIX_BITS/EMBED_BITS, or shrink the model")
+                        f"{-out['margin']} over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes}; largest compressed parts: "
+                        + ", ".join(f"{n} {b}" for n, b in largest)
+                        + "; lower MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS or MATRIX_BITS/EMBED_BITS, or shrink the model")
     if rt.distributed:  # ranks may have drawn different default RUN_IDs: all read rank 0's file (one host)
         shared = [str(path)]
         dist.broadcast_object_list(shared, src=0)

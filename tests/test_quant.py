@@ -1,0 +1,300 @@
+"""QUANTIZATION AND PACKING: GPTQ, the artifact format, byte accounting, the packed script, EVAL_ONLY.
+
+The in-process tests use small random matrices; the end-to-end tests share one tiny training run
+(module fixture) and run train_gpt.py, its packed form and EVAL_ONLY in subprocesses."""
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, subprocess_env
+import train_gpt as tg
+
+sys.path.insert(0, str(ROOT / "tools"))
+import pack_submission  # noqa: E402
+
+# Quantize the tiny model's matrices (all are below the real 65,536-element passthrough threshold).
+QUANT_ENV = dict(PASSTHROUGH_MAX_NUMEL="1024", GPTQ_CALIBRATION_BATCHES="4")
+
+
+def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / math.sqrt(cols)
+    return torch.randn(n, cols, generator=g) @ mix + 0.2 * torch.randn(n, cols, generator=g)
+
+
+# --- GPTQ ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,clip", [(6, 12.85), (4, 6.0), (8, 20.0)])
+def test_gptq_output_error_below_round_to_nearest(bits, clip):
+    X = correlated_inputs(2048, 192, seed=bits)
+    W = 0.02 * torch.randn(96, 192, generator=torch.Generator().manual_seed(1))
+    q, scale = tg.gptq_quantize(W, X.T @ X / len(X), bits, clip, block_size=64)
+    s = scale.float()[:, None]
+    rtn = tg.round_to_grid(W, s, 2 ** (bits - 1) - 1)
+    err_gptq = torch.linalg.norm(X @ (W - q.float() * s).T)
+    err_rtn = torch.linalg.norm(X @ (W - rtn * s).T)
+    assert err_gptq < 0.9 * err_rtn
+
+
+def test_round_trip_error_at_most_half_a_step_inside_the_clip_range():
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    W[0, 0] = 40.0  # far outside k*std: must clip to q_max
+    q, scale = tg.gptq_quantize(W, torch.eye(256), 6, 3.0)  # identity Hessian: no error feedback
+    s = scale.float()[:, None]
+    inside = W.abs() <= 31 * s
+    err = (W - q.float() * s).abs()
+    assert q.dtype == torch.int8 and q.abs().max() <= 31
+    assert (err[inside] <= s.expand_as(W)[inside] / 2 + 1e-6).all()
+    assert q[0, 0] == 31 and (~inside).sum() > 0
+    torch.testing.assert_close(scale.float(), (3.0 * W.std(dim=1) / 31).half().float())
+
+
+def test_dead_inputs_get_zero_weights_and_batches_match_single_matrices():
+    X = correlated_inputs(512, 64, seed=3)
+    X[:, 5] = 0.0  # an input that never fires
+    H = X.T @ X / len(X)
+    Ws = 0.05 * torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(4))
+    q_batch, s_batch = tg.gptq_quantize(Ws, H.expand(3, 64, 64), 6, 12.85, block_size=16)
+    assert (q_batch[:, :, 5] == 0).all()
+    for i in range(3):
+        q, s = tg.gptq_quantize(Ws[i], H, 6, 12.85, block_size=16)
+        assert torch.equal(s, s_batch[i])
+        assert (q != q_batch[i]).float().mean() < 0.01  # bmm vs mm rounding may flip a rare tie
+
+
+def test_hessians_cover_every_matrix_and_share_the_attention_input(tiny_env):
+    s = tg.Settings(environ=tiny_env)
+    model = tg.GPT(s)
+    model.looping = True
+    rt = tg.Runtime(s)
+    batches = [torch.randint(0, s.vocab_size, (2, 17)) for _ in range(2)]
+    H = tg.collect_hessians(model, batches, rt)
+    assert set(H) == set(tg.quantized_linears(model)) | {"tok_emb.weight"}
+    assert H["blocks.0.attn.c_k.weight"] is H["blocks.0.attn.c_q.weight"] is H["blocks.0.attn.c_v.weight"]
+    hidden = torch.cat([model.forward_hidden(b[:, :-1]).reshape(-1, s.model_dim) for b in batches])
+    torch.testing.assert_close(H["tok_emb.weight"], hidden.T @ hidden / len(hidden), rtol=1e-4, atol=1e-6)
+    fc = H["blocks.0.mlp.fc.weight"]
+    assert torch.allclose(fc, fc.T) and torch.linalg.eigvalsh(fc).min() > -1e-5
+
+
+def test_calibration_reads_training_windows_only(tiny_env):
+    s = tg.Settings(environ=tiny_env)
+    trainer = tg.Trainer(s, tg.Runtime(s))
+    train = b"".join(tg.read_shard(f).tobytes() for f in trainer.train_files)
+    batches = list(tg.calibration_batches(trainer, 11))
+    assert len(batches) == 11 and batches[0].shape == (s.train_batch_tokens // s.train_seq_len // 8, s.train_seq_len + 1)
+    for row in torch.cat(batches):
+        assert row.numpy().astype("<u2").tobytes() in train
+
+
+def test_selfgen_calibration_samples_valid_tokens(tiny_env):
+    s = tg.Settings(environ=tiny_env)
+    model = tg.GPT(s)
+    a = tg.selfgen_batches(model, 3, 12, s.vocab_size, seed=5, device=torch.device("cpu"), batch_size=2)
+    b = tg.selfgen_batches(model, 3, 12, s.vocab_size, seed=5, device=torch.device("cpu"), batch_size=2)
+    assert [t.shape for t in a] == [(2, 13), (1, 13)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(((t >= 0) & (t < s.vocab_size)).all() for t in a)
+
+
+# --- the artifact format --------------------------------------------------------------------------------
+
+
+def sample_qstate():
+    g = torch.Generator().manual_seed(6)
+    q, scale = tg.gptq_quantize(torch.randn(48, 80, generator=g), torch.eye(80), 6, 12.85)
+    q8, scale8 = tg.gptq_quantize(torch.randn(30, 16, generator=g), torch.eye(16), 8, 20.0)
+    return {
+        "blocks.0.mlp.fc.weight": tg.QTensor("int", q, torch.float32, scale, 6),
+        "gain": tg.QTensor("fp16", torch.randn(7, generator=g).half(), torch.float32),
+        "lane_merge": tg.QTensor("fp16", torch.tensor(0.5).half(), torch.bfloat16),
+        "tok_emb.weight": tg.QTensor("int", q8, torch.float32, scale8, 8),
+        "steps": tg.QTensor("raw", torch.arange(5, dtype=torch.int64), torch.int64),
+        "mask": tg.QTensor("raw", torch.tensor([[True, False]]), torch.bool),
+    }
+
+
+@pytest.mark.parametrize("compressor", tg.COMPRESSORS)
+def test_serialization_round_trip_is_bit_exact(compressor):
+    qstate, settings = sample_qstate(), {"NUM_LAYERS": 3, "MLP_MULT": 4.0, "PARALLEL_RESIDUAL_MODE": "full", "LN_SCALE": True}
+    blob, sizes = tg.pack_artifact(tg.serialize_quantized(qstate, settings), compressor, threads=2)
+    back, stored = tg.unpack_artifact(blob, "mem")
+    assert stored == settings and list(back) == list(qstate) and len(sizes) == 3
+    for name, qt in qstate.items():
+        got = back[name]
+        assert (got.kind, got.dtype, got.bits) == (qt.kind, qt.dtype, qt.bits)
+        assert got.data.dtype == qt.data.dtype and torch.equal(got.data, qt.data)
+        assert (qt.scale is None and got.scale is None) or torch.equal(got.scale, qt.scale)
+    state = tg.dequantize_state(back)
+    assert state["lane_merge"].dtype == torch.bfloat16 and state["lane_merge"].shape == ()
+    w = qstate["blocks.0.mlp.fc.weight"]
+    assert torch.equal(state["blocks.0.mlp.fc.weight"], w.data.float() * w.scale.float()[:, None])
+
+
+def corrupted_versions(blob: bytes) -> dict:
+    n = struct.unpack_from("<H", blob, 6)[0]
+    body = 8 + 4 * n + 4
+    flipped = bytearray(blob)
+    flipped[body + 10] ^= 0xFF
+    return {
+        "truncated": (blob[:-100], "truncated"),
+        "corrupt": (bytes(flipped), "CRC-32"),
+        "magic": (b"PK\x03\x04" + blob[4:], "does not start with"),
+        "version": (blob[:4] + bytes([99]) + blob[5:], "format version 99"),
+        "empty": (b"", "does not start with"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "corrupt", "magic", "version", "empty"])
+def test_bad_artifacts_are_one_line_errors_naming_the_file(case, tmp_path):
+    blob, _ = tg.pack_artifact(tg.serialize_quantized(sample_qstate(), {}), "brotli", threads=1)
+    data, expected = corrupted_versions(blob)[case]
+    path = tmp_path / f"{case}.ptz"
+    path.write_bytes(data)
+    with pytest.raises(tg.UserError) as e:
+        tg.read_artifact(path)
+    message = str(e.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_artifact_that_decodes_to_garbage_is_a_user_error():
+    streams = tg.serialize_quantized(sample_qstate(), {})
+    streams[1] = streams[1][:-3]  # a matrix stream shorter than its shape says
+    blob, _ = tg.pack_artifact(streams, "lzma", threads=1)
+    with pytest.raises(tg.UserError, match="does not decode"):
+        tg.unpack_artifact(blob, "mem.ptz")
+
+
+def test_shape_mismatch_names_the_artifact(tiny_env):
+    s = tg.Settings(environ=dict(tiny_env, **QUANT_ENV))
+    model = tg.GPT(s)
+    qstate = {n: tg.QTensor("fp16", t.detach().half(), t.dtype) for n, t in model.state_dict().items()}
+    wider = tg.Settings(environ=dict(tiny_env, MODEL_DIM="96"))
+    with pytest.raises(tg.UserError, match="artifact x.ptz does not fit the model"):
+        tg.model_from_artifact(qstate, wider, tg.Runtime(wider), "x.ptz")
+
+
+# --- the packed script ----------------------------------------------------------------------------------
+
+
+def test_packed_stub_runs_the_source_with_readable_tracebacks(tmp_path):
+    source = '"""doc \u00e9"""\nimport sys\n\n\ndef fail(x):\n    return 1 / x  # the failing line\n\n\n' \
+             'print("name", __name__, "file", __file__)\nfail(0)\n'
+    packed = tg.pack_script(source)
+    assert pack_submission.unpack_script(packed) == source
+    path = tmp_path / "stub.py"
+    path.write_bytes(packed)
+    r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=subprocess_env({}))
+    assert r.returncode == 1
+    assert f"name __main__ file {path}" in r.stdout
+    assert "return 1 / x  # the failing line" in r.stderr and "ZeroDivisionError" in r.stderr
+
+
+def test_pack_script_escapes_every_byte_value():
+    # Sources whose compressed bytes hit NUL-before-digit, CR, backslash and quotes all survive.
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        text = "".join(chr(int(c)) for c in torch.randint(1, 0x3000, (400,), generator=g))
+        assert pack_submission.unpack_script(tg.pack_script(text)) == text
+
+
+# --- end to end: one tiny training run, its packed twin, EVAL_ONLY ----------------------------------------
+
+
+def run_script(script, env: dict, check=True):
+    r = subprocess.run([sys.executable, str(script)], env=subprocess_env(env), capture_output=True, text=True, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def log_values(log: str, key: str) -> dict:
+    """{field: value} of the last log line starting with key."""
+    line = [x for x in log.splitlines() if x.startswith(key)][-1]
+    return dict(part.split(":", 1) for part in line[len(key):].split() if ":" in part)
+
+
+def loss_lines(log: str) -> list:
+    keys = ("step:", "pre-quantization", "quantized ", "quantization_tax", "serialize: raw_bytes", "final")
+    return [x.split(" eval_time")[0].split(" train_time")[0].split(" seconds")[0] for x in log.splitlines() if x.startswith(keys)]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quant_run")
+    env = dict(TINY_MODEL, **QUANT_ENV, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+               LOG_DIR=str(tmp / "logs"), ITERATIONS="8", RUN_ID="source")
+    run_script(ROOT / "train_gpt.py", env)
+    return {"env": env, "tmp": tmp, "log": (tmp / "logs" / "source.txt").read_text()}
+
+
+def test_run_logs_the_budget_and_the_quantization_tax(trained):
+    log = trained["log"]
+    hess = log_values(log, "gptq:hessians")
+    assert hess["batches"] == "4" and float(hess["seconds"]) >= 0
+    q, pre = log_values(log, "quantized "), log_values(log, "pre-quantization post-ema")
+    tax = float([x for x in log.splitlines() if x.startswith("quantization_tax:")][-1].split()[1])
+    assert abs(tax - (float(q["val_bpb"]) - float(pre["val_bpb"]))) < 1e-7
+    assert "int6x" in log_values(log, "gptq:quantize")["tensors"] and "int8x1" in log
+
+
+def test_accounting_equals_the_files_on_disk(trained):
+    art = log_values(trained["log"], "artifact:")
+    packed = trained["tmp"] / "submission" / "train_gpt.py"
+    pack_submission.main(["--out", str(packed)])
+    assert int(art["model_bytes"]) == os.path.getsize(art["path"]) == os.path.getsize(trained["tmp"] / "logs" / "source.ptz")
+    assert int(art["code_bytes"]) == os.path.getsize(packed)
+    assert int(art["total"]) == int(art["model_bytes"]) + int(art["code_bytes"])
+    assert int(art["margin"]) == 16_000_000 - int(art["total"])
+
+
+def test_packed_script_trains_identically(trained):
+    packed = trained["tmp"] / "packed" / "train_gpt.py"
+    pack_submission.main(["--out", str(packed)])
+    env = dict(trained["env"], RUN_ID="packed", CODE_BYTES_FROM="file")
+    run_script(packed, env)
+    log = (trained["tmp"] / "logs" / "packed.txt").read_text()
+    assert loss_lines(log) == loss_lines(trained["log"]) and len(loss_lines(log)) > 10
+    assert int(log_values(log, "artifact:")["code_bytes"]) == os.path.getsize(packed)
+    assert (trained["tmp"] / "logs" / "packed.ptz").read_bytes() == (trained["tmp"] / "logs" / "source.ptz").read_bytes()
+
+
+def test_eval_only_reproduces_the_quantized_score_without_training_data(trained, tiny_data, tmp_path):
+    val_only = tmp_path / "val_only"
+    val_only.mkdir()
+    shutil.copy(Path(tiny_data["DATA_PATH"]) / "fineweb_val_000000.bin", val_only)
+    # Model settings left unset follow the artifact; eval settings must match the training run.
+    env = {k: v for k, v in trained["env"].items() if k not in ("NUM_LAYERS", "MODEL_DIM", "LOOP_START", "VOCAB_SIZE")}
+    env.update(DATA_PATH=str(val_only), RUN_ID="eval_only", EVAL_ONLY=str(trained["tmp"] / "logs" / "source.ptz"))
+    run_script(ROOT / "train_gpt.py", env)
+    log = (Path(env["LOG_DIR"]) / "eval_only.txt").read_text()
+    assert "eval_only: NUM_LAYERS=6 from the artifact" in log
+    ours, theirs = log_values(log, "quantized "), log_values(trained["log"], "quantized ")
+    assert (ours["val_loss"], ours["val_bpb"]) == (theirs["val_loss"], theirs["val_bpb"])
+
+
+def test_eval_only_refuses_conflicting_settings_and_bad_files(trained, tmp_path):
+    artifact = trained["tmp"] / "logs" / "source.ptz"
+    r = run_script(ROOT / "train_gpt.py", dict(trained["env"], NUM_HEADS="2", EVAL_ONLY=str(artifact)), check=False)
+    assert r.returncode == 1 and "NUM_HEADS=2 but the artifact" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "truncated.ptz"
+    bad.write_bytes(artifact.read_bytes()[:1000])
+    r = run_script(ROOT / "train_gpt.py", dict(trained["env"], EVAL_ONLY=str(bad)), check=False)
+    assert r.returncode == 1 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_over_the_limit_fails_before_evaluation(trained):
+    env = dict(trained["env"], ITERATIONS="1", RUN_ID="over", ARTIFACT_LIMIT_BYTES="50000")
+    r = run_script(ROOT / "train_gpt.py", env, check=False)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "over ARTIFACT_LIMIT_BYTES=50000" in err[0] and "tok_emb.weight" in err[0]
+    assert "quantized val_loss" not in r.stdout

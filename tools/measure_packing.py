@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Compare byte layouts and compressors for a quantized model (not a test; prints a table).
+
+    python3 tools/measure_packing.py --artifact logs/<run>.ptz      # a trained model's real statistics
+    python3 tools/measure_packing.py --random                       # random-normal weights, full shapes
+    python3 tools/measure_packing.py --random --only shipped,one-stream --threads 1,16
+
+Each row is one way to store the same grid values and scales; "shipped" is train_gpt.py's format.
+The order-0 entropy row is the bound an ideal per-tensor coder of independent values would reach.
+The figures behind the format's choices are in the comment above ARTIFACT_MAGIC in train_gpt.py.
+"""
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+
+def random_qstate(seed: int) -> dict:
+    """The full-size model's state, weights ~ N(0, 1), rounded with SDClip scales (identity Hessian)."""
+    s = tg.Settings(environ={})
+    g = torch.Generator().manual_seed(seed)
+    qstate = {}
+    model = tg.GPT(s)
+    calibrated = {*tg.quantized_linears(model), "tok_emb.weight"}
+    for name, t in model.state_dict().items():
+        kind, bits, clip = tg.quantization_plan(name, t, s, name in calibrated)
+        if kind != "int":
+            qstate[name] = tg.QTensor("fp16", t.half(), t.dtype)
+            continue
+        W = torch.randn(t.shape, generator=g)
+        scale = tg.sdclip_scales(W, bits, clip)
+        q = tg.round_to_grid(W, scale.float()[:, None], 2 ** (bits - 1) - 1).to(torch.int8)
+        qstate[name] = tg.QTensor("int", q, t.dtype, scale, bits)
+    return qstate
+
+
+def entropy_bytes(qstate) -> float:
+    total = 0.0
+    for qt in qstate.values():
+        if qt.kind == "int":
+            counts = np.bincount(qt.data.numpy().ravel().astype(np.int64) + 128, minlength=256)
+            p = counts[counts > 0] / counts.sum()
+            total += -(p * np.log2(p)).sum() * qt.data.numel() / 8
+    return total
+
+
+def with_int_streams(qstate, transform):
+    """The shipped streams with every matrix stream replaced by transform(q int8 [rows, cols]) -> bytes."""
+    streams = tg.serialize_quantized(qstate, {})
+    ints = [qt.data for qt in qstate.values() if qt.kind == "int"]
+    return streams[:1] + [transform(q) for q in ints]
+
+
+def bitpack6(q):
+    u = (q.numpy().ravel().astype(np.int64) + 32).astype(np.uint32)
+    u = np.concatenate([u, np.zeros(-len(u) % 4, np.uint32)]).reshape(-1, 4)
+    word = u[:, 0] | u[:, 1] << 6 | u[:, 2] << 12 | u[:, 3] << 18
+    return np.stack([(word >> k) & 255 for k in (0, 8, 16)], 1).astype(np.uint8).tobytes()
+
+
+def bit_planes(q):
+    z = q.numpy().ravel().astype(np.int16)
+    z = np.where(z >= 0, 2 * z, -2 * z - 1).astype(np.uint8)  # zigzag: small magnitudes -> small codes
+    return np.concatenate([z & 7, z >> 3]).tobytes()
+
+
+def reference_container(qstate) -> bytes:
+    """torch.save of {name.q, name.scale, passthrough} + stride-2 byte shuffle: the records' container."""
+    w = {}
+    for name, qt in qstate.items():
+        if qt.kind == "int":
+            w[name + ".q"], w[name + ".scale"] = qt.data, qt.scale
+        else:
+            w[name] = qt.data
+    buf = io.BytesIO()
+    torch.save({"w": w}, buf)
+    raw = buf.getvalue()
+    return b"BSHF\x02" + tg.byte_shuffle(raw[:len(raw) // 2 * 2], 2) + raw[len(raw) // 2 * 2:]
+
+
+def layouts(qstate):
+    """{name: (list of uncompressed streams, compressor)}, built lazily."""
+    return {
+        "shipped": lambda: (tg.serialize_quantized(qstate, {}), "brotli"),
+        "row-major": lambda: (with_int_streams(qstate, lambda q: q.numpy().tobytes()), "brotli"),
+        "one-stream": lambda: ([b"".join(tg.serialize_quantized(qstate, {}))], "brotli"),
+        "bitpack6": lambda: (with_int_streams(qstate, lambda q: bitpack6(q) if q.abs().max() < 32 else q.numpy().tobytes()), "brotli"),
+        "bit-planes": lambda: (with_int_streams(qstate, bit_planes), "brotli"),
+        "shipped-lzma": lambda: (tg.serialize_quantized(qstate, {}), "lzma"),
+        "reference": lambda: ([reference_container(qstate)], "brotli"),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--artifact", type=Path, help="an artifact written by train_gpt.py")
+    source.add_argument("--random", action="store_true", help="random-normal weights of the full default shapes")
+    parser.add_argument("--only", default="", help="comma-separated layouts (default: all)")
+    parser.add_argument("--threads", default="0", help="comma-separated thread counts for the timing (0: all cores)")
+    args = parser.parse_args(argv)
+    qstate = tg.read_artifact(args.artifact)[0] if args.artifact else random_qstate(0)
+    n_values = sum(qt.data.numel() for qt in qstate.values() if qt.kind == "int")
+    print(f"quantized values: {n_values:,}  order-0 entropy bound: {entropy_bytes(qstate):,.0f} B (grid values only)")
+    wanted = [x for x in args.only.split(",") if x]
+    cores = len(tg.os.sched_getaffinity(0))
+    print(f"{'layout':14s} {'threads':>7s} {'raw B':>12s} {'compressed B':>13s} {'vs shipped':>10s} {'seconds':>8s}")
+    shipped = None
+    for name, build in layouts(qstate).items():
+        if wanted and name not in wanted:
+            continue
+        streams, compressor = build()
+        for threads in [int(t) or cores for t in args.threads.split(",")]:
+            t0 = time.perf_counter()
+            blob, _ = tg.pack_artifact(streams, compressor, threads)
+            seconds = time.perf_counter() - t0
+            shipped = shipped or (len(blob) if name == "shipped" else None)
+            rel = f"{100 * (len(blob) / shipped - 1):+.2f}%" if shipped else ""
+            print(f"{name:14s} {threads:7d} {sum(map(len, streams)):12,d} {len(blob):13,d} {rel:>10s} {seconds:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
