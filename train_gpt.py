@@ -1483,8 +1483,8 @@ def calibrate(trainer, train_ms: float) -> tuple:
            f"train+calibration:{counted:.1f}s {budget}")
     if 0 < s.max_wallclock_seconds < counted:
         rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
-               f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least {seconds + 1:.0f} "
-               f"or lower GPTQ_CALIBRATION_BATCHES")
+               f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least "
+               f"{math.ceil(s.gptq_reserve_seconds + counted - s.max_wallclock_seconds)} or lower GPTQ_CALIBRATION_BATCHES")
     return hessians, {"hessian_seconds": seconds, "train_calibration_seconds": counted}
 
 

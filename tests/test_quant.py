@@ -17,6 +17,7 @@ from conftest import ROOT, TINY_MODEL, subprocess_env
 import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "tools"))
+import bench_quant  # noqa: E402
 import pack_submission  # noqa: E402
 
 # Quantize the tiny model's matrices (all are below the real 65,536-element passthrough threshold).
@@ -93,6 +94,17 @@ def test_calibration_reads_training_windows_only(tiny_env):
     assert len(batches) == 11 and batches[0].shape == (s.train_batch_tokens // s.train_seq_len // 8, s.train_seq_len + 1)
     for row in torch.cat(batches):
         assert row.numpy().astype("<u2").tobytes() in train
+
+
+def test_calibration_over_the_budget_warns(tiny_env):
+    s = tg.Settings(environ=dict(tiny_env, **QUANT_ENV, MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="1"))
+    rt = tg.Runtime(s)
+    hessians, figures = tg.calibrate(tg.Trainer(s, rt), train_ms=4900.0)
+    log = rt.log_path.read_text()
+    assert f"gptq:hessians batches:4 calibration:train seconds:{figures['hessian_seconds']:.1f}" in log
+    assert "of 5s budget" in log and "WARNING: training + GPTQ calibration took" in log
+    need = math.ceil(1 + figures["train_calibration_seconds"] - 5)  # reserve + overshoot
+    assert f"raise GPTQ_RESERVE_SECONDS to at least {need} " in log and len(hessians) == 6 * 6 + 1
 
 
 def test_selfgen_calibration_samples_valid_tokens(tiny_env):
@@ -244,6 +256,13 @@ def test_run_logs_the_budget_and_the_quantization_tax(trained):
     tax = float([x for x in log.splitlines() if x.startswith("quantization_tax:")][-1].split()[1])
     assert abs(tax - (float(q["val_bpb"]) - float(pre["val_bpb"]))) < 1e-7
     assert "int6x" in log_values(log, "gptq:quantize")["tensors"] and "int8x1" in log
+
+
+def test_bench_table_reads_the_run_log(trained):
+    row = bench_quant.parse_log(trained["log"])
+    art = log_values(trained["log"], "artifact:")
+    assert row["batches"] == "4" and row["total_B"] == art["total"] and row["tax_bpb"].startswith(("+", "-"))
+    assert all(row[c] for c in ("hessian_s", "gptq_s", "compress_s", "ratio", "prequant_bpb", "quant_bpb"))
 
 
 def test_accounting_equals_the_files_on_disk(trained):
