@@ -1068,18 +1068,18 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, q_max: int) -> torch.Ten
 
 
 def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    """U with U^T U = H^-1 for a batch of SPD H [B, C, C]. If rounding makes a factorisation fail,
-    the diagonal is raised by 1% of its mean at a time (already damped, so this is rare)."""
+    """U with U^T U = H^-1 for a batch of SPD H [B, C, C]. A matrix whose factorisation fails in
+    floating point gets its diagonal raised by 1% of its mean until it succeeds (rare after damping)."""
     eye = torch.eye(H.size(-1), device=H.device, dtype=H.dtype)
     bump = 0.01 * H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
     for _ in range(20):
         L, info = torch.linalg.cholesky_ex(H)
-        if not info.any():
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if not info.any():
-                return U
-        H = H + bump
-    raise RuntimeError("GPTQ: Hessian stays singular after damping; raise GPTQ_DAMP")
+        U, info_inverse = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        failed = (info > 0) | (info_inverse > 0) | ~torch.isfinite(U).all(dim=(-2, -1))
+        if not failed.any():
+            return U
+        H = H + bump * failed[:, None, None]
+    raise RuntimeError("GPTQ: a Hessian stays singular after damping; raise GPTQ_DAMP")
 
 
 @contextlib.contextmanager
@@ -1146,7 +1146,7 @@ class QTensor:
     kind: str                 # "int": GPTQ grid values + per-row scales; "fp16": float passthrough; "raw": as is
     data: torch.Tensor        # int8 grid values / fp16 values / the raw tensor (CPU)
     dtype: torch.dtype        # dtype restored on load
-    scale: torch.Tensor = None  # fp16 [rows] for kind "int"
+    scale: torch.Tensor | None = None  # fp16 [rows] for kind "int"
     bits: int = 0
 
 
@@ -1276,7 +1276,7 @@ def deserialize_quantized(streams: list):
     pos = 4 + n
     if len(first) != pos + 2 * n_fp16 + sum(raw_sizes) or len(streams) != 1 + int_count:
         raise ValueError("payload sizes do not match the header")
-    fp16 = torch.frombuffer(bytearray(byte_unshuffle(first[pos:pos + 2 * n_fp16], 2)), dtype=torch.float16)
+    fp16 = tensor_from_bytes(byte_unshuffle(first[pos:pos + 2 * n_fp16], 2), torch.float16, (n_fp16,))
     pos += 2 * n_fp16
     qstate, f, k = {}, 0, 1
     for name, kind, _, shape, bits in entries:
