@@ -1418,20 +1418,20 @@ def artifact_setting_names() -> list:
     return [x.name for x in SETTINGS if x.group == "model"] + ["VOCAB_SIZE", "TRAIN_SEQ_LEN"]
 
 
-def adopt_artifact_settings(s: Settings, stored: dict, environ, rt: Runtime) -> Settings:
-    """The model is rebuilt with the artifact's own settings. A setting left unset in the environment
-    silently follows the artifact (logged); one set explicitly to another value is an error, since
-    the user asked for a model the artifact does not hold."""
-    s = copy.copy(s)
+def adopt_artifact_settings(s: Settings, stored: dict, environ) -> tuple:
+    """(settings, notes): the model is rebuilt with the artifact's own settings. A setting left unset
+    in the environment follows the artifact (noted for the log); one set explicitly to another value
+    is an error, since the user asked for a model the artifact does not hold."""
+    s, notes = copy.copy(s), []
     for name, value in stored.items():
         if name not in SETTINGS_BY_NAME or getattr(s, name.lower()) == value:
             continue
         if environ.get(name):
             raise UserError(f"{name}={environ[name]} but the artifact {s.eval_only} was trained with {name}={value}: "
                             f"unset {name} (the artifact's value is then used) or set it to {value}")
-        rt.log(f"eval_only: {name}={value} from the artifact (default {getattr(s, name.lower())})")
+        notes.append(f"eval_only: {name}={value} from the artifact (default {getattr(s, name.lower())})")
         setattr(s, name.lower(), value)
-    return s
+    return s, notes
 
 
 def model_from_artifact(qstate: dict, s: Settings, rt: Runtime, label: str) -> GPT:
@@ -1564,15 +1564,19 @@ def evaluate_artifact_roundtrip(trainer, path, pre_quant_bpb: float) -> dict:
 
 def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
     """EVAL_ONLY: rebuild the model from the artifact alone and evaluate it. Reads the tokenizer and
-    the validation shards, never a training shard."""
-    log_header(s, rt)
+    the validation shards, never a training shard. The score equals the training run's `quantized`
+    line bit for bit when the evaluation settings (EVAL_SEQ_LEN, VAL_BATCH_TOKENS, COMPILE,
+    ATTN_BACKEND) and the number of processes are the same."""
+    qstate, stored, model_bytes = read_artifact(s.eval_only)
+    s, notes = adopt_artifact_settings(s, stored, os.environ)
+    s.validate(rt.world_size)
+    log_header(s, rt)  # the settings the model is rebuilt with
+    for note in notes:
+        rt.log(note)
+    rt.log(f"eval_only: artifact:{s.eval_only} model_bytes:{model_bytes}")
     if rt.device.type == "cuda":  # the same numerics as a training run's roundtrip evaluation
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    qstate, stored, model_bytes = read_artifact(s.eval_only)
-    s = adopt_artifact_settings(s, stored, os.environ, rt)
-    s.validate(rt.world_size)
-    rt.log(f"eval_only: artifact:{s.eval_only} model_bytes:{model_bytes}")
     tables = build_byte_tables(load_tokenizer(s.tokenizer_path, s.vocab_size), s.vocab_size).to(rt.device)
     val_tokens = load_validation_tokens(s.data_path, s.eval_seq_len)
     return evaluate_quantized(model_from_artifact(qstate, s, rt, s.eval_only), s, rt, val_tokens, tables)

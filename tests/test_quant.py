@@ -295,7 +295,7 @@ def test_eval_only_reproduces_the_quantized_score_without_training_data(trained,
     env.update(DATA_PATH=str(val_only), RUN_ID="eval_only", EVAL_ONLY=str(trained["tmp"] / "logs" / "source.ptz"))
     run_script(ROOT / "train_gpt.py", env)
     log = (Path(env["LOG_DIR"]) / "eval_only.txt").read_text()
-    assert "eval_only: NUM_LAYERS=6 from the artifact" in log
+    assert "eval_only: NUM_LAYERS=6 from the artifact" in log and "\n  NUM_LAYERS: 6\n" in log
     ours, theirs = log_values(log, "quantized "), log_values(trained["log"], "quantized ")
     assert (ours["val_loss"], ours["val_bpb"]) == (theirs["val_loss"], theirs["val_bpb"])
 
