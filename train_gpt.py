@@ -14,7 +14,7 @@ or on a CPU for a smoke run (see README.md). Sections, in order:
     MODEL          the GPT: attention, MLP, blocks, lanes, depth recurrence
     OPTIMIZER      Muon (MuonEq-R, batched Newton-Schulz, sharded) + AdamW, schedules, EMA
     QUANTIZATION AND PACKING   GPTQ int6/int8 with SDClip, the artifact format, byte accounting, the shipped stub
-    EVALUATION     tokenizer-agnostic bits per byte
+    EVALUATION     bits per byte, sliding window, legal score-first TTT (chunk SGD, per-document LoRA), eval budget
     TRAINING       compile warm-up, the wallclock-capped loop, main()
 """
 from __future__ import annotations
@@ -138,6 +138,35 @@ SETTINGS = [
             "from the running source; file = the size of the file being run", ("packed", "file"), group="quantization"),
     Setting("EVAL_ONLY", "", "path of an artifact: skip training, rebuild the model from the artifact alone and evaluate it "
             "(reads tokenizer and validation shards only)", group="quantization"),
+    # --- evaluation (the challenge scores val_bpb; every pass below is legal under issue #1017's four conditions) ---
+    Setting("VAL_TOKENS_EXPECTED", 0, "stop unless validation has exactly this many scored targets (0: no check); "
+            "the official SP8192 split at EVAL_SEQ_LEN 2048 gives 40540160", group="evaluation"),
+    Setting("BYTE_CHECK_DOCS", 1000, "validation documents decoded at start-up to cross-check the byte tables (0: skip)", group="evaluation"),
+    Setting("SLIDING_WINDOW_ENABLED", True, "score with windows of EVAL_SEQ_LEN that advance by EVAL_STRIDE", group="evaluation"),
+    Setting("EVAL_STRIDE", 64, "sliding-window step: each target after the first window sees >= EVAL_SEQ_LEN - EVAL_STRIDE tokens", group="evaluation"),
+    Setting("EVAL_BATCH_WINDOWS", 32, "sliding windows per forward pass on each rank", group="evaluation"),
+    Setting("EVAL_BUDGET_SECONDS", 600.0, "evaluation budget the passes after training must fit, estimated for 8 GPUs", group="evaluation"),
+    Setting("EVAL_FORCE", False, "run even when the early estimate says the passes exceed EVAL_BUDGET_SECONDS", group="evaluation"),
+    Setting("TTT_ENABLED", True, "score-first test-time training after the sliding-window pass", group="evaluation"),
+    Setting("TTT_MODE", "chunk", "chunk: SGD on the whole model, chunk by chunk (PR #1529); lora: per-document LoRA (PR #1530)", ("chunk", "lora"), group="evaluation"),
+    Setting("TTT_CHUNK_TOKENS", 32768, "chunk mode: targets scored before each round of training", group="evaluation"),
+    Setting("TTT_EPOCHS", 3, "chunk mode: passes over each scored chunk", group="evaluation"),
+    Setting("TTT_LR", 0.01, "chunk mode: SGD learning rate, cosine-decayed to 0 over the chunks", group="evaluation"),
+    Setting("TTT_MOMENTUM", 0.9, "chunk mode: SGD momentum (kept across chunks)", group="evaluation"),
+    Setting("TTT_GRAD_CLIP", 1.0, "chunk mode: clip the global gradient norm to this (0: off)", group="evaluation"),
+    Setting("TTT_FREEZE_BLOCKS", 0, "chunk mode: leave the first N physical blocks untrained", group="evaluation"),
+    Setting("TTT_BATCH_SEQS", 32, "chunk mode: EVAL_SEQ_LEN sequences per SGD step, summed over ranks", group="evaluation"),
+    Setting("HASH_EMBED_ENABLED", True, "chunk mode: add a zero-initialised bigram-hash embedding that only TTT trains", group="evaluation"),
+    Setting("HASH_EMBED_SIZE", 16384, "chunk mode: hash-embedding buckets, indexed (prev*2039 + cur) mod size", group="evaluation"),
+    Setting("TTT_LORA_RANK", 96, "lora mode: adapter rank on Q, K, V, O, MLP and the head", group="evaluation"),
+    Setting("TTT_LORA_LR", 1e-4, "lora mode: AdamW learning rate", group="evaluation"),
+    Setting("TTT_LORA_WD", 0.5, "lora mode: AdamW decoupled weight decay", group="evaluation"),
+    Setting("TTT_LORA_BETA1", 0.0, "lora mode: AdamW beta1", group="evaluation"),
+    Setting("TTT_LORA_BETA2", 0.999, "lora mode: AdamW beta2", group="evaluation"),
+    Setting("TTT_CHUNK_SIZE", 64, "lora mode: targets of a document scored before each adapter step", group="evaluation"),
+    Setting("TTT_BATCH_DOCS", 64, "lora mode: documents (rows) per forward pass on each rank", group="evaluation"),
+    Setting("SAVE_CHECKPOINT", "", "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation"),
+    Setting("LOAD_CHECKPOINT", "", "skip training and evaluate this state dict (saved by SAVE_CHECKPOINT)", group="evaluation"),
 ]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -701,8 +730,12 @@ class GPT(nn.Module):
         return c * torch.tanh(z / c)
 
     def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None):
-        """Per-position natural-log NLL [B, T] (fp32)."""
-        z = self.logits(self.forward_hidden(input_ids, lora, extra_embedding), lora)
+        """Per-position natural-log NLL (fp32) of target_ids [B, K] given input_ids [B, T]: the last K
+        positions only when K < T (sliding windows score a short tail, so the head skips the rest)."""
+        hidden = self.forward_hidden(input_ids, lora, extra_embedding)
+        if target_ids.size(1) < hidden.size(1):
+            hidden = hidden[:, hidden.size(1) - target_ids.size(1):]
+        z = self.logits(hidden, lora)
         return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1), reduction="none").view(target_ids.shape)
 
     def forward(self, input_ids, target_ids):
@@ -955,8 +988,7 @@ class EMA:
 
 # =================================================================================================
 # QUANTIZATION AND PACKING: GPTQ with SDClip, the artifact format, exact byte accounting
-# =================================================================================================
-# After training, every block matrix is rounded to MATRIX_BITS (int6) and the tied embedding to
+# ==========================================================================================# After training, every block matrix is rounded to MATRIX_BITS (int6) and the tied embedding to
 # EMBED_BITS (int8) with GPTQ: columns are rounded one at a time and each rounding error is pushed
 # onto the not-yet-rounded columns in proportion to the inverse Hessian of that layer's inputs,
 # so the layer's *output* error stays small. Hessians H = sum X^T X come from training batches
@@ -1583,12 +1615,17 @@ def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
 
 
 # =================================================================================================
-# EVALUATION: tokenizer-agnostic bits per byte
+# EVALUATION: bits per byte, sliding window, legal score-first TTT, the eval budget
 # =================================================================================================
 # bpb = total NLL in bits / total UTF-8 bytes of the scored text. A target's bytes are the UTF-8
 # length of its piece without the leading "▁", plus one for that "▁" unless the previous token is a
 # control/boundary token (the space is not text right after BOS). Byte-fallback pieces are one byte;
-# control, unknown and unused pieces are zero.
+# control, unknown and unused pieces are zero. Sums are float64 and added up across ranks.
+#
+# Every pass scores each target of the validation stream exactly once and keeps the four conditions
+# of issue #1017: a target's distribution depends only on the tokens before it and on weights trained
+# on targets scored earlier (TTT scores a chunk before it trains on it); it is a full softmax; each
+# target is scored once, in one left-to-right pass. Nothing here ever trains on unscored tokens.
 
 
 @dataclass
@@ -1626,25 +1663,743 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
+FULL_VAL_TARGETS = 40_540_160  # scored targets of the official SP8192 validation at EVAL_SEQ_LEN 2048
+BUDGET_GPUS = 8                # the eval budget is 600 s on 8xH100
+
+
+def check_byte_tables(sp, tables: ByteTables, val_tokens: torch.Tensor, max_docs: int, bos_id: int) -> str:
+    """Cross-check the tables against decoded text and stop if they disagree; returns the log line.
+
+    Decodes up to max_docs whole validation documents (split at BOS) and compares the UTF-8 length of
+    the text with the tables' count for the same targets. The trap (issue #897): a tokenizer without a
+    standalone "▁" piece spells a lone space as the byte pieces E2 96 81, which the tables count as 3
+    bytes for 1 byte of text, so bpb comes out ~20% low. SentencePiece decodes those bytes to a literal
+    "▁" rather than a space, hence the replace before counting."""
+    tokens = val_tokens.cpu()
+    bos = torch.nonzero(tokens == bos_id).flatten()[:max_docs + 1].tolist() if bos_id >= 0 else []
+    if len(bos) < 2:
+        return "byte_check: skipped (validation has no whole BOS-delimited document)"
+    tables = tables.to("cpu")
+    table_bytes = text_bytes = bad_docs = 0
+    for start, end in zip(bos[:-1], bos[1:]):
+        counted = int(tables.count(tokens[start:end], tokens[start + 1:end + 1]).sum())  # the last target is the next BOS: 0 bytes
+        decoded = len(sp.decode(tokens[start + 1:end].tolist()).replace("\u2581", " ").encode("utf-8"))
+        table_bytes, text_bytes, bad_docs = table_bytes + counted, text_bytes + decoded, bad_docs + (counted != decoded)
+    line = f"byte_check: docs={len(bos) - 1} table_bytes={table_bytes} decoded_bytes={text_bytes} mismatched_docs={bad_docs}"
+    if abs(table_bytes - text_bytes) > 1e-4 * text_bytes:
+        raise UserError(f"{line}: the byte tables do not match the decoded validation text, so val_bpb would be wrong "
+                        f"(a tokenizer without a standalone \u2581 piece over-counts spaces, issue #897): use the challenge "
+                        f"tokenizer or one that has \u2581 as a normal piece")
+    return line + " ok"
+
+
+def validate_eval_settings(s: Settings):
+    def need(ok, msg):
+        if not ok:
+            raise UserError(msg)
+    need(0 < s.eval_stride <= s.eval_seq_len, f"EVAL_STRIDE={s.eval_stride} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
+    need(s.eval_batch_windows >= 1 and s.ttt_batch_seqs >= 1 and s.ttt_batch_docs >= 1,
+         "EVAL_BATCH_WINDOWS, TTT_BATCH_SEQS and TTT_BATCH_DOCS must be >= 1")
+    need(s.val_tokens_expected >= 0 and s.byte_check_docs >= 0, "VAL_TOKENS_EXPECTED and BYTE_CHECK_DOCS must be >= 0")
+    need(s.ttt_chunk_tokens >= s.eval_seq_len,
+         f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must hold at least one EVAL_SEQ_LEN={s.eval_seq_len} training sequence")
+    need(0 < s.ttt_chunk_size <= s.eval_seq_len, f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
+    need(s.ttt_epochs >= 0 and s.ttt_lr >= 0 and s.ttt_grad_clip >= 0 and s.ttt_lora_lr >= 0 and s.ttt_lora_wd >= 0,
+         "TTT_EPOCHS, TTT_LR, TTT_GRAD_CLIP, TTT_LORA_LR and TTT_LORA_WD must be >= 0")
+    need(0 <= s.ttt_momentum < 1 and 0 <= s.ttt_lora_beta1 < 1 and 0 <= s.ttt_lora_beta2 < 1,
+         "TTT_MOMENTUM, TTT_LORA_BETA1 and TTT_LORA_BETA2 must be in [0, 1)")
+    need(0 <= s.ttt_freeze_blocks <= s.num_layers, f"TTT_FREEZE_BLOCKS={s.ttt_freeze_blocks} must be in 0..NUM_LAYERS")
+    need(s.hash_embed_size >= 1 and s.ttt_lora_rank >= 1, "HASH_EMBED_SIZE and TTT_LORA_RANK must be >= 1")
+    need(s.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS must be positive")
+
+
+def check_evaluation_setup(trainer) -> None:
+    """Start-up checks of everything the evaluation relies on, before any training time is spent."""
+    s, rt = trainer.s, trainer.rt
+    validate_eval_settings(s)
+    n = len(trainer.val_tokens) - 1
+    if s.val_tokens_expected and n != s.val_tokens_expected:
+        raise UserError(f"validation has {n} scored targets but VAL_TOKENS_EXPECTED={s.val_tokens_expected}: a fineweb_val_* "
+                        f"shard is missing or truncated (re-download it), or EVAL_SEQ_LEN changed the count")
+    if s.byte_check_docs > 0:
+        rt.log(check_byte_tables(trainer.sp, trainer.tables, trainer.val_tokens, s.byte_check_docs, trainer.sp.bos_id()))
+
+
+class Scores:
+    """float64 sums (NLL, targets, bytes) of one pass on one rank. With record=N+1 it also keeps every
+    target's loss and how often it was scored: the legality tests read them, and TTT then checks that
+    it trains only on targets already scored."""
+
+    def __init__(self, device, record: int = 0):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.loss = torch.full((record,), math.nan, dtype=torch.float64, device=device) if record else None
+        self.hits = torch.zeros(record, dtype=torch.int32, device=device) if record else None
+
+    def add(self, nll, prev, target, position, mask, tables: ByteTables):
+        """All [B, K]: NLL, the input token before each target, the target, its index in the stream, scored-or-not."""
+        nll = torch.where(mask, nll.detach().double(), 0.0)
+        nbytes = torch.where(mask, tables.count(prev, target), 0).double()
+        self.sums += torch.stack((nll.sum(), mask.sum().double(), nbytes.sum()))
+        if self.hits is not None:
+            where = position[mask]
+            self.loss[where] = nll[mask]
+            self.hits.index_add_(0, where, torch.ones_like(where, dtype=torch.int32))
+
+    def require_scored(self, index):
+        """Legality guard while recording: a TTT step may only use targets that are already scored."""
+        if self.hits is not None and not bool((self.hits[index] > 0).all()):
+            raise RuntimeError("score-first violated: TTT is about to train on targets it has not scored yet")
+
+    def result(self, rt: Runtime) -> tuple:
+        sums = rt.all_reduce(self.sums.clone())
+        loss = (sums[0] / sums[1]).item()
+        return loss, loss / math.log(2) * (sums[1] / sums[2]).item(), int(sums[1].item())
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    bpb: float
+    targets: int
+    seconds: float
+    scores: Scores | None = None  # kept when recording (tests)
+    estimated_8gpu_seconds: float = math.nan  # set by run_evaluation_passes
+
+
+def share(n: int, rank: int, world_size: int) -> tuple:
+    """Rank's contiguous slice [lo, hi) of n items."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """Host array to device without waiting for the queued GPU work (pinned, asynchronous copy)."""
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def compiled(fn, s: Settings, dynamic: bool = False):
+    return torch.compile(fn, dynamic=dynamic, fullgraph=not dynamic) if s.compile else fn
+
+
+def allow_recompiles(limit: int = 32):
+    """Eval compiles a few shapes (sliding tail, first window, TTT steps) for several models: let dynamo keep them."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), limit))
+
+
+# --- sliding windows ------------------------------------------------------------------------------
+# Targets are tokens[t] for t = 1..N, predicted from tokens[:t]. A window starting at w feeds
+# tokens[w:w + L] and can score targets w+1..w+L.
+
+
+def window_segments(first: int, last: int, seq_len: int, stride: int) -> np.ndarray:
+    """Windows that score targets first..last once each, with the longest context: rows (window start,
+    first target, last target). Targets <= seq_len go to one window at 0 (it scores all its positions);
+    later ones come in runs that end on the grid seq_len + k*stride (or at `last`), each scored by the
+    full window that ends on the run's last target, so every target sees >= seq_len - stride tokens."""
+    rows = []
+    if first <= min(seq_len, last):
+        rows.append(np.array([[0, first, min(seq_len, last)]]))
+        first = min(seq_len, last) + 1
+    if first <= last:
+        grid = seq_len + -(-(first - seq_len) // stride) * stride  # first grid end >= first
+        ends = np.append(np.arange(grid, last, stride), last)
+        starts = np.concatenate(([first], ends[:-1] + 1))
+        rows.append(np.stack((ends - seq_len, starts, ends), axis=1))
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), np.int64)
+
+
+def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: int, batch: int, tables: ByteTables,
+                  scores: Scores, on_batch=None):
+    """Score window segments (rows of window_segments) on tokens (the stream, on the device).
+
+    The one window that scores more than `stride` targets runs on its own with losses for every position;
+    the rest run `batch` at a time with losses for their last `stride` positions only, padded with empty
+    segments so compiled shapes never change. on_batch(i) is called after each batch of the rest."""
+    device = tokens.device
+    long = segments[:, 2] - segments[:, 1] + 1 > stride
+    groups = [(segments[long], seq_len, 1), (segments[~long], stride, batch)]
+    positions = torch.arange(seq_len, device=device)
+    for segs, tail, size in groups:
+        if not len(segs):
+            continue
+        padding = np.tile([[0, 1, 0]], ((-len(segs)) % size, 1))  # segment [0, 1, 0] scores nothing
+        segs = to_device(np.concatenate((segs, padding)), device)
+        for i, b in enumerate(range(0, len(segs), size)):
+            seg = segs[b:b + size]
+            idx = seg[:, :1] + positions
+            x = tokens[idx].long()
+            target_pos = idx[:, seq_len - tail:] + 1
+            y = tokens[target_pos].long()
+            mask = (target_pos >= seg[:, 1:2]) & (target_pos <= seg[:, 2:3])
+            scores.add(loss_fn(x, y), x[:, seq_len - tail:], y, target_pos, mask, tables)
+            if on_batch is not None and tail == stride:
+                on_batch(i)
+
+
+@torch.no_grad()
+def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stride: int, batch: int, rt: Runtime,
+                     budget=None, name: str = "sliding", record: bool = False) -> EvalResult:
+    """Score every target once with windows of seq_len advancing by stride (stride = seq_len gives the
+    non-overlapping evaluation), the windows split contiguously across ranks."""
+    t0 = time.perf_counter()
+    tokens = val_tokens.to(rt.device, torch.int32)
+    n_targets = len(tokens) - 1
+    segments = window_segments(1, n_targets, seq_len, stride)
+    lo, hi = share(len(segments), rt.rank, rt.world_size)
+    scores = Scores(rt.device, n_targets + 1 if record else 0)
+    on_batch = None
+    if budget is not None:
+        # Estimate from the first batches (the first one compiles), at a batch index every rank reaches.
+        short = segments[:, 2] - segments[:, 1] + 1 <= stride
+        batches = [-(-int(short[a:b].sum()) // batch) for a, b in (share(len(segments), r, rt.world_size) for r in range(rt.world_size))]
+        check_at, marks = min(8, min(batches) - 1), {}
+
+        def on_batch(i):
+            if i in (0, check_at):
+                rt.sync()
+                marks[i] = time.perf_counter() - t0
+            if i == check_at and check_at >= 1:
+                per_batch = (marks[check_at] - marks[0]) / check_at
+                budget.check(name, budget.estimate(marks[0], per_batch, batches[rt.rank] - 1))
+    score_windows(loss_fn, tokens, segments[lo:hi], seq_len, stride, batch, tables, scores, on_batch)
+    loss, bpb, count = scores.result(rt)
+    seconds = time.perf_counter() - t0
+    if budget is not None:
+        budget.finish(name, seconds, marks.get(0, 0.0), count)
+    return EvalResult(loss, bpb, count, seconds, scores if record else None)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, loss_fn, val_tokens: torch.Tensor, tables: ByteTables, seq_len: int, batch_seqs: int, rt: Runtime):
     """Non-overlapping windows of seq_len, split contiguously across ranks. Returns (val_loss, val_bpb, targets)."""
     was_training = model.training
     model.eval()
-    total_seqs = (len(val_tokens) - 1) // seq_len
-    first, last = total_seqs * rt.rank // rt.world_size, total_seqs * (rt.rank + 1) // rt.world_size
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, targets, bytes
-    for b in range(first, last, batch_seqs):
-        e = min(b + batch_seqs, last)
-        chunk = val_tokens[b * seq_len:e * seq_len + 1].to(rt.device, non_blocking=True)
-        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
-        sums[0] += loss_fn(x, y).double().sum()
-        sums[1] += y.numel()
-        sums[2] += tables.count(x, y).double().sum()
-    rt.all_reduce(sums)
+    result = evaluate_windows(loss_fn, val_tokens, tables, seq_len, seq_len, batch_seqs, rt)
     model.train(was_training)
-    loss = (sums[0] / sums[1]).item()
-    return loss, loss / math.log(2) * (sums[1] / sums[2]).item(), int(sums[1].item())
+    return result.loss, result.bpb, result.targets
+
+
+# --- the eval budget ------------------------------------------------------------------------------
+
+
+class EvalBudget:
+    """Times the passes and estimates each for the full validation on 8 GPUs, assuming the work per
+    target is the same and splits evenly over GPUs: seconds on this run x (40,540,160 / targets here) x
+    (GPUs here / 8), plus a fixed part (compile, first batch) taken as is. check() refuses, on CUDA,
+    a pass whose estimate would take the total over EVAL_BUDGET_SECONDS, unless EVAL_FORCE=1."""
+
+    def __init__(self, s: Settings, rt: Runtime, n_targets: int):
+        self.rt, self.limit, self.force = rt, s.eval_budget_seconds, s.eval_force
+        self.scale = FULL_VAL_TARGETS / n_targets * rt.world_size / BUDGET_GPUS
+        self.enforced = rt.device.type == "cuda" and not s.eval_force  # a CPU rate says nothing about H100s
+        self.done = []  # (name, seconds, estimated 8-GPU seconds)
+
+    def estimate(self, fixed: float, per_unit: float, units: float) -> float:
+        return fixed + per_unit * units * self.scale
+
+    def check(self, name: str, estimate: float):
+        """Collective: every rank calls it at the same point and all take the largest estimate."""
+        estimate = self.rt.all_reduce(torch.tensor([estimate], dtype=torch.float64, device=self.rt.device), op=dist.ReduceOp.MAX).item()
+        total = sum(e for _, _, e in self.done) + estimate
+        self.rt.log(f"eval_budget:early pass={name} estimated_8gpu_pass_seconds:{estimate:.0f} "
+                    f"estimated_8gpu_total_seconds:{total:.0f} budget_seconds:{self.limit:.0f} enforced:{int(self.enforced)}")
+        if total > self.limit and self.enforced:
+            raise UserError(f"the evaluation passes would take about {total:.0f}s on 8 GPUs for the full validation ({name}: "
+                            f"{estimate:.0f}s), over EVAL_BUDGET_SECONDS={self.limit:.0f}: make TTT cheaper (TTT_EPOCHS, "
+                            f"TTT_MODE, EVAL_STRIDE) or set EVAL_FORCE=1 to run anyway")
+
+    def finish(self, name: str, seconds: float, fixed: float, targets: int) -> float:
+        estimate = fixed + (seconds - fixed) * self.scale
+        self.done.append((name, seconds, estimate))
+        self.rt.log(f"eval_budget:pass name={name} seconds:{seconds:.1f} scored_targets:{targets} "
+                    f"seconds_per_mtok:{1e6 * seconds / targets:.2f} estimated_8gpu_full_val_seconds:{estimate:.0f}")
+        return estimate
+
+    def summary(self, seconds: float) -> float:
+        total = sum(e for _, _, e in self.done)
+        status = "ok" if total <= self.limit else ("over_budget_forced" if self.force else "over_budget")
+        self.rt.log(f"eval_budget: passes={','.join(f'{n}:{t:.1f}s' for n, t, _ in self.done) or 'none'} measured_seconds:{seconds:.1f} "
+                    f"estimated_8gpu_full_val_seconds:{total:.0f} budget_seconds:{self.limit:.0f} "
+                    f"enforced:{int(self.enforced)} status:{status}")
+        return total
+
+
+# --- score-first TTT, chunk mode (PR #1529) ---------------------------------------------------------
+# The stream is cut into chunks of TTT_CHUNK_TOKENS targets, taken in order. Each chunk is first scored
+# under no_grad with the sliding windows (by weights trained only on earlier chunks), then the model
+# trains on that chunk's targets, which are now scored. The last chunk is never trained on.
+
+
+class HashEmbedding(nn.Module):
+    """Bigram-hash embedding added to the normed token embedding (PR #1460 idea). Zero-initialised, so it
+    changes nothing until TTT trains it; position 0 of a window hashes with prev = 0."""
+
+    def __init__(self, buckets: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(buckets, dim))
+
+    def forward(self, input_ids):
+        prev = F.pad(input_ids[:, :-1], (1, 0))
+        return F.embedding((prev * 2039 + input_ids) % self.weight.size(0), self.weight)
+
+
+def all_reduce_sum_grads(params, rt: Runtime):
+    grads = [p.grad for p in params]
+    flat = rt.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, s: Settings, rt: Runtime, scores: Scores):
+    """TTT_EPOCHS of SGD on targets first..last, already scored by every rank.
+
+    The chunk is cut into whole EVAL_SEQ_LEN sequences; each step takes the next TTT_BATCH_SEQS of them,
+    shared contiguously by the ranks. The loss is the sum over this rank's tokens divided by the step's
+    token count on all ranks, and gradients are summed, so the update equals one process's. A rank with
+    no sequence still joins the all-reduce with zero gradients."""
+    L = s.eval_seq_len
+    n = (last - first + 1) // L
+    scores.require_scored(slice(first, first + n * L))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    for _ in range(s.ttt_epochs):
+        for b in range(0, n, s.ttt_batch_seqs):
+            count = min(s.ttt_batch_seqs, n - b)
+            lo, hi = (b + i for i in share(count, rt.rank, rt.world_size))
+            opt.zero_grad(set_to_none=False)
+            if hi > lo:
+                span = tokens[first - 1 + lo * L:first + hi * L].long()
+                x, y = span[:-1].view(hi - lo, L), span[1:].view(hi - lo, L)
+                (train_fn(x, y).sum() / (count * L)).backward()
+            if rt.world_size > 1:
+                all_reduce_sum_grads(params, rt)
+            if s.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.ttt_grad_clip)
+            opt.step()
+
+
+def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, budget=None,
+                       record: bool = False) -> EvalResult:
+    """Legal score-first TTT over chunks (spec 7.4) on a copy of model; returns the scores."""
+    t0 = time.perf_counter()
+    L, C, stride = s.eval_seq_len, s.ttt_chunk_tokens, s.eval_stride
+    n_targets = len(val_tokens) - 1
+    n_chunks = -(-n_targets // C)
+    ttt = copy.deepcopy(model).eval()  # the weights other passes use stay untouched
+    hash_emb = HashEmbedding(s.hash_embed_size, ttt.dim).to(rt.device) if s.hash_embed_enabled else None
+    for i, block in enumerate(ttt.blocks):
+        block.requires_grad_(i >= s.ttt_freeze_blocks)
+    params = [p for p in ttt.parameters() if p.requires_grad] + (list(hash_emb.parameters()) if hash_emb else [])
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
+
+    def losses(x, y):
+        return ttt.token_losses(x, y, extra_embedding=hash_emb)
+    loss_fn = compiled(losses, s)
+    tokens = val_tokens.to(rt.device, torch.int32)
+    scores = Scores(rt.device, n_targets + 1 if record else 0)
+    frozen = sum(p.numel() for p in ttt.parameters() if not p.requires_grad)
+    rt.log(f"ttt:protocol score-first mode=chunk chunks={n_chunks} chunk_tokens={C} window={L} stride={stride} order=original "
+           f"epochs={s.ttt_epochs} optimizer=sgd lr={s.ttt_lr} schedule=cosine_over_chunks momentum={s.ttt_momentum} "
+           f"grad_clip={s.ttt_grad_clip} batch_seqs={s.ttt_batch_seqs} freeze_blocks={s.ttt_freeze_blocks} "
+           f"hash_embed={int(hash_emb is not None)} last_chunk_trained=0 "
+           f"params_trained={sum(p.numel() for p in params)} params_frozen={frozen}")
+    if s.compile:
+        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, min(C // L, s.ttt_batch_seqs))
+    fixed, check_at, log_every = 0.0, min(3, n_chunks - 1), max(1, n_chunks // 10)
+    for c in range(n_chunks):
+        first, last = c * C + 1, min((c + 1) * C, n_targets)
+        segments = window_segments(first, last, L, stride)
+        lo, hi = share(len(segments), rt.rank, rt.world_size)
+        with torch.no_grad():
+            score_windows(loss_fn, tokens, segments[lo:hi], L, stride, s.eval_batch_windows, tables, scores)
+        if c < n_chunks - 1 and s.ttt_epochs > 0:
+            lr = s.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+            ttt_train_chunk(loss_fn, params, opt, tokens, first, last, lr, s, rt, scores)
+        if c == 0 or (c == check_at and budget is not None) or (c + 1) % log_every == 0 or c == n_chunks - 1:
+            rt.sync()
+            elapsed = time.perf_counter() - t0
+            if c == 0:
+                fixed = elapsed
+            if c == check_at and c >= 1 and budget is not None:
+                budget.check("ttt_chunk", budget.estimate(fixed, (elapsed - fixed) / c, n_chunks - 1))
+            if (c + 1) % log_every == 0 or c == n_chunks - 1:
+                sums = scores.sums.tolist()
+                rt.log(f"ttt_chunk [{c + 1}/{n_chunks}] rank0_bpb:{sums[0] / math.log(2) / max(sums[2], 1):.6f} elapsed:{elapsed:.1f}s")
+    loss, bpb, count = scores.result(rt)
+    seconds = time.perf_counter() - t0
+    if budget is not None:
+        budget.finish("ttt_chunk", seconds, fixed, count)
+    return EvalResult(loss, bpb, count, seconds, scores if record else None)
+
+
+def random_tokens(shape, vocab: int, s: Settings, device):
+    """Compile warm-up input: random ids, never validation data."""
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(s.seed)).to(device)
+
+
+def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_seqs: int):
+    """Compile the scoring and training graphs on random tokens; no step is taken, so weights are unchanged."""
+    t0 = time.perf_counter()
+    L, stride, batch = s.eval_seq_len, s.eval_stride, s.eval_batch_windows
+    with torch.no_grad():
+        loss_fn(random_tokens((batch, L), vocab, s, rt.device), random_tokens((batch, stride), vocab, s, rt.device))
+        loss_fn(random_tokens((1, L), vocab, s, rt.device), random_tokens((1, L), vocab, s, rt.device))
+    lo, hi = share(step_seqs, rt.rank, rt.world_size)
+    if hi > lo:
+        loss_fn(random_tokens((hi - lo, L), vocab, s, rt.device), random_tokens((hi - lo, L), vocab, s, rt.device)).sum().backward()
+    for p in params:
+        p.grad.zero_()
+    rt.sync()
+    rt.log(f"ttt:warmup random tokens (no validation data) seconds:{time.perf_counter() - t0:.1f}")
+
+
+# --- score-first TTT, document mode (PR #1530 done legally) -------------------------------------------
+# Documents are split at BOS; each keeps the next document's BOS as its last target. A document is
+# scored TTT_CHUNK_SIZE targets at a time, in a window of its own tokens only (its own row, right-padded,
+# so causal attention never sees another document), the last EVAL_SEQ_LEN tokens ending at the chunk's
+# nominal end. After scoring a chunk, its document's LoRA adapters take one AdamW step on it. Adapters
+# and AdamW state start from the same fresh row for every document, so documents are independent and
+# batching cannot change any score; documents are batched in their original order.
+
+
+class LoRALayout:
+    """Where each adapter matrix of one document sits in its flat parameter row: for every virtual layer
+    Q, K, V, O and MLP, then the head; each as A [in, rank] then B [rank, out]."""
+
+    KINDS = ("q", "k", "v", "o", "mlp")
+
+    def __init__(self, model: GPT, rank: int):
+        attn = model.blocks[0].attn
+        kv = attn.num_kv_heads * attn.head_dim
+        outs = {"q": model.dim, "k": kv, "v": kv, "o": model.dim, "mlp": model.dim}
+        self.rank = rank
+        self.mats, offset = [], 0  # (offset, in, out)
+        for out in [outs[k] for _ in model.schedule() for k in self.KINDS] + [model.vocab_size]:
+            self.mats.append((offset, model.dim, out))
+            offset += rank * (model.dim + out)
+        self.size = offset
+
+    def fresh_row(self, seed: int, device) -> torch.Tensor:
+        """A uniform in +-1/sqrt(in), B zero: a fresh row leaves the model's outputs unchanged."""
+        g = torch.Generator().manual_seed(seed)
+        row = torch.zeros(self.size)
+        for offset, d_in, _ in self.mats:
+            row[offset:offset + d_in * self.rank] = (torch.rand(d_in * self.rank, generator=g) * 2 - 1) / math.sqrt(d_in)
+        return row.to(device)
+
+    def delta(self, P, i: int, x):
+        """x [R, T, in] through row r's matrix i: (x A) B, in x's dtype."""
+        offset, d_in, d_out = self.mats[i]
+        a = P[:, offset:offset + d_in * self.rank].view(-1, d_in, self.rank)
+        b = P[:, offset + d_in * self.rank:offset + self.rank * (d_in + d_out)].view(-1, self.rank, d_out)
+        return torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
+
+
+class DocLoRA:
+    """The `lora` hook of GPT.forward_hidden: row r of P [R, layout.size] adapts row r of the batch."""
+
+    def __init__(self, layout: LoRALayout, P):
+        self.layout, self.P = layout, P
+
+    def adapter(self, pos: int):
+        return _LoRAAt(self, pos * len(LoRALayout.KINDS))
+
+    def head(self, hidden):
+        return self.layout.delta(self.P, len(self.layout.mats) - 1, hidden)
+
+
+class _LoRAAt:
+    def __init__(self, lora: DocLoRA, base: int):
+        self.lora, self.base = lora, base
+
+    def _delta(self, k, x):
+        return self.lora.layout.delta(self.lora.P, self.base + k, x)
+
+    def q(self, x):
+        return self._delta(0, x)
+
+    def k(self, x):
+        return self._delta(1, x)
+
+    def v(self, x):
+        return self._delta(2, x)
+
+    def o(self, x):
+        return self._delta(3, x)
+
+    def mlp(self, x):
+        return self._delta(4, x)
+
+
+@dataclass
+class DocRows:
+    """Documents in flight: stream offset of the BOS, target count, next chunk, adapter row and AdamW state."""
+    start: np.ndarray
+    length: np.ndarray
+    chunk: np.ndarray
+    P: torch.Tensor
+    v: torch.Tensor
+    m: torch.Tensor | None  # first moment, only with TTT_LORA_BETA1 > 0
+    t: torch.Tensor         # AdamW steps taken, [R, 1]
+
+    @classmethod
+    def fresh(cls, row: torch.Tensor, start, length, beta1: float):
+        P = row.expand(len(start), -1).clone()
+        return cls(np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64), np.zeros(len(start), np.int64), P, torch.zeros_like(P),
+                   torch.zeros_like(P) if beta1 > 0 else None, torch.zeros(len(start), 1, device=P.device))
+
+    def __len__(self):
+        return len(self.start)
+
+    def take(self, keep: np.ndarray) -> "DocRows":
+        if len(keep) == len(self):
+            return self
+        idx = to_device(keep, self.P.device)
+        return DocRows(self.start[keep], self.length[keep], self.chunk[keep], self.P[idx], self.v[idx],
+                       None if self.m is None else self.m[idx], self.t[idx])
+
+    def cat(self, other: "DocRows") -> "DocRows":
+        if len(other) == 0:
+            return self
+        cat = lambda a, b: None if a is None else torch.cat((a, b))  # noqa: E731
+        return DocRows(np.concatenate((self.start, other.start)), np.concatenate((self.length, other.length)),
+                       np.concatenate((self.chunk, other.chunk)), cat(self.P, other.P), cat(self.v, other.v),
+                       cat(self.m, other.m), cat(self.t, other.t))
+
+
+@torch.no_grad()
+def lora_adamw_(rows: DocRows, s: Settings, eps: float = 1e-10):
+    """AdamW on every row at once, with per-row bias correction (each document counts its own steps)."""
+    b1, b2, lr = s.ttt_lora_beta1, s.ttt_lora_beta2, s.ttt_lora_lr
+    g = rows.P.grad
+    rows.t += 1
+    rows.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    if rows.m is not None:
+        g = rows.m.mul_(b1).add_(g, alpha=1 - b1) / (1 - b1 ** rows.t)
+    denom = (rows.v / (1 - b2 ** rows.t)).sqrt_().add_(eps)
+    rows.P.mul_(1 - lr * s.ttt_lora_wd).addcdiv_(g, denom, value=-lr)
+
+
+def lora_step(rows: DocRows, loss_fn, tokens, s: Settings, tables: ByteTables, scores: Scores) -> tuple:
+    """Score each row's next chunk, then one AdamW step for the rows that have chunks left.
+    Returns (the rows still going, window tokens processed)."""
+    L, C = s.eval_seq_len, s.ttt_chunk_size
+    j = rows.chunk
+    W = min(L, C * (int(j.max()) + 1))
+    # Each row's chunk must sit in the last C positions of the batch's W-wide window.
+    assert (np.minimum(C * (j + 1), L) == W).all(), "rows with different window widths in one batch"
+    meta = np.stack((rows.start, rows.length, np.maximum(0, C * (j + 1) - L), C * j + 1, np.minimum(C * (j + 1), rows.length)), 1)
+    start, length, win, first, last = to_device(meta, tokens.device).unbind(1)
+    end = len(tokens) - 1
+    local = win[:, None] + torch.arange(W, device=tokens.device)  # document-local index of each input
+    x = torch.where(local < length[:, None], tokens[(start[:, None] + local).clamp(max=end)], 0).long()
+    target_local = local[:, W - C:] + 1
+    mask = (target_local >= first[:, None]) & (target_local <= last[:, None])
+    position = (start[:, None] + target_local).clamp(max=end)
+    y = tokens[position].long()
+    going_on = C * (j + 1) < rows.length
+    train = bool(going_on.any())
+    rows.P.requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        nll = loss_fn(x, y, rows.P)
+    scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
+    if train:
+        if scores.hits is not None:
+            scores.require_scored(position[mask])
+        per_doc = torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)
+        per_doc.sum().backward()
+        lora_adamw_(rows, s)
+        rows.P.grad = None
+    rows.P.requires_grad_(False)
+    rows.chunk = j + 1
+    return rows.take(np.flatnonzero(going_on)), len(rows) * W
+
+
+def document_spans(val_tokens, bos_id: int) -> tuple:
+    """(start, targets) per document: tokens[start] is its BOS, its targets are tokens[start+1 .. start+targets],
+    the last one being the next document's BOS; the final document runs to the end of the stream."""
+    tokens = val_tokens.cpu().numpy()
+    n = len(tokens) - 1
+    starts = np.flatnonzero(tokens[:n] == bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    return starts, np.diff(np.append(starts, n))
+
+
+def lora_doc_cost(lengths: np.ndarray, C: int, L: int) -> np.ndarray:
+    """Window tokens a document costs: sum over its chunks j of min(L, C(j+1))."""
+    chunks = -(-lengths // C)
+    short = np.minimum(chunks, L // C)  # chunks whose window is shorter than L
+    return C * short * (short + 1) // 2 + (chunks - short) * L
+
+
+def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, bos_id: int, budget=None,
+                      record: bool = False) -> EvalResult:
+    """Legal score-first per-document LoRA TTT (spec 7.5, in original document order) on a frozen copy of model.
+
+    Ranks take contiguous runs of documents of about equal cost. A rank walks its documents in groups of
+    TTT_BATCH_DOCS, all at the same chunk while their windows grow; documents that outlive that phase
+    (windows of a full EVAL_SEQ_LEN) join a pool that is stepped TTT_BATCH_DOCS rows at a time."""
+    t0 = time.perf_counter()
+    L, C, G = s.eval_seq_len, s.ttt_chunk_size, s.ttt_batch_docs
+    n_targets = len(val_tokens) - 1
+    starts, lengths = document_spans(val_tokens, bos_id)
+    cost = lora_doc_cost(lengths, C, L)
+    cum = np.concatenate(([0], np.cumsum(cost)))
+    bounds = [int(np.searchsorted(cum, cum[-1] * r / rt.world_size)) for r in range(rt.world_size)] + [len(lengths)]
+    d0, d1 = bounds[rt.rank], bounds[rt.rank + 1]
+    base = copy.deepcopy(model).eval().requires_grad_(False)
+    layout = LoRALayout(base, s.ttt_lora_rank)
+    row = layout.fresh_row(s.seed, rt.device)
+
+    def losses(x, y, P):
+        return base.token_losses(x, y, lora=DocLoRA(layout, P))
+    loss_fn = compiled(losses, s, dynamic=True)
+    tokens = val_tokens.to(rt.device, torch.int32)
+    scores = Scores(rt.device, n_targets + 1 if record else 0)
+    rt.log(f"ttt:protocol score-first mode=lora docs={len(lengths)} split=bos chunk={C} window={L} context=document_only "
+           f"order=original reset=per_document rank={s.ttt_lora_rank} targets=q,k,v,o,mlp,head optimizer=adamw "
+           f"lr={s.ttt_lora_lr} betas=({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd={s.ttt_lora_wd} steps_per_chunk=1 "
+           f"last_chunk_trained=0 batch_docs={G} adapter_params_per_doc={layout.size}")
+    if s.compile:
+        warm_up_lora(loss_fn, row, s, rt, base.vocab_size)
+    step = lambda r: lora_step(r, loss_fn, tokens, s, tables, scores)  # noqa: E731
+    n_groups = [-(-(b - a) // G) for a, b in zip(bounds[:-1], bounds[1:])]
+    check_at = min(2, min(n_groups) - 1)
+    done_cost, marks = 0, {}
+    pool = DocRows.fresh(row, [], [], s.ttt_lora_beta1)
+
+    def advance(pool):
+        """One chunk for every pooled row, TTT_BATCH_DOCS rows per forward."""
+        nonlocal done_cost
+        going = DocRows.fresh(row, [], [], s.ttt_lora_beta1)
+        for lo in range(0, len(pool), G):
+            part, work = step(pool.take(np.arange(lo, min(lo + G, len(pool)))))
+            going, done_cost = going.cat(part), done_cost + work
+        return going
+    for gi, g in enumerate(range(d0, d1, G)):
+        rows = DocRows.fresh(row, starts[g:min(g + G, d1)], lengths[g:min(g + G, d1)], s.ttt_lora_beta1)
+        while len(rows) and C * (rows.chunk[0] + 1) < L:
+            rows, work = step(rows)
+            done_cost += work
+        pool = pool.cat(rows)
+        while len(pool) >= G:
+            pool = advance(pool)
+        if gi in (0, check_at) and budget is not None:
+            rt.sync()
+            marks[gi] = (time.perf_counter() - t0, done_cost)
+            if gi == check_at and check_at >= 1:
+                (t_a, c_a), (t_b, c_b) = marks[0], marks[check_at]
+                rate = (t_b - t_a) / max(c_b - c_a, 1)
+                budget.check("ttt_lora", budget.estimate(t_a, rate, cum[d1] - cum[d0] - c_a))
+    while len(pool):
+        pool = advance(pool)
+    loss, bpb, count = scores.result(rt)
+    seconds = time.perf_counter() - t0
+    if budget is not None:
+        budget.finish("ttt_lora", seconds, marks.get(0, (0.0, 0))[0], count)
+    return EvalResult(loss, bpb, count, seconds, scores if record else None)
+
+
+def warm_up_lora(loss_fn, row, s: Settings, rt: Runtime, vocab: int):
+    """Compile the LoRA forward/backward on random tokens (no validation data): growing and full windows,
+    several rows and one (dynamic shapes still specialise a batch of one)."""
+    t0 = time.perf_counter()
+    L, C = s.eval_seq_len, s.ttt_chunk_size
+    full = -(-L // C) - 1  # first chunk whose window is a full L
+    tokens = random_tokens((C * (full + 2) + 1,), vocab, s, rt.device).to(torch.int32)
+    tables = ByteTables(*(torch.zeros(vocab, dtype=d, device=rt.device) for d in (torch.int32, torch.bool, torch.bool)))
+    for n_rows in (2, 1):
+        for chunk in sorted({0, min(1, full), full}):
+            rows = DocRows.fresh(row, [0] * n_rows, [C * (full + 2)] * n_rows, s.ttt_lora_beta1)
+            rows.chunk[:] = chunk
+            lora_step(rows, loss_fn, tokens, s, tables, Scores(rt.device))
+    rt.sync()
+    rt.log(f"ttt:warmup random tokens (no validation data) seconds:{time.perf_counter() - t0:.1f}")
+
+
+# --- all passes, checkpoints ------------------------------------------------------------------------
+
+
+def enabled_passes(s: Settings, plain: bool) -> list:
+    return (["plain"] if plain else []) + (["sliding"] if s.sliding_window_enabled else []) + \
+        ([f"ttt_{s.ttt_mode}"] if s.ttt_enabled else [])
+
+
+def run_evaluation_passes(trainer, model: GPT, label_prefix: str = "quantized", plain: bool = True, passes=None) -> dict:
+    """Run the evaluation passes on model (the EMA weights now, the dequantized model once quantization
+    lands): non-overlapping, sliding window, then TTT, as enabled. Each is timed and counted against the
+    eval budget; TTT works on a copy, so model is left as it was. Returns {pass: EvalResult}."""
+    s, rt = trainer.s, trainer.rt
+    passes = enabled_passes(s, plain) if passes is None else passes
+    if not passes:
+        return {}
+    tokens, tables = trainer.val_tokens, trainer.tables
+    n_targets = len(tokens) - 1
+    budget = EvalBudget(s, rt, n_targets)
+    allow_recompiles()
+    was_training = model.training
+    model.eval()
+    labels = {"plain": label_prefix, "sliding": f"{label_prefix}_sliding_window",
+              "ttt_chunk": f"{label_prefix}_ttt_chunk", "ttt_lora": f"{label_prefix}_ttt_lora"}
+    results = {}
+    t0 = time.perf_counter()
+    for name in passes:
+        if name in ("plain", "sliding"):
+            def losses(x, y):
+                return model.token_losses(x, y)
+            batch = max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len)) if name == "plain" else s.eval_batch_windows
+            stride = s.eval_seq_len if name == "plain" else s.eval_stride
+            result = evaluate_windows(compiled(losses, s), tokens, tables, s.eval_seq_len, stride, batch, rt, budget, name)
+        elif name == "ttt_chunk":
+            result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget)
+        elif name == "ttt_lora":
+            result = evaluate_ttt_lora(model, s, rt, tokens, tables, trainer.sp.bos_id(), budget)
+        else:
+            raise ValueError(f"unknown evaluation pass {name}")
+        if result.targets != n_targets:
+            raise RuntimeError(f"{name} scored {result.targets} targets, not the {n_targets} of the validation stream")
+        result.estimated_8gpu_seconds = budget.done[-1][2]
+        rt.log(f"{labels[name]} val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} eval_time:{1000 * result.seconds:.0f}ms "
+               f"scored_targets:{result.targets}")
+        results[name] = result
+    model.train(was_training)
+    seconds = time.perf_counter() - t0
+    ttt = [n for n in passes if n.startswith("ttt_")]
+    if ttt:
+        r = results[ttt[-1]]
+        rt.log(f"final_ttt val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} mode:{ttt[-1][4:]} eval_time:{1000 * r.seconds:.0f}ms")
+    rt.log(f"eval_total_time:{1000 * seconds:.0f}ms passes:{','.join(passes) or 'none'}")
+    budget.summary(seconds)
+    return results
+
+
+def checkpoint_settings(s: Settings) -> dict:
+    return {name: value for name, value in s.items() if SETTINGS_BY_NAME[name].group == "model" or name == "VOCAB_SIZE"}
+
+
+def save_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
+    """The raw (unquantized) state dict and the settings that shape it."""
+    if rt.master:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"state_dict": state, "settings": checkpoint_settings(s)}, path)
+        rt.log(f"checkpoint:saved {path}")
+
+
+def load_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
+    if not Path(path).is_file():
+        raise UserError(f"LOAD_CHECKPOINT={path} does not exist: make one with SAVE_CHECKPOINT=path")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    differ = [f"{k}={v} (run: {getattr(s, k.lower())})" for k, v in ckpt["settings"].items() if getattr(s, k.lower()) != v]
+    if differ:
+        raise UserError(f"checkpoint {path} was trained with other model settings: {', '.join(differ)}; set them to match")
+    with torch.no_grad():
+        model.load_state_dict(ckpt["state_dict"])
+    rt.log(f"checkpoint:loaded {path}")
 
 
 # =================================================================================================
@@ -1830,11 +2585,18 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     model = trainer.model
     rt.log(f"train_shards: {len(trainer.train_files)}")
     rt.log(f"val_tokens: {len(trainer.val_tokens) - 1}")
+    check_evaluation_setup(trainer)
     rt.log(f"model_params: {sum(p.numel() for p in model.parameters())}")
     rt.log(f"attention_backend: {trainer.attention_backend}")
     rt.log(f"parallel_residual: mode={s.parallel_residual_mode} start_layer={s.parallel_residual_start}")
     rt.log(f"depth_recurrence: num_loops={s.num_loops} segment={s.loop_start}-{s.loop_end} enable_at={s.enable_looping_at}")
-    results = trainer.train()
+    if s.load_checkpoint:
+        load_checkpoint(model, s, rt, s.load_checkpoint)
+        results = {"steps": 0, "train_ms": 0.0, "history": []}
+    else:
+        results = trainer.train()
+    if s.save_checkpoint:
+        save_checkpoint(model, s, rt, s.save_checkpoint)
     model.looping = trainer.can_loop  # evaluation always runs the full recurrent schedule
     t0 = time.perf_counter()
     val_loss, val_bpb, n_targets = trainer.validate()
@@ -1843,7 +2605,11 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     results.update(val_loss=val_loss, val_bpb=val_bpb, trainer=trainer)
     results.update(quantize_and_pack(trainer, results["train_ms"]))
     results.update(evaluate_artifact_roundtrip(trainer, results["artifact_path"], val_bpb))
-    rt.log(f"final val_bpb:{results['quantized_val_bpb']:.8f}")
+    # The score: sliding window and TTT on the model rebuilt from the artifact alone.
+    passes = run_evaluation_passes(trainer, results["quantized_model"], "quantized", plain=False)
+    final_bpb = list(passes.values())[-1].bpb if passes else results["quantized_val_bpb"]
+    results.update(eval=passes, final_val_bpb=final_bpb)
+    rt.log(f"final val_bpb:{final_bpb:.8f}")
     return results
 
 

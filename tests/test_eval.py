@@ -1,0 +1,386 @@
+"""EVALUATION: exact bpb, the byte-table guard, sliding windows, TTT (chunk and LoRA), the eval budget,
+the pass runner and checkpoints. All on CPU with tiny models."""
+import math
+import os
+import re
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+from eval_helpers import losses_fn, make, random_model, repeated_stream, tables_for, validation
+
+torch.set_num_threads(1)
+
+
+def whole_documents(val: torch.Tensor) -> torch.Tensor:
+    """The stream cut after its last BOS, so every scored document is whole."""
+    last_bos = int(torch.nonzero(val == 1).flatten()[-1])
+    return val[:last_bos + 1]
+
+
+def decoded_bytes(sp, targets: list) -> int:
+    """UTF-8 bytes of the text the targets spell: documents split at BOS, each decoded on its own."""
+    total, doc = 0, []
+    for t in targets + [1]:
+        if t == 1:
+            total += len(sp.decode(doc).encode("utf-8"))
+            doc = []
+        else:
+            doc.append(t)
+    return total
+
+
+# --- bpb --------------------------------------------------------------------------------------------
+
+
+def test_bpb_equals_nll_over_decoded_text_bytes(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path)
+    sp, tables = tables_for(s)
+    val = whole_documents(validation(s, 3000))
+    n = len(val) - 1
+    model = random_model(s)
+    L = s.eval_seq_len
+    with torch.no_grad():  # independent loss: the model on each non-overlapping window, the tail window ending at n
+        ends = list(range(L, n, L)) + [n]
+        nll = sum(model.token_losses(val[max(0, e - L):e][None], val[max(0, e - L) + 1:e + 1][None])[0, -(e - s0):].double().sum()
+                  for s0, e in zip([0] + ends[:-1], ends))
+    text_bytes = decoded_bytes(sp, val[1:].tolist())
+    expected = float(nll) / math.log(2) / text_bytes
+    for stride in (L, 16):
+        r = tg.evaluate_windows(losses_fn(model), val, tables, L, stride, 8, rt)
+        assert r.targets == n
+        assert r.loss * n / math.log(2) / r.bpb == pytest.approx(text_bytes, rel=1e-12)  # bytes counted = bytes of the text
+        if stride == L:
+            assert r.bpb == pytest.approx(expected, rel=1e-9)
+
+
+def mark_piece_unused(model_proto: bytes, piece: str) -> bytes:
+    """Rewrite a SentencePiece ModelProto so `piece` has type UNUSED (5): a minimal protobuf walk, enough
+    to build the issue #897 tokenizer (no standalone "▁") without the protobuf package."""
+    def varint(buf, i):
+        value = shift = 0
+        while True:
+            b = buf[i]
+            i, value, shift = i + 1, value | (b & 0x7F) << shift, shift + 7
+            if b < 0x80:
+                return value, i
+
+    def encode(v):
+        out = bytearray()
+        while True:
+            out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+            v >>= 7
+            if not v:
+                return bytes(out)
+
+    def fields(buf):
+        i = 0
+        while i < len(buf):
+            key, j = varint(buf, i)
+            payload = None
+            if key & 7 == 0:
+                _, k = varint(buf, j)
+            elif key & 7 == 2:
+                size, j = varint(buf, j)
+                k, payload = j + size, buf[j:j + size]
+            else:
+                k = j + (8 if key & 7 == 1 else 4)
+            yield key >> 3, buf[i:k], payload
+            i = k
+
+    out = bytearray()
+    for number, raw, payload in fields(model_proto):
+        if number == 1 and any(n == 1 and p == piece.encode() for n, _, p in fields(payload)):
+            body = b"".join(r for n, r, _ in fields(payload) if n != 3) + encode(3 << 3) + encode(5)
+            raw = encode(1 << 3 | 2) + encode(len(body)) + body
+        out += raw
+    return bytes(out)
+
+
+def test_byte_check_passes_real_tables_and_stops_the_missing_space_piece_trap(tiny_data, tmp_path):
+    s, _ = make(tiny_data, tmp_path)
+    sp, tables = tables_for(s)
+    assert tg.check_byte_tables(sp, tables, validation(s, 5000), 100, sp.bos_id()).endswith(" ok")
+    broken = spm.SentencePieceProcessor(model_proto=mark_piece_unused(Path(s.tokenizer_path).read_bytes(), "\u2581"))
+    assert broken.is_unused(broken.piece_to_id("\u2581"))
+    docs = tiny_data["docs"][:40] + ["digits 4 2 and a lone space before 7"]
+    stream = torch.tensor([t for d in docs for t in [1] + broken.encode(d)] + [1])
+    assert (stream == broken.piece_to_id("<0xE2>")).any()  # the space is spelled E2 96 81
+    with pytest.raises(tg.UserError, match="issue #897"):
+        tg.check_byte_tables(broken, tg.build_byte_tables(broken, s.vocab_size), stream, 100, 1)
+
+
+def test_validation_count_is_checked_against_val_tokens_expected(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path, VAL_TOKENS_EXPECTED=123)
+    trainer = tg.Trainer(s, rt)
+    with pytest.raises(tg.UserError, match="VAL_TOKENS_EXPECTED=123"):
+        tg.check_evaluation_setup(trainer)
+    s.val_tokens_expected = len(trainer.val_tokens) - 1
+    tg.check_evaluation_setup(trainer)
+    assert "byte_check: docs=" in (tmp_path / "logs" / "eval.txt").read_text()
+
+
+# --- sliding windows --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,L,stride,chunk", [(1000, 64, 16, 0), (1000, 64, 64, 0), (1000, 64, 20, 0), (1000, 64, 16, 256),
+                                              (1000, 64, 16, 50), (64, 64, 16, 0), (130, 64, 1, 0)])
+def test_window_segments_score_each_target_once_with_the_longest_context(n, L, stride, chunk):
+    bounds = [(1, n)] if not chunk else [(c + 1, min(c + chunk, n)) for c in range(0, n, chunk)]
+    segs = np.concatenate([tg.window_segments(a, b, L, stride) for a, b in bounds])
+    hits = np.zeros(n + 1, int)
+    for w, a, b in segs:
+        assert 0 <= w and w + L <= n or (w == 0 and b <= L)  # windows stay inside the stream
+        assert a <= b <= w + L and a >= w + 1
+        hits[a:b + 1] += 1
+        context = np.arange(a, b + 1) - 1 - w
+        assert (context >= np.minimum(np.arange(a, b + 1) - 1, L - stride)).all()  # >= L - stride tokens (or all there are)
+    assert hits[0] == 0 and (hits[1:] == 1).all()
+
+
+def test_window_count_matches_the_reference_on_the_full_validation():
+    segs = tg.window_segments(1, tg.FULL_VAL_TARGETS, 2048, 64)
+    assert len(segs) == 633_409 and (segs[1:, 2] - segs[1:, 1] + 1 == 64).all()
+
+
+def test_score_windows_gives_each_target_the_direct_loss_of_its_window(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path)
+    _, tables = tables_for(s)
+    val = validation(s, 600)
+    model = random_model(s)
+    L = s.eval_seq_len
+    r = tg.evaluate_windows(losses_fn(model), val, tables, L, s.eval_stride, 8, rt, record=True)
+    with torch.no_grad():
+        for w, a, b in tg.window_segments(1, 600, L, s.eval_stride)[::7]:
+            direct = model.token_losses(val[w:b][None], val[w + 1:b + 1][None])[0].double()
+            assert torch.allclose(r.scores.loss[a:b + 1], direct[a - w - 1:], rtol=0, atol=1e-5)
+
+
+def small_context_model(tiny_data, tmp_path):
+    """A 2-layer model trained for a few seconds: enough to use context within a sentence."""
+    s, rt = make(tiny_data, tmp_path, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, NUM_LOOPS=0,
+                 PARALLEL_RESIDUAL_MODE="off", XSA_LAST_N=0, TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, EVAL_STRIDE=4)
+    torch.manual_seed(0)
+    model = tg.GPT(s)
+    train = np.concatenate([tg.read_shard(f, mmap=False) for f in tg.shard_files(s.data_path, "train")]).astype(np.int64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        batch = torch.from_numpy(np.stack([train[i:i + 33] for i in rng.integers(0, len(train) - 33, 16)]))
+        model(batch[:, :-1], batch[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    return s, rt, model
+
+
+def test_sliding_window_beats_non_overlapping_on_a_model_that_uses_context(tiny_data, tmp_path):
+    s, rt, model = small_context_model(tiny_data, tmp_path)
+    _, tables = tables_for(s)
+    val = validation(s, 4096)
+    plain = tg.evaluate_windows(losses_fn(model), val, tables, 32, 32, 16, rt)
+    sliding = tg.evaluate_windows(losses_fn(model), val, tables, 32, 4, 16, rt)
+    assert plain.targets == sliding.targets == 4096
+    assert sliding.loss < plain.loss - 1e-3 and sliding.bpb < plain.bpb
+
+
+def test_token_losses_of_a_tail_are_the_tail_of_the_full_losses(tiny_data, tmp_path):
+    s, _ = make(tiny_data, tmp_path)
+    model = random_model(s)
+    x, y = torch.randint(0, 384, (3, 64)), torch.randint(0, 384, (3, 64))
+    with torch.no_grad():
+        full = model.token_losses(x, y)
+        assert torch.allclose(model.token_losses(x, y[:, -16:]), full[:, -16:], atol=1e-6)
+        assert torch.allclose(model(x, y), full.mean(), atol=1e-6)
+
+
+# --- test-time training -----------------------------------------------------------------------------
+
+
+def test_chunk_ttt_learns_repeated_text_and_leaves_the_model_alone(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path, TTT_LR=0.05)
+    _, tables = tables_for(s)
+    stream = repeated_stream(100, 1280, s.vocab_size)
+    model = random_model(s)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sliding = tg.evaluate_windows(losses_fn(model), stream, tables, 64, 16, 8, rt)
+    ttt = tg.evaluate_ttt_chunk(model, s, rt, stream, tables, record=True)
+    assert ttt.targets == 1280
+    assert ttt.loss < sliding.loss - 0.5
+    per_target = ttt.scores.loss[1:]
+    assert per_target[-256:].mean() < per_target[:256].mean() - 1.0  # later chunks gain from the earlier ones
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_chunk_ttt_without_epochs_is_the_sliding_window(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path, TTT_EPOCHS=0)
+    _, tables = tables_for(s)
+    val = validation(s, 1000)
+    model = random_model(s)
+    sliding = tg.evaluate_windows(losses_fn(model), val, tables, 64, 16, 8, rt)
+    ttt = tg.evaluate_ttt_chunk(model, s, rt, val, tables)
+    assert ttt.loss == pytest.approx(sliding.loss, rel=1e-9) and ttt.bpb == pytest.approx(sliding.bpb, rel=1e-9)
+
+
+def test_lora_ttt_learns_a_repeated_document(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path, TTT_LORA_LR=0.01, TTT_LORA_RANK=8)
+    _, tables = tables_for(s)
+    stream = repeated_stream(24, 480, s.vocab_size)
+    model = random_model(s)
+    adapted = tg.evaluate_ttt_lora(model, s, rt, stream, tables, 1, record=True)
+    s.ttt_lora_lr = 0.0
+    frozen = tg.evaluate_ttt_lora(model, s, rt, stream, tables, 1)
+    assert adapted.targets == frozen.targets == 480
+    assert adapted.loss < frozen.loss - 0.5
+
+
+def test_a_fresh_lora_row_leaves_the_model_unchanged(tiny_data, tmp_path):
+    s, _ = make(tiny_data, tmp_path)
+    model = random_model(s)
+    layout = tg.LoRALayout(model, 4)
+    P = layout.fresh_row(0, "cpu").expand(2, -1).clone()
+    x, y = torch.randint(0, 384, (2, 40)), torch.randint(0, 384, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model.token_losses(x, y, lora=tg.DocLoRA(layout, P)), model.token_losses(x, y), atol=1e-6)
+        P[1, layout.mats[0][0] + 4 * 64:layout.mats[0][0] + 4 * 64 + 4 * 64] = 1.0  # row 1's Q adapter B of layer 0
+        out = model.token_losses(x, y, lora=tg.DocLoRA(layout, P))
+        assert torch.allclose(out[0], model.token_losses(x, y)[0], atol=1e-6) and not torch.allclose(out[1], model.token_losses(x, y)[1])
+
+
+def test_documents_split_at_bos_keep_the_next_bos_as_last_target():
+    starts, lengths = tg.document_spans(torch.tensor([1, 5, 6, 1, 7, 1, 1, 8, 9]), 1)
+    assert starts.tolist() == [0, 3, 5, 6] and lengths.tolist() == [3, 2, 1, 2] and lengths.sum() == 8
+    starts, lengths = tg.document_spans(torch.tensor([5, 1, 6, 7]), 1)
+    assert starts.tolist() == [0, 1] and lengths.tolist() == [1, 2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ttt_worker(rank, world_size, port, env, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    _in_float64()
+    s = tg.Settings(environ=env)
+    rt = tg.Runtime(s)
+    try:
+        torch.save(_ttt_results(s, rt), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        rt.close()
+
+
+def _in_float64():
+    """Run the model in float64: then 1 and 2 processes differ only by summation order (float32 would let
+    SGD amplify that noise to ~1e-4 over a few chunks at these learning rates)."""
+    torch.set_default_dtype(torch.float64)
+    tg.compute_dtype = lambda device: torch.float64
+
+
+def _ttt_results(s, rt):
+    torch.manual_seed(0)
+    model = tg.GPT(s)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.size(1)))
+    model.looping = True
+    _, tables = tables_for(s)
+    val = validation(s, 1024)
+    chunk = tg.evaluate_ttt_chunk(model, s, rt, val, tables)
+    lora = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1)
+    return [chunk.loss, chunk.bpb, chunk.targets, lora.loss, lora.bpb, lora.targets]
+
+
+def test_ttt_on_two_gloo_processes_equals_one_process(tiny_data, tmp_path, monkeypatch):
+    """4 sequences per chunk in steps of 3 leave a step of one sequence: rank 0 then has none and must
+    still join the all-reduce (no deadlock), and the count-weighted average keeps the update exact."""
+    s, rt = make(tiny_data, tmp_path, TTT_LR=0.05)
+    env = {name: str(value) for name, value in s.items()}
+    monkeypatch.setattr(tg, "compute_dtype", tg.compute_dtype)  # restored after the test
+    try:
+        _in_float64()
+        one = _ttt_results(s, rt)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    mp.start_processes(_ttt_worker, args=(2, _free_port(), env, str(tmp_path)), nprocs=2, start_method="spawn")
+    two = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert two[0] == two[1]
+    assert two[0][2] == one[2] == 1024 and two[0][5] == one[5] == 1024
+    for a, b in zip(one, two[0]):
+        assert a == pytest.approx(b, rel=1e-8)
+
+
+# --- budget, runner, checkpoints ---------------------------------------------------------------------
+
+
+def test_budget_estimate_scales_to_the_full_validation_on_8_gpus(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path)
+    budget = tg.EvalBudget(s, rt, tg.FULL_VAL_TARGETS // 64)  # 1/64 of the validation on 1 process
+    assert budget.estimate(2.0, 0.5, 10) == pytest.approx(2.0 + 5.0 * 64 / 8)
+    assert not budget.enforced  # a CPU rate says nothing about H100s
+    budget = tg.EvalBudget(s, rt, tg.FULL_VAL_TARGETS)
+    budget.enforced = True  # as on CUDA
+    budget.check("sliding", 100.0)
+    assert budget.finish("sliding", 800.0, 0.0, 10) == pytest.approx(100.0)  # 1 process -> 8: /8
+    with pytest.raises(tg.UserError, match="EVAL_FORCE=1"):
+        budget.check("ttt_chunk", 550.0)
+    s.eval_force = True
+    forced = tg.EvalBudget(s, rt, tg.FULL_VAL_TARGETS)
+    assert not forced.enforced
+    forced.check("ttt_chunk", 5000.0)
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    assert "eval_budget:early pass=ttt_chunk estimated_8gpu_pass_seconds:550 estimated_8gpu_total_seconds:650" in log
+
+
+def test_evaluation_passes_log_greppable_lines_and_leave_the_model_unchanged(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path)
+    sp, tables = tables_for(s)
+    trainer = SimpleNamespace(s=s, rt=rt, sp=sp, tables=tables, val_tokens=validation(s, 1024))
+    model = random_model(s)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = tg.run_evaluation_passes(trainer, model, "quantized", passes=["plain", "sliding", "ttt_chunk", "ttt_lora"])
+    assert list(results) == ["plain", "sliding", "ttt_chunk", "ttt_lora"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    for label in ("quantized", "quantized_sliding_window", "quantized_ttt_chunk", "quantized_ttt_lora", "final_ttt"):
+        assert re.search(rf"^{label} val_loss:[\d.]+ val_bpb:[\d.]+ ", log, re.M), label
+    assert "ttt:protocol score-first mode=chunk chunks=4 chunk_tokens=256" in log
+    assert "ttt:protocol score-first mode=lora" in log and "order=original" in log
+    assert re.search(r"^eval_budget: passes=plain:.* estimated_8gpu_full_val_seconds:\d+ budget_seconds:600 ", log, re.M)
+    assert re.search(r"^eval_total_time:\d+ms", log, re.M)
+
+
+def test_checkpoint_round_trip_and_mismatch(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path)
+    model, other = random_model(s, 1), random_model(s, 2)
+    tg.save_checkpoint(model, s, rt, str(tmp_path / "ck.pt"))
+    tg.load_checkpoint(other, s, rt, str(tmp_path / "ck.pt"))
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+    s2, _ = make(tiny_data, tmp_path, MODEL_DIM=32)
+    with pytest.raises(tg.UserError, match="MODEL_DIM=64"):
+        tg.load_checkpoint(tg.GPT(s2), s2, rt, str(tmp_path / "ck.pt"))
+
+
+def test_a_run_saves_then_reloads_and_runs_every_pass(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path, RUN_ID="train", ITERATIONS=1, SLIDING_WINDOW_ENABLED=0, TTT_ENABLED=0,
+                 SAVE_CHECKPOINT=tmp_path / "ck.pt")
+    first = tg.train_and_evaluate(s, rt)
+    assert first["eval"] == {} and first["final_val_bpb"] == first["val_bpb"]
+    s, rt = make(tiny_data, tmp_path, RUN_ID="reload", LOAD_CHECKPOINT=tmp_path / "ck.pt", EVAL_STRIDE=32,
+                 TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=64)
+    second = tg.train_and_evaluate(s, rt)
+    assert second["val_bpb"] == first["val_bpb"]  # the same weights
+    assert list(second["eval"]) == ["sliding", "ttt_chunk"] and second["final_val_bpb"] == second["eval"]["ttt_chunk"].bpb
+    log = (tmp_path / "logs" / "reload.txt").read_text()
+    for line in ("checkpoint:loaded", "byte_check: docs=", "post_ema_sliding_window val_loss:", "ttt:protocol score-first mode=chunk",
+                 "final_ttt val_loss:", "eval_budget: passes=sliding:", "final val_bpb:"):
+        assert line in log, line
