@@ -374,13 +374,13 @@ def test_a_run_saves_then_reloads_and_runs_every_pass(tiny_data, tmp_path):
     s, rt = make(tiny_data, tmp_path, RUN_ID="train", ITERATIONS=1, SLIDING_WINDOW_ENABLED=0, TTT_ENABLED=0,
                  SAVE_CHECKPOINT=tmp_path / "ck.pt")
     first = tg.train_and_evaluate(s, rt)
-    assert first["eval"] == {} and first["final_val_bpb"] == first["val_bpb"]
+    assert first["eval"] == {} and first["final_val_bpb"] == first["quantized_val_bpb"]
     s, rt = make(tiny_data, tmp_path, RUN_ID="reload", LOAD_CHECKPOINT=tmp_path / "ck.pt", EVAL_STRIDE=32,
                  TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=64)
     second = tg.train_and_evaluate(s, rt)
     assert second["val_bpb"] == first["val_bpb"]  # the same weights
     assert list(second["eval"]) == ["sliding", "ttt_chunk"] and second["final_val_bpb"] == second["eval"]["ttt_chunk"].bpb
     log = (tmp_path / "logs" / "reload.txt").read_text()
-    for line in ("checkpoint:loaded", "byte_check: docs=", "post_ema_sliding_window val_loss:", "ttt:protocol score-first mode=chunk",
+    for line in ("checkpoint:loaded", "byte_check: docs=", "quantized_sliding_window val_loss:", "ttt:protocol score-first mode=chunk",
                  "final_ttt val_loss:", "eval_budget: passes=sliding:", "final val_bpb:"):
         assert line in log, line

@@ -99,7 +99,7 @@ def test_calibration_reads_training_windows_only(tiny_env):
 def test_calibration_over_the_budget_warns(tiny_env):
     s = tg.Settings(environ=dict(tiny_env, **QUANT_ENV, MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="1"))
     rt = tg.Runtime(s)
-    hessians, figures = tg.calibrate(tg.Trainer(s, rt), train_ms=4900.0)
+    hessians, figures = tg.calibrate(tg.Trainer(s, rt), train_ms=5200.0)  # over the budget whatever calibration takes
     log = rt.log_path.read_text()
     assert f"gptq:hessians batches:4 calibration:train seconds:{figures['hessian_seconds']:.1f}" in log
     assert "of 5s budget" in log and "WARNING: training + GPTQ calibration took" in log
