@@ -1594,24 +1594,47 @@ def evaluate_artifact_roundtrip(trainer, path, pre_quant_bpb: float) -> dict:
     return out
 
 
-def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
-    """EVAL_ONLY: rebuild the model from the artifact alone and evaluate it. Reads the tokenizer and
-    the validation shards, never a training shard. The score equals the training run's `quantized`
-    line bit for bit when the evaluation settings (EVAL_SEQ_LEN, VAL_BATCH_TOKENS, COMPILE,
-    ATTN_BACKEND) and the number of processes are the same."""
-    qstate, stored, model_bytes = read_artifact(s.eval_only)
+@dataclass
+class EvalContext:
+    """What the evaluation passes need from a run: settings, runtime, tokenizer and validation data.
+    A Trainer provides the same attributes; EVAL_ONLY builds this one without touching training data."""
+    s: Settings
+    rt: Runtime
+    sp: object
+    tables: ByteTables
+    val_tokens: torch.Tensor
+
+
+def load_artifact_for_eval(s: Settings, rt: Runtime, path: str):
+    """(model, context, settings): the model rebuilt from the artifact alone with the artifact's own
+    model settings, and the tokenizer and validation shards (never a training shard)."""
+    qstate, stored, model_bytes = read_artifact(path)
     s, notes = adopt_artifact_settings(s, stored, os.environ)
     s.validate(rt.world_size)
     log_header(s, rt)  # the settings the model is rebuilt with
     for note in notes:
         rt.log(note)
-    rt.log(f"eval_only: artifact:{s.eval_only} model_bytes:{model_bytes}")
+    rt.log(f"eval_only: artifact:{path} model_bytes:{model_bytes}")
     if rt.device.type == "cuda":  # the same numerics as a training run's roundtrip evaluation
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    tables = build_byte_tables(load_tokenizer(s.tokenizer_path, s.vocab_size), s.vocab_size).to(rt.device)
-    val_tokens = load_validation_tokens(s.data_path, s.eval_seq_len)
-    return evaluate_quantized(model_from_artifact(qstate, s, rt, s.eval_only), s, rt, val_tokens, tables)
+    sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
+    context = EvalContext(s, rt, sp, build_byte_tables(sp, s.vocab_size).to(rt.device),
+                          load_validation_tokens(s.data_path, s.eval_seq_len))
+    return model_from_artifact(qstate, s, rt, path), context, s
+
+
+def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
+    """EVAL_ONLY: rebuild the model from the artifact alone and run every evaluation pass. The
+    `quantized` line equals the training run's bit for bit when the evaluation settings (EVAL_SEQ_LEN,
+    VAL_BATCH_TOKENS, COMPILE, ATTN_BACKEND) and the number of processes are the same."""
+    model, context, s = load_artifact_for_eval(s, rt, s.eval_only)
+    check_evaluation_setup(context)
+    out = evaluate_quantized(model, s, rt, context.val_tokens, context.tables)
+    passes = run_evaluation_passes(context, model, "quantized", plain=False)
+    final_bpb = list(passes.values())[-1].bpb if passes else out["quantized_val_bpb"]
+    rt.log(f"final val_bpb:{final_bpb:.8f}")
+    return dict(out, eval=passes, final_val_bpb=final_bpb)
 
 
 # =================================================================================================

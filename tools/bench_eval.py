@@ -39,22 +39,33 @@ def train_checkpoint(path: Path, seconds: float):
     subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, check=True)
 
 
-def bench(args):
-    """Run the passes; returns (summary dict, runtime)."""
+def load(args):
+    """(model, context with .s .rt .sp .tables .val_tokens, label) from a checkpoint or an artifact."""
+    if args.artifact:
+        rt = tg.Runtime(tg.Settings(eval_force=True))
+        model, context, _ = tg.load_artifact_for_eval(tg.Settings(eval_force=True, eval_only=str(args.artifact)), rt,
+                                                      str(args.artifact))
+        return model, context, f"artifact={args.artifact}"
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     overrides = {name.lower(): value for name, value in ckpt["settings"].items()}
     s = tg.Settings(eval_force=True, **overrides)
     rt = tg.Runtime(s)
+    tg.log_header(s, rt)
+    trainer = tg.Trainer(s, rt)
+    tg.load_checkpoint(trainer.model, s, rt, args.checkpoint)
+    trainer.model.looping = trainer.can_loop
+    return trainer.model, trainer, f"checkpoint={args.checkpoint}"
+
+
+def bench(args):
+    """Run the passes; returns (summary dict, runtime)."""
+    model, context, label = load(args)
+    s, rt = context.s, context.rt
     try:
-        tg.log_header(s, rt)
-        trainer = tg.Trainer(s, rt)
-        tg.load_checkpoint(trainer.model, s, rt, args.checkpoint)
-        trainer.model.looping = trainer.can_loop
-        n = min(args.val_tokens, len(trainer.val_tokens) - 1) // s.eval_seq_len * s.eval_seq_len
-        trainer.val_tokens = trainer.val_tokens[:n + 1]
-        rt.log(f"bench_eval: checkpoint={args.checkpoint} val_targets={n} passes={','.join(args.passes)} "
-               f"world_size={rt.world_size}")
-        results = tg.run_evaluation_passes(trainer, trainer.model, "bench", passes=args.passes)
+        n = min(args.val_tokens, len(context.val_tokens) - 1) // s.eval_seq_len * s.eval_seq_len
+        context.val_tokens = context.val_tokens[:n + 1]
+        rt.log(f"bench_eval: {label} val_targets={n} passes={','.join(args.passes)} world_size={rt.world_size}")
+        results = tg.run_evaluation_passes(context, model, "bench", passes=args.passes)
         return {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                 "world_size": rt.world_size, "val_targets": n,
                 "passes": {name: {"val_loss": r.loss, "val_bpb": r.bpb, "seconds": r.seconds,
@@ -84,6 +95,7 @@ def report(summary: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="state saved by SAVE_CHECKPOINT (default: train one)")
+    parser.add_argument("--artifact", type=Path, help="a quantized artifact (.ptz) to evaluate instead of a checkpoint")
     parser.add_argument("--train-seconds", type=float, default=300.0, help="training time when there is no checkpoint")
     parser.add_argument("--val-tokens", type=int, default=1 << 20, help="validation targets to evaluate (a prefix)")
     parser.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated subset of {','.join(PASSES)}")
@@ -92,7 +104,7 @@ def main():
     args.passes = [p for p in args.passes.split(",") if p]
     if set(args.passes) - set(PASSES):
         parser.error(f"--passes must be a subset of {','.join(PASSES)}")
-    if args.checkpoint is None:
+    if args.checkpoint is None and args.artifact is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             parser.error("with several processes pass --checkpoint (train one first with SAVE_CHECKPOINT)")
         args.checkpoint = ROOT / "artifacts" / "bench_eval_checkpoint.pt"
