@@ -1352,7 +1352,8 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
            f"hash_embed={int(hash_emb is not None)} last_chunk_trained=0 "
            f"params_trained={sum(p.numel() for p in params)} params_frozen={frozen}")
     if s.compile:
-        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, min(C // L, s.ttt_batch_seqs))
+        step_sizes = {min(s.ttt_batch_seqs, C // L - b) for b in range(0, C // L, s.ttt_batch_seqs)}
+        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, step_sizes)
     fixed, check_at, log_every = 0.0, min(3, n_chunks - 1), max(1, n_chunks // 10)
     for c in range(n_chunks):
         first, last = c * C + 1, min((c + 1) * C, n_targets)
@@ -1385,16 +1386,18 @@ def random_tokens(shape, vocab: int, s: Settings, device):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(s.seed)).to(device)
 
 
-def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_seqs: int):
-    """Compile the scoring and training graphs on random tokens; no step is taken, so weights are unchanged."""
+def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes):
+    """Compile the scoring and training graphs (steps of each size in step_sizes, shared by the ranks) on
+    random tokens; no step is taken, so the weights are unchanged."""
     t0 = time.perf_counter()
     L, stride, batch = s.eval_seq_len, s.eval_stride, s.eval_batch_windows
     with torch.no_grad():
         loss_fn(random_tokens((batch, L), vocab, s, rt.device), random_tokens((batch, stride), vocab, s, rt.device))
         loss_fn(random_tokens((1, L), vocab, s, rt.device), random_tokens((1, L), vocab, s, rt.device))
-    lo, hi = share(step_seqs, rt.rank, rt.world_size)
-    if hi > lo:
-        loss_fn(random_tokens((hi - lo, L), vocab, s, rt.device), random_tokens((hi - lo, L), vocab, s, rt.device)).sum().backward()
+    for size in step_sizes:
+        lo, hi = share(size, rt.rank, rt.world_size)
+        if hi > lo:
+            loss_fn(random_tokens((hi - lo, L), vocab, s, rt.device), random_tokens((hi - lo, L), vocab, s, rt.device)).sum().backward()
     for p in params:
         p.grad.zero_()
     rt.sync()
@@ -1546,12 +1549,10 @@ def lora_step(rows: DocRows, loss_fn, tokens, s: Settings, tables: ByteTables, s
     position = (start[:, None] + target_local).clamp(max=end)
     y = tokens[position].long()
     going_on = C * (j + 1) < rows.length
-    train = bool(going_on.any())
-    rows.P.requires_grad_(train)
-    with torch.set_grad_enabled(train):
-        nll = loss_fn(x, y, rows.P)
+    rows.P.requires_grad_(True)  # even when no row trains: one grad mode, so no recompile mid-pass
+    nll = loss_fn(x, y, rows.P)
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
-    if train:
+    if going_on.any():
         if scores.hits is not None:
             scores.require_scored(position[mask])
         per_doc = torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)

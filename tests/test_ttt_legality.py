@@ -126,7 +126,7 @@ def test_compile_warm_ups_see_random_tokens_only_and_keep_the_weights(setup):
     params = [p for p in model.parameters()]
     for p in params:
         p.grad = torch.zeros_like(p)
-    tg.warm_up_chunk_ttt(losses_fn(model), params, s, rt, s.vocab_size, 4)
+    tg.warm_up_chunk_ttt(losses_fn(model), params, s, rt, s.vocab_size, {3, 1})
     assert all(bool((p.grad == 0).all()) for p in params)
     layout = tg.LoRALayout(model, s.ttt_lora_rank)
     tg.warm_up_lora(lambda x, y, P: model.token_losses(x, y, lora=tg.DocLoRA(layout, P)), layout.fresh_row(0, "cpu"), s, rt, s.vocab_size)
