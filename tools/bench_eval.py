@@ -7,13 +7,9 @@
     # the benchmark: every pass on the first 1,048,576 validation targets
     DATA_PATH=./data/datasets/proxy_sp8192 python3 tools/bench_eval.py --checkpoint ckpt/proxy.pt
 
-    # or the dequantized model of an artifact (.ptz) a training run wrote, as the score sees it
-    DATA_PATH=./data/datasets/proxy_sp8192 python3 tools/bench_eval.py --artifact logs/<RUN_ID>.ptz
-
-Without either it first trains a checkpoint for --train-seconds through train_gpt.py. The model
-settings come from the checkpoint or artifact; everything else (COMPILE, EVAL_*, TTT_*, DATA_PATH,
-TOKENIZER_PATH) from the environment, as for train_gpt.py. Only the tokenizer and the validation
-shards are read. `torchrun --nproc_per_node=N tools/bench_eval.py ...` works too.
+Without --checkpoint it first trains one for --train-seconds through train_gpt.py. The model settings
+come from the checkpoint; everything else (COMPILE, EVAL_*, TTT_*, DATA_PATH, TOKENIZER_PATH) from the
+environment, as for train_gpt.py. `torchrun --nproc_per_node=N tools/bench_eval.py ...` works too.
 
 Prints, per pass, val_bpb, seconds, seconds per million scored targets and the estimate for the full
 40,540,160-target validation on 8 GPUs, then sliding + chunk TTT against the 480 s bar. The eval
@@ -25,7 +21,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,61 +39,35 @@ def train_checkpoint(path: Path, seconds: float):
     subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, check=True)
 
 
-def load_model(args):
-    """(settings, runtime, model): raw weights from a SAVE_CHECKPOINT file, or the dequantized model of
-    an artifact (what the score is computed on) through the same functions EVAL_ONLY uses."""
-    if args.artifact:
-        if not hasattr(tg, "read_artifact"):
-            sys.exit("error: this train_gpt.py has no artifact reader (QUANTIZATION AND PACKING): use --checkpoint")
-        qstate, stored, _ = tg.read_artifact(args.artifact)
-        s = tg.Settings(eval_force=True)
-        s.eval_only = str(args.artifact)  # named in adopt_artifact_settings' messages
-        s, notes = tg.adopt_artifact_settings(s, stored, os.environ)
-        rt = tg.Runtime(s)
-        for note in notes:
-            rt.log(note)
-        return s, rt, tg.model_from_artifact(qstate, s, rt, str(args.artifact))
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    s = tg.Settings(eval_force=True, **{name.lower(): value for name, value in ckpt["settings"].items()})
-    rt = tg.Runtime(s)
-    model = tg.GPT(s).to(rt.device)
-    model.use_attention(s.attn_backend, rt.device)
-    tg.load_checkpoint(model, s, rt, args.checkpoint)
-    model.looping = s.num_loops > 0  # evaluation runs the full recurrent schedule
-    return s, rt, model
-
-
 def bench(args):
     """Run the passes; returns (summary dict, runtime)."""
-    s, rt = None, None
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    overrides = {name.lower(): value for name, value in ckpt["settings"].items()}
+    s = tg.Settings(eval_force=True, **overrides)
+    rt = tg.Runtime(s)
     try:
-        s, rt, model = load_model(args)
         tg.log_header(s, rt)
-        if rt.device.type == "cuda":  # the numerics of a training run
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        sp = tg.load_tokenizer(s.tokenizer_path, s.vocab_size)
-        val = tg.load_validation_tokens(s.data_path, s.eval_seq_len)
-        n = min(args.val_tokens, len(val) - 1) // s.eval_seq_len * s.eval_seq_len
-        data = SimpleNamespace(s=s, rt=rt, sp=sp, tables=tg.build_byte_tables(sp, s.vocab_size).to(rt.device), val_tokens=val[:n + 1])
-        rt.log(f"bench_eval: model={args.artifact or args.checkpoint} val_targets={n} passes={','.join(args.passes)} "
+        trainer = tg.Trainer(s, rt)
+        tg.load_checkpoint(trainer.model, s, rt, args.checkpoint)
+        trainer.model.looping = trainer.can_loop
+        n = min(args.val_tokens, len(trainer.val_tokens) - 1) // s.eval_seq_len * s.eval_seq_len
+        trainer.val_tokens = trainer.val_tokens[:n + 1]
+        rt.log(f"bench_eval: checkpoint={args.checkpoint} val_targets={n} passes={','.join(args.passes)} "
                f"world_size={rt.world_size}")
-        results = tg.run_evaluation_passes(data, model, "bench", passes=args.passes)
+        results = tg.run_evaluation_passes(trainer, trainer.model, "bench", passes=args.passes)
+        return {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
+                "world_size": rt.world_size, "val_targets": n,
+                "passes": {name: {"val_loss": r.loss, "val_bpb": r.bpb, "seconds": r.seconds,
+                                  "seconds_per_mtok": 1e6 * r.seconds / r.targets,
+                                  "estimated_8gpu_full_val_seconds": r.estimated_8gpu_seconds}
+                           for name, r in results.items()}}, rt
     except tg.UserError as e:
-        if rt is not None:
-            rt.close()
+        rt.close()
         sys.exit(f"error: {e}")
-    summary = {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
-               "world_size": rt.world_size, "val_targets": n, "model": str(args.artifact or args.checkpoint),
-               "passes": {name: {"val_loss": r.loss, "val_bpb": r.bpb, "seconds": r.seconds,
-                                 "seconds_per_mtok": 1e6 * r.seconds / r.targets,
-                                 "estimated_8gpu_full_val_seconds": r.estimated_8gpu_seconds}
-                          for name, r in results.items()}}
-    return summary, rt
 
 
 def report(summary: dict) -> str:
-    lines = [f"model: {summary['model']}  device: {summary['device']} x{summary['world_size']}  val_targets: {summary['val_targets']}", "",
+    lines = [f"device: {summary['device']} x{summary['world_size']}  val_targets: {summary['val_targets']}", "",
              "| pass | val_bpb | val_loss | seconds | s per M targets | est. 8-GPU full val s |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, p in summary["passes"].items():
@@ -114,8 +83,7 @@ def report(summary: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="raw weights saved by SAVE_CHECKPOINT (default: train one)")
-    parser.add_argument("--artifact", type=Path, help="a compressed artifact (.ptz) instead: the passes score its dequantized model")
+    parser.add_argument("--checkpoint", type=Path, help="state saved by SAVE_CHECKPOINT (default: train one)")
     parser.add_argument("--train-seconds", type=float, default=300.0, help="training time when there is no checkpoint")
     parser.add_argument("--val-tokens", type=int, default=1 << 20, help="validation targets to evaluate (a prefix)")
     parser.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated subset of {','.join(PASSES)}")
@@ -124,7 +92,7 @@ def main():
     args.passes = [p for p in args.passes.split(",") if p]
     if set(args.passes) - set(PASSES):
         parser.error(f"--passes must be a subset of {','.join(PASSES)}")
-    if args.checkpoint is None and args.artifact is None:
+    if args.checkpoint is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             parser.error("with several processes pass --checkpoint (train one first with SAVE_CHECKPOINT)")
         args.checkpoint = ROOT / "artifacts" / "bench_eval_checkpoint.pt"
