@@ -164,7 +164,8 @@ SETTINGS = [
     Setting("TTT_LORA_BETA1", 0.0, "lora mode: AdamW beta1", group="evaluation"),
     Setting("TTT_LORA_BETA2", 0.999, "lora mode: AdamW beta2", group="evaluation"),
     Setting("TTT_CHUNK_SIZE", 64, "lora mode: targets of a document scored before each adapter step", group="evaluation"),
-    Setting("TTT_BATCH_DOCS", 64, "lora mode: documents (rows) per forward pass on each rank", group="evaluation"),
+    Setting("TTT_BATCH_DOCS", 64, "lora mode: documents per forward at a full EVAL_SEQ_LEN window (more at shorter windows)", group="evaluation"),
+    Setting("TTT_DOCS_IN_FLIGHT", 128, "lora mode: documents holding adapters at once on each rank (memory: 2 x 4 bytes x adapter size each)", group="evaluation"),
     Setting("SAVE_CHECKPOINT", "", "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation"),
     Setting("LOAD_CHECKPOINT", "", "skip training and evaluate this state dict (saved by SAVE_CHECKPOINT)", group="evaluation"),
 ]
@@ -1721,8 +1722,8 @@ def validate_eval_settings(s: Settings):
         if not ok:
             raise UserError(msg)
     need(0 < s.eval_stride <= s.eval_seq_len, f"EVAL_STRIDE={s.eval_stride} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
-    need(s.eval_batch_windows >= 1 and s.ttt_batch_seqs >= 1 and s.ttt_batch_docs >= 1,
-         "EVAL_BATCH_WINDOWS, TTT_BATCH_SEQS and TTT_BATCH_DOCS must be >= 1")
+    need(min(s.eval_batch_windows, s.ttt_batch_seqs, s.ttt_batch_docs, s.ttt_docs_in_flight) >= 1,
+         "EVAL_BATCH_WINDOWS, TTT_BATCH_SEQS, TTT_BATCH_DOCS and TTT_DOCS_IN_FLIGHT must be >= 1")
     need(s.val_tokens_expected >= 0 and s.byte_check_docs >= 0, "VAL_TOKENS_EXPECTED and BYTE_CHECK_DOCS must be >= 0")
     need(s.ttt_chunk_tokens >= s.eval_seq_len,
          f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must hold at least one EVAL_SEQ_LEN={s.eval_seq_len} training sequence")
@@ -2030,7 +2031,8 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
            f"hash_embed={int(hash_emb is not None)} last_chunk_trained=0 "
            f"params_trained={sum(p.numel() for p in params)} params_frozen={frozen}")
     if s.compile:
-        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, min(C // L, s.ttt_batch_seqs))
+        step_sizes = {min(s.ttt_batch_seqs, C // L - b) for b in range(0, C // L, s.ttt_batch_seqs)}
+        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, step_sizes)
     fixed, check_at, log_every = 0.0, min(3, n_chunks - 1), max(1, n_chunks // 10)
     for c in range(n_chunks):
         first, last = c * C + 1, min((c + 1) * C, n_targets)
@@ -2063,16 +2065,18 @@ def random_tokens(shape, vocab: int, s: Settings, device):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(s.seed)).to(device)
 
 
-def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_seqs: int):
-    """Compile the scoring and training graphs on random tokens; no step is taken, so weights are unchanged."""
+def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes):
+    """Compile the scoring and training graphs (steps of each size in step_sizes, shared by the ranks) on
+    random tokens; no step is taken, so the weights are unchanged."""
     t0 = time.perf_counter()
     L, stride, batch = s.eval_seq_len, s.eval_stride, s.eval_batch_windows
     with torch.no_grad():
         loss_fn(random_tokens((batch, L), vocab, s, rt.device), random_tokens((batch, stride), vocab, s, rt.device))
         loss_fn(random_tokens((1, L), vocab, s, rt.device), random_tokens((1, L), vocab, s, rt.device))
-    lo, hi = share(step_seqs, rt.rank, rt.world_size)
-    if hi > lo:
-        loss_fn(random_tokens((hi - lo, L), vocab, s, rt.device), random_tokens((hi - lo, L), vocab, s, rt.device)).sum().backward()
+    for size in step_sizes:
+        lo, hi = share(size, rt.rank, rt.world_size)
+        if hi > lo:
+            loss_fn(random_tokens((hi - lo, L), vocab, s, rt.device), random_tokens((hi - lo, L), vocab, s, rt.device)).sum().backward()
     for p in params:
         p.grad.zero_()
     rt.sync()
@@ -2085,7 +2089,7 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
 # so causal attention never sees another document), the last EVAL_SEQ_LEN tokens ending at the chunk's
 # nominal end. After scoring a chunk, its document's LoRA adapters take one AdamW step on it. Adapters
 # and AdamW state start from the same fresh row for every document, so documents are independent and
-# batching cannot change any score; documents are batched in their original order.
+# batching cannot change any score; documents enter in their original order (lora_plan).
 
 
 class LoRALayout:
@@ -2157,88 +2161,73 @@ class _LoRAAt:
         return self._delta(4, x)
 
 
-@dataclass
-class DocRows:
-    """Documents in flight: stream offset of the BOS, target count, next chunk, adapter row and AdamW state."""
-    start: np.ndarray
-    length: np.ndarray
-    chunk: np.ndarray
-    P: torch.Tensor
-    v: torch.Tensor
-    m: torch.Tensor | None  # first moment, only with TTT_LORA_BETA1 > 0
-    t: torch.Tensor         # AdamW steps taken, [R, 1]
+class AdapterSlots:
+    """LoRA rows and their AdamW state for the documents in flight, one fixed slot per document. A step
+    gathers its rows, updates them and writes them back; a document's slot starts from the shared fresh
+    row with zero optimizer state, so every document starts from the same adapter."""
 
-    @classmethod
-    def fresh(cls, row: torch.Tensor, start, length, beta1: float):
-        P = row.expand(len(start), -1).clone()
-        return cls(np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64), np.zeros(len(start), np.int64), P, torch.zeros_like(P),
-                   torch.zeros_like(P) if beta1 > 0 else None, torch.zeros(len(start), 1, device=P.device))
+    def __init__(self, row: torch.Tensor, capacity: int, beta1: float):
+        self.row = row
+        self.P = row.expand(capacity, -1).clone()
+        self.v = torch.zeros_like(self.P)
+        self.m = torch.zeros_like(self.P) if beta1 > 0 else None  # first moment, only with TTT_LORA_BETA1 > 0
+        self.t = torch.zeros(capacity, 1, device=row.device)     # AdamW steps each slot has taken
+        self.free = list(range(capacity - 1, -1, -1))
 
-    def __len__(self):
-        return len(self.start)
+    def open(self, n: int) -> np.ndarray:
+        slots = np.array([self.free.pop() for _ in range(n)], dtype=np.int64)
+        idx = to_device(slots, self.P.device)
+        self.P[idx] = self.row
+        for state in (self.v, self.m, self.t):
+            if state is not None:
+                state[idx] = 0
+        return slots
 
-    def take(self, keep: np.ndarray) -> "DocRows":
-        if len(keep) == len(self):
-            return self
-        idx = to_device(keep, self.P.device)
-        return DocRows(self.start[keep], self.length[keep], self.chunk[keep], self.P[idx], self.v[idx],
-                       None if self.m is None else self.m[idx], self.t[idx])
+    def close(self, slots: np.ndarray):
+        self.free.extend(slots.tolist())
 
-    def cat(self, other: "DocRows") -> "DocRows":
-        if len(other) == 0:
-            return self
-        cat = lambda a, b: None if a is None else torch.cat((a, b))  # noqa: E731
-        return DocRows(np.concatenate((self.start, other.start)), np.concatenate((self.length, other.length)),
-                       np.concatenate((self.chunk, other.chunk)), cat(self.P, other.P), cat(self.v, other.v),
-                       cat(self.m, other.m), cat(self.t, other.t))
-
-
-@torch.no_grad()
-def lora_adamw_(rows: DocRows, s: Settings, eps: float = 1e-10):
-    """AdamW on every row at once, with per-row bias correction (each document counts its own steps)."""
-    b1, b2, lr = s.ttt_lora_beta1, s.ttt_lora_beta2, s.ttt_lora_lr
-    g = rows.P.grad
-    rows.t += 1
-    rows.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    if rows.m is not None:
-        g = rows.m.mul_(b1).add_(g, alpha=1 - b1) / (1 - b1 ** rows.t)
-    denom = (rows.v / (1 - b2 ** rows.t)).sqrt_().add_(eps)
-    rows.P.mul_(1 - lr * s.ttt_lora_wd).addcdiv_(g, denom, value=-lr)
+    @torch.no_grad()
+    def adamw_(self, idx, P, s: Settings, eps: float = 1e-10):
+        """One AdamW step for the rows P (gathered from slots idx, gradient in P.grad), written back; the
+        bias correction is per row, as each document counts its own steps."""
+        b1, b2, lr = s.ttt_lora_beta1, s.ttt_lora_beta2, s.ttt_lora_lr
+        g, t = P.grad, self.t[idx] + 1
+        v = self.v[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
+        if self.m is not None:
+            m = self.m[idx].mul_(b1).add_(g, alpha=1 - b1)
+            self.m[idx] = m
+            g = m / (1 - b1 ** t)
+        denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+        self.P[idx] = P.detach().mul_(1 - lr * s.ttt_lora_wd).addcdiv_(g, denom, value=-lr)
+        self.v[idx], self.t[idx] = v, t
 
 
-def lora_step(rows: DocRows, loss_fn, tokens, s: Settings, tables: ByteTables, scores: Scores) -> tuple:
-    """Score each row's next chunk, then one AdamW step for the rows that have chunks left.
-    Returns (the rows still going, window tokens processed)."""
+def lora_step(start, length, chunk, slot, slots: AdapterSlots, loss_fn, tokens, s: Settings, tables: ByteTables,
+              scores: Scores) -> int:
+    """Score chunk[i] of the document at stream offset start[i] (length[i] targets) for every row i, then
+    one AdamW step on the rows with chunks left. Returns the window tokens processed."""
     L, C = s.eval_seq_len, s.ttt_chunk_size
-    j = rows.chunk
-    W = min(L, C * (int(j.max()) + 1))
+    W = min(L, C * (int(chunk.max()) + 1))
     # Each row's chunk must sit in the last C positions of the batch's W-wide window.
-    assert (np.minimum(C * (j + 1), L) == W).all(), "rows with different window widths in one batch"
-    meta = np.stack((rows.start, rows.length, np.maximum(0, C * (j + 1) - L), C * j + 1, np.minimum(C * (j + 1), rows.length)), 1)
-    start, length, win, first, last = to_device(meta, tokens.device).unbind(1)
+    assert (np.minimum(C * (chunk + 1), L) == W).all(), "rows with different window widths in one batch"
+    meta = np.stack((start, length, np.maximum(0, C * (chunk + 1) - L), C * chunk + 1, np.minimum(C * (chunk + 1), length), slot), 1)
+    start_t, length_t, win, first, last, idx = to_device(meta, tokens.device).unbind(1)
     end = len(tokens) - 1
     local = win[:, None] + torch.arange(W, device=tokens.device)  # document-local index of each input
-    x = torch.where(local < length[:, None], tokens[(start[:, None] + local).clamp(max=end)], 0).long()
+    x = torch.where(local < length_t[:, None], tokens[(start_t[:, None] + local).clamp(max=end)], 0).long()
     target_local = local[:, W - C:] + 1
     mask = (target_local >= first[:, None]) & (target_local <= last[:, None])
-    position = (start[:, None] + target_local).clamp(max=end)
+    position = (start_t[:, None] + target_local).clamp(max=end)
     y = tokens[position].long()
-    going_on = C * (j + 1) < rows.length
-    train = bool(going_on.any())
-    rows.P.requires_grad_(train)
-    with torch.set_grad_enabled(train):
-        nll = loss_fn(x, y, rows.P)
+    P = slots.P[idx].requires_grad_()  # with grad even when no row trains: one grad mode, no recompile
+    nll = loss_fn(x, y, P)
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
-    if train:
+    if (C * (chunk + 1) < length).any():
         if scores.hits is not None:
             scores.require_scored(position[mask])
-        per_doc = torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)
-        per_doc.sum().backward()
-        lora_adamw_(rows, s)
-        rows.P.grad = None
-    rows.P.requires_grad_(False)
-    rows.chunk = j + 1
-    return rows.take(np.flatnonzero(going_on)), len(rows) * W
+        (torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
+        slots.adamw_(idx, P, s)
+    return len(start) * W
 
 
 def document_spans(val_tokens, bos_id: int) -> tuple:
@@ -2259,21 +2248,49 @@ def lora_doc_cost(lengths: np.ndarray, C: int, L: int) -> np.ndarray:
     return C * short * (short + 1) // 2 + (chunks - short) * L
 
 
+def lora_plan(lengths: np.ndarray, C: int, L: int, rows: int, in_flight: int) -> list:
+    """The order in which one rank advances its documents, one chunk per document per step: a list of
+    arrays of document indices. Documents enter in their original order whenever fewer than `in_flight`
+    are open. Each step takes the fullest chunk level (rows of one level share a window width: C(j+1)
+    below L, L from there on), at most rows * L / width rows, so short windows batch more documents."""
+    chunks = (-(-lengths // C)).tolist()
+    full = -(-L // C) - 1  # first chunk whose window is a full L
+    levels, plan, done = {}, [], [0] * len(chunks)
+    entered = open_docs = 0
+    while True:
+        if open_docs < in_flight and entered < len(chunks):
+            k = min(in_flight - open_docs, len(chunks) - entered)
+            levels.setdefault(0, []).extend(range(entered, entered + k))
+            entered, open_docs = entered + k, open_docs + k
+        if not levels:
+            return plan
+        level = max(levels, key=lambda j: (len(levels[j]), j))
+        take = rows * L // min(L, C * (level + 1))
+        batch, rest = levels[level][:take], levels.pop(level)[take:]
+        if rest:
+            levels[level] = rest
+        plan.append(np.array(batch, dtype=np.int64))
+        for d in batch:
+            done[d] += 1
+            if done[d] < chunks[d]:
+                levels.setdefault(min(level + 1, full), []).append(d)
+            else:
+                open_docs -= 1
+
+
 def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, bos_id: int, budget=None,
                       record: bool = False) -> EvalResult:
     """Legal score-first per-document LoRA TTT (spec 7.5, in original document order) on a frozen copy of model.
-
-    Ranks take contiguous runs of documents of about equal cost. A rank walks its documents in groups of
-    TTT_BATCH_DOCS, all at the same chunk while their windows grow; documents that outlive that phase
-    (windows of a full EVAL_SEQ_LEN) join a pool that is stepped TTT_BATCH_DOCS rows at a time."""
+    Ranks take contiguous runs of documents of about equal cost and follow lora_plan."""
     t0 = time.perf_counter()
-    L, C, G = s.eval_seq_len, s.ttt_chunk_size, s.ttt_batch_docs
+    L, C = s.eval_seq_len, s.ttt_chunk_size
     n_targets = len(val_tokens) - 1
     starts, lengths = document_spans(val_tokens, bos_id)
-    cost = lora_doc_cost(lengths, C, L)
-    cum = np.concatenate(([0], np.cumsum(cost)))
+    cum = np.concatenate(([0], np.cumsum(lora_doc_cost(lengths, C, L))))
     bounds = [int(np.searchsorted(cum, cum[-1] * r / rt.world_size)) for r in range(rt.world_size)] + [len(lengths)]
-    d0, d1 = bounds[rt.rank], bounds[rt.rank + 1]
+    starts, lengths = starts[bounds[rt.rank]:bounds[rt.rank + 1]], lengths[bounds[rt.rank]:bounds[rt.rank + 1]]
+    in_flight = max(s.ttt_docs_in_flight, s.ttt_batch_docs)
+    plan = lora_plan(lengths, C, L, s.ttt_batch_docs, in_flight)
     base = copy.deepcopy(model).eval().requires_grad_(False)
     layout = LoRALayout(base, s.ttt_lora_rank)
     row = layout.fresh_row(s.seed, rt.device)
@@ -2283,43 +2300,34 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     loss_fn = compiled(losses, s, dynamic=True)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0)
-    rt.log(f"ttt:protocol score-first mode=lora docs={len(lengths)} split=bos chunk={C} window={L} context=document_only "
+    rt.log(f"ttt:protocol score-first mode=lora docs={len(cum) - 1} split=bos chunk={C} window={L} context=document_only "
            f"order=original reset=per_document rank={s.ttt_lora_rank} targets=q,k,v,o,mlp,head optimizer=adamw "
            f"lr={s.ttt_lora_lr} betas=({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd={s.ttt_lora_wd} steps_per_chunk=1 "
-           f"last_chunk_trained=0 batch_docs={G} adapter_params_per_doc={layout.size}")
+           f"last_chunk_trained=0 batch_docs={s.ttt_batch_docs} docs_in_flight={in_flight} "
+           f"adapter_params_per_doc={layout.size} rank0_steps={len(plan)}")
     if s.compile:
         warm_up_lora(loss_fn, row, s, rt, base.vocab_size)
-    step = lambda r: lora_step(r, loss_fn, tokens, s, tables, scores)  # noqa: E731
-    n_groups = [-(-(b - a) // G) for a, b in zip(bounds[:-1], bounds[1:])]
-    check_at = min(2, min(n_groups) - 1)
-    done_cost, marks = 0, {}
-    pool = DocRows.fresh(row, [], [], s.ttt_lora_beta1)
-
-    def advance(pool):
-        """One chunk for every pooled row, TTT_BATCH_DOCS rows per forward."""
-        nonlocal done_cost
-        going = DocRows.fresh(row, [], [], s.ttt_lora_beta1)
-        for lo in range(0, len(pool), G):
-            part, work = step(pool.take(np.arange(lo, min(lo + G, len(pool)))))
-            going, done_cost = going.cat(part), done_cost + work
-        return going
-    for gi, g in enumerate(range(d0, d1, G)):
-        rows = DocRows.fresh(row, starts[g:min(g + G, d1)], lengths[g:min(g + G, d1)], s.ttt_lora_beta1)
-        while len(rows) and C * (rows.chunk[0] + 1) < L:
-            rows, work = step(rows)
-            done_cost += work
-        pool = pool.cat(rows)
-        while len(pool) >= G:
-            pool = advance(pool)
-        if gi in (0, check_at) and budget is not None:
+    # The early estimate comes a tenth of the way into the shortest plan: every rank gets there.
+    check_at = -1
+    if budget is not None:
+        check_at = int(rt.all_reduce(torch.tensor([len(plan)], device=rt.device), op=dist.ReduceOp.MIN).item()) // 10
+    slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1)
+    chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+    done_work, marks = 0, {}
+    for i, batch in enumerate(plan):
+        fresh = batch[chunk[batch] == 0]
+        if len(fresh):
+            slot[fresh] = slots.open(len(fresh))
+        done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, loss_fn, tokens, s, tables, scores)
+        chunk[batch] += 1
+        slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
+        if budget is not None and i in (0, check_at):
             rt.sync()
-            marks[gi] = (time.perf_counter() - t0, done_cost)
-            if gi == check_at and check_at >= 1:
-                (t_a, c_a), (t_b, c_b) = marks[0], marks[check_at]
-                rate = (t_b - t_a) / max(c_b - c_a, 1)
-                budget.check("ttt_lora", budget.estimate(t_a, rate, cum[d1] - cum[d0] - c_a))
-    while len(pool):
-        pool = advance(pool)
+            marks[i] = (time.perf_counter() - t0, done_work)
+            if i == check_at and check_at >= 1:
+                (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
+                rate = (t_b - t_a) / max(w_b - w_a, 1)
+                budget.check("ttt_lora", budget.estimate(t_a, rate, cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a))
     loss, bpb, count = scores.result(rt)
     seconds = time.perf_counter() - t0
     if budget is not None:
@@ -2335,11 +2343,11 @@ def warm_up_lora(loss_fn, row, s: Settings, rt: Runtime, vocab: int):
     full = -(-L // C) - 1  # first chunk whose window is a full L
     tokens = random_tokens((C * (full + 2) + 1,), vocab, s, rt.device).to(torch.int32)
     tables = ByteTables(*(torch.zeros(vocab, dtype=d, device=rt.device) for d in (torch.int32, torch.bool, torch.bool)))
-    for n_rows in (2, 1):
+    slots = AdapterSlots(row, 2, s.ttt_lora_beta1)
+    for n in (2, 1):
         for chunk in sorted({0, min(1, full), full}):
-            rows = DocRows.fresh(row, [0] * n_rows, [C * (full + 2)] * n_rows, s.ttt_lora_beta1)
-            rows.chunk[:] = chunk
-            lora_step(rows, loss_fn, tokens, s, tables, Scores(rt.device))
+            lora_step(np.zeros(n, np.int64), np.full(n, C * (full + 2)), np.full(n, chunk), np.arange(n), slots, loss_fn,
+                      tokens, s, tables, Scores(rt.device))
     rt.sync()
     rt.log(f"ttt:warmup random tokens (no validation data) seconds:{time.perf_counter() - t0:.1f}")
 

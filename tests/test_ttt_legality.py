@@ -107,15 +107,39 @@ def test_the_guard_stops_training_on_unscored_targets(mode, setup, monkeypatch):
         run(mode, setup)
 
 
-def test_lora_documents_are_batched_in_their_original_order(setup, monkeypatch):
-    fresh, seen = tg.DocRows.fresh.__func__, []
+def test_lora_documents_enter_in_original_order_and_advance_chunk_by_chunk(setup, monkeypatch):
+    step, calls = tg.lora_step, []
 
-    def spy(cls, row, start, length, beta1):
-        seen.extend(int(x) for x in start)
-        return fresh(cls, row, start, length, beta1)
-    monkeypatch.setattr(tg.DocRows, "fresh", classmethod(spy))
+    def spy(start, length, chunk, *args):
+        calls.append((start.copy(), chunk.copy()))
+        return step(start, length, chunk, *args)
+    monkeypatch.setattr(tg, "lora_step", spy)
     run("ttt_lora", setup)
-    assert seen == sorted(seen) and seen == tg.document_spans(setup[3], 1)[0].tolist()
+    starts, lengths = tg.document_spans(setup[3], 1)
+    first_seen, next_chunk = [], {}
+    for start, chunk in calls:
+        for d, j in zip(start.tolist(), chunk.tolist()):
+            assert next_chunk.get(d, 0) == j  # each document's chunks in order, each once
+            next_chunk[d] = j + 1
+            if j == 0:
+                first_seen.append(d)
+    assert first_seen == starts.tolist()
+    assert [next_chunk[d] for d in starts.tolist()] == (-(-lengths // setup[0].ttt_chunk_size)).tolist()
+
+
+def test_lora_plan_keeps_documents_in_flight_under_the_cap():
+    lengths = np.random.default_rng(0).integers(1, 400, 300)
+    plan = tg.lora_plan(lengths, 16, 64, 4, 10)
+    chunks, done, open_docs = -(-lengths // 16), np.zeros(300, int), set()
+    for batch in plan:
+        assert len(set(batch.tolist())) == len(batch) <= 4 * 64 // 16
+        widths = {min(64, 16 * (done[d] + 1)) for d in batch}
+        assert len(widths) == 1  # one window width per step
+        open_docs |= set(batch.tolist())
+        assert len(open_docs) <= 10
+        done[batch] += 1
+        open_docs -= {d for d in batch.tolist() if done[d] == chunks[d]}
+    assert (done == chunks).all()
 
 
 def test_compile_warm_ups_see_random_tokens_only_and_keep_the_weights(setup):
@@ -126,7 +150,7 @@ def test_compile_warm_ups_see_random_tokens_only_and_keep_the_weights(setup):
     params = [p for p in model.parameters()]
     for p in params:
         p.grad = torch.zeros_like(p)
-    tg.warm_up_chunk_ttt(losses_fn(model), params, s, rt, s.vocab_size, 4)
+    tg.warm_up_chunk_ttt(losses_fn(model), params, s, rt, s.vocab_size, {3, 1})
     assert all(bool((p.grad == 0).all()) for p in params)
     layout = tg.LoRALayout(model, s.ttt_lora_rank)
     tg.warm_up_lora(lambda x, y, P: model.token_losses(x, y, lora=tg.DocLoRA(layout, P)), layout.fresh_row(0, "cpu"), s, rt, s.vocab_size)
