@@ -178,6 +178,11 @@ def test_bad_artifacts_are_one_line_errors_naming_the_file(case, tmp_path):
     assert str(path) in message and expected in message and "\n" not in message
 
 
+def test_missing_artifact_names_the_path(tmp_path):
+    with pytest.raises(tg.UserError, match=f"artifact {tmp_path / 'nope.ptz'} does not exist"):
+        tg.read_artifact(tmp_path / "nope.ptz")
+
+
 def test_artifact_that_decodes_to_garbage_is_a_user_error():
     streams = tg.serialize_quantized(sample_qstate(), {})
     streams[1] = streams[1][:-3]  # a matrix stream shorter than its shape says
