@@ -249,7 +249,7 @@ def loss_lines(log: str) -> list:
 def trained(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quant_run")
     env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
-               LOG_DIR=str(tmp / "logs"), ITERATIONS="8", RUN_ID="source")
+               LOG_DIR=str(tmp / "logs"), ITERATIONS="5", RUN_ID="source")
     run_script(ROOT / "train_gpt.py", env)
     return {"env": env, "tmp": tmp, "log": (tmp / "logs" / "source.txt").read_text()}
 
@@ -306,12 +306,18 @@ def test_eval_only_reproduces_the_quantized_score_without_training_data(trained,
     assert (ours["val_loss"], ours["val_bpb"]) == (theirs["val_loss"], theirs["val_bpb"])
 
 
-def test_eval_only_refuses_conflicting_settings_and_bad_files(trained, tmp_path):
-    artifact = trained["tmp"] / "logs" / "source.ptz"
-    r = run_script(ROOT / "train_gpt.py", dict(trained["env"], NUM_HEADS="2", EVAL_ONLY=str(artifact)), check=False)
-    assert r.returncode == 1 and "NUM_HEADS=2 but the artifact" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_eval_only_refuses_an_explicit_conflicting_setting(tiny_env):
+    s = tg.Settings(environ=dict(tiny_env, EVAL_ONLY="a.ptz"))
+    stored = {"NUM_HEADS": 2, "MODEL_DIM": 64}
+    with pytest.raises(tg.UserError, match="NUM_HEADS=4 but the artifact a.ptz was trained with NUM_HEADS=2"):
+        tg.adopt_artifact_settings(s, stored, dict(tiny_env))
+    adopted, notes = tg.adopt_artifact_settings(s, stored, {k: v for k, v in tiny_env.items() if k != "NUM_HEADS"})
+    assert adopted.num_heads == 2 and s.num_heads == 4 and notes == ["eval_only: NUM_HEADS=2 from the artifact (default 4)"]
+
+
+def test_eval_only_of_a_bad_file_is_one_line_and_exit_1(trained, tmp_path):
     bad = tmp_path / "truncated.ptz"
-    bad.write_bytes(artifact.read_bytes()[:1000])
+    bad.write_bytes((trained["tmp"] / "logs" / "source.ptz").read_bytes()[:1000])
     r = run_script(ROOT / "train_gpt.py", dict(trained["env"], EVAL_ONLY=str(bad)), check=False)
     assert r.returncode == 1 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
