@@ -123,7 +123,8 @@ SETTINGS = [
     # --- quantization and the artifact ---
     Setting("GPTQ_CALIBRATION", "train", "GPTQ calibration data: train = this rank's training micro-batches from a fresh loader "
             "(counted in the budget); selfgen = sequences the model samples itself (much slower)", ("train", "selfgen"), group="quantization"),
-    Setting("GPTQ_CALIBRATION_BATCHES", 64, "calibration micro-batches per rank (selfgen: sequences per rank)", group="quantization"),
+    Setting("GPTQ_CALIBRATION_BATCHES", 64, "calibration batches: the first N training steps' global batches, each rank "
+            "taking its micro-batches (selfgen: sequences per rank)", group="quantization"),
     Setting("GPTQ_DAMP", 0.01, "GPTQ damping added to the Hessian diagonal, as a fraction of its mean", group="quantization"),
     Setting("GPTQ_BLOCK_SIZE", 128, "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once)", group="quantization"),
     Setting("MATRIX_BITS", 6, "bits of the block matrices (values in [-(2^(b-1)-1), 2^(b-1)-1])", group="quantization"),
@@ -1055,14 +1056,14 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict:
     return {name: sums[hessian_source(name)] for name in [*quantized_linears(model), "tok_emb.weight"]}
 
 
-def calibration_batches(trainer, n: int):
-    """The first n of this rank's training micro-batches from a fresh loader (training shards only),
-    yielded one at a time so that reading the next overlaps the GPU's work on this one."""
-    loader, step = trainer.new_loader(), []
-    for _ in range(n):
-        if not step:
-            step = trainer.fetch(loader)
-        yield step.pop(0)
+def calibration_batches(trainer, steps: int):
+    """This rank's micro-batches of the first `steps` steps of a fresh loader (training shards only),
+    yielded one at a time so that reading the next overlaps the GPU's work on this one. A step is
+    the same global batch for any GPU count, so the all-reduced Hessians do not depend on it; on
+    8 GPUs each rank reads one micro-batch a step."""
+    loader = trainer.new_loader()
+    for _ in range(steps):
+        yield from trainer.fetch(loader)
 
 
 @torch.no_grad()
@@ -1512,8 +1513,9 @@ def calibrate(trainer, train_ms: float) -> tuple:
     seconds = time.perf_counter() - t0
     counted = train_ms / 1000.0 + seconds
     budget = f"of {s.max_wallclock_seconds:.0f}s budget" if s.max_wallclock_seconds > 0 else "(no budget: MAX_WALLCLOCK_SECONDS=0)"
-    rt.log(f"gptq:hessians batches:{s.gptq_calibration_batches} calibration:{s.gptq_calibration} seconds:{seconds:.1f} "
-           f"train+calibration:{counted:.1f}s {budget}")
+    sequences = s.gptq_calibration_batches * (rt.world_size if s.gptq_calibration == "selfgen" else trainer.global_seqs)
+    rt.log(f"gptq:hessians batches:{s.gptq_calibration_batches} tokens:{sequences * s.train_seq_len} "
+           f"calibration:{s.gptq_calibration} seconds:{seconds:.1f} train+calibration:{counted:.1f}s {budget}")
     if 0 < s.max_wallclock_seconds < counted:
         rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
                f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least "

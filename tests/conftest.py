@@ -20,6 +20,8 @@ TINY_MODEL = dict(
     ROPE_DIMS="8", LOOP_START="2", LOOP_END="3", PARALLEL_RESIDUAL_START="4", XSA_LAST_N="6",
     TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", VAL_BATCH_TOKENS="4096",
     MAX_WALLCLOCK_SECONDS="0", COMPILE="0", WARMUP_STEPS="0", EMA_DECAY="0.9", VAL_LOSS_EVERY="0",
+    # GPTQ on every tiny matrix (the real threshold would ship them all as fp16), calibrated on 2 steps
+    PASSTHROUGH_MAX_NUMEL="1024", GPTQ_CALIBRATION_BATCHES="2",
 )
 
 

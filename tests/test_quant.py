@@ -20,8 +20,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench_quant  # noqa: E402
 import pack_submission  # noqa: E402
 
-# Quantize the tiny model's matrices (all are below the real 65,536-element passthrough threshold).
-QUANT_ENV = dict(PASSTHROUGH_MAX_NUMEL="1024", GPTQ_CALIBRATION_BATCHES="4")
+# TINY_MODEL quantizes its matrices (PASSTHROUGH_MAX_NUMEL=1024) and calibrates on 2 steps.
 
 
 def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
@@ -86,22 +85,24 @@ def test_hessians_cover_every_matrix_and_share_the_attention_input(tiny_env):
     assert torch.allclose(fc, fc.T) and torch.linalg.eigvalsh(fc).min() > -1e-5
 
 
-def test_calibration_reads_training_windows_only(tiny_env):
+def test_calibration_reads_the_first_training_steps_only(tiny_env):
     s = tg.Settings(environ=tiny_env)
     trainer = tg.Trainer(s, tg.Runtime(s))
+    batches = list(tg.calibration_batches(trainer, 2))
+    loader = trainer.new_loader()
+    expected = loader.next_step() + loader.next_step()  # 8 micro-batches a step in one process
+    assert len(batches) == 16 and all(torch.equal(a, b) for a, b in zip(batches, expected))
     train = b"".join(tg.read_shard(f).tobytes() for f in trainer.train_files)
-    batches = list(tg.calibration_batches(trainer, 11))
-    assert len(batches) == 11 and batches[0].shape == (s.train_batch_tokens // s.train_seq_len // 8, s.train_seq_len + 1)
     for row in torch.cat(batches):
         assert row.numpy().astype("<u2").tobytes() in train
 
 
 def test_calibration_over_the_budget_warns(tiny_env):
-    s = tg.Settings(environ=dict(tiny_env, **QUANT_ENV, MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="1"))
+    s = tg.Settings(environ=dict(tiny_env, MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="1"))
     rt = tg.Runtime(s)
     hessians, figures = tg.calibrate(tg.Trainer(s, rt), train_ms=5200.0)  # over the budget whatever calibration takes
     log = rt.log_path.read_text()
-    assert f"gptq:hessians batches:4 calibration:train seconds:{figures['hessian_seconds']:.1f}" in log
+    assert f"gptq:hessians batches:2 tokens:4096 calibration:train seconds:{figures['hessian_seconds']:.1f}" in log
     assert "of 5s budget" in log and "WARNING: training + GPTQ calibration took" in log
     need = math.ceil(1 + figures["train_calibration_seconds"] - 5)  # reserve + overshoot
     assert f"raise GPTQ_RESERVE_SECONDS to at least {need} " in log and len(hessians) == 6 * 6 + 1
@@ -177,6 +178,11 @@ def test_bad_artifacts_are_one_line_errors_naming_the_file(case, tmp_path):
     assert str(path) in message and expected in message and "\n" not in message
 
 
+def test_missing_artifact_names_the_path(tmp_path):
+    with pytest.raises(tg.UserError, match=f"artifact {tmp_path / 'nope.ptz'} does not exist"):
+        tg.read_artifact(tmp_path / "nope.ptz")
+
+
 def test_artifact_that_decodes_to_garbage_is_a_user_error():
     streams = tg.serialize_quantized(sample_qstate(), {})
     streams[1] = streams[1][:-3]  # a matrix stream shorter than its shape says
@@ -186,7 +192,7 @@ def test_artifact_that_decodes_to_garbage_is_a_user_error():
 
 
 def test_shape_mismatch_names_the_artifact(tiny_env):
-    s = tg.Settings(environ=dict(tiny_env, **QUANT_ENV))
+    s = tg.Settings(environ=tiny_env)
     model = tg.GPT(s)
     qstate = {n: tg.QTensor("fp16", t.detach().half(), t.dtype) for n, t in model.state_dict().items()}
     wider = tg.Settings(environ=dict(tiny_env, MODEL_DIM="96"))
@@ -242,8 +248,8 @@ def loss_lines(log: str) -> list:
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quant_run")
-    env = dict(TINY_MODEL, **QUANT_ENV, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
-               LOG_DIR=str(tmp / "logs"), ITERATIONS="8", RUN_ID="source")
+    env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+               LOG_DIR=str(tmp / "logs"), ITERATIONS="5", RUN_ID="source")
     run_script(ROOT / "train_gpt.py", env)
     return {"env": env, "tmp": tmp, "log": (tmp / "logs" / "source.txt").read_text()}
 
@@ -251,7 +257,7 @@ def trained(tiny_data, tmp_path_factory):
 def test_run_logs_the_budget_and_the_quantization_tax(trained):
     log = trained["log"]
     hess = log_values(log, "gptq:hessians")
-    assert hess["batches"] == "4" and float(hess["seconds"]) >= 0
+    assert hess["batches"] == "2" and hess["tokens"] == "4096" and float(hess["seconds"]) >= 0
     q, pre = log_values(log, "quantized "), log_values(log, "pre-quantization post-ema")
     tax = float([x for x in log.splitlines() if x.startswith("quantization_tax:")][-1].split()[1])
     assert abs(tax - (float(q["val_bpb"]) - float(pre["val_bpb"]))) < 1e-7
@@ -261,7 +267,7 @@ def test_run_logs_the_budget_and_the_quantization_tax(trained):
 def test_bench_table_reads_the_run_log(trained):
     row = bench_quant.parse_log(trained["log"])
     art = log_values(trained["log"], "artifact:")
-    assert row["batches"] == "4" and row["total_B"] == art["total"] and row["tax_bpb"].startswith(("+", "-"))
+    assert row["batches"] == "2" and row["total_B"] == art["total"] and row["tax_bpb"].startswith(("+", "-"))
     assert all(row[c] for c in ("hessian_s", "gptq_s", "compress_s", "ratio", "prequant_bpb", "quant_bpb"))
 
 
@@ -300,12 +306,18 @@ def test_eval_only_reproduces_the_quantized_score_without_training_data(trained,
     assert (ours["val_loss"], ours["val_bpb"]) == (theirs["val_loss"], theirs["val_bpb"])
 
 
-def test_eval_only_refuses_conflicting_settings_and_bad_files(trained, tmp_path):
-    artifact = trained["tmp"] / "logs" / "source.ptz"
-    r = run_script(ROOT / "train_gpt.py", dict(trained["env"], NUM_HEADS="2", EVAL_ONLY=str(artifact)), check=False)
-    assert r.returncode == 1 and "NUM_HEADS=2 but the artifact" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_eval_only_refuses_an_explicit_conflicting_setting(tiny_env):
+    s = tg.Settings(environ=dict(tiny_env, EVAL_ONLY="a.ptz"))
+    stored = {"NUM_HEADS": 2, "MODEL_DIM": 64}
+    with pytest.raises(tg.UserError, match="NUM_HEADS=4 but the artifact a.ptz was trained with NUM_HEADS=2"):
+        tg.adopt_artifact_settings(s, stored, dict(tiny_env))
+    adopted, notes = tg.adopt_artifact_settings(s, stored, {k: v for k, v in tiny_env.items() if k != "NUM_HEADS"})
+    assert adopted.num_heads == 2 and s.num_heads == 4 and notes == ["eval_only: NUM_HEADS=2 from the artifact (default 4)"]
+
+
+def test_eval_only_of_a_bad_file_is_one_line_and_exit_1(trained, tmp_path):
     bad = tmp_path / "truncated.ptz"
-    bad.write_bytes(artifact.read_bytes()[:1000])
+    bad.write_bytes((trained["tmp"] / "logs" / "source.ptz").read_bytes()[:1000])
     r = run_script(ROOT / "train_gpt.py", dict(trained["env"], EVAL_ONLY=str(bad)), check=False)
     assert r.returncode == 1 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
