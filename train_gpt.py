@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched while LoRA TTT compiles)
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -165,8 +166,8 @@ SETTINGS = [
     Setting("TTT_LORA_BETA1", 0.0, "lora mode: AdamW beta1", group="evaluation"),
     Setting("TTT_LORA_BETA2", 0.999, "lora mode: AdamW beta2", group="evaluation"),
     Setting("TTT_CHUNK_SIZE", 64, "lora mode: targets of a document scored before each adapter step", group="evaluation"),
-    Setting("TTT_BATCH_DOCS", 64, "lora mode: documents per forward at a full EVAL_SEQ_LEN window (more at shorter windows)", group="evaluation"),
-    Setting("TTT_DOCS_IN_FLIGHT", 128, "lora mode: documents holding adapters at once on each rank (memory: 2 x 4 bytes x adapter size each)", group="evaluation"),
+    Setting("TTT_BATCH_DOCS", 32, "lora mode: documents per step at a full EVAL_SEQ_LEN window; shorter windows take more, up to 4x", group="evaluation"),
+    Setting("TTT_DOCS_IN_FLIGHT", 256, "lora mode: documents holding adapters at once on each rank (memory: 8 bytes x adapter size, 67 MB, each)", group="evaluation"),
     Setting("SAVE_CHECKPOINT", "", "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation"),
     Setting("LOAD_CHECKPOINT", "", "skip training and evaluate this state dict (saved by SAVE_CHECKPOINT)", group="evaluation"),
 ]
@@ -545,7 +546,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if adapter is not None:
-            q, k, v = q + adapter.q(x), k + adapter.k(x), v + adapter.v(x)
+            dq, dk, dv, d_out = adapter.attn(x)
+            q, k, v = q + dq, k + dk, v + dv
         q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
         k = rms_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -557,7 +559,7 @@ class Attention(nn.Module):
             y = exclusive_self_attention(y, v)
         out = self.proj(y.reshape(B, T, -1))
         if adapter is not None:
-            out = out + adapter.o(x)
+            out = out + d_out
         return out
 
 
@@ -735,8 +737,10 @@ class GPT(nn.Module):
         """Per-position natural-log NLL (fp32) of target_ids [B, K] given input_ids [B, T]: the last K
         positions only when K < T (sliding windows score a short tail, so the head skips the rest)."""
         hidden = self.forward_hidden(input_ids, lora, extra_embedding)
-        if target_ids.size(1) < hidden.size(1):
-            hidden = hidden[:, hidden.size(1) - target_ids.size(1):]
+        # The last K positions, gathered rather than sliced or branched on: a dynamic-T graph (LoRA TTT)
+        # would otherwise guard on K < T, or on T == K through the slice's strides, and recompile.
+        T, K = hidden.size(1), target_ids.size(1)
+        hidden = hidden.index_select(1, torch.arange(T - K, T, device=hidden.device))
         z = self.logits(hidden, lora)
         return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1), reduction="none").view(target_ids.shape)
 
@@ -2095,72 +2099,74 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
 
 
 class LoRALayout:
-    """Where each adapter matrix of one document sits in its flat parameter row: for every virtual layer
-    Q, K, V, O and MLP, then the head; each as A [in, rank] then B [rank, out]."""
-
-    KINDS = ("q", "k", "v", "o", "mlp")
+    """Where each adapter matrix of one document sits in its flat parameter row. Per virtual layer: one A
+    [dim, 4 rank] shared by Q, K, V and O (all four read the block's normed input, so their four A matrices
+    side by side make one matmul), then B_q, B_k, B_v, B_o [rank, out]; then A, B of the MLP; last A, B of
+    the head. Mathematically the same as separate rank-`rank` adapters, with 7 matmuls a layer, not 10."""
 
     def __init__(self, model: GPT, rank: int):
         attn = model.blocks[0].attn
-        kv = attn.num_kv_heads * attn.head_dim
-        outs = {"q": model.dim, "k": kv, "v": kv, "o": model.dim, "mlp": model.dim}
-        self.rank = rank
-        self.mats, offset = [], 0  # (offset, in, out)
-        for out in [outs[k] for _ in model.schedule() for k in self.KINDS] + [model.vocab_size]:
-            self.mats.append((offset, model.dim, out))
-            offset += rank * (model.dim + out)
+        dim, kv = model.dim, attn.num_kv_heads * attn.head_dim
+        layer = [(dim, 4 * rank, True), (rank, dim, False), (rank, kv, False), (rank, kv, False), (rank, dim, False),
+                 (dim, rank, True), (rank, dim, False)]
+        self.rank, self.per_layer = rank, len(layer)
+        self.mats, offset = [], 0  # (offset, rows, cols, is_A)
+        for rows, cols, is_a in layer * len(model.schedule()) + [(dim, rank, True), (rank, model.vocab_size, False)]:
+            self.mats.append((offset, rows, cols, is_a))
+            offset += rows * cols
         self.size = offset
 
     def fresh_row(self, seed: int, device) -> torch.Tensor:
         """A uniform in +-1/sqrt(in), B zero: a fresh row leaves the model's outputs unchanged."""
         g = torch.Generator().manual_seed(seed)
         row = torch.zeros(self.size)
-        for offset, d_in, _ in self.mats:
-            row[offset:offset + d_in * self.rank] = (torch.rand(d_in * self.rank, generator=g) * 2 - 1) / math.sqrt(d_in)
+        for offset, rows, cols, is_a in self.mats:
+            if is_a:
+                row[offset:offset + rows * cols] = (torch.rand(rows * cols, generator=g) * 2 - 1) / math.sqrt(rows)
         return row.to(device)
 
-    def delta(self, P, i: int, x):
-        """x [R, T, in] through row r's matrix i: (x A) B, in x's dtype."""
-        offset, d_in, d_out = self.mats[i]
-        a = P[:, offset:offset + d_in * self.rank].view(-1, d_in, self.rank)
-        b = P[:, offset + d_in * self.rank:offset + self.rank * (d_in + d_out)].view(-1, self.rank, d_out)
-        return torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
+    def matrices(self, P, dtype) -> list:
+        """Rows P [R, size] as one leaf [R, rows, cols] per matrix, in dtype (the model's compute dtype:
+        the matmuls run in it anyway, and so does their gradient). Separate leaves, because inside a
+        compiled graph slices of one big P would make every matrix's gradient a scatter over all of P."""
+        P = P.to(dtype)
+        return [P[:, offset:offset + rows * cols].view(-1, rows, cols).detach().requires_grad_()
+                for offset, rows, cols, _ in self.mats]
+
+    @staticmethod
+    def gradient(matrices) -> torch.Tensor:
+        """The matrices' gradients as one [R, size] block, laid out as P."""
+        return torch.cat([m.grad.reshape(m.size(0), -1) for m in matrices], 1)
 
 
 class DocLoRA:
-    """The `lora` hook of GPT.forward_hidden: row r of P [R, layout.size] adapts row r of the batch."""
+    """The `lora` hook of GPT.forward_hidden: row r of each matrix (LoRALayout.matrices) adapts row r of the batch."""
 
-    def __init__(self, layout: LoRALayout, P):
-        self.layout, self.P = layout, P
+    def __init__(self, layout: LoRALayout, matrices: list):
+        self.layout, self.matrices = layout, matrices
 
     def adapter(self, pos: int):
-        return _LoRAAt(self, pos * len(LoRALayout.KINDS))
+        return _LoRAAt(self.layout, self.matrices[pos * self.layout.per_layer:(pos + 1) * self.layout.per_layer])
 
     def head(self, hidden):
-        return self.layout.delta(self.P, len(self.layout.mats) - 1, hidden)
+        return torch.bmm(torch.bmm(hidden, self.matrices[-2]), self.matrices[-1])
 
 
 class _LoRAAt:
-    def __init__(self, lora: DocLoRA, base: int):
-        self.lora, self.base = lora, base
+    """One virtual layer's adapters; inputs x [R, T, dim] in the matrices' dtype."""
 
-    def _delta(self, k, x):
-        return self.lora.layout.delta(self.lora.P, self.base + k, x)
+    def __init__(self, layout: LoRALayout, matrices: list):
+        self.rank, self.matrices = layout.rank, matrices
 
-    def q(self, x):
-        return self._delta(0, x)
-
-    def k(self, x):
-        return self._delta(1, x)
-
-    def v(self, x):
-        return self._delta(2, x)
-
-    def o(self, x):
-        return self._delta(3, x)
+    def attn(self, x):
+        """The Q, K, V and O deltas, all from the block's normed input x."""
+        a, b_q, b_k, b_v, b_o = self.matrices[:5]
+        h = torch.bmm(x, a)
+        r = self.rank
+        return tuple(torch.bmm(h[..., i * r:(i + 1) * r], b) for i, b in enumerate((b_q, b_k, b_v, b_o)))
 
     def mlp(self, x):
-        return self._delta(4, x)
+        return torch.bmm(torch.bmm(x, self.matrices[5]), self.matrices[6])
 
 
 class AdapterSlots:
@@ -2170,11 +2176,12 @@ class AdapterSlots:
 
     def __init__(self, row: torch.Tensor, capacity: int, beta1: float):
         self.row = row
-        self.P = row.expand(capacity, -1).clone()
+        self.P = row.expand(capacity + 1, -1).clone()
         self.v = torch.zeros_like(self.P)
         self.m = torch.zeros_like(self.P) if beta1 > 0 else None  # first moment, only with TTT_LORA_BETA1 > 0
-        self.t = torch.zeros(capacity, 1, device=row.device)     # AdamW steps each slot has taken
+        self.t = torch.zeros(capacity + 1, 1, device=row.device)     # AdamW steps each slot has taken
         self.free = list(range(capacity - 1, -1, -1))
+        self.scratch = capacity  # the extra slot: a padding row's adapter, never a document's
 
     def open(self, n: int) -> np.ndarray:
         slots = np.array([self.free.pop() for _ in range(n)], dtype=np.int64)
@@ -2189,29 +2196,35 @@ class AdapterSlots:
         self.free.extend(slots.tolist())
 
     @torch.no_grad()
-    def adamw_(self, idx, P, s: Settings, eps: float = 1e-10):
-        """One AdamW step for the rows P (gathered from slots idx, gradient in P.grad), written back; the
-        bias correction is per row, as each document counts its own steps."""
+    def adamw_(self, idx, grad, s: Settings, eps: float = 1e-10, rows_at_once: int = 16):
+        """One AdamW step for slots idx with gradient grad [R, size] (any float dtype). The bias correction
+        is per row, as each document counts its own steps. Rows go a few at a time, so the fp32
+        temporaries stay small next to the adapters themselves."""
         b1, b2, lr = s.ttt_lora_beta1, s.ttt_lora_beta2, s.ttt_lora_lr
-        g, t = P.grad, self.t[idx] + 1
-        v = self.v[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
-        if self.m is not None:
-            m = self.m[idx].mul_(b1).add_(g, alpha=1 - b1)
-            self.m[idx] = m
-            g = m / (1 - b1 ** t)
-        denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-        self.P[idx] = P.detach().mul_(1 - lr * s.ttt_lora_wd).addcdiv_(g, denom, value=-lr)
-        self.v[idx], self.t[idx] = v, t
+        for lo in range(0, len(idx), rows_at_once):
+            i, g = idx[lo:lo + rows_at_once], grad[lo:lo + rows_at_once].float()
+            t = self.t[i] + 1
+            v = self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+            if self.m is not None:
+                m = self.m[i].mul_(b1).add_(g, alpha=1 - b1)
+                self.m[i] = m
+                g = m / (1 - b1 ** t)
+            denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+            self.P[i] = self.P[i].mul_(1 - lr * s.ttt_lora_wd).addcdiv_(g, denom, value=-lr)
+            self.v[i], self.t[i] = v, t
 
 
-def lora_step(start, length, chunk, slot, slots: AdapterSlots, loss_fn, tokens, s: Settings, tables: ByteTables,
-              scores: Scores) -> int:
+def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayout, loss_fn, tokens, s: Settings,
+              tables: ByteTables, scores: Scores) -> int:
     """Score chunk[i] of the document at stream offset start[i] (length[i] targets) for every row i, then
     one AdamW step on the rows with chunks left. Returns the window tokens processed."""
     L, C = s.eval_seq_len, s.ttt_chunk_size
     W = min(L, C * (int(chunk.max()) + 1))
     # Each row's chunk must sit in the last C positions of the batch's W-wide window.
     assert (np.minimum(C * (chunk + 1), L) == W).all(), "rows with different window widths in one batch"
+    work = len(start) * W
+    if len(start) == 1:  # a padding row (empty document, scratch adapter): the compiled graph never sees one row
+        start, length, chunk, slot = (np.append(a, v) for a, v in ((start, 0), (length, 0), (chunk, chunk[0]), (slot, slots.scratch)))
     meta = np.stack((start, length, np.maximum(0, C * (chunk + 1) - L), C * chunk + 1, np.minimum(C * (chunk + 1), length), slot), 1)
     start_t, length_t, win, first, last, idx = to_device(meta, tokens.device).unbind(1)
     end = len(tokens) - 1
@@ -2221,15 +2234,15 @@ def lora_step(start, length, chunk, slot, slots: AdapterSlots, loss_fn, tokens, 
     mask = (target_local >= first[:, None]) & (target_local <= last[:, None])
     position = (start_t[:, None] + target_local).clamp(max=end)
     y = tokens[position].long()
-    P = slots.P[idx].requires_grad_()  # with grad even when no row trains: one grad mode, no recompile
-    nll = loss_fn(x, y, P)
+    matrices = layout.matrices(slots.P[idx], compute_dtype(tokens.device))  # with grad even if no row trains: no recompile
+    nll = loss_fn(x, y, matrices)
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
     if (C * (chunk + 1) < length).any():
         if scores.hits is not None:
             scores.require_scored(position[mask])
         (torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
-        slots.adamw_(idx, P, s)
-    return len(start) * W
+        slots.adamw_(idx, layout.gradient(matrices), s)
+    return work
 
 
 def document_spans(val_tokens, bos_id: int) -> tuple:
@@ -2254,7 +2267,7 @@ def lora_plan(lengths: np.ndarray, C: int, L: int, rows: int, in_flight: int) ->
     """The order in which one rank advances its documents, one chunk per document per step: a list of
     arrays of document indices. Documents enter in their original order whenever fewer than `in_flight`
     are open. Each step takes the fullest chunk level (rows of one level share a window width: C(j+1)
-    below L, L from there on), at most rows * L / width rows, so short windows batch more documents."""
+    below L, L from there on), at most rows * L / width rows and 4 * rows, so short windows batch more documents."""
     chunks = (-(-lengths // C)).tolist()
     full = -(-L // C) - 1  # first chunk whose window is a full L
     levels, plan, done = {}, [], [0] * len(chunks)
@@ -2267,7 +2280,7 @@ def lora_plan(lengths: np.ndarray, C: int, L: int, rows: int, in_flight: int) ->
         if not levels:
             return plan
         level = max(levels, key=lambda j: (len(levels[j]), j))
-        take = rows * L // min(L, C * (level + 1))
+        take = min(rows * L // min(L, C * (level + 1)), 4 * rows)  # rows cost memory too: ~6 bytes x adapter size each
         batch, rest = levels[level][:take], levels.pop(level)[take:]
         if rest:
             levels[level] = rest
@@ -2297,9 +2310,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     layout = LoRALayout(base, s.ttt_lora_rank)
     row = layout.fresh_row(s.seed, rt.device)
 
-    def losses(x, y, P):
-        return base.token_losses(x, y, lora=DocLoRA(layout, P))
-    loss_fn = compiled(losses, s, dynamic=True)
+    loss_fn = lora_losses(base, layout, s)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0)
     rt.log(f"ttt:protocol score-first mode=lora docs={len(cum) - 1} split=bos chunk={C} window={L} context=document_only "
@@ -2307,39 +2318,81 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
            f"lr={s.ttt_lora_lr} betas=({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd={s.ttt_lora_wd} steps_per_chunk=1 "
            f"last_chunk_trained=0 batch_docs={s.ttt_batch_docs} docs_in_flight={in_flight} "
            f"adapter_params_per_doc={layout.size} rank0_steps={len(plan)}")
-    if s.compile:
-        warm_up_lora(loss_fn, row, s, rt, base.vocab_size)
-    # The early estimate comes a tenth of the way into the shortest plan: every rank gets there.
-    check_at = -1
-    if budget is not None:
-        check_at = int(rt.all_reduce(torch.tensor([len(plan)], device=rt.device), op=dist.ReduceOp.MIN).item()) // 10
-    slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1)
-    chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
-    done_work, marks = 0, {}
-    for i, batch in enumerate(plan):
-        fresh = batch[chunk[batch] == 0]
-        if len(fresh):
-            slot[fresh] = slots.open(len(fresh))
-        done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, loss_fn, tokens, s, tables, scores)
-        chunk[batch] += 1
-        slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
-        if budget is not None and i in (0, check_at):
-            rt.sync()
-            marks[i] = (time.perf_counter() - t0, done_work)
-            if i == check_at and check_at >= 1:
-                (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
-                rate = (t_b - t_a) / max(w_b - w_a, 1)
-                budget.check("ttt_lora", budget.estimate(t_a, rate, cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a))
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with attention_without_cudnn():  # the batch shape changes almost every step
+        if s.compile:
+            warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size)
+        # The early estimate comes a tenth of the way into the shortest plan: every rank gets there.
+        check_at = -1
+        if budget is not None:
+            check_at = int(rt.all_reduce(torch.tensor([len(plan)], device=rt.device), op=dist.ReduceOp.MIN).item()) // 10
+        slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1)
+        chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+        done_work, marks = 0, {}
+        for i, batch in enumerate(plan):
+            fresh = batch[chunk[batch] == 0]
+            if len(fresh):
+                slot[fresh] = slots.open(len(fresh))
+            done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn, tokens, s,
+                                   tables, scores)
+            chunk[batch] += 1
+            slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
+            if budget is not None and i in (0, check_at):
+                rt.sync()
+                marks[i] = (time.perf_counter() - t0, done_work)
+                if i == check_at and check_at >= 1:
+                    (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
+                    rate = (t_b - t_a) / max(w_b - w_a, 1)
+                    budget.check("ttt_lora", budget.estimate(t_a, rate, cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a))
+    if s.compile:  # 1 unless a shape slipped past lora_losses: each extra graph is a full recompile
+        rt.log(f"ttt:lora_graphs_compiled {torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before}")
     loss, bpb, count = scores.result(rt)
     seconds = time.perf_counter() - t0
+    after_first = seconds - marks.get(0, (0.0, 0))[0]
+    peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}" if rt.device.type == "cuda" else ""
+    rt.log(f"ttt:lora rank0 steps:{len(plan)} window_tokens:{done_work} window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
+           f"window_tokens_per_s_after_first_step:{(done_work - marks.get(0, (0.0, 0))[1]) / max(after_first, 1e-9):.0f}{peak}")
     if budget is not None:
         budget.finish("ttt_lora", seconds, marks.get(0, (0.0, 0))[0], count)
     return EvalResult(loss, bpb, count, seconds, scores if record else None)
 
 
-def warm_up_lora(loss_fn, row, s: Settings, rt: Runtime, vocab: int):
-    """Compile the LoRA forward/backward on random tokens (no validation data): growing and full windows,
-    several rows and one (dynamic shapes still specialise a batch of one)."""
+@contextlib.contextmanager
+def attention_without_cudnn():
+    """SDPA's cuDNN backend builds an execution plan for every new shape: right for the fixed shapes of
+    training, ruinous for LoRA TTT, whose batch shape changes almost every step. Flash attention instead."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
+    """loss_fn(x [R, W], y [R, C], matrices) -> NLL [R, C] of the LoRA-adapted model, compiled once for
+    every batch: the rows R and the window width W are symbolic (marked dynamic), everything else static.
+    Duck sizing is off while it traces: a first window exactly one chunk wide (W == C) would otherwise tie
+    W to C, and every wider window would recompile the whole forward and backward. One row is never
+    traced (lora_step pads it to two), as dynamo specialises a size of 1."""
+    def losses(x, y, matrices):
+        return base.token_losses(x, y, lora=DocLoRA(layout, matrices))
+    if not s.compile:
+        return losses
+    graph = torch.compile(losses, dynamic=None, fullgraph=True)
+
+    def compiled_losses(x, y, matrices):
+        torch._dynamo.mark_dynamic(x, (0, 1))
+        for t in [y] + matrices:
+            torch._dynamo.mark_dynamic(t, 0)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return graph(x, y, matrices)
+    return compiled_losses
+
+
+def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, vocab: int):
+    """Compile the LoRA forward/backward on random tokens (no validation data), then run it on growing and
+    full windows, two rows and one (padded), so that any shape the compile did not cover shows up here."""
     t0 = time.perf_counter()
     L, C = s.eval_seq_len, s.ttt_chunk_size
     full = -(-L // C) - 1  # first chunk whose window is a full L
@@ -2348,8 +2401,8 @@ def warm_up_lora(loss_fn, row, s: Settings, rt: Runtime, vocab: int):
     slots = AdapterSlots(row, 2, s.ttt_lora_beta1)
     for n in (2, 1):
         for chunk in sorted({0, min(1, full), full}):
-            lora_step(np.zeros(n, np.int64), np.full(n, C * (full + 2)), np.full(n, chunk), np.arange(n), slots, loss_fn,
-                      tokens, s, tables, Scores(rt.device))
+            lora_step(np.zeros(n, np.int64), np.full(n, C * (full + 2)), np.full(n, chunk), np.arange(n), slots, layout,
+                      loss_fn, tokens, s, tables, Scores(rt.device))
     rt.sync()
     rt.log(f"ttt:warmup random tokens (no validation data) seconds:{time.perf_counter() - t0:.1f}")
 

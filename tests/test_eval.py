@@ -240,17 +240,71 @@ def test_lora_ttt_learns_a_repeated_document(tiny_data, tmp_path):
     assert adapted.loss < frozen.loss - 0.5
 
 
-def test_a_fresh_lora_row_leaves_the_model_unchanged(tiny_data, tmp_path):
+def test_compiled_lora_ttt_traces_one_graph_for_every_window_and_batch_size(tiny_data, tmp_path, monkeypatch):
+    """Windows of every width (one chunk up to EVAL_SEQ_LEN), batches of 1 to 4 documents: one graph, no
+    recompile, and the same scores as eager. aot_eager keeps it fast; its guards are the ones inductor gets."""
+    eager_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, **dict(kw, backend="aot_eager")))
+    s, rt = make(tiny_data, tmp_path, TTT_DOCS_IN_FLIGHT=6)
+    sp, tables = tables_for(s)
+    val = validation(s, 3000)
+    model = random_model(s)
+    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id())
+    s.compile = True
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id())
+    assert stats["unique_graphs"] - graphs == 1
+    assert compiled.targets == eager.targets == 3000
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    assert "ttt:lora_graphs_compiled 1" in log
+
+
+def lora_losses(model, layout, P, x, y):
+    return model.token_losses(x, y, lora=tg.DocLoRA(layout, layout.matrices(P, torch.float32)))
+
+
+def test_a_fresh_lora_row_leaves_the_model_unchanged_and_rows_stay_apart(tiny_data, tmp_path):
     s, _ = make(tiny_data, tmp_path)
     model = random_model(s)
     layout = tg.LoRALayout(model, 4)
     P = layout.fresh_row(0, "cpu").expand(2, -1).clone()
     x, y = torch.randint(0, 384, (2, 40)), torch.randint(0, 384, (2, 16))
     with torch.no_grad():
-        assert torch.allclose(model.token_losses(x, y, lora=tg.DocLoRA(layout, P)), model.token_losses(x, y), atol=1e-6)
-        P[1, layout.mats[0][0] + 4 * 64:layout.mats[0][0] + 4 * 64 + 4 * 64] = 1.0  # row 1's Q adapter B of layer 0
-        out = model.token_losses(x, y, lora=tg.DocLoRA(layout, P))
-        assert torch.allclose(out[0], model.token_losses(x, y)[0], atol=1e-6) and not torch.allclose(out[1], model.token_losses(x, y)[1])
+        plain = model.token_losses(x, y)
+        assert torch.allclose(lora_losses(model, layout, P, x, y), plain, atol=1e-6)
+        offset, rows, cols, _ = layout.mats[1]  # B_q of the first virtual layer
+        P[1, offset:offset + rows * cols] = 1.0
+        out = lora_losses(model, layout, P, x, y)
+        assert torch.allclose(out[0], plain[0], atol=1e-6) and not torch.allclose(out[1], plain[1])
+
+
+def test_lora_q_and_v_adapters_equal_a_change_of_the_projection_weights(tiny_data, tmp_path):
+    """Q and V adapters are linear in the block's normed input, so x A B equals adding (A B)^T to c_q / c_v:
+    an independent check of where the shared A's columns and each B sit in the row."""
+    s, _ = make(tiny_data, tmp_path)
+    model = random_model(s)
+    layout = tg.LoRALayout(model, 4)
+    r = layout.rank
+    torch.manual_seed(1)
+    P = layout.fresh_row(0, "cpu")[None].clone()
+    block = model.schedule()[0]
+    (a_off, a_rows, a_cols, _), (q_off, q_rows, q_cols, _), _, (v_off, v_rows, v_cols, _) = layout.mats[:4]
+    P[0, q_off:q_off + q_rows * q_cols] = torch.randn(q_rows * q_cols) * 0.3
+    P[0, v_off:v_off + v_rows * v_cols] = torch.randn(v_rows * v_cols) * 0.3
+    x, y = torch.randint(0, 384, (1, 40)), torch.randint(0, 384, (1, 16))
+    assert model.schedule().count(block) == 1  # the first layer is not looped: one weight change stands for it
+    with torch.no_grad():
+        plain, adapted = model.token_losses(x, y), lora_losses(model, layout, P, x, y)
+        assert not torch.allclose(adapted, plain, atol=1e-3)
+        A = P[0, a_off:a_off + a_rows * a_cols].view(a_rows, a_cols)
+        B_q, B_v = P[0, q_off:q_off + q_rows * q_cols].view(q_rows, q_cols), P[0, v_off:v_off + v_rows * v_cols].view(v_rows, v_cols)
+        attn = model.blocks[block].attn
+        attn.c_q.weight += (A[:, :r] @ B_q).T
+        attn.c_v.weight += (A[:, 2 * r:3 * r] @ B_v).T
+        assert torch.allclose(adapted, model.token_losses(x, y), atol=1e-5)
 
 
 def test_documents_split_at_bos_keep_the_next_bos_as_last_target():

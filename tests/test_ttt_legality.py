@@ -142,6 +142,12 @@ def test_lora_plan_keeps_documents_in_flight_under_the_cap():
     assert (done == chunks).all()
 
 
+def test_lora_plan_batches_more_short_windows_but_at_most_four_times_the_rows():
+    lengths = np.full(200, 20)  # two chunks of 16 each: windows 16 and 32 wide, L = 256 allows 16x and 8x the rows
+    sizes = [len(b) for b in tg.lora_plan(lengths, 16, 256, 4, 200)]
+    assert max(sizes) == 16 and sum(sizes) == 400
+
+
 def test_compile_warm_ups_see_random_tokens_only_and_keep_the_weights(setup):
     s, rt, model, val, tables = setup
     for warm_up in (tg.warm_up_chunk_ttt, tg.warm_up_lora):
@@ -153,7 +159,8 @@ def test_compile_warm_ups_see_random_tokens_only_and_keep_the_weights(setup):
     tg.warm_up_chunk_ttt(losses_fn(model), params, s, rt, s.vocab_size, {3, 1})
     assert all(bool((p.grad == 0).all()) for p in params)
     layout = tg.LoRALayout(model, s.ttt_lora_rank)
-    tg.warm_up_lora(lambda x, y, P: model.token_losses(x, y, lora=tg.DocLoRA(layout, P)), layout.fresh_row(0, "cpu"), s, rt, s.vocab_size)
+    tg.warm_up_lora(lambda x, y, m: model.token_losses(x, y, lora=tg.DocLoRA(layout, m)), layout, layout.fresh_row(0, "cpu"),
+                    s, rt, s.vocab_size)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     for p in params:
         p.grad = None
