@@ -35,7 +35,8 @@ test: setup ## the test suite (CPU, under 10 minutes)
 data: ## download the official SP8192 shards and tokenizer (TRAIN_SHARDS=80)
 	$(PY) data/cached_challenge_fineweb.py --variant sp8192 --train-shards $(TRAIN_SHARDS)
 
-train: ## the real run: torchrun on NPROC GPUs with the defaults
+train: ## the real run: torchrun on NPROC GPUs with the defaults (start-up checks first, in one process)
+	$(PY) train_gpt.py --check
 	torchrun --standalone --nproc_per_node=$(NPROC) train_gpt.py
 
 bench: ## training throughput on this machine's GPU (full config, 60 steps)

@@ -59,115 +59,120 @@ class Setting:
     help: str
     choices: tuple = ()
     group: str = "run"
+    bounds: str = ""          # allowed range, checked when the value is read: "[2, 8]", "(0, inf)", "[0, 1)"
+    role: str = ""            # "model": shapes the model (stored in artifact and checkpoint, must match);
+                              # "score": the evaluation score depends on it (stored in the artifact, adopted by EVAL_ONLY)
 
 
 SETTINGS = [
     # --- data and run ---
     Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder holding fineweb_train_*.bin and fineweb_val_*.bin", group="data"),
     Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model the shards were made with", group="data"),
-    Setting("VOCAB_SIZE", 8192, "vocabulary size; must equal the tokenizer's", group="data"),
-    Setting("RUN_ID", "", "name of the log file logs/<RUN_ID>.txt (default: a fresh uuid)"),
-    Setting("LOG_DIR", "logs", "folder for the run log"),
-    Setting("SEED", 1337, "seed of the initialisation and of the training-window order"),
-    Setting("ITERATIONS", 20000, "hard cap on optimizer steps (the wallclock cap normally stops first)"),
-    Setting("MAX_WALLCLOCK_SECONDS", 600.0, "training budget in seconds; 0 disables the cap (schedule then follows ITERATIONS)"),
-    Setting("GPTQ_RESERVE_SECONDS", 13.0, "seconds of the budget kept for GPTQ Hessian collection after the loop"),
-    Setting("WARMUP_STEPS", 20, "untimed compile warm-up steps per graph (looping off, then on); state is rolled back"),
-    Setting("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of the GPU count"),
-    Setting("TRAIN_SEQ_LEN", 2048, "training window length in tokens"),
-    Setting("TRAIN_LOG_EVERY", 500, "log a train_loss line every N steps (and steps 1-5)"),
-    Setting("VAL_LOSS_EVERY", 4000, "validate every N steps during training (0: only at the end)"),
-    Setting("VAL_BATCH_TOKENS", 524288, "global tokens per validation batch"),
-    Setting("EVAL_SEQ_LEN", 2048, "evaluation window length in tokens"),
+    Setting("VOCAB_SIZE", 8192, "vocabulary size; must equal the tokenizer's", group="data", bounds="[2, 65536]", role="model"),
+    Setting("RUN_ID", "", "name of the run: its log is LOG_DIR/<RUN_ID>.txt, its artifact LOG_DIR/<RUN_ID>.ptz "
+            "(letters, digits, '.', '_', '-'; default: a fresh random id)"),
+    Setting("LOG_DIR", "logs", "folder for the run log and, by default, the artifact"),
+    Setting("OVERWRITE", False, "allow a RUN_ID whose log or artifact already exists: both are replaced (off: the run refuses)"),
+    Setting("SEED", 1337, "seed of the initialisation and of the training-window order", role="score"),
+    Setting("ITERATIONS", 20000, "hard cap on optimizer steps (the wallclock cap normally stops first)", bounds="[1, inf)"),
+    Setting("MAX_WALLCLOCK_SECONDS", 600.0, "training budget in seconds; 0 disables the cap (schedule then follows ITERATIONS)", bounds="[0, inf)"),
+    Setting("GPTQ_RESERVE_SECONDS", 13.0, "seconds of the budget kept for GPTQ Hessian collection after the loop", bounds="[0, inf)"),
+    Setting("WARMUP_STEPS", 20, "untimed compile warm-up steps per graph (looping off, then on); state is rolled back", bounds="[0, inf)"),
+    Setting("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of the GPU count", bounds="[1, inf)"),
+    Setting("TRAIN_SEQ_LEN", 2048, "training window length in tokens", bounds="[1, inf)", role="model"),
+    Setting("TRAIN_LOG_EVERY", 500, "log a train_loss line every N steps (and steps 1-5)", bounds="[1, inf)"),
+    Setting("VAL_LOSS_EVERY", 4000, "validate every N steps during training (0: only at the end)", bounds="[0, inf)"),
+    Setting("VAL_BATCH_TOKENS", 524288, "global tokens per validation batch", bounds="[1, inf)", role="score"),
+    Setting("EVAL_SEQ_LEN", 2048, "evaluation window length in tokens", bounds="[1, inf)", role="score"),
     Setting("COMPILE", True, "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)"),
     Setting("ATTN_BACKEND", "auto", "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA", ("auto", "fa3", "sdpa")),
     # --- model ---
-    Setting("NUM_LAYERS", 11, "physical transformer blocks", group="model"),
-    Setting("MODEL_DIM", 512, "residual stream width", group="model"),
-    Setting("NUM_HEADS", 8, "query heads", group="model"),
-    Setting("NUM_KV_HEADS", 4, "key/value heads (grouped-query attention)", group="model"),
-    Setting("MLP_MULT", 4.0, "MLP hidden width as a multiple of MODEL_DIM", group="model"),
-    Setting("ROPE_DIMS", 16, "leading dims of each head that RoPE rotates (partial RoPE)", group="model"),
-    Setting("ROPE_BASE", 10000.0, "RoPE base frequency", group="model"),
-    Setting("QK_GAIN_INIT", 5.0, "initial per-head gain applied to the RMS-normed queries", group="model"),
-    Setting("XSA_LAST_N", 11, "exclusive self-attention on the last N physical layers", group="model"),
-    Setting("LOGIT_SOFTCAP", 30.0, "logits are squashed to c*tanh(z/c)", group="model"),
-    Setting("TIED_EMBED_INIT_STD", 0.005, "std of the tied embedding's normal initialisation", group="model"),
-    Setting("SKIP_GATES_ENABLED", True, "U-Net skips are sigmoid-gated lerps (off: plain weighted adds)", group="model"),
-    Setting("LN_SCALE", True, "scale each block's normed input by 1/sqrt(layer+1)", group="model"),
-    Setting("NUM_LOOPS", 2, "extra passes over layers LOOP_START..LOOP_END once looping is on (0: no recurrence)", group="model"),
-    Setting("LOOP_START", 3, "first physical layer of the recurrent segment", group="model"),
-    Setting("LOOP_END", 5, "last physical layer of the recurrent segment (inclusive)", group="model"),
-    Setting("ENABLE_LOOPING_AT", 0.35, "fraction of the training budget at which depth recurrence switches on", group="model"),
-    Setting("PARALLEL_RESIDUAL_MODE", "full", "two-lane residuals: full = PR #1529, split = PR #1477, sequential = PR #1204, off", ("full", "split", "sequential", "off"), group="model"),
-    Setting("PARALLEL_RESIDUAL_START", 8, "first physical layer that runs as a two-lane block", group="model"),
+    Setting("NUM_LAYERS", 11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model"),
+    Setting("MODEL_DIM", 512, "residual stream width", group="model", bounds="[1, inf)", role="model"),
+    Setting("NUM_HEADS", 8, "query heads", group="model", bounds="[1, inf)", role="model"),
+    Setting("NUM_KV_HEADS", 4, "key/value heads (grouped-query attention)", group="model", bounds="[1, inf)", role="model"),
+    Setting("MLP_MULT", 4.0, "MLP hidden width as a multiple of MODEL_DIM", group="model", bounds="(0, inf)", role="model"),
+    Setting("ROPE_DIMS", 16, "leading dims of each head that RoPE rotates (partial RoPE)", group="model", bounds="[0, inf)", role="model"),
+    Setting("ROPE_BASE", 10000.0, "RoPE base frequency", group="model", bounds="(0, inf)", role="model"),
+    Setting("QK_GAIN_INIT", 5.0, "initial per-head gain applied to the RMS-normed queries", group="model", role="model"),
+    Setting("XSA_LAST_N", 11, "exclusive self-attention on the last N physical layers", group="model", bounds="[0, inf)", role="model"),
+    Setting("LOGIT_SOFTCAP", 30.0, "logits are squashed to c*tanh(z/c)", group="model", bounds="(0, inf)", role="model"),
+    Setting("TIED_EMBED_INIT_STD", 0.005, "std of the tied embedding's normal initialisation", group="model", bounds="[0, inf)", role="model"),
+    Setting("SKIP_GATES_ENABLED", True, "U-Net skips are sigmoid-gated lerps (off: plain weighted adds)", group="model", role="model"),
+    Setting("LN_SCALE", True, "scale each block's normed input by 1/sqrt(layer+1)", group="model", role="model"),
+    Setting("NUM_LOOPS", 2, "extra passes over layers LOOP_START..LOOP_END once looping is on (0: no recurrence)", group="model", bounds="[0, inf)", role="model"),
+    Setting("LOOP_START", 3, "first physical layer of the recurrent segment", group="model", bounds="[0, inf)", role="model"),
+    Setting("LOOP_END", 5, "last physical layer of the recurrent segment (inclusive)", group="model", bounds="[0, inf)", role="model"),
+    Setting("ENABLE_LOOPING_AT", 0.35, "fraction of the training budget at which depth recurrence switches on", group="model", bounds="[0, 1]"),
+    Setting("PARALLEL_RESIDUAL_MODE", "full", "two-lane residuals: full = PR #1529, split = PR #1477, sequential = PR #1204, off", ("full", "split", "sequential", "off"), group="model", role="model"),
+    Setting("PARALLEL_RESIDUAL_START", 8, "first physical layer that runs as a two-lane block", group="model", bounds="[0, inf)", role="model"),
     # --- optimizer ---
-    Setting("MATRIX_LR", 0.022, "Muon learning rate of the block matrices", group="optimizer"),
-    Setting("TIED_EMBED_LR", 0.03, "AdamW learning rate of the tied embedding", group="optimizer"),
-    Setting("SCALAR_LR", 0.02, "AdamW learning rate of gains, mixes, skips and lane lambdas", group="optimizer"),
-    Setting("MUON_MOMENTUM", 0.97, "Muon Nesterov momentum after warm-up", group="optimizer"),
-    Setting("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", group="optimizer"),
-    Setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps over which the momentum rises linearly", group="optimizer"),
-    Setting("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", group="optimizer"),
+    Setting("MATRIX_LR", 0.022, "Muon learning rate of the block matrices", group="optimizer", bounds="[0, inf)"),
+    Setting("TIED_EMBED_LR", 0.03, "AdamW learning rate of the tied embedding", group="optimizer", bounds="[0, inf)"),
+    Setting("SCALAR_LR", 0.02, "AdamW learning rate of gains, mixes, skips and lane lambdas", group="optimizer", bounds="[0, inf)"),
+    Setting("MUON_MOMENTUM", 0.97, "Muon Nesterov momentum after warm-up", group="optimizer", bounds="[0, 1)"),
+    Setting("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", group="optimizer", bounds="[0, 1)"),
+    Setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps over which the momentum rises linearly", group="optimizer", bounds="[0, inf)"),
+    Setting("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", group="optimizer", bounds="[1, inf)"),
     Setting("MUON_NS_COEFFS", "quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.775, 2.0315) or polar_express", ("quintic", "polar_express"), group="optimizer"),
     Setting("MUON_ROW_NORMALIZE", True, "MuonEq-R: normalise each row of the update before Newton-Schulz", group="optimizer"),
-    Setting("MUON_WD", 0.095, "decoupled weight decay of the Muon matrices", group="optimizer"),
-    Setting("EMBED_WD", 0.095, "AdamW weight decay of the tied embedding", group="optimizer"),
-    Setting("ADAM_WD", 0.02, "AdamW weight decay of the scalar/control tensors", group="optimizer"),
-    Setting("BETA1", 0.9, "AdamW beta1", group="optimizer"),
-    Setting("BETA2", 0.95, "AdamW beta2", group="optimizer"),
-    Setting("ADAM_EPS", 1e-8, "AdamW epsilon", group="optimizer"),
-    Setting("GRAD_CLIP_NORM", 0.3, "clip the global gradient norm to this (0: off)", group="optimizer"),
-    Setting("WARMDOWN_FRAC", 0.667, "last fraction of the budget over which the LR falls linearly", group="optimizer"),
-    Setting("MIN_LR", 0.0, "floor of the LR multiplier during warm-down", group="optimizer"),
-    Setting("EMA_DECAY", 0.997, "decay of the weight EMA swapped in after training (0: no EMA)", group="optimizer"),
+    Setting("MUON_WD", 0.095, "decoupled weight decay of the Muon matrices", group="optimizer", bounds="[0, inf)"),
+    Setting("EMBED_WD", 0.095, "AdamW weight decay of the tied embedding", group="optimizer", bounds="[0, inf)"),
+    Setting("ADAM_WD", 0.02, "AdamW weight decay of the scalar/control tensors", group="optimizer", bounds="[0, inf)"),
+    Setting("BETA1", 0.9, "AdamW beta1", group="optimizer", bounds="[0, 1)"),
+    Setting("BETA2", 0.95, "AdamW beta2", group="optimizer", bounds="[0, 1)"),
+    Setting("ADAM_EPS", 1e-8, "AdamW epsilon", group="optimizer", bounds="(0, inf)"),
+    Setting("GRAD_CLIP_NORM", 0.3, "clip the global gradient norm to this (0: off)", group="optimizer", bounds="[0, inf)"),
+    Setting("WARMDOWN_FRAC", 0.667, "last fraction of the budget over which the LR falls linearly", group="optimizer", bounds="[0, 1]"),
+    Setting("MIN_LR", 0.0, "floor of the LR multiplier during warm-down", group="optimizer", bounds="[0, 1]"),
+    Setting("EMA_DECAY", 0.997, "decay of the weight EMA swapped in after training (0: no EMA)", group="optimizer", bounds="[0, 1)"),
     # --- quantization and the artifact ---
     Setting("GPTQ_CALIBRATION", "train", "GPTQ calibration data: train = this rank's training micro-batches from a fresh loader "
             "(counted in the budget); selfgen = sequences the model samples itself (much slower)", ("train", "selfgen"), group="quantization"),
     Setting("GPTQ_CALIBRATION_BATCHES", 64, "calibration batches: the first N training steps' global batches, each rank "
-            "taking its micro-batches (selfgen: sequences per rank)", group="quantization"),
-    Setting("GPTQ_DAMP", 0.01, "GPTQ damping added to the Hessian diagonal, as a fraction of its mean", group="quantization"),
-    Setting("GPTQ_BLOCK_SIZE", 128, "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once)", group="quantization"),
-    Setting("MATRIX_BITS", 6, "bits of the block matrices (values in [-(2^(b-1)-1), 2^(b-1)-1])", group="quantization"),
-    Setting("MATRIX_CLIP_SIGMAS", 12.85, "SDClip: a block-matrix row's scale is k*std(row)/q_max; larger k = finer steps, bigger artifact", group="quantization"),
-    Setting("EMBED_BITS", 8, "bits of the tied embedding", group="quantization"),
-    Setting("EMBED_CLIP_SIGMAS", 20.0, "SDClip k of the tied embedding", group="quantization"),
+            "taking its micro-batches (selfgen: sequences per rank)", group="quantization", bounds="[1, inf)"),
+    Setting("GPTQ_DAMP", 0.01, "GPTQ damping added to the Hessian diagonal, as a fraction of its mean", group="quantization", bounds="[0, inf)"),
+    Setting("GPTQ_BLOCK_SIZE", 128, "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once)", group="quantization", bounds="[1, inf)"),
+    Setting("MATRIX_BITS", 6, "bits of the block matrices (values in [-(2^(b-1)-1), 2^(b-1)-1])", group="quantization", bounds="[2, 8]"),
+    Setting("MATRIX_CLIP_SIGMAS", 12.85, "SDClip: a block-matrix row's scale is k*std(row)/q_max; larger k = finer steps, bigger artifact", group="quantization", bounds="(0, inf)"),
+    Setting("EMBED_BITS", 8, "bits of the tied embedding", group="quantization", bounds="[2, 8]"),
+    Setting("EMBED_CLIP_SIGMAS", 20.0, "SDClip k of the tied embedding", group="quantization", bounds="(0, inf)"),
     Setting("COMPRESSOR", "brotli", "compressor of the artifact", ("brotli", "lzma"), group="quantization"),
-    Setting("PASSTHROUGH_MAX_NUMEL", 65536, "float tensors with at most this many elements ship as fp16 instead of being quantized", group="quantization"),
+    Setting("PASSTHROUGH_MAX_NUMEL", 65536, "float tensors with at most this many elements ship as fp16 instead of being quantized", group="quantization", bounds="[0, inf)"),
     Setting("ARTIFACT_PATH", "", "where the compressed model goes (default LOG_DIR/<RUN_ID>.ptz)", group="quantization"),
-    Setting("ARTIFACT_LIMIT_BYTES", 16000000, "limit on model bytes + code bytes; the run fails before evaluation above it", group="quantization"),
+    Setting("ARTIFACT_LIMIT_BYTES", 16000000, "limit on model bytes + code bytes; the run fails before evaluation above it", group="quantization", bounds="[1, inf)"),
     Setting("CODE_BYTES_FROM", "packed", "code bytes counted: packed = the shipped form tools/pack_submission.py writes, computed "
             "from the running source; file = the size of the file being run", ("packed", "file"), group="quantization"),
     Setting("EVAL_ONLY", "", "path of an artifact: skip training, rebuild the model from the artifact alone and evaluate it "
             "(reads tokenizer and validation shards only)", group="quantization"),
     # --- evaluation (the challenge scores val_bpb; every pass below is legal under issue #1017's four conditions) ---
     Setting("VAL_TOKENS_EXPECTED", 0, "stop unless validation has exactly this many scored targets (0: no check); "
-            "the official SP8192 split at EVAL_SEQ_LEN 2048 gives 40540160", group="evaluation"),
-    Setting("BYTE_CHECK_DOCS", 1000, "validation documents decoded at start-up to cross-check the byte tables (0: skip)", group="evaluation"),
-    Setting("SLIDING_WINDOW_ENABLED", True, "score with windows of EVAL_SEQ_LEN that advance by EVAL_STRIDE", group="evaluation"),
-    Setting("EVAL_STRIDE", 64, "sliding-window step: each target after the first window sees >= EVAL_SEQ_LEN - EVAL_STRIDE tokens", group="evaluation"),
-    Setting("EVAL_BATCH_WINDOWS", 32, "sliding windows per forward pass on each rank", group="evaluation"),
-    Setting("EVAL_BUDGET_SECONDS", 600.0, "evaluation budget the passes after training must fit, estimated for 8 GPUs", group="evaluation"),
+            "the official SP8192 split at EVAL_SEQ_LEN 2048 gives 40540160", group="evaluation", bounds="[0, inf)"),
+    Setting("BYTE_CHECK_DOCS", 1000, "validation documents decoded at start-up to cross-check the byte tables (0: skip)", group="evaluation", bounds="[0, inf)"),
+    Setting("SLIDING_WINDOW_ENABLED", True, "score with windows of EVAL_SEQ_LEN that advance by EVAL_STRIDE", group="evaluation", role="score"),
+    Setting("EVAL_STRIDE", 64, "sliding-window step: each target after the first window sees >= EVAL_SEQ_LEN - EVAL_STRIDE tokens", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("EVAL_BATCH_WINDOWS", 32, "sliding windows per forward pass on each rank", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("EVAL_BUDGET_SECONDS", 600.0, "evaluation budget the passes after training must fit, estimated for 8 GPUs", group="evaluation", bounds="(0, inf)"),
     Setting("EVAL_FORCE", False, "run even when the early estimate says the passes exceed EVAL_BUDGET_SECONDS", group="evaluation"),
-    Setting("TTT_ENABLED", True, "score-first test-time training after the sliding-window pass", group="evaluation"),
-    Setting("TTT_MODE", "chunk", "chunk: SGD on the whole model, chunk by chunk (PR #1529); lora: per-document LoRA (PR #1530)", ("chunk", "lora"), group="evaluation"),
-    Setting("TTT_CHUNK_TOKENS", 32768, "chunk mode: targets scored before each round of training", group="evaluation"),
-    Setting("TTT_EPOCHS", 3, "chunk mode: passes over each scored chunk", group="evaluation"),
-    Setting("TTT_LR", 0.01, "chunk mode: SGD learning rate, cosine-decayed to 0 over the chunks", group="evaluation"),
-    Setting("TTT_MOMENTUM", 0.9, "chunk mode: SGD momentum (kept across chunks)", group="evaluation"),
-    Setting("TTT_GRAD_CLIP", 1.0, "chunk mode: clip the global gradient norm to this (0: off)", group="evaluation"),
-    Setting("TTT_FREEZE_BLOCKS", 0, "chunk mode: leave the first N physical blocks untrained", group="evaluation"),
-    Setting("TTT_BATCH_SEQS", 32, "chunk mode: EVAL_SEQ_LEN sequences per SGD step, summed over ranks", group="evaluation"),
-    Setting("HASH_EMBED_ENABLED", True, "chunk mode: add a zero-initialised bigram-hash embedding that only TTT trains", group="evaluation"),
-    Setting("HASH_EMBED_SIZE", 16384, "chunk mode: hash-embedding buckets, indexed (prev*2039 + cur) mod size", group="evaluation"),
-    Setting("TTT_LORA_RANK", 96, "lora mode: adapter rank on Q, K, V, O, MLP and the head", group="evaluation"),
-    Setting("TTT_LORA_LR", 1e-4, "lora mode: AdamW learning rate", group="evaluation"),
-    Setting("TTT_LORA_WD", 0.5, "lora mode: AdamW decoupled weight decay", group="evaluation"),
-    Setting("TTT_LORA_BETA1", 0.0, "lora mode: AdamW beta1", group="evaluation"),
-    Setting("TTT_LORA_BETA2", 0.999, "lora mode: AdamW beta2", group="evaluation"),
-    Setting("TTT_CHUNK_SIZE", 64, "lora mode: targets of a document scored before each adapter step", group="evaluation"),
-    Setting("TTT_BATCH_DOCS", 32, "lora mode: documents per step at a full EVAL_SEQ_LEN window; shorter windows take more, up to 4x", group="evaluation"),
-    Setting("TTT_DOCS_IN_FLIGHT", 256, "lora mode: documents holding adapters at once on each rank (memory: 8 bytes x adapter size, 67 MB, each)", group="evaluation"),
+    Setting("TTT_ENABLED", True, "score-first test-time training after the sliding-window pass", group="evaluation", role="score"),
+    Setting("TTT_MODE", "chunk", "chunk: SGD on the whole model, chunk by chunk (PR #1529); lora: per-document LoRA (PR #1530)", ("chunk", "lora"), group="evaluation", role="score"),
+    Setting("TTT_CHUNK_TOKENS", 32768, "chunk mode: targets scored before each round of training", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("TTT_EPOCHS", 3, "chunk mode: passes over each scored chunk", group="evaluation", bounds="[0, inf)", role="score"),
+    Setting("TTT_LR", 0.01, "chunk mode: SGD learning rate, cosine-decayed to 0 over the chunks", group="evaluation", bounds="[0, inf)", role="score"),
+    Setting("TTT_MOMENTUM", 0.9, "chunk mode: SGD momentum (kept across chunks)", group="evaluation", bounds="[0, 1)", role="score"),
+    Setting("TTT_GRAD_CLIP", 1.0, "chunk mode: clip the global gradient norm to this (0: off)", group="evaluation", bounds="[0, inf)", role="score"),
+    Setting("TTT_FREEZE_BLOCKS", 0, "chunk mode: leave the first N physical blocks untrained", group="evaluation", bounds="[0, inf)", role="score"),
+    Setting("TTT_BATCH_SEQS", 32, "chunk mode: EVAL_SEQ_LEN sequences per SGD step, summed over ranks", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("HASH_EMBED_ENABLED", True, "chunk mode: add a zero-initialised bigram-hash embedding that only TTT trains", group="evaluation", role="score"),
+    Setting("HASH_EMBED_SIZE", 16384, "chunk mode: hash-embedding buckets, indexed (prev*2039 + cur) mod size", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("TTT_LORA_RANK", 96, "lora mode: adapter rank on Q, K, V, O, MLP and the head", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("TTT_LORA_LR", 1e-4, "lora mode: AdamW learning rate", group="evaluation", bounds="[0, inf)", role="score"),
+    Setting("TTT_LORA_WD", 0.5, "lora mode: AdamW decoupled weight decay", group="evaluation", bounds="[0, inf)", role="score"),
+    Setting("TTT_LORA_BETA1", 0.0, "lora mode: AdamW beta1", group="evaluation", bounds="[0, 1)", role="score"),
+    Setting("TTT_LORA_BETA2", 0.999, "lora mode: AdamW beta2", group="evaluation", bounds="[0, 1)", role="score"),
+    Setting("TTT_CHUNK_SIZE", 64, "lora mode: targets of a document scored before each adapter step", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("TTT_BATCH_DOCS", 32, "lora mode: documents per step at a full EVAL_SEQ_LEN window; shorter windows take more, up to 4x", group="evaluation", bounds="[1, inf)", role="score"),
+    Setting("TTT_DOCS_IN_FLIGHT", 256, "lora mode: documents holding adapters at once on each rank (memory: 8 bytes x adapter size, 67 MB, each)", group="evaluation", bounds="[1, inf)", role="score"),
     Setting("SAVE_CHECKPOINT", "", "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation"),
     Setting("LOAD_CHECKPOINT", "", "skip training and evaluate this state dict (saved by SAVE_CHECKPOINT)", group="evaluation"),
 ]
@@ -175,7 +180,25 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
 class UserError(Exception):
-    """Bad input or an impossible setting: reported as one line, exit status 1."""
+    """Bad input or an impossible setting: reported as one line, exit status 1.
+
+    Most are found the same way by every rank (settings, files, collective checks), so rank 0 alone
+    prints them; `rank_local` marks one that only the rank raising it can know (its own data)."""
+
+    def __init__(self, message: str, rank_local: bool = False):
+        super().__init__(message)
+        self.rank_local = rank_local
+
+
+def parse_bounds(text: str) -> tuple:
+    """"[2, 8]" -> (2.0, 8.0, True, True): low, high, whether each end is included."""
+    lo, hi = (float(x) for x in text[1:-1].split(","))
+    return lo, hi, text[0] == "[", text[-1] == "]"
+
+
+def in_bounds(value, text: str) -> bool:
+    lo, hi, lo_in, hi_in = parse_bounds(text)
+    return (lo < value or (lo_in and value == lo)) and (value < hi or (hi_in and value == hi))
 
 
 def _parse_setting(setting: Setting, raw: str):
@@ -201,7 +224,30 @@ def _parse_setting(setting: Setting, raw: str):
         raise UserError(f"{setting.name}={raw!r} is not valid: {fix}") from None
     if setting.choices and value not in setting.choices:
         raise UserError(f"{setting.name}={raw!r} is not one of {', '.join(setting.choices)}")
+    if setting.bounds and not in_bounds(value, setting.bounds):
+        raise UserError(f"{setting.name}={raw} is out of range: set it to a value in {setting.bounds}")
     return value
+
+
+# Environment variables that belong to other tools: never taken for a misspelled setting.
+FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "TRITON", "NVIDIA", "CUTLASS", "CUDNN", "CUBLAS", "OMP", "MKL",
+                    "KMP", "OPENBLAS", "PYTHON", "PYTEST", "HF_", "HUGGINGFACE", "MASTER_", "LC_", "XDG", "GROUP_",
+                    "ROLE_", "LOCAL_", "TORCHELASTIC", "SLURM", "OMPI", "PMI", "PIP", "VIRTUAL_ENV", "CONDA")
+FOREIGN_NAMES = {"RANK", "WORLD_SIZE", "SEEDS", "NPROC", "PATH", "HOME", "PWD", "OLDPWD", "SHELL", "USER", "TERM", "LANG"}
+
+
+def misspelled_settings(environ) -> list:
+    """(variable, setting) pairs for environment variables that are not settings but nearly spell one
+    (NUM_LAYER for NUM_LAYERS): a typo would otherwise run the default silently."""
+    import difflib
+    found = []
+    for var in environ:
+        if var in SETTINGS_BY_NAME or var in FOREIGN_NAMES or var.startswith(FOREIGN_PREFIXES) or not var.isupper():
+            continue
+        close = difflib.get_close_matches(var, SETTINGS_BY_NAME, n=1, cutoff=0.85)
+        if close:
+            found.append((var, close[0]))
+    return found
 
 
 class Settings:
@@ -209,6 +255,10 @@ class Settings:
 
     def __init__(self, environ=None, **overrides):
         environ = os.environ if environ is None else environ
+        typos = misspelled_settings(environ)
+        if typos:
+            var, name = typos[0]
+            raise UserError(f"{var} is not a setting: did you mean {name}? (rename it; the settings are listed in README.md)")
         for s in SETTINGS:
             raw = environ.get(s.name)
             setattr(self, s.name.lower(), s.default if raw is None or raw == "" else _parse_setting(s, raw))
@@ -218,6 +268,9 @@ class Settings:
             setattr(self, key, value)
         if not self.run_id:
             self.run_id = uuid.uuid4().hex[:12]
+        if not all(c.isalnum() or c in "._-" for c in self.run_id) or self.run_id.startswith("."):
+            raise UserError(f"RUN_ID={self.run_id!r} must be a plain name (letters, digits, '.', '_', '-'): for a folder "
+                            f"of runs use LOG_DIR, e.g. LOG_DIR=logs/exp1 RUN_ID=seed1337")
 
     def items(self):
         return [(s.name, getattr(self, s.name.lower())) for s in SETTINGS]
@@ -229,31 +282,20 @@ class Settings:
                 raise UserError(msg)
         need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes)")
         accum = 8 // world_size
-        need(self.train_seq_len > 0 and self.eval_seq_len > 0, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be positive")
         need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
              f"(8 = world size x grad accumulation)")
-        need(self.val_batch_tokens > 0, "VAL_BATCH_TOKENS must be positive")
-        need(self.num_layers >= 1 and self.model_dim >= 1, "NUM_LAYERS and MODEL_DIM must be positive")
-        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         head_dim = self.model_dim // self.num_heads
-        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
-        need(0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be between 0 and NUM_LAYERS={self.num_layers}")
-        need(self.mlp_mult > 0, "MLP_MULT must be positive")
-        need(self.num_loops >= 0, "NUM_LOOPS must be >= 0")
+        need(self.rope_dims <= head_dim and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be between 0 and NUM_LAYERS={self.num_layers}")
+        need(mlp_hidden(self) >= 1, f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} rounds the MLP width to 0: raise MLP_MULT")
         if self.num_loops > 0:
             need(0 <= self.loop_start <= self.loop_end < self.num_layers,
                  f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
-        need(0.0 <= self.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT must be a fraction in [0, 1]")
-        need(0 <= self.parallel_residual_start, "PARALLEL_RESIDUAL_START must be >= 0")
-        need(0.0 <= self.warmdown_frac <= 1.0, "WARMDOWN_FRAC must be in [0, 1]")
-        need(0.0 <= self.ema_decay < 1.0, "EMA_DECAY must be in [0, 1)")
-        need(self.max_wallclock_seconds >= 0 and self.gptq_reserve_seconds >= 0, "MAX_WALLCLOCK_SECONDS and GPTQ_RESERVE_SECONDS must be >= 0")
         need(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
-        need(self.iterations >= 1, "ITERATIONS must be >= 1")
-        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS must be >= 1")
         return accum
 
 
@@ -262,10 +304,56 @@ class Settings:
 # =================================================================================================
 
 
-class Runtime:
-    """Rank, world size, device and the run log. Only rank 0 writes the log file."""
+def check_writable_folder(folder: Path, what: str):
+    """Create folder if needed and prove a file can be written there, before any work is done."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what}: {folder} is a file, not a folder: choose another path")
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what}: cannot write to {folder} ({e.strerror}): choose a writable folder or free space there") from None
 
-    def __init__(self, settings: Settings):
+
+def check_output_file(path: Path, what: str):
+    if path.is_dir():
+        raise UserError(f"{what}={path} is a folder: give a file path, e.g. {path / 'model.ptz'}")
+    check_writable_folder(path.parent, what)
+
+
+def artifact_path(s: Settings) -> Path:
+    return Path(s.artifact_path) if s.artifact_path else Path(s.log_dir) / f"{s.run_id}.ptz"
+
+
+def prepare_outputs(s: Settings, dry_run: bool = False) -> Path:
+    """The log path, after proving that every file the run will write can be written (LOG_DIR, the artifact,
+    SAVE_CHECKPOINT) and that RUN_ID does not name an earlier run's files (unless OVERWRITE=1, which
+    removes the old log here; the artifact is replaced when the new one is written)."""
+    log_dir = Path(s.log_dir)
+    check_writable_folder(log_dir, f"LOG_DIR={log_dir}")
+    log_path = log_dir / f"{s.run_id}.txt"
+    outputs = [log_path]
+    if not s.eval_only:
+        check_output_file(artifact_path(s), "ARTIFACT_PATH")
+        outputs.append(artifact_path(s))
+    if s.save_checkpoint:
+        check_output_file(Path(s.save_checkpoint), "SAVE_CHECKPOINT")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not s.overwrite:
+        raise UserError(f"RUN_ID={s.run_id} was used before ({', '.join(existing)} exists): choose another RUN_ID, "
+                        f"or set OVERWRITE=1 to replace that run's files")
+    if existing and not dry_run and log_path.exists():
+        log_path.unlink()
+    return log_path
+
+
+class Runtime:
+    """Rank, world size, device and the run log. Only rank 0 writes the log file. A dry run (--check)
+    proves the outputs writable but writes no log."""
+
+    def __init__(self, settings: Settings, dry_run: bool = False):
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -282,16 +370,22 @@ class Runtime:
         self.master = self.rank == 0
         self.log_path = None
         if self.master:
-            os.makedirs(settings.log_dir, exist_ok=True)
-            self.log_path = Path(settings.log_dir) / f"{settings.run_id}.txt"
+            log_path = prepare_outputs(settings, dry_run)
+            self.log_path = None if dry_run else log_path  # a dry run (--check) only prints
 
     def log(self, msg: str = "", console: bool = True):
         if not self.master:
             return
         if console:
             print(msg, flush=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(msg + "\n")
+        if self.log_path is None:
+            return
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+        except OSError as e:
+            raise UserError(f"cannot append to the log {self.log_path} ({e.strerror}): free space on that disk "
+                            f"or set LOG_DIR to another one") from None
 
     def sync(self):
         if self.device.type == "cuda":
@@ -324,12 +418,38 @@ SHARD_HEADER_WORDS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_WORDS * 4
 
 
+def path_problem(path) -> str:
+    """Why path cannot be read as a file ("" if it can): a folder, a broken link, a FIFO... each said as such."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"is a broken symbolic link (to {os.readlink(path)})"
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a folder, not a file"
+    if not path.is_file():
+        return "is not a regular file (a FIFO, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "is not readable (permissions)"
+    return ""
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, rank_local: bool = False):
+    """Stop on an id the embedding does not have: on a GPU it would abort the process mid-run."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        bad = int(tokens.max())
+        raise UserError(f"{where} holds token id {bad} >= VOCAB_SIZE={vocab_size}: the shards were made with another "
+                        f"tokenizer; set VOCAB_SIZE/TOKENIZER_PATH to the ones the shards were made with, or rebuild the shards",
+                        rank_local)
+
+
 def read_shard(path, mmap: bool = True) -> np.ndarray:
     """The tokens of one shard as a uint16 array (memory-mapped), after checking its header and size."""
     path = Path(path)
     fix = "re-download it (data/cached_challenge_fineweb.py) or rebuild it (data/build_shards.py)"
-    if not path.is_file():
-        raise UserError(f"shard {path} does not exist: {fix}")
+    problem = path_problem(path)
+    if problem:
+        raise UserError(f"shard {path} {problem}: {fix}")
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
         raise UserError(f"shard {path} is {size} bytes, shorter than its {SHARD_HEADER_BYTES}-byte header: {fix}")
@@ -363,6 +483,10 @@ def write_shard(path, tokens) -> None:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
+    if not Path(data_path).is_dir():
+        what = "is a file, not a folder" if Path(data_path).exists() else "does not exist"
+        raise UserError(f"DATA_PATH={data_path} {what}: download the shards with `python3 data/cached_challenge_fineweb.py "
+                        f"--variant sp8192` or point DATA_PATH at the folder that holds them")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise UserError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}: download them with "
@@ -380,7 +504,9 @@ class TrainLoader:
     global batch as 8 GPUs with 1.
     """
 
-    def __init__(self, files, seq_len: int, global_seqs: int, seed: int, rank: int, world_size: int, grad_accum: int):
+    def __init__(self, files, seq_len: int, global_seqs: int, seed: int, rank: int, world_size: int, grad_accum: int,
+                 vocab_size: int = 2**16):
+        self.files, self.vocab_size = list(files), vocab_size
         self.tokens = [read_shard(f) for f in files]
         self.seq_len, self.seed = seq_len, seed
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
@@ -419,14 +545,23 @@ class TrainLoader:
         for m in range(self.grad_accum):
             part = (m * self.world_size + self.rank) * self.micro_seqs
             ids = step_windows[part:part + self.micro_seqs]
-            rows = [self.tokens[self.shard_ids[w]][self.starts[w]:self.starts[w] + self.seq_len + 1] for w in ids]
-            batches.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
+            rows = np.stack([self.tokens[self.shard_ids[w]][self.starts[w]:self.starts[w] + self.seq_len + 1] for w in ids])
+            if rows.size and int(rows.max()) >= self.vocab_size:  # a few microseconds on the host, per micro-batch
+                w = ids[int(np.argmax(rows.max(axis=1)))]
+                check_token_range(rows, self.vocab_size, f"training shard {self.files[self.shard_ids[w]]} "
+                                  f"(window at token {self.starts[w]})", rank_local=True)
+            batches.append(torch.from_numpy(rows.astype(np.int64)))
         return batches
 
 
-def load_validation_tokens(data_path: str, seq_len: int) -> torch.Tensor:
-    """All validation shards in name order, cut to a whole number of seq_len windows (+1 for the last target)."""
-    tokens = np.concatenate([read_shard(f, mmap=False) for f in shard_files(data_path, "val")])
+def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int = 2**16) -> torch.Tensor:
+    """All validation shards in name order, cut to a whole number of seq_len windows (+1 for the last target),
+    every id checked against the vocabulary."""
+    shards = []
+    for f in shard_files(data_path, "val"):
+        shards.append(read_shard(f, mmap=False))
+        check_token_range(shards[-1], vocab_size, f"validation shard {f}")
+    tokens = np.concatenate(shards)
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
         raise UserError(f"validation shards in DATA_PATH={data_path} hold {len(tokens)} tokens, fewer than one "
@@ -436,8 +571,9 @@ def load_validation_tokens(data_path: str, seq_len: int) -> torch.Tensor:
 
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
-    if not Path(path).is_file():
-        raise UserError(f"TOKENIZER_PATH={path} does not exist: download it with data/cached_challenge_fineweb.py or set TOKENIZER_PATH")
+    problem = path_problem(path)
+    if problem:
+        raise UserError(f"TOKENIZER_PATH={path} {problem}: download it with data/cached_challenge_fineweb.py or set TOKENIZER_PATH")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # sentencepiece raises RuntimeError/OSError with long messages
@@ -563,6 +699,10 @@ class Attention(nn.Module):
         return out
 
 
+def mlp_hidden(s) -> int:
+    return int(s.mlp_mult * s.model_dim)
+
+
 class MLP(nn.Module):
     """W_down (LeakyReLU_0.5(W_up x))^2."""
 
@@ -583,7 +723,7 @@ class Block(nn.Module):
         super().__init__()
         dim = s.model_dim
         self.attn = Attention(dim, s.num_heads, s.num_kv_heads, s.qk_gain_init, layer >= s.num_layers - s.xsa_last_n)
-        self.mlp = MLP(dim, int(s.mlp_mult * dim))
+        self.mlp = MLP(dim, mlp_hidden(s))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of (x, x0)
@@ -1402,12 +1542,19 @@ def read_artifact(path):
 
 
 def write_atomic(path: Path, data: bytes):
-    """Write to a temporary name beside path, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temporary name beside path, then rename: readers never see a half-written file, and a
+    failed write (a full disk) leaves nothing behind."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({e.strerror}): it needs {len(data) / 1e6:.1f} MB; free that much "
+                        f"space on its disk or point the path at another one") from None
 
 
 # --- the shipped script ----------------------------------------------------------------------------
@@ -1451,22 +1598,33 @@ def code_bytes(s: Settings) -> int:
     return len(pack_script(running_source()))
 
 
+def settings_with_role(s: Settings, *roles) -> dict:
+    return {x.name: getattr(s, x.name.lower()) for x in SETTINGS if x.role in roles}
+
+
 def artifact_setting_names() -> list:
-    """Settings the artifact carries: everything that shapes the model or its forward pass."""
-    return [x.name for x in SETTINGS if x.group == "model"] + ["VOCAB_SIZE", "TRAIN_SEQ_LEN"]
+    """Settings the artifact carries: what shapes the model, and what the evaluation score depends on."""
+    return [x.name for x in SETTINGS if x.role in ("model", "score")]
 
 
 def adopt_artifact_settings(s: Settings, stored: dict, environ) -> tuple:
-    """(settings, notes): the model is rebuilt with the artifact's own settings. A setting left unset
-    in the environment follows the artifact (noted for the log); one set explicitly to another value
-    is an error, since the user asked for a model the artifact does not hold."""
+    """(settings, notes): EVAL_ONLY rebuilds the run from the artifact alone. A model setting follows the
+    artifact, and one set explicitly to another value is an error (the artifact holds no such model). A
+    score setting (evaluation windows, TTT) follows the artifact unless set explicitly, which then wins;
+    every adopted or overridden value is noted for the log. Data and tokenizer paths are not stored:
+    they are machine-specific."""
     s, notes = copy.copy(s), []
     for name, value in stored.items():
-        if name not in SETTINGS_BY_NAME or getattr(s, name.lower()) == value:
+        setting = SETTINGS_BY_NAME.get(name)
+        if setting is None or not setting.role or getattr(s, name.lower()) == value:
             continue
-        if environ.get(name):
+        explicit = bool(environ.get(name))
+        if explicit and setting.role == "model":
             raise UserError(f"{name}={environ[name]} but the artifact {s.eval_only} was trained with {name}={value}: "
                             f"unset {name} (the artifact's value is then used) or set it to {value}")
+        if explicit:
+            notes.append(f"eval_only: {name}={getattr(s, name.lower())} overrides the artifact's {value}")
+            continue
         notes.append(f"eval_only: {name}={value} from the artifact (default {getattr(s, name.lower())})")
         setattr(s, name.lower(), value)
     return s, notes
@@ -1487,19 +1645,22 @@ def model_from_artifact(qstate: dict, s: Settings, rt: Runtime, label: str) -> G
     return model
 
 
+def require_finite(value: float, what: str, s: Settings):
+    """A score that is NaN or infinite is a failed run, never a result."""
+    if not math.isfinite(value):
+        raise UserError(f"{what} is {value}: the model produced non-finite losses (MATRIX_BITS={s.matrix_bits}, "
+                        f"EMBED_BITS={s.embed_bits}, learning rates and TTT settings are the usual suspects); "
+                        f"the log {s.log_dir}/{s.run_id}.txt has the figures before it")
+
+
 def evaluate_quantized(model: GPT, s: Settings, rt: Runtime, val_tokens, tables) -> dict:
     """evaluate() on a model rebuilt from an artifact, logged: identical in a training run and in EVAL_ONLY."""
     loss_fn = torch.compile(model.token_losses, dynamic=False, fullgraph=True) if s.compile else model.token_losses
     batch_seqs = max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
-    t0 = time.perf_counter()
-    val_loss, val_bpb, n = evaluate(model, loss_fn, val_tokens, tables, s.eval_seq_len, batch_seqs, rt)
-    rt.log(f"quantized val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
-           f"scored_targets:{n}")
-    return {"quantized_val_loss": val_loss, "quantized_val_bpb": val_bpb, "quantized_model": model}
-
-
-def artifact_path(s: Settings) -> Path:
-    return Path(s.artifact_path) if s.artifact_path else Path(s.log_dir) / f"{s.run_id}.ptz"
+    result = evaluate(model, loss_fn, val_tokens, tables, s.eval_seq_len, batch_seqs, rt)
+    rt.log(result.log_line("quantized"))
+    require_finite(result.bpb, "quantized val_bpb", s)
+    return {"quantized_val_loss": result.loss, "quantized_val_bpb": result.bpb, "quantized_model": model}
 
 
 def calibrate(trainer, train_ms: float) -> tuple:
@@ -1627,7 +1788,7 @@ def load_artifact_for_eval(s: Settings, rt: Runtime, path: str):
         torch.backends.cudnn.allow_tf32 = True
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     context = EvalContext(s, rt, sp, build_byte_tables(sp, s.vocab_size).to(rt.device),
-                          load_validation_tokens(s.data_path, s.eval_seq_len))
+                          load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size))
     return model_from_artifact(qstate, s, rt, path), context, s
 
 
@@ -1641,6 +1802,7 @@ def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
     passes = run_evaluation_passes(context, model, "quantized", plain=False)
     final_bpb = list(passes.values())[-1].bpb if passes else out["quantized_val_bpb"]
     rt.log(f"final val_bpb:{final_bpb:.8f}")
+    require_finite(final_bpb, "final val_bpb", s)
     return dict(out, eval=passes, final_val_bpb=final_bpb)
 
 
@@ -1724,23 +1886,15 @@ def check_byte_tables(sp, tables: ByteTables, val_tokens: torch.Tensor, max_docs
 
 
 def validate_eval_settings(s: Settings):
+    """Cross-field checks of the evaluation settings (single-value ranges are declared in SETTINGS)."""
     def need(ok, msg):
         if not ok:
             raise UserError(msg)
-    need(0 < s.eval_stride <= s.eval_seq_len, f"EVAL_STRIDE={s.eval_stride} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
-    need(min(s.eval_batch_windows, s.ttt_batch_seqs, s.ttt_batch_docs, s.ttt_docs_in_flight) >= 1,
-         "EVAL_BATCH_WINDOWS, TTT_BATCH_SEQS, TTT_BATCH_DOCS and TTT_DOCS_IN_FLIGHT must be >= 1")
-    need(s.val_tokens_expected >= 0 and s.byte_check_docs >= 0, "VAL_TOKENS_EXPECTED and BYTE_CHECK_DOCS must be >= 0")
+    need(s.eval_stride <= s.eval_seq_len, f"EVAL_STRIDE={s.eval_stride} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
     need(s.ttt_chunk_tokens >= s.eval_seq_len,
          f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must hold at least one EVAL_SEQ_LEN={s.eval_seq_len} training sequence")
-    need(0 < s.ttt_chunk_size <= s.eval_seq_len, f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
-    need(s.ttt_epochs >= 0 and s.ttt_lr >= 0 and s.ttt_grad_clip >= 0 and s.ttt_lora_lr >= 0 and s.ttt_lora_wd >= 0,
-         "TTT_EPOCHS, TTT_LR, TTT_GRAD_CLIP, TTT_LORA_LR and TTT_LORA_WD must be >= 0")
-    need(0 <= s.ttt_momentum < 1 and 0 <= s.ttt_lora_beta1 < 1 and 0 <= s.ttt_lora_beta2 < 1,
-         "TTT_MOMENTUM, TTT_LORA_BETA1 and TTT_LORA_BETA2 must be in [0, 1)")
-    need(0 <= s.ttt_freeze_blocks <= s.num_layers, f"TTT_FREEZE_BLOCKS={s.ttt_freeze_blocks} must be in 0..NUM_LAYERS")
-    need(s.hash_embed_size >= 1 and s.ttt_lora_rank >= 1, "HASH_EMBED_SIZE and TTT_LORA_RANK must be >= 1")
-    need(s.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS must be positive")
+    need(s.ttt_chunk_size <= s.eval_seq_len, f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
+    need(s.ttt_freeze_blocks <= s.num_layers, f"TTT_FREEZE_BLOCKS={s.ttt_freeze_blocks} must be in 0..NUM_LAYERS")
 
 
 def check_evaluation_setup(trainer) -> None:
@@ -1756,14 +1910,30 @@ def check_evaluation_setup(trainer) -> None:
 
 
 class Scores:
-    """float64 sums (NLL, targets, bytes) of one pass on one rank. With record=N+1 it also keeps every
-    target's loss and how often it was scored: the legality tests read them, and TTT then checks that
-    it trains only on targets already scored."""
+    """float64 sums (NLL, targets, bytes) of one pass on one rank, and the score-first guard.
 
-    def __init__(self, device, record: int = 0):
+    The guard is on in every run: a host-side map of the stream's targets (one byte each, no device
+    work, no sync) that the pass marks as it scores and that every TTT step checks before it trains
+    (require_range). With record=N+1 the object also keeps every target's loss and how often it was
+    scored on the device: the legality tests read them, and the guard then also checks those counts."""
+
+    def __init__(self, device, record: int = 0, n_targets: int = 0):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.loss = torch.full((record,), math.nan, dtype=torch.float64, device=device) if record else None
         self.hits = torch.zeros(record, dtype=torch.int32, device=device) if record else None
+        self.scored = np.zeros(max(record, n_targets + 1), dtype=bool)
+        self.guard_checks = 0
+
+    def mark(self, first: int, last: int):
+        """Targets first..last (stream indices, inclusive) are scored."""
+        self.scored[first:last + 1] = True
+
+    def require_range(self, first: int, last: int):
+        """The score-first guard: a TTT step may only train on targets first..last if all are scored."""
+        self.guard_checks += 1
+        if last >= first and not self.scored[first:last + 1].all():
+            raise RuntimeError(f"score-first violated: TTT is about to train on targets {first}..{last}, "
+                               f"not all of which are scored yet")
 
     def add(self, nll, prev, target, position, mask, tables: ByteTables):
         """All [B, K]: NLL, the input token before each target, the target, its index in the stream, scored-or-not."""
@@ -1775,15 +1945,12 @@ class Scores:
             self.loss[where] = nll[mask]
             self.hits.index_add_(0, where, torch.ones_like(where, dtype=torch.int32))
 
-    def require_scored(self, index):
-        """Legality guard while recording: a TTT step may only use targets that are already scored."""
-        if self.hits is not None and not bool((self.hits[index] > 0).all()):
-            raise RuntimeError("score-first violated: TTT is about to train on targets it has not scored yet")
-
-    def result(self, rt: Runtime) -> tuple:
-        sums = rt.all_reduce(self.sums.clone())
-        loss = (sums[0] / sums[1]).item()
-        return loss, loss / math.log(2) * (sums[1] / sums[2]).item(), int(sums[1].item())
+    def result(self, rt: Runtime, seconds: float, record: bool) -> "EvalResult":
+        """The pass's figures summed over ranks: bpb = loss x targets / (ln 2 x bytes)."""
+        sums = rt.all_reduce(self.sums.clone()).tolist()
+        loss = sums[0] / sums[1]
+        return EvalResult(loss, loss / math.log(2) * sums[1] / sums[2], int(sums[1]), seconds, self if record else None,
+                          scored_bytes=int(sums[2]))
 
 
 @dataclass
@@ -1794,6 +1961,12 @@ class EvalResult:
     seconds: float
     scores: Scores | None = None  # kept when recording (tests)
     estimated_8gpu_seconds: float = math.nan  # set by run_evaluation_passes
+    scored_bytes: int = 0
+
+    def log_line(self, label: str) -> str:
+        """The pass's result as logged; a reader can check bpb = val_loss x scored_targets / (ln 2 x scored_bytes)."""
+        return (f"{label} val_loss:{self.loss:.8f} val_bpb:{self.bpb:.8f} eval_time:{1000 * self.seconds:.0f}ms "
+                f"scored_targets:{self.targets} scored_bytes:{self.scored_bytes}")
 
 
 def share(n: int, rank: int, world_size: int) -> tuple:
@@ -1867,6 +2040,8 @@ def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: i
             scores.add(loss_fn(x, y), x[:, seq_len - tail:], y, target_pos, mask, tables)
             if on_batch is not None and tail == stride:
                 on_batch(i)
+    for _, first, last in segments:
+        scores.mark(int(first), int(last))
 
 
 @torch.no_grad()
@@ -1879,7 +2054,7 @@ def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stri
     n_targets = len(tokens) - 1
     segments = window_segments(1, n_targets, seq_len, stride)
     lo, hi = share(len(segments), rt.rank, rt.world_size)
-    scores = Scores(rt.device, n_targets + 1 if record else 0)
+    scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
     on_batch = None
     if budget is not None:
         # Estimate from the first batches (the first one compiles), at a batch index every rank reaches.
@@ -1895,21 +2070,21 @@ def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stri
                 per_batch = (marks[check_at] - marks[0]) / check_at
                 budget.check(name, budget.estimate(marks[0], per_batch, batches[rt.rank] - 1))
     score_windows(loss_fn, tokens, segments[lo:hi], seq_len, stride, batch, tables, scores, on_batch)
-    loss, bpb, count = scores.result(rt)
-    seconds = time.perf_counter() - t0
+    result = scores.result(rt, time.perf_counter() - t0, record)
     if budget is not None:
-        budget.finish(name, seconds, marks.get(0, 0.0), count)
-    return EvalResult(loss, bpb, count, seconds, scores if record else None)
+        budget.finish(name, result.seconds, marks.get(0, 0.0), result.targets)
+    return result
 
 
 @torch.no_grad()
-def evaluate(model: GPT, loss_fn, val_tokens: torch.Tensor, tables: ByteTables, seq_len: int, batch_seqs: int, rt: Runtime):
-    """Non-overlapping windows of seq_len, split contiguously across ranks. Returns (val_loss, val_bpb, targets)."""
+def evaluate(model: GPT, loss_fn, val_tokens: torch.Tensor, tables: ByteTables, seq_len: int, batch_seqs: int,
+             rt: Runtime) -> EvalResult:
+    """Non-overlapping windows of seq_len, split contiguously across ranks."""
     was_training = model.training
     model.eval()
     result = evaluate_windows(loss_fn, val_tokens, tables, seq_len, seq_len, batch_seqs, rt)
     model.train(was_training)
-    return result.loss, result.bpb, result.targets
+    return result
 
 
 # --- the eval budget ------------------------------------------------------------------------------
@@ -1991,7 +2166,9 @@ def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: fl
     no sequence still joins the all-reduce with zero gradients."""
     L = s.eval_seq_len
     n = (last - first + 1) // L
-    scores.require_scored(slice(first, first + n * L))
+    scores.require_range(first, first + n * L - 1)
+    if scores.hits is not None and not bool((scores.hits[first:first + n * L] > 0).all()):
+        raise RuntimeError("score-first violated: the recorded scores miss targets TTT is about to train on")
     for group in opt.param_groups:
         group["lr"] = lr
     for _ in range(s.ttt_epochs):
@@ -2030,7 +2207,7 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
         return ttt.token_losses(x, y, extra_embedding=hash_emb)
     loss_fn = compiled(losses, s)
     tokens = val_tokens.to(rt.device, torch.int32)
-    scores = Scores(rt.device, n_targets + 1 if record else 0)
+    scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
     frozen = sum(p.numel() for p in ttt.parameters() if not p.requires_grad)
     rt.log(f"ttt:protocol score-first mode=chunk chunks={n_chunks} chunk_tokens={C} window={L} stride={stride} order=original "
            f"epochs={s.ttt_epochs} optimizer=sgd lr={s.ttt_lr} schedule=cosine_over_chunks momentum={s.ttt_momentum} "
@@ -2047,6 +2224,10 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
         lo, hi = share(len(segments), rt.rank, rt.world_size)
         with torch.no_grad():
             score_windows(loss_fn, tokens, segments[lo:hi], L, stride, s.eval_batch_windows, tables, scores)
+        if rt.world_size > 1:
+            # The other ranks score the rest of this chunk; none can finish the first TTT step (its
+            # gradient all-reduce) before every rank has scored its share.
+            scores.mark(first, last)
         if c < n_chunks - 1 and s.ttt_epochs > 0:
             lr = s.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
             ttt_train_chunk(loss_fn, params, opt, tokens, first, last, lr, s, rt, scores)
@@ -2060,11 +2241,11 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
             if (c + 1) % log_every == 0 or c == n_chunks - 1:
                 sums = scores.sums.tolist()
                 rt.log(f"ttt_chunk [{c + 1}/{n_chunks}] rank0_bpb:{sums[0] / math.log(2) / max(sums[2], 1):.6f} elapsed:{elapsed:.1f}s")
-    loss, bpb, count = scores.result(rt)
-    seconds = time.perf_counter() - t0
+    rt.log(f"ttt:score_first_guard active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
+    result = scores.result(rt, time.perf_counter() - t0, record)
     if budget is not None:
-        budget.finish("ttt_chunk", seconds, fixed, count)
-    return EvalResult(loss, bpb, count, seconds, scores if record else None)
+        budget.finish("ttt_chunk", result.seconds, fixed, result.targets)
+    return result
 
 
 def random_tokens(shape, vocab: int, s: Settings, device):
@@ -2238,9 +2419,14 @@ def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayou
     matrices = layout.matrices(slots.P[idx], compute_dtype(tokens.device))  # with grad even if no row trains: no recompile
     nll = loss_fn(x, y, matrices)
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
+    first_target, last_target = start + C * chunk + 1, start + np.minimum(C * (chunk + 1), length)
+    for a, b in zip(first_target.tolist(), last_target.tolist()):
+        scores.mark(a, b)
     if (C * (chunk + 1) < length).any():
-        if scores.hits is not None:
-            scores.require_scored(position[mask])
+        for a, b in zip(first_target.tolist(), last_target.tolist()):
+            scores.require_range(a, b)
+        if scores.hits is not None and not bool((scores.hits[position[mask]] > 0).all()):
+            raise RuntimeError("score-first violated: the recorded scores miss targets TTT is about to train on")
         (torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
         slots.adamw_(idx, layout.gradient(matrices), s)
     return work
@@ -2313,7 +2499,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
 
     loss_fn = lora_losses(base, layout, s)
     tokens = val_tokens.to(rt.device, torch.int32)
-    scores = Scores(rt.device, n_targets + 1 if record else 0)
+    scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
     rt.log(f"ttt:protocol score-first mode=lora docs={len(cum) - 1} split=bos chunk={C} window={L} context=document_only "
            f"order=original reset=per_document rank={s.ttt_lora_rank} targets=q,k,v,o,mlp,head optimizer=adamw "
            f"lr={s.ttt_lora_lr} betas=({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd={s.ttt_lora_wd} steps_per_chunk=1 "
@@ -2347,15 +2533,16 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                     budget.check("ttt_lora", budget.estimate(t_a, rate, cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a))
     if s.compile:  # 1 unless a shape slipped past lora_losses: each extra graph is a full recompile
         rt.log(f"ttt:lora_graphs_compiled {torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before}")
-    loss, bpb, count = scores.result(rt)
-    seconds = time.perf_counter() - t0
+    rt.log(f"ttt:score_first_guard active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
+    result = scores.result(rt, time.perf_counter() - t0, record)
+    seconds = result.seconds
     first_seconds, first_work = marks.get(0, (0.0, 0))  # the first step carries the compile: rates leave it out
     peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}" if rt.device.type == "cuda" else ""
     rt.log(f"ttt:lora rank0 steps:{len(plan)} window_tokens:{done_work} window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
            f"window_tokens_per_s_after_first_step:{(done_work - first_work) / max(seconds - first_seconds, 1e-9):.0f}{peak}")
     if budget is not None:
-        budget.finish("ttt_lora", seconds, first_seconds, count)
-    return EvalResult(loss, bpb, count, seconds, scores if record else None)
+        budget.finish("ttt_lora", seconds, first_seconds, result.targets)
+    return result
 
 
 @contextlib.contextmanager
@@ -2403,7 +2590,7 @@ def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, voc
     for n in (2, 1):
         for chunk in sorted({0, min(1, full), full}):
             lora_step(np.zeros(n, np.int64), np.full(n, C * (full + 2)), np.full(n, chunk), np.arange(n), slots, layout,
-                      loss_fn, tokens, s, tables, Scores(rt.device))
+                      loss_fn, tokens, s, tables, Scores(rt.device, n_targets=len(tokens) - 1))
     rt.sync()
     rt.log(f"ttt:warmup random tokens (no validation data) seconds:{time.perf_counter() - t0:.1f}")
 
@@ -2450,8 +2637,7 @@ def run_evaluation_passes(trainer, model: GPT, label_prefix: str = "quantized", 
         if result.targets != n_targets:
             raise RuntimeError(f"{name} scored {result.targets} targets, not the {n_targets} of the validation stream")
         result.estimated_8gpu_seconds = budget.done[-1][2]
-        rt.log(f"{labels[name]} val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f} eval_time:{1000 * result.seconds:.0f}ms "
-               f"scored_targets:{result.targets}")
+        rt.log(result.log_line(labels[name]))
         results[name] = result
     model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -2465,15 +2651,17 @@ def run_evaluation_passes(trainer, model: GPT, label_prefix: str = "quantized", 
 
 
 def checkpoint_settings(s: Settings) -> dict:
-    return {name: value for name, value in s.items() if SETTINGS_BY_NAME[name].group == "model" or name == "VOCAB_SIZE"}
+    return settings_with_role(s, "model")
 
 
 def save_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
     """The raw (unquantized) state dict and the settings that shape it."""
     if rt.master:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        import io
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "settings": checkpoint_settings(s)}, path)
+        buffer = io.BytesIO()
+        torch.save({"state_dict": state, "settings": checkpoint_settings(s)}, buffer)
+        write_atomic(Path(path), buffer.getvalue())
         rt.log(f"checkpoint:saved {path}")
 
 
@@ -2529,7 +2717,7 @@ class Trainer:
         self.sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
         self.tables = build_byte_tables(self.sp, s.vocab_size).to(rt.device)
         self.train_files = shard_files(s.data_path, "train")
-        self.val_tokens = load_validation_tokens(s.data_path, s.eval_seq_len)
+        self.val_tokens = load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size)
         self.model = GPT(s).to(rt.device)
         self.attention_backend = self.model.use_attention(s.attn_backend, rt.device)
         if s.compile:
@@ -2542,7 +2730,7 @@ class Trainer:
 
     def new_loader(self) -> TrainLoader:
         return TrainLoader(self.train_files, self.s.train_seq_len, self.global_seqs, self.s.seed,
-                           self.rt.rank, self.rt.world_size, self.rt.grad_accum)
+                           self.rt.rank, self.rt.world_size, self.rt.grad_accum, self.s.vocab_size)
 
     def fetch(self, loader: TrainLoader):
         batches = loader.next_step()
@@ -2611,8 +2799,8 @@ class Trainer:
             if done or (s.val_loss_every > 0 and step > 0 and step % s.val_loss_every == 0):
                 rt.sync()
                 training_ms += 1000.0 * (time.perf_counter() - t0)  # the clock pauses while validating
-                val_loss, val_bpb, _ = self.validate()
-                rt.log(f"step:{step}/{s.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{training_ms:.0f}ms")
+                val = self.validate()
+                rt.log(f"step:{step}/{s.iterations} val_loss:{val.loss:.4f} val_bpb:{val.bpb:.4f} train_time:{training_ms:.0f}ms")
                 rt.sync()
                 t0 = time.perf_counter()
             if done:
@@ -2685,32 +2873,55 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     if s.save_checkpoint:
         save_checkpoint(model, s, rt, s.save_checkpoint)
     model.looping = trainer.can_loop  # evaluation always runs the full recurrent schedule
-    t0 = time.perf_counter()
-    val_loss, val_bpb, n_targets = trainer.validate()
-    rt.log(f"pre-quantization post-ema val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
-           f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms scored_targets:{n_targets}")
-    results.update(val_loss=val_loss, val_bpb=val_bpb, trainer=trainer)
+    val = trainer.validate()
+    rt.log(val.log_line("pre-quantization post-ema"))
+    require_finite(val.bpb, "pre-quantization val_bpb", s)
+    results.update(val_loss=val.loss, val_bpb=val.bpb, trainer=trainer)
     results.update(quantize_and_pack(trainer, results["train_ms"]))
-    results.update(evaluate_artifact_roundtrip(trainer, results["artifact_path"], val_bpb))
+    results.update(evaluate_artifact_roundtrip(trainer, results["artifact_path"], val.bpb))
     # The score: sliding window and TTT on the model rebuilt from the artifact alone.
     passes = run_evaluation_passes(trainer, results["quantized_model"], "quantized", plain=False)
     final_bpb = list(passes.values())[-1].bpb if passes else results["quantized_val_bpb"]
     results.update(eval=passes, final_val_bpb=final_bpb)
     rt.log(f"final val_bpb:{final_bpb:.8f}")
+    require_finite(final_bpb, "final val_bpb", s)
     return results
+
+
+def check_run(s: Settings, rt: Runtime):
+    """--check: every start-up check of a real run (settings, output paths, tokenizer, shard headers,
+    validation ids, byte tables, evaluation settings), then exit without training or writing anything."""
+    if s.eval_only:
+        _, context, s = load_artifact_for_eval(s, rt, s.eval_only)
+        check_evaluation_setup(context)
+    else:
+        trainer = Trainer(s, rt)
+        check_evaluation_setup(trainer)
+        if s.load_checkpoint:
+            load_checkpoint(trainer.model, s, rt, s.load_checkpoint)
+    rt.log(f"check: ok run_id:{s.run_id} (settings, paths, tokenizer, shards and evaluation set-up; nothing written)")
 
 
 def main():
     rt = None
+    dry_run = "--check" in sys.argv[1:]
+    unknown = [a for a in sys.argv[1:] if a != "--check"]
     try:
+        if unknown:
+            raise UserError(f"unknown argument {unknown[0]}: train_gpt.py takes its settings from environment variables "
+                            f"(see README.md); its only flag is --check")
         settings = Settings()
-        rt = Runtime(settings)
-        if settings.eval_only:
+        rt = Runtime(settings, dry_run=dry_run)
+        if dry_run:
+            check_run(settings, rt)
+        elif settings.eval_only:
             evaluate_artifact(settings, rt)
         else:
             train_and_evaluate(settings, rt)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # Rank 0 speaks for errors every rank finds the same way, so torchrun users read it once.
+        if e.rank_local or (rt.master if rt is not None else os.environ.get("RANK", "0") == "0"):
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         if rt is not None:

@@ -17,7 +17,7 @@ TINY_EVAL = dict(EVAL_STRIDE="16", EVAL_BATCH_WINDOWS="8", TTT_CHUNK_TOKENS="256
 def make(tiny_data, tmp_path, **overrides):
     """(Settings, Runtime) of a tiny single-process CPU run; overrides are environment values."""
     env = dict(TINY_MODEL, **TINY_EVAL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
-               LOG_DIR=str(tmp_path / "logs"), RUN_ID="eval")
+               LOG_DIR=str(tmp_path / "logs"), RUN_ID="eval", OVERWRITE="1")  # helpers build many runtimes in one folder
     env.update({k: str(v) for k, v in overrides.items()})
     s = tg.Settings(environ=env)
     return s, tg.Runtime(s)

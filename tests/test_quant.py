@@ -318,7 +318,7 @@ def test_eval_only_refuses_an_explicit_conflicting_setting(tiny_env):
 def test_eval_only_of_a_bad_file_is_one_line_and_exit_1(trained, tmp_path):
     bad = tmp_path / "truncated.ptz"
     bad.write_bytes((trained["tmp"] / "logs" / "source.ptz").read_bytes()[:1000])
-    r = run_script(ROOT / "train_gpt.py", dict(trained["env"], EVAL_ONLY=str(bad)), check=False)
+    r = run_script(ROOT / "train_gpt.py", dict(trained["env"], RUN_ID="bad_file", EVAL_ONLY=str(bad)), check=False)
     assert r.returncode == 1 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -94,7 +94,7 @@ def test_two_gloo_processes_match_one_process(tiny_env):
     (dict(MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10"), "leaves no training time"),
     (dict(RANK="0", WORLD_SIZE="3"), "WORLD_SIZE=3 must divide 8"),
     (dict(VOCAB_SIZE="8192"), "has 384 pieces but VOCAB_SIZE=8192"),
-    (dict(DATA_PATH="/nonexistent/shards"), "no fineweb_train_*.bin shards in DATA_PATH=/nonexistent/shards"),
+    (dict(DATA_PATH="/nonexistent/shards"), "DATA_PATH=/nonexistent/shards does not exist"),
     (dict(TOKENIZER_PATH="/nonexistent/tok.model"), "TOKENIZER_PATH=/nonexistent/tok.model does not exist"),
     (dict(EVAL_SEQ_LEN="100000"), "fewer than one EVAL_SEQ_LEN=100000 window"),
     (dict(SCALAR_LR="1e30", ITERATIONS="20"), "training loss became nan at step"),
