@@ -35,8 +35,9 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,128 +55,284 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Setting:
+    """One environment variable: its name, default (whose Python type is the variable's type), help,
+    allowed values, group (README table), range and role. Built from the Settings fields below."""
     name: str
-    default: object  # its Python type (bool, int, float, str) is the variable's type
+    default: object
     help: str
     choices: tuple = ()
     group: str = "run"
-    bounds: str = ""          # allowed range, checked when the value is read: "[2, 8]", "(0, inf)", "[0, 1)"
-    role: str = ""            # "model": shapes the model (stored in artifact and checkpoint, must match);
-                              # "score": the evaluation score depends on it (stored in the artifact, adopted by EVAL_ONLY)
+    bounds: str = ""  # allowed range, checked when the value is read: "[2, 8]", "(0, inf)", "[0, 1)"
+    role: str = ""    # "model": shapes the model (stored in the artifact and the checkpoint, must match there);
+                      # "score": the evaluation score depends on it (stored in the artifact, adopted by EVAL_ONLY)
 
 
-SETTINGS = [
+def setting(default, help: str, choices: tuple = (), group: str = "run", bounds: str = "", role: str = ""):
+    """A Settings field: its default and its metadata (see Setting)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, group=group, bounds=bounds, role=role))
+
+
+@dataclass(init=False)
+class Settings:
+    """Every setting, read once from the environment: variable NAME is attribute `name` (s.matrix_lr is
+    MATRIX_LR). The fields are the one declaration: parsing, range checks, the artifact's stored
+    settings, the log header and the README table (tools/settings_table.py) all come from them."""
     # --- data and run ---
-    Setting("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder holding fineweb_train_*.bin and fineweb_val_*.bin", group="data"),
-    Setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model the shards were made with", group="data"),
-    Setting("VOCAB_SIZE", 8192, "vocabulary size; must equal the tokenizer's", group="data", bounds="[2, 65536]", role="model"),
-    Setting("RUN_ID", "", "name of the run: its log is LOG_DIR/<RUN_ID>.txt, its artifact LOG_DIR/<RUN_ID>.ptz "
-            "(letters, digits, '.', '_', '-'; default: a fresh random id)"),
-    Setting("LOG_DIR", "logs", "folder for the run log and, by default, the artifact"),
-    Setting("OVERWRITE", False, "allow a RUN_ID whose log or artifact already exists: both are replaced (off: the run refuses)"),
-    Setting("SEED", 1337, "seed of the initialisation and of the training-window order", role="score"),
-    Setting("ITERATIONS", 20000, "hard cap on optimizer steps (the wallclock cap normally stops first)", bounds="[1, inf)"),
-    Setting("MAX_WALLCLOCK_SECONDS", 600.0, "training budget in seconds; 0 disables the cap (schedule then follows ITERATIONS)", bounds="[0, inf)"),
-    Setting("GPTQ_RESERVE_SECONDS", 13.0, "seconds of the budget kept for GPTQ Hessian collection after the loop", bounds="[0, inf)"),
-    Setting("WARMUP_STEPS", 20, "untimed compile warm-up steps per graph (looping off, then on); state is rolled back", bounds="[0, inf)"),
-    Setting("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of the GPU count", bounds="[1, inf)"),
-    Setting("TRAIN_SEQ_LEN", 2048, "training window length in tokens", bounds="[1, inf)", role="model"),
-    Setting("TRAIN_LOG_EVERY", 500, "log a train_loss line every N steps (and steps 1-5)", bounds="[1, inf)"),
-    Setting("VAL_LOSS_EVERY", 4000, "validate every N steps during training (0: only at the end)", bounds="[0, inf)"),
-    Setting("VAL_BATCH_TOKENS", 524288, "global tokens per validation batch", bounds="[1, inf)", role="score"),
-    Setting("EVAL_SEQ_LEN", 2048, "evaluation window length in tokens", bounds="[1, inf)", role="score"),
-    Setting("COMPILE", True, "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)"),
-    Setting("ATTN_BACKEND", "auto", "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA", ("auto", "fa3", "sdpa")),
+    data_path: str = setting("./data/datasets/fineweb10B_sp8192",
+        "folder holding fineweb_train_*.bin and fineweb_val_*.bin", group="data")
+    tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe.model",
+        "SentencePiece model the shards were made with", group="data")
+    vocab_size: int = setting(8192,
+        "vocabulary size; must equal the tokenizer's", group="data", bounds="[2, 65536]", role="model")
+    run_id: str = setting("",
+        "name of the run: its log is LOG_DIR/<RUN_ID>.txt, its artifact LOG_DIR/<RUN_ID>.ptz (letters, digits, '.', "
+        "'_', '-'; default: a fresh random id)")
+    log_dir: str = setting("logs", "folder for the run log and, by default, the artifact")
+    overwrite: bool = setting(False,
+        "allow a RUN_ID whose log or artifact already exists: both are replaced (off: the run refuses)")
+    seed: int = setting(1337, "seed of the initialisation and of the training-window order", role="score")
+    iterations: int = setting(20000,
+        "hard cap on optimizer steps (the wallclock cap normally stops first)", bounds="[1, inf)")
+    max_wallclock_seconds: float = setting(600.0,
+        "training budget in seconds; 0 disables the cap (schedule then follows ITERATIONS)", bounds="[0, inf)")
+    gptq_reserve_seconds: float = setting(13.0,
+        "seconds of the budget kept for GPTQ Hessian collection after the loop", bounds="[0, inf)")
+    warmup_steps: int = setting(20,
+        "untimed compile warm-up steps per graph (looping off, then on); state is rolled back", bounds="[0, inf)")
+    train_batch_tokens: int = setting(786432,
+        "global tokens per optimizer step, independent of the GPU count", bounds="[1, inf)")
+    train_seq_len: int = setting(2048, "training window length in tokens", bounds="[1, inf)", role="model")
+    train_log_every: int = setting(500, "log a train_loss line every N steps (and steps 1-5)", bounds="[1, inf)")
+    val_loss_every: int = setting(4000,
+        "validate every N steps during training (0: only at the end)", bounds="[0, inf)")
+    val_batch_tokens: int = setting(524288, "global tokens per validation batch", bounds="[1, inf)", role="score")
+    eval_seq_len: int = setting(2048, "evaluation window length in tokens", bounds="[1, inf)", role="score")
+    compile: bool = setting(True,
+        "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)")
+    attn_backend: str = setting("auto",
+        "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA", choices=('auto', 'fa3', 'sdpa'))
     # --- model ---
-    Setting("NUM_LAYERS", 11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model"),
-    Setting("MODEL_DIM", 512, "residual stream width", group="model", bounds="[1, inf)", role="model"),
-    Setting("NUM_HEADS", 8, "query heads", group="model", bounds="[1, inf)", role="model"),
-    Setting("NUM_KV_HEADS", 4, "key/value heads (grouped-query attention)", group="model", bounds="[1, inf)", role="model"),
-    Setting("MLP_MULT", 4.0, "MLP hidden width as a multiple of MODEL_DIM", group="model", bounds="(0, inf)", role="model"),
-    Setting("ROPE_DIMS", 16, "leading dims of each head that RoPE rotates (partial RoPE)", group="model", bounds="[0, inf)", role="model"),
-    Setting("ROPE_BASE", 10000.0, "RoPE base frequency", group="model", bounds="(0, inf)", role="model"),
-    Setting("QK_GAIN_INIT", 5.0, "initial per-head gain applied to the RMS-normed queries", group="model", role="model"),
-    Setting("XSA_LAST_N", 11, "exclusive self-attention on the last N physical layers", group="model", bounds="[0, inf)", role="model"),
-    Setting("LOGIT_SOFTCAP", 30.0, "logits are squashed to c*tanh(z/c)", group="model", bounds="(0, inf)", role="model"),
-    Setting("TIED_EMBED_INIT_STD", 0.005, "std of the tied embedding's normal initialisation", group="model", bounds="[0, inf)", role="model"),
-    Setting("SKIP_GATES_ENABLED", True, "U-Net skips are sigmoid-gated lerps (off: plain weighted adds)", group="model", role="model"),
-    Setting("LN_SCALE", True, "scale each block's normed input by 1/sqrt(layer+1)", group="model", role="model"),
-    Setting("NUM_LOOPS", 2, "extra passes over layers LOOP_START..LOOP_END once looping is on (0: no recurrence)", group="model", bounds="[0, inf)", role="model"),
-    Setting("LOOP_START", 3, "first physical layer of the recurrent segment", group="model", bounds="[0, inf)", role="model"),
-    Setting("LOOP_END", 5, "last physical layer of the recurrent segment (inclusive)", group="model", bounds="[0, inf)", role="model"),
-    Setting("ENABLE_LOOPING_AT", 0.35, "fraction of the training budget at which depth recurrence switches on", group="model", bounds="[0, 1]"),
-    Setting("PARALLEL_RESIDUAL_MODE", "full", "two-lane residuals: full = PR #1529, split = PR #1477, sequential = PR #1204, off", ("full", "split", "sequential", "off"), group="model", role="model"),
-    Setting("PARALLEL_RESIDUAL_START", 8, "first physical layer that runs as a two-lane block", group="model", bounds="[0, inf)", role="model"),
+    num_layers: int = setting(11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model")
+    model_dim: int = setting(512, "residual stream width", group="model", bounds="[1, inf)", role="model")
+    num_heads: int = setting(8, "query heads", group="model", bounds="[1, inf)", role="model")
+    num_kv_heads: int = setting(4,
+        "key/value heads (grouped-query attention)", group="model", bounds="[1, inf)", role="model")
+    mlp_mult: float = setting(4.0,
+        "MLP hidden width as a multiple of MODEL_DIM", group="model", bounds="(0, inf)", role="model")
+    rope_dims: int = setting(16,
+        "leading dims of each head that RoPE rotates (partial RoPE)", group="model", bounds="[0, inf)", role="model")
+    rope_base: float = setting(10000.0, "RoPE base frequency", group="model", bounds="(0, inf)", role="model")
+    qk_gain_init: float = setting(5.0,
+        "initial per-head gain applied to the RMS-normed queries", group="model", role="model")
+    xsa_last_n: int = setting(11,
+        "exclusive self-attention on the last N physical layers", group="model", bounds="[0, inf)", role="model")
+    logit_softcap: float = setting(30.0,
+        "logits are squashed to c*tanh(z/c)", group="model", bounds="(0, inf)", role="model")
+    tied_embed_init_std: float = setting(0.005,
+        "std of the tied embedding's normal initialisation", group="model", bounds="[0, inf)", role="model")
+    skip_gates_enabled: bool = setting(True,
+        "U-Net skips are sigmoid-gated lerps (off: plain weighted adds)", group="model", role="model")
+    ln_scale: bool = setting(True, "scale each block's normed input by 1/sqrt(layer+1)", group="model", role="model")
+    num_loops: int = setting(2,
+        "extra passes over layers LOOP_START..LOOP_END once looping is on (0: no recurrence)",
+        group="model", bounds="[0, inf)", role="model")
+    loop_start: int = setting(3,
+        "first physical layer of the recurrent segment", group="model", bounds="[0, inf)", role="model")
+    loop_end: int = setting(5,
+        "last physical layer of the recurrent segment (inclusive)", group="model", bounds="[0, inf)", role="model")
+    enable_looping_at: float = setting(0.35,
+        "fraction of the training budget at which depth recurrence switches on", group="model", bounds="[0, 1]")
+    parallel_residual_mode: str = setting("full",
+        "two-lane residuals: full = PR #1529, split = PR #1477, sequential = PR #1204, off",
+        choices=('full', 'split', 'sequential', 'off'), group="model", role="model")
+    parallel_residual_start: int = setting(8,
+        "first physical layer that runs as a two-lane block", group="model", bounds="[0, inf)", role="model")
     # --- optimizer ---
-    Setting("MATRIX_LR", 0.022, "Muon learning rate of the block matrices", group="optimizer", bounds="[0, inf)"),
-    Setting("TIED_EMBED_LR", 0.03, "AdamW learning rate of the tied embedding", group="optimizer", bounds="[0, inf)"),
-    Setting("SCALAR_LR", 0.02, "AdamW learning rate of gains, mixes, skips and lane lambdas", group="optimizer", bounds="[0, inf)"),
-    Setting("MUON_MOMENTUM", 0.97, "Muon Nesterov momentum after warm-up", group="optimizer", bounds="[0, 1)"),
-    Setting("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", group="optimizer", bounds="[0, 1)"),
-    Setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps over which the momentum rises linearly", group="optimizer", bounds="[0, inf)"),
-    Setting("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", group="optimizer", bounds="[1, inf)"),
-    Setting("MUON_NS_COEFFS", "quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.775, 2.0315) or polar_express", ("quintic", "polar_express"), group="optimizer"),
-    Setting("MUON_ROW_NORMALIZE", True, "MuonEq-R: normalise each row of the update before Newton-Schulz", group="optimizer"),
-    Setting("MUON_WD", 0.095, "decoupled weight decay of the Muon matrices", group="optimizer", bounds="[0, inf)"),
-    Setting("EMBED_WD", 0.095, "AdamW weight decay of the tied embedding", group="optimizer", bounds="[0, inf)"),
-    Setting("ADAM_WD", 0.02, "AdamW weight decay of the scalar/control tensors", group="optimizer", bounds="[0, inf)"),
-    Setting("BETA1", 0.9, "AdamW beta1", group="optimizer", bounds="[0, 1)"),
-    Setting("BETA2", 0.95, "AdamW beta2", group="optimizer", bounds="[0, 1)"),
-    Setting("ADAM_EPS", 1e-8, "AdamW epsilon", group="optimizer", bounds="(0, inf)"),
-    Setting("GRAD_CLIP_NORM", 0.3, "clip the global gradient norm to this (0: off)", group="optimizer", bounds="[0, inf)"),
-    Setting("WARMDOWN_FRAC", 0.667, "last fraction of the budget over which the LR falls linearly", group="optimizer", bounds="[0, 1]"),
-    Setting("MIN_LR", 0.0, "floor of the LR multiplier during warm-down", group="optimizer", bounds="[0, 1]"),
-    Setting("EMA_DECAY", 0.997, "decay of the weight EMA swapped in after training (0: no EMA)", group="optimizer", bounds="[0, 1)"),
+    matrix_lr: float = setting(0.022, "Muon learning rate of the block matrices", group="optimizer", bounds="[0, inf)")
+    tied_embed_lr: float = setting(0.03,
+        "AdamW learning rate of the tied embedding", group="optimizer", bounds="[0, inf)")
+    scalar_lr: float = setting(0.02,
+        "AdamW learning rate of gains, mixes, skips and lane lambdas", group="optimizer", bounds="[0, inf)")
+    muon_momentum: float = setting(0.97, "Muon Nesterov momentum after warm-up", group="optimizer", bounds="[0, 1)")
+    muon_momentum_warmup_start: float = setting(0.92, "Muon momentum at step 0", group="optimizer", bounds="[0, 1)")
+    muon_momentum_warmup_steps: int = setting(1500,
+        "steps over which the momentum rises linearly", group="optimizer", bounds="[0, inf)")
+    muon_backend_steps: int = setting(5, "Newton-Schulz iterations", group="optimizer", bounds="[1, inf)")
+    muon_ns_coeffs: str = setting("quintic",
+        "Newton-Schulz coefficients: quintic (3.4445, -4.775, 2.0315) or polar_express",
+        choices=('quintic', 'polar_express'), group="optimizer")
+    muon_row_normalize: bool = setting(True,
+        "MuonEq-R: normalise each row of the update before Newton-Schulz", group="optimizer")
+    muon_wd: float = setting(0.095, "decoupled weight decay of the Muon matrices", group="optimizer", bounds="[0, inf)")
+    embed_wd: float = setting(0.095, "AdamW weight decay of the tied embedding", group="optimizer", bounds="[0, inf)")
+    adam_wd: float = setting(0.02,
+        "AdamW weight decay of the scalar/control tensors", group="optimizer", bounds="[0, inf)")
+    beta1: float = setting(0.9, "AdamW beta1", group="optimizer", bounds="[0, 1)")
+    beta2: float = setting(0.95, "AdamW beta2", group="optimizer", bounds="[0, 1)")
+    adam_eps: float = setting(1e-08, "AdamW epsilon", group="optimizer", bounds="(0, inf)")
+    grad_clip_norm: float = setting(0.3,
+        "clip the global gradient norm to this (0: off)", group="optimizer", bounds="[0, inf)")
+    warmdown_frac: float = setting(0.667,
+        "last fraction of the budget over which the LR falls linearly", group="optimizer", bounds="[0, 1]")
+    min_lr: float = setting(0.0, "floor of the LR multiplier during warm-down", group="optimizer", bounds="[0, 1]")
+    ema_decay: float = setting(0.997,
+        "decay of the weight EMA swapped in after training (0: no EMA)", group="optimizer", bounds="[0, 1)")
     # --- quantization and the artifact ---
-    Setting("GPTQ_CALIBRATION", "train", "GPTQ calibration data: train = this rank's training micro-batches from a fresh loader "
-            "(counted in the budget); selfgen = sequences the model samples itself (much slower)", ("train", "selfgen"), group="quantization"),
-    Setting("GPTQ_CALIBRATION_BATCHES", 64, "calibration batches: the first N training steps' global batches, each rank "
-            "taking its micro-batches (selfgen: sequences per rank)", group="quantization", bounds="[1, inf)"),
-    Setting("GPTQ_DAMP", 0.01, "GPTQ damping added to the Hessian diagonal, as a fraction of its mean", group="quantization", bounds="[0, inf)"),
-    Setting("GPTQ_BLOCK_SIZE", 128, "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once)", group="quantization", bounds="[1, inf)"),
-    Setting("MATRIX_BITS", 6, "bits of the block matrices (values in [-(2^(b-1)-1), 2^(b-1)-1])", group="quantization", bounds="[2, 8]"),
-    Setting("MATRIX_CLIP_SIGMAS", 12.85, "SDClip: a block-matrix row's scale is k*std(row)/q_max; larger k = finer steps, bigger artifact", group="quantization", bounds="(0, inf)"),
-    Setting("EMBED_BITS", 8, "bits of the tied embedding", group="quantization", bounds="[2, 8]"),
-    Setting("EMBED_CLIP_SIGMAS", 20.0, "SDClip k of the tied embedding", group="quantization", bounds="(0, inf)"),
-    Setting("COMPRESSOR", "brotli", "compressor of the artifact", ("brotli", "lzma"), group="quantization"),
-    Setting("PASSTHROUGH_MAX_NUMEL", 65536, "float tensors with at most this many elements ship as fp16 instead of being quantized", group="quantization", bounds="[0, inf)"),
-    Setting("ARTIFACT_PATH", "", "where the compressed model goes (default LOG_DIR/<RUN_ID>.ptz)", group="quantization"),
-    Setting("ARTIFACT_LIMIT_BYTES", 16000000, "limit on model bytes + code bytes; the run fails before evaluation above it", group="quantization", bounds="[1, inf)"),
-    Setting("CODE_BYTES_FROM", "packed", "code bytes counted: packed = the shipped form tools/pack_submission.py writes, computed "
-            "from the running source; file = the size of the file being run", ("packed", "file"), group="quantization"),
-    Setting("EVAL_ONLY", "", "path of an artifact: skip training, rebuild the model from the artifact alone and evaluate it "
-            "(reads tokenizer and validation shards only)", group="quantization"),
+    gptq_calibration: str = setting("train",
+        "GPTQ calibration data: train = this rank's training micro-batches from a fresh loader (counted in the "
+        "budget); selfgen = sequences the model samples itself (much slower)",
+        choices=('train', 'selfgen'), group="quantization")
+    gptq_calibration_batches: int = setting(64,
+        "calibration batches: the first N training steps' global batches, each rank taking its micro-batches "
+        "(selfgen: sequences per rank)", group="quantization", bounds="[1, inf)")
+    gptq_damp: float = setting(0.01,
+        "GPTQ damping added to the Hessian diagonal, as a fraction of its mean",
+        group="quantization", bounds="[0, inf)")
+    gptq_block_size: int = setting(128,
+        "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once)",
+        group="quantization", bounds="[1, inf)")
+    matrix_bits: int = setting(6,
+        "bits of the block matrices (values in [-(2^(b-1)-1), 2^(b-1)-1])", group="quantization", bounds="[2, 8]")
+    matrix_clip_sigmas: float = setting(12.85,
+        "SDClip: a block-matrix row's scale is k*std(row)/q_max; larger k = finer steps, bigger artifact",
+        group="quantization", bounds="(0, inf)")
+    embed_bits: int = setting(8, "bits of the tied embedding", group="quantization", bounds="[2, 8]")
+    embed_clip_sigmas: float = setting(20.0, "SDClip k of the tied embedding", group="quantization", bounds="(0, inf)")
+    compressor: str = setting("brotli", "compressor of the artifact", choices=('brotli', 'lzma'), group="quantization")
+    passthrough_max_numel: int = setting(65536,
+        "float tensors with at most this many elements ship as fp16 instead of being quantized",
+        group="quantization", bounds="[0, inf)")
+    artifact_path: str = setting("",
+        "where the compressed model goes (default LOG_DIR/<RUN_ID>.ptz)", group="quantization")
+    artifact_limit_bytes: int = setting(16000000,
+        "limit on model bytes + code bytes; the run fails before evaluation above it",
+        group="quantization", bounds="[1, inf)")
+    code_bytes_from: str = setting("packed",
+        "code bytes counted: packed = the shipped form tools/pack_submission.py writes, computed from the running "
+        "source; file = the size of the file being run", choices=('packed', 'file'), group="quantization")
+    eval_only: str = setting("",
+        "path of an artifact: skip training, rebuild the model from the artifact alone and evaluate it (reads "
+        "tokenizer and validation shards only)", group="quantization")
     # --- evaluation (the challenge scores val_bpb; every pass below is legal under issue #1017's four conditions) ---
-    Setting("VAL_TOKENS_EXPECTED", 0, "stop unless validation has exactly this many scored targets (0: no check); "
-            "the official SP8192 split at EVAL_SEQ_LEN 2048 gives 40540160", group="evaluation", bounds="[0, inf)"),
-    Setting("BYTE_CHECK_DOCS", 1000, "validation documents decoded at start-up to cross-check the byte tables (0: skip)", group="evaluation", bounds="[0, inf)"),
-    Setting("SLIDING_WINDOW_ENABLED", True, "score with windows of EVAL_SEQ_LEN that advance by EVAL_STRIDE", group="evaluation", role="score"),
-    Setting("EVAL_STRIDE", 64, "sliding-window step: each target after the first window sees >= EVAL_SEQ_LEN - EVAL_STRIDE tokens", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("EVAL_BATCH_WINDOWS", 32, "sliding windows per forward pass on each rank", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("EVAL_BUDGET_SECONDS", 600.0, "evaluation budget the passes after training must fit, estimated for 8 GPUs", group="evaluation", bounds="(0, inf)"),
-    Setting("EVAL_FORCE", False, "run even when the early estimate says the passes exceed EVAL_BUDGET_SECONDS", group="evaluation"),
-    Setting("TTT_ENABLED", True, "score-first test-time training after the sliding-window pass", group="evaluation", role="score"),
-    Setting("TTT_MODE", "chunk", "chunk: SGD on the whole model, chunk by chunk (PR #1529); lora: per-document LoRA (PR #1530)", ("chunk", "lora"), group="evaluation", role="score"),
-    Setting("TTT_CHUNK_TOKENS", 32768, "chunk mode: targets scored before each round of training", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("TTT_EPOCHS", 3, "chunk mode: passes over each scored chunk", group="evaluation", bounds="[0, inf)", role="score"),
-    Setting("TTT_LR", 0.01, "chunk mode: SGD learning rate, cosine-decayed to 0 over the chunks", group="evaluation", bounds="[0, inf)", role="score"),
-    Setting("TTT_MOMENTUM", 0.9, "chunk mode: SGD momentum (kept across chunks)", group="evaluation", bounds="[0, 1)", role="score"),
-    Setting("TTT_GRAD_CLIP", 1.0, "chunk mode: clip the global gradient norm to this (0: off)", group="evaluation", bounds="[0, inf)", role="score"),
-    Setting("TTT_FREEZE_BLOCKS", 0, "chunk mode: leave the first N physical blocks untrained", group="evaluation", bounds="[0, inf)", role="score"),
-    Setting("TTT_BATCH_SEQS", 32, "chunk mode: EVAL_SEQ_LEN sequences per SGD step, summed over ranks", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("HASH_EMBED_ENABLED", True, "chunk mode: add a zero-initialised bigram-hash embedding that only TTT trains", group="evaluation", role="score"),
-    Setting("HASH_EMBED_SIZE", 16384, "chunk mode: hash-embedding buckets, indexed (prev*2039 + cur) mod size", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("TTT_LORA_RANK", 96, "lora mode: adapter rank on Q, K, V, O, MLP and the head", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("TTT_LORA_LR", 1e-4, "lora mode: AdamW learning rate", group="evaluation", bounds="[0, inf)", role="score"),
-    Setting("TTT_LORA_WD", 0.5, "lora mode: AdamW decoupled weight decay", group="evaluation", bounds="[0, inf)", role="score"),
-    Setting("TTT_LORA_BETA1", 0.0, "lora mode: AdamW beta1", group="evaluation", bounds="[0, 1)", role="score"),
-    Setting("TTT_LORA_BETA2", 0.999, "lora mode: AdamW beta2", group="evaluation", bounds="[0, 1)", role="score"),
-    Setting("TTT_CHUNK_SIZE", 64, "lora mode: targets of a document scored before each adapter step", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("TTT_BATCH_DOCS", 32, "lora mode: documents per step at a full EVAL_SEQ_LEN window; shorter windows take more, up to 4x", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("TTT_DOCS_IN_FLIGHT", 256, "lora mode: documents holding adapters at once on each rank (memory: 8 bytes x adapter size, 67 MB, each)", group="evaluation", bounds="[1, inf)", role="score"),
-    Setting("SAVE_CHECKPOINT", "", "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation"),
-    Setting("LOAD_CHECKPOINT", "", "skip training and evaluate this state dict (saved by SAVE_CHECKPOINT)", group="evaluation"),
-]
+    val_tokens_expected: int = setting(0,
+        "stop unless validation has exactly this many scored targets (0: no check); the official SP8192 split at "
+        "EVAL_SEQ_LEN 2048 gives 40540160", group="evaluation", bounds="[0, inf)")
+    byte_check_docs: int = setting(1000,
+        "validation documents decoded at start-up to cross-check the byte tables (0: skip)",
+        group="evaluation", bounds="[0, inf)")
+    sliding_window_enabled: bool = setting(True,
+        "score with windows of EVAL_SEQ_LEN that advance by EVAL_STRIDE", group="evaluation", role="score")
+    eval_stride: int = setting(64,
+        "sliding-window step: each target after the first window sees >= EVAL_SEQ_LEN - EVAL_STRIDE tokens",
+        group="evaluation", bounds="[1, inf)", role="score")
+    eval_batch_windows: int = setting(32,
+        "sliding windows per forward pass on each rank", group="evaluation", bounds="[1, inf)", role="score")
+    eval_budget_seconds: float = setting(600.0,
+        "evaluation budget the passes after training must fit, estimated for 8 GPUs",
+        group="evaluation", bounds="(0, inf)")
+    eval_force: bool = setting(False,
+        "run even when the early estimate says the passes exceed EVAL_BUDGET_SECONDS", group="evaluation")
+    ttt_enabled: bool = setting(True,
+        "score-first test-time training after the sliding-window pass", group="evaluation", role="score")
+    ttt_mode: str = setting("chunk",
+        "chunk: SGD on the whole model, chunk by chunk (PR #1529); lora: per-document LoRA (PR #1530)",
+        choices=('chunk', 'lora'), group="evaluation", role="score")
+    ttt_chunk_tokens: int = setting(32768,
+        "chunk mode: targets scored before each round of training", group="evaluation", bounds="[1, inf)", role="score")
+    ttt_epochs: int = setting(3,
+        "chunk mode: passes over each scored chunk", group="evaluation", bounds="[0, inf)", role="score")
+    ttt_lr: float = setting(0.01,
+        "chunk mode: SGD learning rate, cosine-decayed to 0 over the chunks",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_momentum: float = setting(0.9,
+        "chunk mode: SGD momentum (kept across chunks)", group="evaluation", bounds="[0, 1)", role="score")
+    ttt_grad_clip: float = setting(1.0,
+        "chunk mode: clip the global gradient norm to this (0: off)",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_freeze_blocks: int = setting(0,
+        "chunk mode: leave the first N physical blocks untrained", group="evaluation", bounds="[0, inf)", role="score")
+    ttt_batch_seqs: int = setting(32,
+        "chunk mode: EVAL_SEQ_LEN sequences per SGD step, summed over ranks",
+        group="evaluation", bounds="[1, inf)", role="score")
+    hash_embed_enabled: bool = setting(True,
+        "chunk mode: add a zero-initialised bigram-hash embedding that only TTT trains",
+        group="evaluation", role="score")
+    hash_embed_size: int = setting(16384,
+        "chunk mode: hash-embedding buckets, indexed (prev*2039 + cur) mod size",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ttt_lora_rank: int = setting(96,
+        "lora mode: adapter rank on Q, K, V, O, MLP and the head", group="evaluation", bounds="[1, inf)", role="score")
+    ttt_lora_lr: float = setting(0.0001,
+        "lora mode: AdamW learning rate", group="evaluation", bounds="[0, inf)", role="score")
+    ttt_lora_wd: float = setting(0.5,
+        "lora mode: AdamW decoupled weight decay", group="evaluation", bounds="[0, inf)", role="score")
+    ttt_lora_beta1: float = setting(0.0, "lora mode: AdamW beta1", group="evaluation", bounds="[0, 1)", role="score")
+    ttt_lora_beta2: float = setting(0.999, "lora mode: AdamW beta2", group="evaluation", bounds="[0, 1)", role="score")
+    ttt_chunk_size: int = setting(64,
+        "lora mode: targets of a document scored before each adapter step",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ttt_batch_docs: int = setting(32,
+        "lora mode: documents per step at a full EVAL_SEQ_LEN window; shorter windows take more, up to 4x",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ttt_docs_in_flight: int = setting(256,
+        "lora mode: documents holding adapters at once on each rank (memory: 8 bytes x adapter size, 67 MB, each)",
+        group="evaluation", bounds="[1, inf)", role="score")
+    save_checkpoint: str = setting("",
+        "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation")
+    load_checkpoint: str = setting("",
+        "skip training and evaluate this state dict (saved by SAVE_CHECKPOINT)", group="evaluation")
+
+    def __init__(self, environ=None, **overrides):
+        environ = os.environ if environ is None else environ
+        typos = misspelled_settings(environ)
+        if typos:
+            var, name = typos[0]
+            raise UserError(f"{var} is not a setting: did you mean {name}? (rename it; the settings are listed in README.md)")
+        for s in SETTINGS:
+            raw = environ.get(s.name)
+            setattr(self, s.name.lower(), s.default if raw is None or raw == "" else _parse_setting(s, raw))
+        for key, value in overrides.items():
+            if key.upper() not in SETTINGS_BY_NAME:
+                raise UserError(f"unknown setting {key}")
+            setattr(self, key, value)
+        if not self.run_id:
+            self.run_id = uuid.uuid4().hex[:12]
+        if not all(c.isalnum() or c in "._-" for c in self.run_id) or self.run_id.startswith("."):
+            raise UserError(f"RUN_ID={self.run_id!r} must be a plain name (letters, digits, '.', '_', '-'): for a folder "
+                            f"of runs use LOG_DIR, e.g. LOG_DIR=logs/exp1 RUN_ID=seed1337")
+
+    def items(self):
+        return [(s.name, getattr(self, s.name.lower())) for s in SETTINGS]
+
+    def validate(self, world_size: int) -> int:
+        """Cross-field checks that a single variable's range cannot express; returns the grad accumulation."""
+        need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes)")
+        need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
+             f"(8 = world size x grad accumulation)")
+        need(self.model_dim % self.num_heads == 0,
+             f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
+             f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        need(self.xsa_last_n <= self.num_layers,
+             f"XSA_LAST_N={self.xsa_last_n} must be between 0 and NUM_LAYERS={self.num_layers}")
+        need(mlp_hidden(self) >= 1,
+             f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} rounds the MLP width to 0: raise MLP_MULT")
+        if self.num_loops > 0:
+            need(0 <= self.loop_start <= self.loop_end < self.num_layers,
+                 f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
+                 f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        need(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
+             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after "
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
+        validate_eval_settings(self)
+        return 8 // world_size
+
+
+SETTINGS = [Setting(f.name.upper(), f.default, **f.metadata) for f in fields(Settings)]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -188,6 +345,12 @@ class UserError(Exception):
     def __init__(self, message: str, rank_local: bool = False):
         super().__init__(message)
         self.rank_local = rank_local
+
+
+def need(ok: bool, message: str):
+    """Stop with a one-line error unless ok."""
+    if not ok:
+        raise UserError(message)
 
 
 def parse_bounds(text: str) -> tuple:
@@ -248,55 +411,6 @@ def misspelled_settings(environ) -> list:
         if close:
             found.append((var, close[0]))
     return found
-
-
-class Settings:
-    """All settings as lower-case attributes (settings.matrix_lr), read once from the environment."""
-
-    def __init__(self, environ=None, **overrides):
-        environ = os.environ if environ is None else environ
-        typos = misspelled_settings(environ)
-        if typos:
-            var, name = typos[0]
-            raise UserError(f"{var} is not a setting: did you mean {name}? (rename it; the settings are listed in README.md)")
-        for s in SETTINGS:
-            raw = environ.get(s.name)
-            setattr(self, s.name.lower(), s.default if raw is None or raw == "" else _parse_setting(s, raw))
-        for key, value in overrides.items():
-            if key.upper() not in SETTINGS_BY_NAME:
-                raise UserError(f"unknown setting {key}")
-            setattr(self, key, value)
-        if not self.run_id:
-            self.run_id = uuid.uuid4().hex[:12]
-        if not all(c.isalnum() or c in "._-" for c in self.run_id) or self.run_id.startswith("."):
-            raise UserError(f"RUN_ID={self.run_id!r} must be a plain name (letters, digits, '.', '_', '-'): for a folder "
-                            f"of runs use LOG_DIR, e.g. LOG_DIR=logs/exp1 RUN_ID=seed1337")
-
-    def items(self):
-        return [(s.name, getattr(self, s.name.lower())) for s in SETTINGS]
-
-    def validate(self, world_size: int):
-        """Cross-field checks that a single variable's parse cannot see."""
-        def need(ok, msg):
-            if not ok:
-                raise UserError(msg)
-        need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes)")
-        accum = 8 // world_size
-        need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
-             f"(8 = world size x grad accumulation)")
-        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        head_dim = self.model_dim // self.num_heads
-        need(self.rope_dims <= head_dim and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
-        need(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be between 0 and NUM_LAYERS={self.num_layers}")
-        need(mlp_hidden(self) >= 1, f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} rounds the MLP width to 0: raise MLP_MULT")
-        if self.num_loops > 0:
-            need(0 <= self.loop_start <= self.loop_end < self.num_layers,
-                 f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
-        need(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
-             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
-        return accum
 
 
 # =================================================================================================
@@ -678,23 +792,23 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
         self.use_xsa = use_xsa
 
-    def forward(self, x, rope, attend, adapter=None):
+    def forward(self, x, ctx: "LayerContext"):
         B, T, _ = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
-        if adapter is not None:
-            dq, dk, dv, d_out = adapter.attn(x)
+        if ctx.adapter is not None:
+            dq, dk, dv, d_out = ctx.adapter.attn(x)
             q, k, v = q + dq, k + dk, v + dv
         q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
         k = rms_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        cos, sin = rope
+        cos, sin = ctx.rope
         q = apply_partial_rope(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_partial_rope(k, cos, sin)
-        y = attend(q, k, v)
+        y = ctx.attend(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         out = self.proj(y.reshape(B, T, -1))
-        if adapter is not None:
+        if ctx.adapter is not None:
             out = out + d_out
         return out
 
@@ -718,6 +832,14 @@ class MLP(nn.Module):
         return out
 
 
+class LayerContext(NamedTuple):
+    """What every block of one forward pass reads besides the residual stream: the RoPE tables, the
+    attention kernel, and this virtual layer's eval-time adapters (None outside LoRA TTT)."""
+    rope: tuple
+    attend: object
+    adapter: object = None
+
+
 class Block(nn.Module):
     def __init__(self, layer: int, s: Settings):
         super().__init__()
@@ -733,17 +855,17 @@ class Block(nn.Module):
         m = self.resid_mix.to(x.dtype)
         return m[0] * x + m[1] * x0
 
-    def attn_branch(self, x_in, rope, attend, adapter=None):
-        return self.attn_scale.to(x_in.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, rope, attend, adapter)
+    def attn_branch(self, x_in, ctx: LayerContext):
+        return self.attn_scale.to(x_in.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, ctx)
 
-    def mlp_branch(self, h, adapter=None):
-        return self.mlp_scale.to(h.dtype) * self.mlp(rms_norm(h) * self.norm_scale, adapter)
+    def mlp_branch(self, h, ctx: LayerContext):
+        return self.mlp_scale.to(h.dtype) * self.mlp(rms_norm(h) * self.norm_scale, ctx.adapter)
 
-    def forward(self, x, x0, rope, attend, adapter=None):
+    def forward(self, x, x0, ctx: LayerContext):
         """The standard (single-stream) block."""
         x_in = self.mix(x, x0)
-        x_mid = x_in + self.attn_branch(x_in, rope, attend, adapter)
-        return x_mid + self.mlp_branch(x_mid, adapter)
+        x_mid = x_in + self.attn_branch(x_in, ctx)
+        return x_mid + self.mlp_branch(x_mid, ctx)
 
 
 def virtual_layers(num_layers: int, num_loops: int, loop_start: int, loop_end: int, looping: bool) -> tuple:
@@ -754,6 +876,125 @@ def virtual_layers(num_layers: int, num_loops: int, loop_start: int, loop_end: i
     return tuple(list(range(loop_start)) + segment * (num_loops + 1) + list(range(loop_end + 1, num_layers)))
 
 
+# --- residual forms: how a block reads and writes the residual stream ------------------------------------
+# The residual stream is a tuple of lanes: one lane before PARALLEL_RESIDUAL_START, two from there on.
+# A form says how a block updates the lanes, where a U-Net skip goes, how the two lanes start from one
+# and how they merge at the end; its learned scalars are registered on the GPT under the names the
+# artifact has always used. GPT picks one form at construction, so the trunk has no mode branches. A new
+# variant is a new subclass and one entry in RESIDUAL_FORMS.
+
+
+class OneLane:
+    """The plain residual stream (and every block before the two-lane tail)."""
+    mode = "off"
+
+    def add_parameters(self, model: "GPT", s: Settings):
+        pass
+
+    def enter(self, lanes: tuple) -> tuple:
+        return lanes
+
+    def block(self, model: "GPT", i: int, lanes: tuple, x0, ctx: LayerContext) -> tuple:
+        return (model.blocks[i](lanes[0], x0, ctx),)
+
+    def skip(self, model: "GPT", lanes: tuple, skip, j: int) -> tuple:
+        return (model.apply_skip(lanes[0], skip, j),)
+
+    def merge(self, model: "GPT", lanes: tuple):
+        return lanes[0]
+
+    def report(self, model: "GPT", positions: list, schedule: tuple) -> list:
+        return []
+
+
+class TwoLanes(OneLane):
+    """Shared by the two-lane forms: both lanes start as the stream; later skips feed the attention lane."""
+
+    def enter(self, lanes: tuple) -> tuple:
+        return lanes if len(lanes) == 2 else (lanes[0], lanes[0])
+
+    def skip(self, model: "GPT", lanes: tuple, skip, j: int) -> tuple:
+        return model.apply_skip(lanes[0], skip, j), lanes[1]
+
+    def merge(self, model: "GPT", lanes: tuple):
+        return 0.5 * (lanes[0] + lanes[1])
+
+
+class LambdaLanes(TwoLanes):
+    """Learned per-layer lane decays R[i, lane] and branch writes P[i, branch, lane] (branch 0 = attention, 1 = MLP)."""
+    resid_init = 1.1
+
+    def add_parameters(self, model: "GPT", s: Settings):
+        model.parallel_resid_lambdas = nn.Parameter(torch.full((s.num_layers, 2), self.resid_init))
+        model.parallel_post_lambdas = nn.Parameter(torch.ones(s.num_layers, 2, 2))
+
+    def lambdas(self, model: "GPT", i: int, dtype) -> tuple:
+        return model.parallel_resid_lambdas[i].to(dtype), model.parallel_post_lambdas[i].to(dtype)
+
+    def report(self, model: "GPT", positions: list, schedule: tuple) -> list:
+        R, P = model.parallel_resid_lambdas.detach().float().cpu(), model.parallel_post_lambdas.detach().float().cpu()
+        lines = [f"parallel_residual:converged mode={self.mode} used_layers={len(positions)}"]
+        for pos in positions:
+            i = schedule[pos]
+            lines.append(f"parallel_residual layer:{pos} physical:{i} attn_resid:{R[i, 0]:.4f} "
+                         f"attn_to_attn:{P[i, 0, 0]:.4f} attn_to_mlp:{P[i, 0, 1]:.4f} mlp_resid:{R[i, 1]:.4f} "
+                         f"mlp_to_attn:{P[i, 1, 0]:.4f} mlp_to_mlp:{P[i, 1, 1]:.4f}")
+        return lines
+
+
+class FullParallel(LambdaLanes):
+    """PR #1529: attention reads lane 0, the MLP reads lane 1, both before the block; each writes both lanes."""
+    mode = "full"
+
+    def block(self, model: "GPT", i: int, lanes: tuple, x0, ctx: LayerContext) -> tuple:
+        block, (lane0, lane1) = model.blocks[i], lanes
+        R, P = self.lambdas(model, i, lane0.dtype)
+        a = block.attn_branch(block.mix(lane0, x0), ctx)
+        m = block.mlp_branch(lane1, ctx)
+        return R[0] * lane0 + P[0, 0] * a + P[1, 0] * m, R[1] * lane1 + P[0, 1] * a + P[1, 1] * m
+
+
+class SequentialLanes(LambdaLanes):
+    """PR #1204: the MLP reads lane 1 after the attention write, mixed with x0; skips feed both lanes."""
+    mode = "sequential"
+    resid_init = math.sqrt(1.1)
+
+    def block(self, model: "GPT", i: int, lanes: tuple, x0, ctx: LayerContext) -> tuple:
+        block, (lane0, lane1) = model.blocks[i], lanes
+        R, P = self.lambdas(model, i, lane0.dtype)
+        a = block.attn_branch(block.mix(lane0, x0), ctx)
+        lane0, lane1 = R[0] * lane0 + P[0, 0] * a, R[0] * lane1 + P[0, 1] * a
+        m = block.mlp_branch(block.mix(lane1, x0), ctx)
+        return R[1] * lane0 + P[1, 0] * m, R[1] * lane1 + P[1, 1] * m
+
+    def skip(self, model: "GPT", lanes: tuple, skip, j: int) -> tuple:
+        return model.apply_skip(lanes[0], skip, j), model.apply_skip(lanes[1], skip, j)
+
+
+class SplitLanes(TwoLanes):
+    """PR #1477: an attention-only lane and an MLP-only lane, merged at the end by a learned lerp."""
+    mode = "split"
+
+    def add_parameters(self, model: "GPT", s: Settings):
+        model.lane_merge = nn.Parameter(torch.tensor(0.5))
+
+    def block(self, model: "GPT", i: int, lanes: tuple, x0, ctx: LayerContext) -> tuple:
+        block, (lane0, lane1) = model.blocks[i], lanes
+        x_in = block.mix(lane0, x0)
+        return x_in + block.attn_branch(x_in, ctx), lane1 + block.mlp_branch(lane1, ctx)
+
+    def merge(self, model: "GPT", lanes: tuple):
+        lam = model.lane_merge.to(lanes[0].dtype)
+        return lam * lanes[0] + (1 - lam) * lanes[1]
+
+    def report(self, model: "GPT", positions: list, schedule: tuple) -> list:
+        return [f"parallel_residual:converged mode=split lane_merge:{model.lane_merge.item():.4f}"]
+
+
+RESIDUAL_FORMS = {form.mode: form for form in (FullParallel(), SplitLanes(), SequentialLanes(), OneLane())}
+ONE_LANE = RESIDUAL_FORMS["off"]
+
+
 class GPT(nn.Module):
     def __init__(self, s: Settings):
         super().__init__()
@@ -762,19 +1003,13 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(s.vocab_size, s.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=s.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(i, s) for i in range(s.num_layers))
-        self.mode = s.parallel_residual_mode
+        self.residual = RESIDUAL_FORMS[s.parallel_residual_mode]
         self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value
         schedules = [virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, on) for on in (False, True)]
         num_skips = max(min(len(v) // 2, len(v) - len(v) // 2) for v in schedules)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, s.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, s.model_dim)) if s.skip_gates_enabled else None
-        if self.mode in ("full", "sequential"):
-            # Per physical layer: lane decays R[i, lane] and writes P[i, branch, lane] (branch 0 = attention, 1 = MLP).
-            resid_init = 1.1 if self.mode == "full" else math.sqrt(1.1)
-            self.parallel_resid_lambdas = nn.Parameter(torch.full((s.num_layers, 2), resid_init))
-            self.parallel_post_lambdas = nn.Parameter(torch.ones(s.num_layers, 2, 2))
-        elif self.mode == "split":
-            self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        self.residual.add_parameters(self, s)
         for schedule in schedules:
             self._check_parallel_region(schedule)
         self.attention_backend, self.attend = pick_attention("sdpa", torch.device("cpu"))
@@ -790,45 +1025,36 @@ class GPT(nn.Module):
         return virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, self.looping)
 
     def parallel_positions(self, schedule) -> list:
-        if self.mode == "off":
+        if self.residual is ONE_LANE:
             return []
         return [p for p, i in enumerate(schedule) if i >= self.settings.parallel_residual_start]
+
+    def forms(self, schedule) -> list:
+        """The residual form of each virtual position: the chosen one in the two-lane tail, one lane before."""
+        parallel = set(self.parallel_positions(schedule))
+        return [self.residual if pos in parallel else ONE_LANE for pos in range(len(schedule))]
 
     def _check_parallel_region(self, schedule):
         active = self.parallel_positions(schedule)
         if active and (active != list(range(active[0], len(schedule))) or active[0] < len(schedule) // 2):
-            raise UserError(f"PARALLEL_RESIDUAL_START={self.settings.parallel_residual_start} puts two-lane blocks outside the "
-                            f"tail of the decoder (schedule {list(schedule)}): use a layer after LOOP_END and in the decoder half")
+            raise UserError(f"PARALLEL_RESIDUAL_START={self.settings.parallel_residual_start} puts two-lane blocks "
+                            f"outside the tail of the decoder (schedule {list(schedule)}): use a layer after LOOP_END "
+                            f"and in the decoder half")
 
     # --- forward ---------------------------------------------------------------------------------
 
-    def _apply_skip(self, x, skip, j):
+    def apply_skip(self, x, skip, j):
         scaled = self.skip_weights[j].to(x.dtype) * skip
         if self.skip_gates is None:
             return x + scaled
         gate = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
         return torch.lerp(scaled, x, gate)  # gate * x + (1 - gate) * scaled
 
-    def _parallel_block(self, i, lanes, x0, rope, attend, adapter):
-        block = self.blocks[i]
-        lane0, lane1 = lanes
-        if self.mode == "split":  # PR #1477: an attention-only lane and an MLP-only lane
-            x_in = block.mix(lane0, x0)
-            return x_in + block.attn_branch(x_in, rope, attend, adapter), lane1 + block.mlp_branch(lane1, adapter)
-        R = self.parallel_resid_lambdas[i].to(lane0.dtype)
-        P = self.parallel_post_lambdas[i].to(lane0.dtype)
-        a = block.attn_branch(block.mix(lane0, x0), rope, attend, adapter)
-        if self.mode == "full":  # PR #1529: both branches read the pre-block lanes
-            m = block.mlp_branch(lane1, adapter)
-            return R[0] * lane0 + P[0, 0] * a + P[1, 0] * m, R[1] * lane1 + P[0, 1] * a + P[1, 1] * m
-        # sequential (PR #1204): the MLP reads lane1 after the attention write, mixed with x0
-        lane0, lane1 = R[0] * lane0 + P[0, 0] * a, R[0] * lane1 + P[0, 1] * a
-        m = block.mlp_branch(block.mix(lane1, x0), adapter)
-        return R[1] * lane0 + P[1, 0] * m, R[1] * lane1 + P[1, 1] * m
-
     def forward_hidden(self, input_ids, lora=None, extra_embedding=None):
-        """Final-normed hidden states [B, T, dim] for input_ids [B, T]."""
-        s, attend = self.settings, self.attend
+        """Final-normed hidden states [B, T, dim] for input_ids [B, T]: the one forward of training,
+        evaluation and both TTT modes. The first half of the virtual layers (the encoder) pushes U-Net
+        skips that the second half pops; the residual form of each position moves the lanes."""
+        s = self.settings
         x = rms_norm(self.tok_emb(input_ids).to(compute_dtype(input_ids.device)))
         if extra_embedding is not None:  # eval-time hash embedding, added to the normed token embedding
             x = x + extra_embedding(input_ids).to(x.dtype)
@@ -836,35 +1062,17 @@ class GPT(nn.Module):
         rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
         schedule = self.schedule()
         num_encoder = len(schedule) // 2
-        parallel = set(self.parallel_positions(schedule))
-        skips, lanes = [], None
-        for pos, i in enumerate(schedule):
-            adapter = lora.adapter(pos) if lora is not None else None
-            if pos >= num_encoder:
-                j = pos - num_encoder
-                if j < self.skip_weights.size(0) and skips:
-                    skip = skips.pop()
-                    if lanes is None:
-                        x = self._apply_skip(x, skip, j)
-                    elif self.mode == "sequential":
-                        lanes = (self._apply_skip(lanes[0], skip, j), self._apply_skip(lanes[1], skip, j))
-                    else:  # full / split: later skips feed the attention lane only
-                        lanes = (self._apply_skip(lanes[0], skip, j), lanes[1])
-            if pos in parallel:
-                if lanes is None:
-                    lanes = (x, x)
-                lanes = self._parallel_block(i, lanes, x0, rope, attend, adapter)
-            else:
-                x = self.blocks[i](x, x0, rope, attend, adapter)
+        skips, lanes, holder = [], (x,), ONE_LANE
+        for pos, (i, form) in enumerate(zip(schedule, self.forms(schedule))):
+            ctx = LayerContext(rope, self.attend, lora.adapter(pos) if lora is not None else None)
+            j = pos - num_encoder
+            if 0 <= j < self.skip_weights.size(0) and skips:
+                lanes = holder.skip(self, lanes, skips.pop(), j)  # the form holding the lanes takes the skip
+            lanes, holder = form.enter(lanes), form
+            lanes = form.block(self, i, lanes, x0, ctx)
             if pos < num_encoder:
-                skips.append(x)
-        if lanes is not None:
-            if self.mode == "split":
-                lam = self.lane_merge.to(lanes[0].dtype)
-                x = lam * lanes[0] + (1 - lam) * lanes[1]
-            else:
-                x = 0.5 * (lanes[0] + lanes[1])
-        return rms_norm(x)
+                skips.append(lanes[0])
+        return rms_norm(holder.merge(self, lanes))
 
     def logits(self, hidden, lora=None):
         z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
@@ -899,21 +1107,9 @@ class GPT(nn.Module):
         return 6.0 * (layers * per_layer + self.vocab_size * self.dim) + attention
 
     def lane_report(self) -> list[str]:
-        if self.mode == "off":
-            return []
-        lines = []
-        schedule = virtual_layers(self.settings.num_layers, self.settings.num_loops, self.settings.loop_start,
-                                  self.settings.loop_end, True)
-        if self.mode == "split":
-            return [f"parallel_residual:converged mode=split lane_merge:{self.lane_merge.item():.4f}"]
-        R, P = self.parallel_resid_lambdas.detach().float().cpu(), self.parallel_post_lambdas.detach().float().cpu()
-        positions = self.parallel_positions(schedule)
-        lines.append(f"parallel_residual:converged mode={self.mode} used_layers={len(positions)}")
-        for pos in positions:
-            i = schedule[pos]
-            lines.append(f"parallel_residual layer:{pos} physical:{i} attn_resid:{R[i, 0]:.4f} attn_to_attn:{P[i, 0, 0]:.4f} "
-                         f"attn_to_mlp:{P[i, 0, 1]:.4f} mlp_resid:{R[i, 1]:.4f} mlp_to_attn:{P[i, 1, 0]:.4f} mlp_to_mlp:{P[i, 1, 1]:.4f}")
-        return lines
+        s = self.settings
+        schedule = virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, True)
+        return self.residual.report(self, self.parallel_positions(schedule), schedule)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -1887,9 +2083,6 @@ def check_byte_tables(sp, tables: ByteTables, val_tokens: torch.Tensor, max_docs
 
 def validate_eval_settings(s: Settings):
     """Cross-field checks of the evaluation settings (single-value ranges are declared in SETTINGS)."""
-    def need(ok, msg):
-        if not ok:
-            raise UserError(msg)
     need(s.eval_stride <= s.eval_seq_len, f"EVAL_STRIDE={s.eval_stride} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
     need(s.ttt_chunk_tokens >= s.eval_seq_len,
          f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must hold at least one EVAL_SEQ_LEN={s.eval_seq_len} training sequence")
@@ -1900,7 +2093,6 @@ def validate_eval_settings(s: Settings):
 def check_evaluation_setup(trainer) -> None:
     """Start-up checks of everything the evaluation relies on, before any training time is spent."""
     s, rt = trainer.s, trainer.rt
-    validate_eval_settings(s)
     n = len(trainer.val_tokens) - 1
     if s.val_tokens_expected and n != s.val_tokens_expected:
         raise UserError(f"validation has {n} scored targets but VAL_TOKENS_EXPECTED={s.val_tokens_expected}: a fineweb_val_* "
@@ -2328,13 +2520,13 @@ class DocLoRA:
         self.layout, self.matrices = layout, matrices
 
     def adapter(self, pos: int):
-        return _LoRAAt(self.layout, self.matrices[pos * self.layout.per_layer:(pos + 1) * self.layout.per_layer])
+        return LayerAdapters(self.layout, self.matrices[pos * self.layout.per_layer:(pos + 1) * self.layout.per_layer])
 
     def head(self, hidden):
         return torch.bmm(torch.bmm(hidden, self.matrices[-2]), self.matrices[-1])
 
 
-class _LoRAAt:
+class LayerAdapters:
     """One virtual layer's adapters; inputs x [R, T, dim] in the matrices' dtype."""
 
     def __init__(self, layout: LoRALayout, matrices: list):
