@@ -519,6 +519,36 @@ def source_sha256() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
+class Timer:
+    seconds = 0.0
+
+
+@contextlib.contextmanager
+def timed(rt: "Runtime"):
+    """Wall seconds of the work inside the block, queued GPU work included (synchronised at both ends):
+    `with timed(rt) as t: ...`, then t.seconds."""
+    timer = Timer()
+    rt.sync()
+    t0 = time.perf_counter()
+    try:
+        yield timer
+    finally:
+        rt.sync()
+        timer.seconds = time.perf_counter() - t0
+
+
+def log_header(s: Settings, rt: Runtime):
+    rt.log("Hyperparameters:")
+    for name, value in sorted(s.items()):
+        rt.log(f"  {name}: {value}")
+    rt.log(f"source_sha256: {source_sha256()}")
+    rt.log(f"python: {platform.python_version()} torch: {torch.__version__} cuda: {torch.version.cuda} "
+           f"device: {torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else platform.processor() or 'cpu'}")
+    rt.log(f"world_size: {rt.world_size} grad_accum_steps: {rt.grad_accum}")
+
+
+
+
 # =================================================================================================
 # DATA: challenge shards, training windows, validation tokens
 # =================================================================================================
@@ -1396,14 +1426,13 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict:
     return {name: sums[hessian_source(name)] for name in [*quantized_linears(model), "tok_emb.weight"]}
 
 
-def calibration_batches(trainer, steps: int):
-    """This rank's micro-batches of the first `steps` steps of a fresh loader (training shards only),
-    yielded one at a time so that reading the next overlaps the GPU's work on this one. A step is
+def calibration_batches(loader: TrainLoader, steps: int):
+    """This rank's micro-batches of the first `steps` steps of a fresh training loader (training shards
+    only), yielded one at a time so that reading the next overlaps the GPU's work on this one. A step is
     the same global batch for any GPU count, so the all-reduced Hessians do not depend on it; on
     8 GPUs each rank reads one micro-batch a step."""
-    loader = trainer.new_loader()
     for _ in range(steps):
-        yield from trainer.fetch(loader)
+        yield from loader.next_step()
 
 
 @torch.no_grad()
@@ -1841,68 +1870,24 @@ def model_from_artifact(qstate: dict, s: Settings, rt: Runtime, label: str) -> G
     return model
 
 
-def require_finite(value: float, what: str, s: Settings):
-    """A score that is NaN or infinite is a failed run, never a result."""
-    if not math.isfinite(value):
-        raise UserError(f"{what} is {value}: the model produced non-finite losses (MATRIX_BITS={s.matrix_bits}, "
-                        f"EMBED_BITS={s.embed_bits}, learning rates and TTT settings are the usual suspects); "
-                        f"the log {s.log_dir}/{s.run_id}.txt has the figures before it")
-
-
-def evaluate_quantized(model: GPT, s: Settings, rt: Runtime, val_tokens, tables) -> dict:
-    """evaluate() on a model rebuilt from an artifact, logged: identical in a training run and in EVAL_ONLY."""
-    loss_fn = torch.compile(model.token_losses, dynamic=False, fullgraph=True) if s.compile else model.token_losses
-    batch_seqs = max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
-    result = evaluate(model, loss_fn, val_tokens, tables, s.eval_seq_len, batch_seqs, rt)
-    rt.log(result.log_line("quantized"))
-    require_finite(result.bpb, "quantized val_bpb", s)
-    return {"quantized_val_loss": result.loss, "quantized_val_bpb": result.bpb, "quantized_model": model}
-
-
-def calibrate(trainer, train_ms: float) -> tuple:
-    """(Hessians, figures): calibration on every rank, timed against the training budget."""
-    s, rt, model = trainer.s, trainer.rt, trainer.model
-    model.looping = trainer.can_loop  # calibrate the recurrent schedule the model is evaluated with
-    rt.sync()
-    t0 = time.perf_counter()
-    if s.gptq_calibration == "selfgen":
-        batches = selfgen_batches(model, s.gptq_calibration_batches, s.train_seq_len, s.vocab_size, s.seed + rt.rank, rt.device)
-    else:
-        batches = calibration_batches(trainer, s.gptq_calibration_batches)
-    hessians = collect_hessians(model, batches, rt)
-    rt.sync()
-    seconds = time.perf_counter() - t0
-    counted = train_ms / 1000.0 + seconds
-    budget = f"of {s.max_wallclock_seconds:.0f}s budget" if s.max_wallclock_seconds > 0 else "(no budget: MAX_WALLCLOCK_SECONDS=0)"
-    sequences = s.gptq_calibration_batches * (rt.world_size if s.gptq_calibration == "selfgen" else trainer.global_seqs)
-    rt.log(f"gptq:hessians batches:{s.gptq_calibration_batches} tokens:{sequences * s.train_seq_len} "
-           f"calibration:{s.gptq_calibration} seconds:{seconds:.1f} train+calibration:{counted:.1f}s {budget}")
-    if 0 < s.max_wallclock_seconds < counted:
-        rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
-               f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least "
-               f"{math.ceil(s.gptq_reserve_seconds + counted - s.max_wallclock_seconds)} or lower GPTQ_CALIBRATION_BATCHES")
-    return hessians, {"hessian_seconds": seconds, "train_calibration_seconds": counted}
-
-
 def build_artifact(model: GPT, hessians: dict, s: Settings, rt: Runtime) -> tuple:
     """GPTQ, serialization and compression: (artifact bytes, {part: compressed bytes})."""
-    t0 = time.perf_counter()
-    qstate = quantize_model(model.state_dict(), hessians, s)
-    rt.sync()
+    with timed(rt) as gptq:
+        qstate = quantize_model(model.state_dict(), hessians, s)
     kinds = {}
     for qt in qstate.values():
         key = f"int{qt.bits}" if qt.kind == "int" else qt.kind
         kinds[key] = kinds.get(key, 0) + 1
     fp16_bytes = sum(2 * qt.data.numel() for qt in qstate.values() if qt.kind == "fp16")
-    rt.log(f"gptq:quantize seconds:{time.perf_counter() - t0:.1f} tensors:" + ",".join(f"{k}x{v}" for k, v in sorted(kinds.items()))
+    rt.log(f"gptq:quantize seconds:{gptq.seconds:.1f} tensors:" + ",".join(f"{k}x{v}" for k, v in sorted(kinds.items()))
            + f" passthrough_fp16_bytes:{fp16_bytes}")
-    t0 = time.perf_counter()
-    streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()})
     threads = min(32, len(os.sched_getaffinity(0)))
-    blob, sizes = pack_artifact(streams, s.compressor, threads)
+    with timed(rt) as packing:
+        streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()})
+        blob, sizes = pack_artifact(streams, s.compressor, threads)
     raw = sum(map(len, streams))
     rt.log(f"serialize: raw_bytes:{raw} compressed_bytes:{len(blob)} ratio:{raw / len(blob):.3f} "
-           f"seconds:{time.perf_counter() - t0:.1f} compressor:{s.compressor} streams:{len(streams)} threads:{threads}")
+           f"seconds:{packing.seconds:.1f} compressor:{s.compressor} streams:{len(streams)} threads:{threads}")
     parts = {"header+small tensors": sizes[0]}
     parts.update(zip([n for n, qt in qstate.items() if qt.kind == "int"], sizes[1:]))
     by_bits = {}
@@ -1917,89 +1902,6 @@ def artifact_accounting(model_bytes: int, code: int, limit: int) -> dict:
     """The challenge's count: compressed model bytes + bytes of the shipped train_gpt.py."""
     total = model_bytes + code
     return {"model_bytes": model_bytes, "code_bytes": code, "artifact_bytes": total, "margin": limit - total}
-
-
-def quantize_and_pack(trainer, train_ms: float) -> dict:
-    """Hessians (all ranks) -> GPTQ and the artifact file (rank 0) -> accounting; fails with a
-    UserError before any evaluation if the artifact is over ARTIFACT_LIMIT_BYTES."""
-    s, rt = trainer.s, trainer.rt
-    hessians, out = calibrate(trainer, train_ms)
-    path = artifact_path(s)
-    over = torch.zeros((), device=rt.device)
-    if rt.master:
-        blob, parts = build_artifact(trainer.model, hessians, s, rt)
-        write_atomic(path, blob)
-        out.update(artifact_accounting(len(blob), code_bytes(s), s.artifact_limit_bytes), artifact_parts=parts)
-        rt.log(f"artifact: model_bytes:{out['model_bytes']} code_bytes:{out['code_bytes']} total:{out['artifact_bytes']} "
-               f"limit:{s.artifact_limit_bytes} margin:{out['margin']} path:{path} code_from:{s.code_bytes_from}")
-        over.fill_(float(out["margin"] < 0))
-    if rt.all_reduce(over, op=dist.ReduceOp.MAX).item() > 0:
-        if not rt.master:
-            raise UserError("the artifact is over ARTIFACT_LIMIT_BYTES (rank 0 reports the details)")
-        largest = sorted(out["artifact_parts"].items(), key=lambda kv: -kv[1])[:5]
-        raise UserError(f"artifact {path}: {out['model_bytes']} model + {out['code_bytes']} code = {out['artifact_bytes']} bytes, "
-                        f"{-out['margin']} over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes}; largest compressed parts: "
-                        + ", ".join(f"{n} {b}" for n, b in largest)
-                        + "; lower MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS or MATRIX_BITS/EMBED_BITS, or shrink the model")
-    if rt.distributed:  # ranks may have drawn different default RUN_IDs: all read rank 0's file (one host)
-        shared = [str(path)]
-        dist.broadcast_object_list(shared, src=0)
-        path = Path(shared[0])
-    out["artifact_path"] = str(path)
-    return out
-
-
-def evaluate_artifact_roundtrip(trainer, path, pre_quant_bpb: float) -> dict:
-    """Every rank rebuilds a fresh GPT from the artifact file alone and evaluates it."""
-    qstate, _, _ = read_artifact(path)
-    model = model_from_artifact(qstate, trainer.s, trainer.rt, str(path))
-    out = evaluate_quantized(model, trainer.s, trainer.rt, trainer.val_tokens, trainer.tables)
-    trainer.rt.log(f"quantization_tax: {out['quantized_val_bpb'] - pre_quant_bpb:+.8f} bpb")
-    return out
-
-
-@dataclass
-class EvalContext:
-    """What the evaluation passes need from a run: settings, runtime, tokenizer and validation data.
-    A Trainer provides the same attributes; EVAL_ONLY builds this one without touching training data."""
-    s: Settings
-    rt: Runtime
-    sp: object
-    tables: ByteTables
-    val_tokens: torch.Tensor
-
-
-def load_artifact_for_eval(s: Settings, rt: Runtime, path: str):
-    """(model, context, settings): the model rebuilt from the artifact alone with the artifact's own
-    model settings, and the tokenizer and validation shards (never a training shard)."""
-    qstate, stored, model_bytes = read_artifact(path)
-    s, notes = adopt_artifact_settings(s, stored, os.environ)
-    s.validate(rt.world_size)
-    log_header(s, rt)  # the settings the model is rebuilt with
-    for note in notes:
-        rt.log(note)
-    rt.log(f"eval_only: artifact:{path} model_bytes:{model_bytes}")
-    if rt.device.type == "cuda":  # the same numerics as a training run's roundtrip evaluation
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
-    context = EvalContext(s, rt, sp, build_byte_tables(sp, s.vocab_size).to(rt.device),
-                          load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size))
-    return model_from_artifact(qstate, s, rt, path), context, s
-
-
-def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
-    """EVAL_ONLY: rebuild the model from the artifact alone and run every evaluation pass. The
-    `quantized` line equals the training run's bit for bit when the evaluation settings (EVAL_SEQ_LEN,
-    VAL_BATCH_TOKENS, COMPILE, ATTN_BACKEND) and the number of processes are the same."""
-    model, context, s = load_artifact_for_eval(s, rt, s.eval_only)
-    check_evaluation_setup(context)
-    out = evaluate_quantized(model, s, rt, context.val_tokens, context.tables)
-    passes = run_evaluation_passes(context, model, "quantized", plain=False)
-    final_bpb = list(passes.values())[-1].bpb if passes else out["quantized_val_bpb"]
-    rt.log(f"final val_bpb:{final_bpb:.8f}")
-    require_finite(final_bpb, "final val_bpb", s)
-    return dict(out, eval=passes, final_val_bpb=final_bpb)
 
 
 # =================================================================================================
@@ -2090,15 +1992,33 @@ def validate_eval_settings(s: Settings):
     need(s.ttt_freeze_blocks <= s.num_layers, f"TTT_FREEZE_BLOCKS={s.ttt_freeze_blocks} must be in 0..NUM_LAYERS")
 
 
-def check_evaluation_setup(trainer) -> None:
+@dataclass
+class EvalData:
+    """What every evaluation pass reads: the tokenizer, the byte tables and the validation stream.
+    Loading it never touches a training shard, so EVAL_ONLY needs only these files."""
+    sp: object
+    tables: ByteTables
+    val_tokens: torch.Tensor
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+
+def load_eval_data(s: Settings, rt: Runtime) -> EvalData:
+    sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
+    return EvalData(sp, build_byte_tables(sp, s.vocab_size).to(rt.device),
+                    load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size))
+
+
+def check_evaluation_setup(s: Settings, rt: Runtime, data: EvalData) -> None:
     """Start-up checks of everything the evaluation relies on, before any training time is spent."""
-    s, rt = trainer.s, trainer.rt
-    n = len(trainer.val_tokens) - 1
+    n = len(data.val_tokens) - 1
     if s.val_tokens_expected and n != s.val_tokens_expected:
         raise UserError(f"validation has {n} scored targets but VAL_TOKENS_EXPECTED={s.val_tokens_expected}: a fineweb_val_* "
                         f"shard is missing or truncated (re-download it), or EVAL_SEQ_LEN changed the count")
     if s.byte_check_docs > 0:
-        rt.log(check_byte_tables(trainer.sp, trainer.tables, trainer.val_tokens, s.byte_check_docs, trainer.sp.bos_id()))
+        rt.log(check_byte_tables(data.sp, data.tables, data.val_tokens, s.byte_check_docs, data.bos_id))
 
 
 class Scores:
@@ -2172,9 +2092,16 @@ def to_device(array: np.ndarray, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def compiled(fn, s: Settings):
-    """fn compiled for static shapes (LoRA TTT, whose shapes vary, has lora_losses instead)."""
-    return torch.compile(fn, dynamic=False, fullgraph=True) if s.compile else fn
+def compiled(fn, s: Settings, dynamic: bool | None = False):
+    """The one torch.compile of the script: fn as a single graph (fullgraph, so a graph break is an error,
+    not a silent slowdown), static shapes unless dynamic=None (LoRA TTT marks its own dynamic dims).
+    COMPILE=0 returns fn itself."""
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True) if s.compile else fn
+
+
+def val_batch_seqs(s: Settings, rt: Runtime) -> int:
+    """Windows per forward pass on each rank of the non-overlapping evaluation: VAL_BATCH_TOKENS is global."""
+    return max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
 
 
 def allow_recompiles(limit: int = 32):
@@ -2759,7 +2686,7 @@ def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
         return base.token_losses(x, y, lora=DocLoRA(layout, matrices))
     if not s.compile:
         return losses
-    graph = torch.compile(losses, dynamic=None, fullgraph=True)
+    graph = compiled(losses, s, dynamic=None)
 
     def compiled_losses(x, y, matrices):
         torch._dynamo.mark_dynamic(x, (0, 1))
@@ -2790,20 +2717,21 @@ def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, voc
 # --- all passes, checkpoints ------------------------------------------------------------------------
 
 
-def enabled_passes(s: Settings, plain: bool) -> list:
-    return (["plain"] if plain else []) + (["sliding"] if s.sliding_window_enabled else []) + \
-        ([f"ttt_{s.ttt_mode}"] if s.ttt_enabled else [])
+def enabled_passes(s: Settings) -> list:
+    """The passes after training: the plain (non-overlapping) round trip of the artifact, then the
+    sliding window and TTT as enabled."""
+    return ["plain"] + (["sliding"] if s.sliding_window_enabled else []) + ([f"ttt_{s.ttt_mode}"] if s.ttt_enabled else [])
 
 
-def run_evaluation_passes(trainer, model: GPT, label_prefix: str = "quantized", plain: bool = True, passes=None) -> dict:
-    """Run the evaluation passes on model (the EMA weights now, the dequantized model once quantization
-    lands): non-overlapping, sliding window, then TTT, as enabled. Each is timed and counted against the
-    eval budget; TTT works on a copy, so model is left as it was. Returns {pass: EvalResult}."""
-    s, rt = trainer.s, trainer.rt
-    passes = enabled_passes(s, plain) if passes is None else passes
+def run_evaluation_passes(model: GPT, s: Settings, rt: Runtime, data: EvalData, passes=None,
+                          label_prefix: str = "quantized") -> dict:
+    """Run the evaluation passes on model (the one rebuilt from the artifact): non-overlapping, sliding
+    window, then TTT, as enabled. Each is timed and counted against the eval budget; TTT works on a
+    copy, so model is left as it was. Returns {pass: EvalResult}."""
+    passes = enabled_passes(s) if passes is None else passes
     if not passes:
         return {}
-    tokens, tables = trainer.val_tokens, trainer.tables
+    tokens, tables = data.val_tokens, data.tables
     n_targets = len(tokens) - 1
     budget = EvalBudget(s, rt, n_targets)
     allow_recompiles()
@@ -2817,19 +2745,20 @@ def run_evaluation_passes(trainer, model: GPT, label_prefix: str = "quantized", 
         if name in ("plain", "sliding"):
             def losses(x, y):
                 return model.token_losses(x, y)
-            batch = max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len)) if name == "plain" else s.eval_batch_windows
+            batch = val_batch_seqs(s, rt) if name == "plain" else s.eval_batch_windows
             stride = s.eval_seq_len if name == "plain" else s.eval_stride
             result = evaluate_windows(compiled(losses, s), tokens, tables, s.eval_seq_len, stride, batch, rt, budget, name)
         elif name == "ttt_chunk":
             result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget)
         elif name == "ttt_lora":
-            result = evaluate_ttt_lora(model, s, rt, tokens, tables, trainer.sp.bos_id(), budget)
+            result = evaluate_ttt_lora(model, s, rt, tokens, tables, data.bos_id, budget)
         else:
             raise ValueError(f"unknown evaluation pass {name}")
         if result.targets != n_targets:
             raise RuntimeError(f"{name} scored {result.targets} targets, not the {n_targets} of the validation stream")
         result.estimated_8gpu_seconds = budget.done[-1][2]
         rt.log(result.log_line(labels[name]))
+        require_finite(result.bpb, f"{labels[name]} val_bpb", s)
         results[name] = result
     model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -2842,35 +2771,8 @@ def run_evaluation_passes(trainer, model: GPT, label_prefix: str = "quantized", 
     return results
 
 
-def checkpoint_settings(s: Settings) -> dict:
-    return settings_with_role(s, "model")
-
-
-def save_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
-    """The raw (unquantized) state dict and the settings that shape it."""
-    if rt.master:
-        import io
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        buffer = io.BytesIO()
-        torch.save({"state_dict": state, "settings": checkpoint_settings(s)}, buffer)
-        write_atomic(Path(path), buffer.getvalue())
-        rt.log(f"checkpoint:saved {path}")
-
-
-def load_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
-    if not Path(path).is_file():
-        raise UserError(f"LOAD_CHECKPOINT={path} does not exist: make one with SAVE_CHECKPOINT=path")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    differ = [f"{k}={v} (run: {getattr(s, k.lower())})" for k, v in ckpt["settings"].items() if getattr(s, k.lower()) != v]
-    if differ:
-        raise UserError(f"checkpoint {path} was trained with other model settings: {', '.join(differ)}; set them to match")
-    with torch.no_grad():
-        model.load_state_dict(ckpt["state_dict"])
-    rt.log(f"checkpoint:loaded {path}")
-
-
 # =================================================================================================
-# TRAINING: compile warm-up, the wallclock-capped loop, main()
+# TRAINING: compile warm-up, the wallclock-capped loop
 # =================================================================================================
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
@@ -2883,16 +2785,6 @@ def peak_flops(device: torch.device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def log_header(s: Settings, rt: Runtime):
-    rt.log("Hyperparameters:")
-    for name, value in sorted(s.items()):
-        rt.log(f"  {name}: {value}")
-    rt.log(f"source_sha256: {source_sha256()}")
-    rt.log(f"python: {platform.python_version()} torch: {torch.__version__} cuda: {torch.version.cuda} "
-           f"device: {torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else platform.processor() or 'cpu'}")
-    rt.log(f"world_size: {rt.world_size} grad_accum_steps: {rt.grad_accum}")
-
-
 def seed_everything(seed: int):
     import random
     random.seed(seed)
@@ -2901,22 +2793,17 @@ def seed_everything(seed: int):
 
 
 class Trainer:
-    """Holds the model, its compiled callables and the data for one run."""
+    """The model being trained, its compiled callables, the training shards and the validation data."""
 
-    def __init__(self, s: Settings, rt: Runtime):
+    def __init__(self, s: Settings, rt: Runtime, data: EvalData | None = None):
         self.s, self.rt = s, rt
         seed_everything(s.seed)
-        self.sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
-        self.tables = build_byte_tables(self.sp, s.vocab_size).to(rt.device)
+        self.data = load_eval_data(s, rt) if data is None else data
         self.train_files = shard_files(s.data_path, "train")
-        self.val_tokens = load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size)
         self.model = GPT(s).to(rt.device)
         self.attention_backend = self.model.use_attention(s.attn_backend, rt.device)
-        if s.compile:
-            self.train_loss = torch.compile(self.model, dynamic=False, fullgraph=True)
-            self.eval_losses = torch.compile(self.model.token_losses, dynamic=False, fullgraph=True)
-        else:
-            self.train_loss, self.eval_losses = self.model, self.model.token_losses
+        self.train_loss = compiled(self.model, s)
+        self.eval_losses = compiled(self.model.token_losses, s)
         self.global_seqs = s.train_batch_tokens // s.train_seq_len
         self.can_loop = s.num_loops > 0
 
@@ -2938,10 +2825,9 @@ class Trainer:
             total += loss.detach()
         return total / len(batches)
 
-    def validate(self):
-        s, rt = self.s, self.rt
-        batch_seqs = max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
-        return evaluate(self.model, self.eval_losses, self.val_tokens, self.tables, s.eval_seq_len, batch_seqs, rt)
+    def validate(self) -> EvalResult:
+        s, rt, data = self.s, self.rt, self.data
+        return evaluate(self.model, self.eval_losses, data.val_tokens, data.tables, s.eval_seq_len, val_batch_seqs(s, rt), rt)
 
     def compile_warmup(self):
         """Run WARMUP_STEPS real steps in each graph (looping off, then on) so nothing compiles in the
@@ -3042,21 +2928,146 @@ class Trainer:
         return {"steps": step, "train_ms": elapsed_ms, "history": history}
 
 
+# =================================================================================================
+# RUN DRIVER: one run from top to bottom
+# =================================================================================================
+# train_and_evaluate is the whole run: set-up and start-up checks -> training (or LOAD_CHECKPOINT) ->
+# GPTQ calibration inside the training budget -> quantize and pack the artifact (rank 0) -> every rank
+# rebuilds the model from that file -> the evaluation passes on it (plain round trip, sliding window,
+# TTT). EVAL_ONLY (evaluate_artifact) is the same from the artifact on; --check (check_run) stops after
+# the start-up checks. The sections above hold the parts; this one holds the order.
+
+
+def require_finite(value: float, what: str, s: Settings):
+    """A score that is NaN or infinite is a failed run, never a result."""
+    if not math.isfinite(value):
+        raise UserError(f"{what} is {value}: the model produced non-finite losses (MATRIX_BITS={s.matrix_bits}, "
+                        f"EMBED_BITS={s.embed_bits}, learning rates and TTT settings are the usual suspects); "
+                        f"the log {s.log_dir}/{s.run_id}.txt has the figures before it")
+
+
+def checkpoint_settings(s: Settings) -> dict:
+    return settings_with_role(s, "model")
+
+
+def save_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
+    """The raw (unquantized) state dict and the settings that shape it."""
+    if rt.master:
+        import io
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        buffer = io.BytesIO()
+        torch.save({"state_dict": state, "settings": checkpoint_settings(s)}, buffer)
+        write_atomic(Path(path), buffer.getvalue())
+        rt.log(f"checkpoint:saved {path}")
+
+
+def load_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
+    if not Path(path).is_file():
+        raise UserError(f"LOAD_CHECKPOINT={path} does not exist: make one with SAVE_CHECKPOINT=path")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    differ = [f"{k}={v} (run: {getattr(s, k.lower())})" for k, v in ckpt["settings"].items()
+              if getattr(s, k.lower()) != v]
+    if differ:
+        raise UserError(f"checkpoint {path} was trained with other model settings: {', '.join(differ)}; "
+                        f"set them to match")
+    with torch.no_grad():
+        model.load_state_dict(ckpt["state_dict"])
+    rt.log(f"checkpoint:loaded {path}")
+
+
+def calibrate(trainer: Trainer, train_ms: float) -> tuple:
+    """(Hessians, figures): calibration on every rank, timed against the training budget."""
+    s, rt, model = trainer.s, trainer.rt, trainer.model
+    model.looping = trainer.can_loop  # calibrate the recurrent schedule the model is evaluated with
+    with timed(rt) as hessian_time:
+        if s.gptq_calibration == "selfgen":
+            batches = selfgen_batches(model, s.gptq_calibration_batches, s.train_seq_len, s.vocab_size,
+                                      s.seed + rt.rank, rt.device)
+        else:
+            batches = calibration_batches(trainer.new_loader(), s.gptq_calibration_batches)
+        hessians = collect_hessians(model, batches, rt)
+    seconds = hessian_time.seconds
+    counted = train_ms / 1000.0 + seconds
+    budget = (f"of {s.max_wallclock_seconds:.0f}s budget" if s.max_wallclock_seconds > 0
+              else "(no budget: MAX_WALLCLOCK_SECONDS=0)")
+    sequences = s.gptq_calibration_batches * (rt.world_size if s.gptq_calibration == "selfgen" else trainer.global_seqs)
+    rt.log(f"gptq:hessians batches:{s.gptq_calibration_batches} tokens:{sequences * s.train_seq_len} "
+           f"calibration:{s.gptq_calibration} seconds:{seconds:.1f} train+calibration:{counted:.1f}s {budget}")
+    if 0 < s.max_wallclock_seconds < counted:
+        rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
+               f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least "
+               f"{math.ceil(s.gptq_reserve_seconds + counted - s.max_wallclock_seconds)} "
+               f"or lower GPTQ_CALIBRATION_BATCHES")
+    return hessians, {"hessian_seconds": seconds, "train_calibration_seconds": counted}
+
+
+def quantize_and_pack(model: GPT, hessians: dict, s: Settings, rt: Runtime) -> dict:
+    """GPTQ and the artifact file (rank 0) -> accounting; fails with a UserError before any evaluation
+    if the artifact is over ARTIFACT_LIMIT_BYTES. Returns the figures and the path every rank reads."""
+    path = artifact_path(s)
+    out = {}
+    over = torch.zeros((), device=rt.device)
+    if rt.master:
+        blob, parts = build_artifact(model, hessians, s, rt)
+        write_atomic(path, blob)
+        out.update(artifact_accounting(len(blob), code_bytes(s), s.artifact_limit_bytes), artifact_parts=parts)
+        rt.log(f"artifact: model_bytes:{out['model_bytes']} code_bytes:{out['code_bytes']} "
+               f"total:{out['artifact_bytes']} limit:{s.artifact_limit_bytes} margin:{out['margin']} path:{path} "
+               f"code_from:{s.code_bytes_from}")
+        over.fill_(float(out["margin"] < 0))
+    if rt.all_reduce(over, op=dist.ReduceOp.MAX).item() > 0:
+        if not rt.master:
+            raise UserError("the artifact is over ARTIFACT_LIMIT_BYTES (rank 0 reports the details)")
+        largest = sorted(out["artifact_parts"].items(), key=lambda kv: -kv[1])[:5]
+        raise UserError(f"artifact {path}: {out['model_bytes']} model + {out['code_bytes']} code = "
+                        f"{out['artifact_bytes']} bytes, {-out['margin']} over ARTIFACT_LIMIT_BYTES="
+                        f"{s.artifact_limit_bytes}; largest compressed parts: "
+                        + ", ".join(f"{n} {b}" for n, b in largest)
+                        + "; lower MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS or MATRIX_BITS/EMBED_BITS, or shrink the model")
+    if rt.distributed:  # ranks may have drawn different default RUN_IDs: all read rank 0's file (one host)
+        shared = [str(path)]
+        dist.broadcast_object_list(shared, src=0)
+        path = Path(shared[0])
+    out["artifact_path"] = str(path)
+    return out
+
+
+def score_artifact(path, s: Settings, rt: Runtime, data: EvalData, qstate=None) -> dict:
+    """Every rank rebuilds a fresh GPT from the artifact alone and runs the evaluation passes on it;
+    the plain pass is the round trip (`quantized ... val_bpb`). Returns the figures."""
+    if qstate is None:
+        qstate, _, _ = read_artifact(path)
+    model = model_from_artifact(qstate, s, rt, str(path))
+    passes = run_evaluation_passes(model, s, rt, data)
+    final = list(passes.values())[-1]
+    rt.log(f"final val_bpb:{final.bpb:.8f}")
+    require_finite(final.bpb, "final val_bpb", s)
+    return {"quantized_model": model, "quantized_val_loss": passes["plain"].loss,
+            "quantized_val_bpb": passes["plain"].bpb, "eval": passes, "final_val_bpb": final.bpb}
+
+
+def use_tf32(rt: Runtime):
+    if rt.device.type == "cuda":  # training, the round trip and EVAL_ONLY all run with the same numerics
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     """The whole run; returns the figures it logged (tests call this in-process)."""
     log_header(s, rt)
-    if rt.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    trainer = Trainer(s, rt)
+    use_tf32(rt)
+    data = load_eval_data(s, rt)
+    trainer = Trainer(s, rt, data)
     model = trainer.model
     rt.log(f"train_shards: {len(trainer.train_files)}")
-    rt.log(f"val_tokens: {len(trainer.val_tokens) - 1}")
-    check_evaluation_setup(trainer)
+    rt.log(f"val_tokens: {len(data.val_tokens) - 1}")
+    check_evaluation_setup(s, rt, data)
     rt.log(f"model_params: {sum(p.numel() for p in model.parameters())}")
     rt.log(f"attention_backend: {trainer.attention_backend}")
     rt.log(f"parallel_residual: mode={s.parallel_residual_mode} start_layer={s.parallel_residual_start}")
-    rt.log(f"depth_recurrence: num_loops={s.num_loops} segment={s.loop_start}-{s.loop_end} enable_at={s.enable_looping_at}")
+    rt.log(f"depth_recurrence: num_loops={s.num_loops} segment={s.loop_start}-{s.loop_end} "
+           f"enable_at={s.enable_looping_at}")
+    # 1. train (or load a checkpoint)
     if s.load_checkpoint:
         load_checkpoint(model, s, rt, s.load_checkpoint)
         results = {"steps": 0, "train_ms": 0.0, "history": []}
@@ -3069,26 +3080,49 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(val.log_line("pre-quantization post-ema"))
     require_finite(val.bpb, "pre-quantization val_bpb", s)
     results.update(val_loss=val.loss, val_bpb=val.bpb, trainer=trainer)
-    results.update(quantize_and_pack(trainer, results["train_ms"]))
-    results.update(evaluate_artifact_roundtrip(trainer, results["artifact_path"], val.bpb))
-    # The score: sliding window and TTT on the model rebuilt from the artifact alone.
-    passes = run_evaluation_passes(trainer, results["quantized_model"], "quantized", plain=False)
-    final_bpb = list(passes.values())[-1].bpb if passes else results["quantized_val_bpb"]
-    results.update(eval=passes, final_val_bpb=final_bpb)
-    rt.log(f"final val_bpb:{final_bpb:.8f}")
-    require_finite(final_bpb, "final val_bpb", s)
+    # 2. calibrate inside the training budget, 3. quantize and pack
+    hessians, figures = calibrate(trainer, results["train_ms"])
+    results.update(figures)
+    results.update(quantize_and_pack(model, hessians, s, rt))
+    # 4. the score: every pass on the model rebuilt from the artifact alone
+    results.update(score_artifact(results["artifact_path"], s, rt, data))
+    rt.log(f"quantization_tax: {results['quantized_val_bpb'] - val.bpb:+.8f} bpb")
     return results
+
+
+def load_artifact_settings(s: Settings, rt: Runtime, path: str) -> tuple:
+    """(qstate, settings): the artifact and the settings it was made with (see adopt_artifact_settings),
+    logged in the header so that the log tells what was scored."""
+    qstate, stored, model_bytes = read_artifact(path)
+    s, notes = adopt_artifact_settings(s, stored, os.environ)
+    s.validate(rt.world_size)
+    log_header(s, rt)
+    for note in notes:
+        rt.log(note)
+    rt.log(f"eval_only: artifact:{path} model_bytes:{model_bytes}")
+    return qstate, s
+
+
+def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
+    """EVAL_ONLY: score an artifact alone (tokenizer and validation shards only, never a training shard).
+    With the same GPU count it reproduces the training run's figures bit for bit: the model and score
+    settings come from the artifact; COMPILE and ATTN_BACKEND are the machine's."""
+    qstate, s = load_artifact_settings(s, rt, s.eval_only)
+    use_tf32(rt)
+    data = load_eval_data(s, rt)
+    check_evaluation_setup(s, rt, data)
+    return score_artifact(s.eval_only, s, rt, data, qstate)
 
 
 def check_run(s: Settings, rt: Runtime):
     """--check: every start-up check of a real run (settings, output paths, tokenizer, shard headers,
     validation ids, byte tables, evaluation settings), then exit without training or writing anything."""
     if s.eval_only:
-        _, context, s = load_artifact_for_eval(s, rt, s.eval_only)
-        check_evaluation_setup(context)
+        _, s = load_artifact_settings(s, rt, s.eval_only)
+        check_evaluation_setup(s, rt, load_eval_data(s, rt))
     else:
         trainer = Trainer(s, rt)
-        check_evaluation_setup(trainer)
+        check_evaluation_setup(s, rt, trainer.data)
         if s.load_checkpoint:
             load_checkpoint(trainer.model, s, rt, s.load_checkpoint)
     rt.log(f"check: ok run_id:{s.run_id} (settings, paths, tokenizer, shards and evaluation set-up; nothing written)")
@@ -3100,8 +3134,8 @@ def main():
     unknown = [a for a in sys.argv[1:] if a != "--check"]
     try:
         if unknown:
-            raise UserError(f"unknown argument {unknown[0]}: train_gpt.py takes its settings from environment variables "
-                            f"(see README.md); its only flag is --check")
+            raise UserError(f"unknown argument {unknown[0]}: train_gpt.py takes its settings from environment "
+                            f"variables (see README.md); its only flag is --check")
         settings = Settings()
         rt = Runtime(settings, dry_run=dry_run)
         if dry_run:

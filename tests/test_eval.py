@@ -5,7 +5,6 @@ import os
 import re
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,11 +118,11 @@ def test_byte_check_passes_real_tables_and_stops_the_missing_space_piece_trap(ti
 
 def test_validation_count_is_checked_against_val_tokens_expected(tiny_data, tmp_path):
     s, rt = make(tiny_data, tmp_path, VAL_TOKENS_EXPECTED=123)
-    trainer = tg.Trainer(s, rt)
+    data = tg.load_eval_data(s, rt)
     with pytest.raises(tg.UserError, match="VAL_TOKENS_EXPECTED=123"):
-        tg.check_evaluation_setup(trainer)
-    s.val_tokens_expected = len(trainer.val_tokens) - 1
-    tg.check_evaluation_setup(trainer)
+        tg.check_evaluation_setup(s, rt, data)
+    s.val_tokens_expected = len(data.val_tokens) - 1
+    tg.check_evaluation_setup(s, rt, data)
     assert "byte_check: docs=" in (tmp_path / "logs" / "eval.txt").read_text()
 
 
@@ -398,10 +397,10 @@ def test_budget_estimate_scales_to_the_full_validation_on_8_gpus(tiny_data, tmp_
 def test_evaluation_passes_log_greppable_lines_and_leave_the_model_unchanged(tiny_data, tmp_path):
     s, rt = make(tiny_data, tmp_path)
     sp, tables = tables_for(s)
-    trainer = SimpleNamespace(s=s, rt=rt, sp=sp, tables=tables, val_tokens=validation(s, 1024))
+    data = tg.EvalData(sp, tables, validation(s, 1024))
     model = random_model(s)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    results = tg.run_evaluation_passes(trainer, model, "quantized", passes=["plain", "sliding", "ttt_chunk", "ttt_lora"])
+    results = tg.run_evaluation_passes(model, s, rt, data, passes=["plain", "sliding", "ttt_chunk", "ttt_lora"])
     assert list(results) == ["plain", "sliding", "ttt_chunk", "ttt_lora"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     log = (tmp_path / "logs" / "eval.txt").read_text()
@@ -428,13 +427,14 @@ def test_a_run_saves_then_reloads_and_runs_every_pass(tiny_data, tmp_path):
     s, rt = make(tiny_data, tmp_path, RUN_ID="train", ITERATIONS=1, SLIDING_WINDOW_ENABLED=0, TTT_ENABLED=0,
                  SAVE_CHECKPOINT=tmp_path / "ck.pt")
     first = tg.train_and_evaluate(s, rt)
-    assert first["eval"] == {} and first["final_val_bpb"] == first["quantized_val_bpb"]
+    assert list(first["eval"]) == ["plain"] and first["final_val_bpb"] == first["quantized_val_bpb"]
     s, rt = make(tiny_data, tmp_path, RUN_ID="reload", LOAD_CHECKPOINT=tmp_path / "ck.pt", EVAL_STRIDE=32,
                  TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=64)
     second = tg.train_and_evaluate(s, rt)
     assert second["val_bpb"] == first["val_bpb"]  # the same weights
-    assert list(second["eval"]) == ["sliding", "ttt_chunk"] and second["final_val_bpb"] == second["eval"]["ttt_chunk"].bpb
+    assert list(second["eval"]) == ["plain", "sliding", "ttt_chunk"]
+    assert second["final_val_bpb"] == second["eval"]["ttt_chunk"].bpb
     log = (tmp_path / "logs" / "reload.txt").read_text()
     for line in ("checkpoint:loaded", "byte_check: docs=", "quantized_sliding_window val_loss:", "ttt:protocol score-first mode=chunk",
-                 "final_ttt val_loss:", "eval_budget: passes=sliding:", "final val_bpb:"):
+                 "final_ttt val_loss:", "eval_budget: passes=plain:", "final val_bpb:"):
         assert line in log, line

@@ -88,7 +88,7 @@ def test_hessians_cover_every_matrix_and_share_the_attention_input(tiny_env):
 def test_calibration_reads_the_first_training_steps_only(tiny_env):
     s = tg.Settings(environ=tiny_env)
     trainer = tg.Trainer(s, tg.Runtime(s))
-    batches = list(tg.calibration_batches(trainer, 2))
+    batches = list(tg.calibration_batches(trainer.new_loader(), 2))
     loader = trainer.new_loader()
     expected = loader.next_step() + loader.next_step()  # 8 micro-batches a step in one process
     assert len(batches) == 16 and all(torch.equal(a, b) for a, b in zip(batches, expected))

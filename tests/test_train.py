@@ -96,7 +96,7 @@ def test_two_gloo_processes_match_one_process(tiny_env):
     (dict(VOCAB_SIZE="8192"), "has 384 pieces but VOCAB_SIZE=8192"),
     (dict(DATA_PATH="/nonexistent/shards"), "DATA_PATH=/nonexistent/shards does not exist"),
     (dict(TOKENIZER_PATH="/nonexistent/tok.model"), "TOKENIZER_PATH=/nonexistent/tok.model does not exist"),
-    (dict(EVAL_SEQ_LEN="100000"), "fewer than one EVAL_SEQ_LEN=100000 window"),
+    (dict(EVAL_SEQ_LEN="100000", TTT_CHUNK_TOKENS="100000"), "fewer than one EVAL_SEQ_LEN=100000 window"),
     (dict(SCALAR_LR="1e30", ITERATIONS="20"), "training loss became nan at step"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_env, overrides, message):

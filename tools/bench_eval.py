@@ -40,12 +40,14 @@ def train_checkpoint(path: Path, seconds: float):
 
 
 def load(args):
-    """(model, context with .s .rt .sp .tables .val_tokens, label) from a checkpoint or an artifact."""
+    """(model, settings, runtime, evaluation data, label) from a checkpoint or an artifact."""
     if args.artifact:
-        rt = tg.Runtime(tg.Settings(eval_force=True))
-        model, context, _ = tg.load_artifact_for_eval(tg.Settings(eval_force=True, eval_only=str(args.artifact)), rt,
-                                                      str(args.artifact))
-        return model, context, f"artifact={args.artifact}"
+        s = tg.Settings(eval_force=True, eval_only=str(args.artifact))
+        rt = tg.Runtime(s)
+        qstate, s = tg.load_artifact_settings(s, rt, str(args.artifact))
+        tg.use_tf32(rt)
+        return tg.model_from_artifact(qstate, s, rt, str(args.artifact)), s, rt, tg.load_eval_data(s, rt), \
+            f"artifact={args.artifact}"
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     overrides = {name.lower(): value for name, value in ckpt["settings"].items()}
     s = tg.Settings(eval_force=True, **overrides)
@@ -54,18 +56,17 @@ def load(args):
     trainer = tg.Trainer(s, rt)
     tg.load_checkpoint(trainer.model, s, rt, args.checkpoint)
     trainer.model.looping = trainer.can_loop
-    return trainer.model, trainer, f"checkpoint={args.checkpoint}"
+    return trainer.model, s, rt, trainer.data, f"checkpoint={args.checkpoint}"
 
 
 def bench(args):
     """Run the passes; returns (summary dict, runtime)."""
-    model, context, label = load(args)
-    s, rt = context.s, context.rt
+    model, s, rt, data, label = load(args)
     try:
-        n = min(args.val_tokens, len(context.val_tokens) - 1) // s.eval_seq_len * s.eval_seq_len
-        context.val_tokens = context.val_tokens[:n + 1]
+        n = min(args.val_tokens, len(data.val_tokens) - 1) // s.eval_seq_len * s.eval_seq_len
+        data.val_tokens = data.val_tokens[:n + 1]
         rt.log(f"bench_eval: {label} val_targets={n} passes={','.join(args.passes)} world_size={rt.world_size}")
-        results = tg.run_evaluation_passes(context, model, "bench", passes=args.passes)
+        results = tg.run_evaluation_passes(model, s, rt, data, passes=args.passes, label_prefix="bench")
         return {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                 "world_size": rt.world_size, "val_targets": n,
                 "passes": {name: {"val_loss": r.loss, "val_bpb": r.bpb, "seconds": r.seconds,
