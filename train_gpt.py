@@ -516,7 +516,73 @@ class Runtime:
 
 
 def source_sha256() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    """Hash of the readable source that runs: the same for this file and for its packed, shipped form."""
+    return hashlib.sha256(running_source().encode("utf-8")).hexdigest()
+
+
+# --- the run log ------------------------------------------------------------------------------------
+# A log is a header, then one event per line. The header holds the settings, versions, git revision,
+# nvidia-smi and the whole readable source (indented two spaces; the file only, not the console) and
+# ends with the line `header:end`. Each event line is `name key:value key:value ...`: a few name words
+# (no colon), then fields whose values hold no spaces; a line that starts with a field is named by
+# that field's key (`step:12/20 train_loss:...` is a "step" event). Lines starting with "WARNING:" are
+# free text for people. parse_log_line is the one reader; the tools use it through tools/runlog.py.
+HEADER_END = "header:end"
+
+
+def parse_log_line(line: str, strict: bool = False) -> tuple:
+    """(name, {key: value}) of one event line; strict: a word after the first field is an error."""
+    words = line.split()
+    if not words or words[0] == "WARNING:":
+        return ("WARNING" if words else ""), {"text": line.partition(" ")[2]} if words else {}
+    names, fields = [], {}
+    for word in words:
+        key, colon, value = word.partition(":")
+        if colon and key:
+            fields.setdefault(key, value)
+        elif fields:
+            if strict:
+                raise ValueError(f"word {word!r} after the fields of log line {line!r}")
+        else:
+            names.append(word)
+    return (" ".join(names) if names else words[0].partition(":")[0]), fields
+
+
+def schedule_text(schedule) -> str:
+    return ",".join(map(str, schedule))
+
+
+def git_revision() -> str:
+    """The commit this file belongs to and whether it differs from it ("none" outside a git checkout)."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "none"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", Path(__file__).name], cwd=here, timeout=5)
+        return f"{rev.stdout.strip()}{'+dirty' if dirty.returncode else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+
+
+def nvidia_smi() -> str:
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return ""
+    try:
+        return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def package_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # not installed, or installed without metadata
+        return "none"
 
 
 class Timer:
@@ -538,13 +604,26 @@ def timed(rt: "Runtime"):
 
 
 def log_header(s: Settings, rt: Runtime):
+    """What ran, so that the log alone tells it: settings, source hash, git revision, versions, the GPUs
+    (nvidia-smi) and the readable source itself (file only)."""
     rt.log("Hyperparameters:")
     for name, value in sorted(s.items()):
         rt.log(f"  {name}: {value}")
+    source = running_source()
+    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
     rt.log(f"source_sha256: {source_sha256()}")
-    rt.log(f"python: {platform.python_version()} torch: {torch.__version__} cuda: {torch.version.cuda} "
-           f"device: {torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else platform.processor() or 'cpu'}")
+    rt.log(f"git_revision: {git_revision()}")
+    rt.log(f"versions: python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} "
+           f"triton:{package_version('triton')} numpy:{np.__version__}")
+    rt.log(f"device: {device}")
     rt.log(f"world_size: {rt.world_size} grad_accum_steps: {rt.grad_accum}")
+    smi = nvidia_smi()
+    if smi:
+        rt.log("nvidia-smi:", console=False)
+        rt.log("\n".join("  " + line for line in smi.rstrip().splitlines()), console=False)
+    rt.log(f"source: {Path(__file__).name} lines:{source.count(chr(10))}", console=False)
+    rt.log("\n".join("  " + line for line in source.splitlines()), console=False)
+    rt.log(HEADER_END)
 
 
 
@@ -963,7 +1042,7 @@ class LambdaLanes(TwoLanes):
 
     def report(self, model: "GPT", positions: list, schedule: tuple) -> list:
         R, P = model.parallel_resid_lambdas.detach().float().cpu(), model.parallel_post_lambdas.detach().float().cpu()
-        lines = [f"parallel_residual:converged mode={self.mode} used_layers={len(positions)}"]
+        lines = [f"parallel_residual:converged mode:{self.mode} used_layers={len(positions)}"]
         for pos in positions:
             i = schedule[pos]
             lines.append(f"parallel_residual layer:{pos} physical:{i} attn_resid:{R[i, 0]:.4f} "
@@ -1018,7 +1097,7 @@ class SplitLanes(TwoLanes):
         return lam * lanes[0] + (1 - lam) * lanes[1]
 
     def report(self, model: "GPT", positions: list, schedule: tuple) -> list:
-        return [f"parallel_residual:converged mode=split lane_merge:{model.lane_merge.item():.4f}"]
+        return [f"parallel_residual:converged mode:split lane_merge:{model.lane_merge.item():.4f}"]
 
 
 RESIDUAL_FORMS = {form.mode: form for form in (FullParallel(), SplitLanes(), SequentialLanes(), OneLane())}
@@ -1848,9 +1927,9 @@ def adopt_artifact_settings(s: Settings, stored: dict, environ) -> tuple:
             raise UserError(f"{name}={environ[name]} but the artifact {s.eval_only} was trained with {name}={value}: "
                             f"unset {name} (the artifact's value is then used) or set it to {value}")
         if explicit:
-            notes.append(f"eval_only: {name}={getattr(s, name.lower())} overrides the artifact's {value}")
+            notes.append(f"eval_only:overridden setting:{name} value:{getattr(s, name.lower())} artifact:{value}")
             continue
-        notes.append(f"eval_only: {name}={value} from the artifact (default {getattr(s, name.lower())})")
+        notes.append(f"eval_only:adopted setting:{name} value:{value} default:{getattr(s, name.lower())}")
         setattr(s, name.lower(), value)
     return s, notes
 
@@ -1968,19 +2047,20 @@ def check_byte_tables(sp, tables: ByteTables, val_tokens: torch.Tensor, max_docs
     tokens = val_tokens.cpu()
     bos = torch.nonzero(tokens == bos_id).flatten()[:max_docs + 1].tolist() if bos_id >= 0 else []
     if len(bos) < 2:
-        return "byte_check: skipped (validation has no whole BOS-delimited document)"
+        return "byte_check: status:skipped reason:no_whole_bos_delimited_document"
     tables = tables.to("cpu")
     table_bytes = text_bytes = bad_docs = 0
     for start, end in zip(bos[:-1], bos[1:]):
         counted = int(tables.count(tokens[start:end], tokens[start + 1:end + 1]).sum())  # the last target is the next BOS: 0 bytes
         decoded = len(sp.decode(tokens[start + 1:end].tolist()).replace("\u2581", " ").encode("utf-8"))
         table_bytes, text_bytes, bad_docs = table_bytes + counted, text_bytes + decoded, bad_docs + (counted != decoded)
-    line = f"byte_check: docs={len(bos) - 1} table_bytes={table_bytes} decoded_bytes={text_bytes} mismatched_docs={bad_docs}"
+    line = (f"byte_check: docs:{len(bos) - 1} table_bytes:{table_bytes} decoded_bytes:{text_bytes} "
+            f"mismatched_docs:{bad_docs}")
     if abs(table_bytes - text_bytes) > 1e-4 * text_bytes:
         raise UserError(f"{line}: the byte tables do not match the decoded validation text, so val_bpb would be wrong "
                         f"(a tokenizer without a standalone \u2581 piece over-counts spaces, issue #897): use the challenge "
                         f"tokenizer or one that has \u2581 as a normal piece")
-    return line + " ok"
+    return line + " status:ok"
 
 
 def validate_eval_settings(s: Settings):
@@ -2228,7 +2308,7 @@ class EvalBudget:
         """Collective: every rank calls it at the same point and all take the largest estimate."""
         estimate = self.rt.all_reduce(torch.tensor([estimate], dtype=torch.float64, device=self.rt.device), op=dist.ReduceOp.MAX).item()
         total = sum(e for _, _, e in self.done) + estimate
-        self.rt.log(f"eval_budget:early pass={name} estimated_8gpu_pass_seconds:{estimate:.0f} "
+        self.rt.log(f"eval_budget:early pass:{name} estimated_8gpu_pass_seconds:{estimate:.0f} "
                     f"estimated_8gpu_total_seconds:{total:.0f} budget_seconds:{self.limit:.0f} enforced:{int(self.enforced)}")
         if total > self.limit and self.enforced:
             raise UserError(f"the evaluation passes would take about {total:.0f}s on 8 GPUs for the full validation ({name}: "
@@ -2238,14 +2318,15 @@ class EvalBudget:
     def finish(self, name: str, seconds: float, fixed: float, targets: int) -> float:
         estimate = fixed + (seconds - fixed) * self.scale
         self.done.append((name, seconds, estimate))
-        self.rt.log(f"eval_budget:pass name={name} seconds:{seconds:.1f} scored_targets:{targets} "
+        self.rt.log(f"eval_budget:pass pass:{name} seconds:{seconds:.1f} scored_targets:{targets} "
                     f"seconds_per_mtok:{1e6 * seconds / targets:.2f} estimated_8gpu_full_val_seconds:{estimate:.0f}")
         return estimate
 
     def summary(self, seconds: float) -> float:
         total = sum(e for _, _, e in self.done)
         status = "ok" if total <= self.limit else ("over_budget_forced" if self.force else "over_budget")
-        self.rt.log(f"eval_budget: passes={','.join(f'{n}:{t:.1f}s' for n, t, _ in self.done) or 'none'} measured_seconds:{seconds:.1f} "
+        passes = ",".join(f"{n}={t:.1f}s" for n, t, _ in self.done) or "none"
+        self.rt.log(f"eval_budget: passes:{passes} measured_seconds:{seconds:.1f} "
                     f"estimated_8gpu_full_val_seconds:{total:.0f} budget_seconds:{self.limit:.0f} "
                     f"enforced:{int(self.enforced)} status:{status}")
         return total
@@ -2328,11 +2409,11 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
     frozen = sum(p.numel() for p in ttt.parameters() if not p.requires_grad)
-    rt.log(f"ttt:protocol score-first mode=chunk chunks={n_chunks} chunk_tokens={C} window={L} stride={stride} order=original "
-           f"epochs={s.ttt_epochs} optimizer=sgd lr={s.ttt_lr} schedule=cosine_over_chunks momentum={s.ttt_momentum} "
-           f"grad_clip={s.ttt_grad_clip} batch_seqs={s.ttt_batch_seqs} freeze_blocks={s.ttt_freeze_blocks} "
-           f"hash_embed={int(hash_emb is not None)} last_chunk_trained=0 "
-           f"params_trained={sum(p.numel() for p in params)} params_frozen={frozen}")
+    rt.log(f"ttt:protocol rule:score-first mode:chunk chunks:{n_chunks} chunk_tokens:{C} window:{L} stride:{stride} order:original "
+           f"epochs:{s.ttt_epochs} optimizer:sgd lr:{s.ttt_lr} schedule:cosine_over_chunks momentum:{s.ttt_momentum} "
+           f"grad_clip:{s.ttt_grad_clip} batch_seqs:{s.ttt_batch_seqs} freeze_blocks:{s.ttt_freeze_blocks} "
+           f"hash_embed:{int(hash_emb is not None)} last_chunk_trained:0 "
+           f"params_trained:{sum(p.numel() for p in params)} params_frozen:{frozen}")
     if s.compile:
         step_sizes = {min(s.ttt_batch_seqs, C // L - b) for b in range(0, C // L, s.ttt_batch_seqs)}
         warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, step_sizes)
@@ -2359,8 +2440,8 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
                 budget.check("ttt_chunk", budget.estimate(fixed, (elapsed - fixed) / c, n_chunks - 1))
             if (c + 1) % log_every == 0 or c == n_chunks - 1:
                 sums = scores.sums.tolist()
-                rt.log(f"ttt_chunk [{c + 1}/{n_chunks}] rank0_bpb:{sums[0] / math.log(2) / max(sums[2], 1):.6f} elapsed:{elapsed:.1f}s")
-    rt.log(f"ttt:score_first_guard active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
+                rt.log(f"ttt_chunk chunk:{c + 1}/{n_chunks} rank0_bpb:{sums[0] / math.log(2) / max(sums[2], 1):.6f} elapsed:{elapsed:.1f}s")
+    rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
     result = scores.result(rt, time.perf_counter() - t0, record)
     if budget is not None:
         budget.finish("ttt_chunk", result.seconds, fixed, result.targets)
@@ -2387,7 +2468,7 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
     for p in params:
         p.grad.zero_()
     rt.sync()
-    rt.log(f"ttt:warmup random tokens (no validation data) seconds:{time.perf_counter() - t0:.1f}")
+    rt.log(f"ttt:warmup data:random_tokens seconds:{time.perf_counter() - t0:.1f}")
 
 
 # --- score-first TTT, document mode (PR #1530 done legally) -------------------------------------------
@@ -2619,11 +2700,11 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     loss_fn = lora_losses(base, layout, s)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
-    rt.log(f"ttt:protocol score-first mode=lora docs={len(cum) - 1} split=bos chunk={C} window={L} context=document_only "
-           f"order=original reset=per_document rank={s.ttt_lora_rank} targets=q,k,v,o,mlp,head optimizer=adamw "
-           f"lr={s.ttt_lora_lr} betas=({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd={s.ttt_lora_wd} steps_per_chunk=1 "
-           f"last_chunk_trained=0 batch_docs={s.ttt_batch_docs} docs_in_flight={in_flight} "
-           f"adapter_params_per_doc={layout.size} rank0_steps={len(plan)}")
+    rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} window:{L} context:document_only "
+           f"order:original reset:per_document rank:{s.ttt_lora_rank} targets:q,k,v,o,mlp,head optimizer:adamw "
+           f"lr:{s.ttt_lora_lr} betas:({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd:{s.ttt_lora_wd} steps_per_chunk:1 "
+           f"last_chunk_trained:0 batch_docs:{s.ttt_batch_docs} docs_in_flight:{in_flight} "
+           f"adapter_params_per_doc:{layout.size} rank0_steps:{len(plan)}")
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with attention_without_cudnn():  # the batch shape changes almost every step
         if s.compile:
@@ -2651,13 +2732,13 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                     rate = (t_b - t_a) / max(w_b - w_a, 1)
                     budget.check("ttt_lora", budget.estimate(t_a, rate, cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a))
     if s.compile:  # 1 unless a shape slipped past lora_losses: each extra graph is a full recompile
-        rt.log(f"ttt:lora_graphs_compiled {torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before}")
-    rt.log(f"ttt:score_first_guard active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
+        rt.log(f"ttt:lora graphs_compiled:{torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before}")
+    rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
     result = scores.result(rt, time.perf_counter() - t0, record)
     seconds = result.seconds
     first_seconds, first_work = marks.get(0, (0.0, 0))  # the first step carries the compile: rates leave it out
     peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}" if rt.device.type == "cuda" else ""
-    rt.log(f"ttt:lora rank0 steps:{len(plan)} window_tokens:{done_work} window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
+    rt.log(f"ttt:lora rank:0 steps:{len(plan)} window_tokens:{done_work} window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
            f"window_tokens_per_s_after_first_step:{(done_work - first_work) / max(seconds - first_seconds, 1e-9):.0f}{peak}")
     if budget is not None:
         budget.finish("ttt_lora", seconds, first_seconds, result.targets)
@@ -2711,7 +2792,7 @@ def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, voc
             lora_step(np.zeros(n, np.int64), np.full(n, C * (full + 2)), np.full(n, chunk), np.arange(n), slots, layout,
                       loss_fn, tokens, s, tables, Scores(rt.device, n_targets=len(tokens) - 1))
     rt.sync()
-    rt.log(f"ttt:warmup random tokens (no validation data) seconds:{time.perf_counter() - t0:.1f}")
+    rt.log(f"ttt:warmup data:random_tokens seconds:{time.perf_counter() - t0:.1f}")
 
 
 # --- all passes, checkpoints ------------------------------------------------------------------------
@@ -2841,18 +2922,18 @@ class Trainer:
         for looping in ((False, True) if self.can_loop else (False,)):
             self.model.looping = looping
             if looping:
-                rt.log(f"loop_warmup:enabled schedule:{list(self.model.schedule())}")
+                rt.log(f"loop_warmup:enabled schedule:{schedule_text(self.model.schedule())}")
             for k in range(s.warmup_steps):
                 self.forward_backward(self.fetch(loader))
                 optimizers.step(k, 1.0)
                 optimizers.zero_grad()
                 if k + 1 == s.warmup_steps or (k + 1) % 10 == 0:
-                    rt.log(f"{'loop_warmup_step' if looping else 'warmup_step'}: {k + 1}/{s.warmup_steps}")
+                    rt.log(f"{'loop_warmup_step' if looping else 'warmup_step'}:{k + 1}/{s.warmup_steps}")
         with torch.no_grad():
             self.model.load_state_dict(initial)
         self.model.looping = False
         rt.sync()
-        rt.log(f"warmup:done seconds:{time.perf_counter() - t0:.1f} (untimed; weights rolled back)")
+        rt.log(f"warmup:done seconds:{time.perf_counter() - t0:.1f} timed:0 weights:rolled_back")
 
     def train(self) -> dict:
         s, rt, model = self.s, self.rt, self.model
@@ -2861,8 +2942,8 @@ class Trainer:
         ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
         cap_ms = (s.max_wallclock_seconds - s.gptq_reserve_seconds) * 1000.0 if s.max_wallclock_seconds > 0 else math.inf
         if math.isfinite(cap_ms):
-            rt.log(f"wallclock:budget {s.max_wallclock_seconds:.0f}s gptq_reserve {s.gptq_reserve_seconds:.0f}s "
-                   f"training_cap {cap_ms:.0f}ms")
+            rt.log(f"wallclock:budget seconds:{s.max_wallclock_seconds:.0f} gptq_reserve_seconds:{s.gptq_reserve_seconds:.0f} "
+                   f"training_cap_ms:{cap_ms:.0f}")
         tokens_per_step = self.global_seqs * s.train_seq_len
         peak = peak_flops(rt.device)
         prefetch = ThreadPoolExecutor(max_workers=1)
@@ -2886,7 +2967,7 @@ class Trainer:
             frac = elapsed_ms / cap_ms if math.isfinite(cap_ms) else step / s.iterations
             if self.can_loop and not model.looping and frac >= s.enable_looping_at:
                 model.looping = True
-                rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} schedule:{list(model.schedule())}")
+                rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} schedule:{schedule_text(model.schedule())}")
             batches = next_batches.result()
             next_batches = prefetch.submit(self.fetch, loader)
             loss = self.forward_backward(batches)
@@ -2916,13 +2997,13 @@ class Trainer:
                 last_log = (step, elapsed_ms)
         prefetch.shutdown(wait=True)
         if stop_reason:
-            rt.log(f"stopping_early: {stop_reason} train_time:{elapsed_ms:.0f}ms step:{step}/{s.iterations}")
+            rt.log(f"stopping_early:{stop_reason} train_time:{elapsed_ms:.0f}ms step:{step}/{s.iterations}")
         if rt.device.type == "cuda":
-            rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated(rt.device) // 2**20} MiB "
-                   f"reserved: {torch.cuda.max_memory_reserved(rt.device) // 2**20} MiB")
+            rt.log(f"peak_memory allocated_mib:{torch.cuda.max_memory_allocated(rt.device) // 2**20} "
+                   f"reserved_mib:{torch.cuda.max_memory_reserved(rt.device) // 2**20}")
         if ema is not None:
             ema.copy_to_model()
-            rt.log("ema:applied EMA weights")
+            rt.log(f"ema:applied decay:{s.ema_decay}")
         for line in model.lane_report():
             rt.log(line)
         return {"steps": step, "train_ms": elapsed_ms, "history": history}
@@ -2958,7 +3039,7 @@ def save_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
         buffer = io.BytesIO()
         torch.save({"state_dict": state, "settings": checkpoint_settings(s)}, buffer)
         write_atomic(Path(path), buffer.getvalue())
-        rt.log(f"checkpoint:saved {path}")
+        rt.log(f"checkpoint:saved path:{path}")
 
 
 def load_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
@@ -2972,7 +3053,7 @@ def load_checkpoint(model: GPT, s: Settings, rt: Runtime, path: str):
                         f"set them to match")
     with torch.no_grad():
         model.load_state_dict(ckpt["state_dict"])
-    rt.log(f"checkpoint:loaded {path}")
+    rt.log(f"checkpoint:loaded path:{path}")
 
 
 def calibrate(trainer: Trainer, train_ms: float) -> tuple:
@@ -2988,11 +3069,10 @@ def calibrate(trainer: Trainer, train_ms: float) -> tuple:
         hessians = collect_hessians(model, batches, rt)
     seconds = hessian_time.seconds
     counted = train_ms / 1000.0 + seconds
-    budget = (f"of {s.max_wallclock_seconds:.0f}s budget" if s.max_wallclock_seconds > 0
-              else "(no budget: MAX_WALLCLOCK_SECONDS=0)")
+    budget = f"{s.max_wallclock_seconds:.0f}s" if s.max_wallclock_seconds > 0 else "none"
     sequences = s.gptq_calibration_batches * (rt.world_size if s.gptq_calibration == "selfgen" else trainer.global_seqs)
     rt.log(f"gptq:hessians batches:{s.gptq_calibration_batches} tokens:{sequences * s.train_seq_len} "
-           f"calibration:{s.gptq_calibration} seconds:{seconds:.1f} train+calibration:{counted:.1f}s {budget}")
+           f"calibration:{s.gptq_calibration} seconds:{seconds:.1f} train+calibration:{counted:.1f}s budget:{budget}")
     if 0 < s.max_wallclock_seconds < counted:
         rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
                f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least "
@@ -3059,14 +3139,12 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     data = load_eval_data(s, rt)
     trainer = Trainer(s, rt, data)
     model = trainer.model
-    rt.log(f"train_shards: {len(trainer.train_files)}")
-    rt.log(f"val_tokens: {len(data.val_tokens) - 1}")
+    rt.log(f"data train_shards:{len(trainer.train_files)} val_tokens:{len(data.val_tokens) - 1}")
     check_evaluation_setup(s, rt, data)
-    rt.log(f"model_params: {sum(p.numel() for p in model.parameters())}")
-    rt.log(f"attention_backend: {trainer.attention_backend}")
-    rt.log(f"parallel_residual: mode={s.parallel_residual_mode} start_layer={s.parallel_residual_start}")
-    rt.log(f"depth_recurrence: num_loops={s.num_loops} segment={s.loop_start}-{s.loop_end} "
-           f"enable_at={s.enable_looping_at}")
+    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    rt.log(f"attention_backend:{trainer.attention_backend}")
+    rt.log(f"parallel_residual mode:{s.parallel_residual_mode} start_layer:{s.parallel_residual_start}")
+    rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} enable_at:{s.enable_looping_at}")
     # 1. train (or load a checkpoint)
     if s.load_checkpoint:
         load_checkpoint(model, s, rt, s.load_checkpoint)
@@ -3086,7 +3164,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     results.update(quantize_and_pack(model, hessians, s, rt))
     # 4. the score: every pass on the model rebuilt from the artifact alone
     results.update(score_artifact(results["artifact_path"], s, rt, data))
-    rt.log(f"quantization_tax: {results['quantized_val_bpb'] - val.bpb:+.8f} bpb")
+    rt.log(f"quantization_tax bpb:{results['quantized_val_bpb'] - val.bpb:+.8f}")
     return results
 
 
@@ -3125,7 +3203,7 @@ def check_run(s: Settings, rt: Runtime):
         check_evaluation_setup(s, rt, trainer.data)
         if s.load_checkpoint:
             load_checkpoint(trainer.model, s, rt, s.load_checkpoint)
-    rt.log(f"check: ok run_id:{s.run_id} (settings, paths, tokenizer, shards and evaluation set-up; nothing written)")
+    rt.log(f"check:ok run_id:{s.run_id} checked:settings,paths,tokenizer,shards,evaluation written:nothing")
 
 
 def main():

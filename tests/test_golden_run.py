@@ -26,7 +26,10 @@ NUMBER = r"([-+0-9.e]+|nan)"
 
 
 def figures_of(log: str) -> dict:
-    """The numbers a refactor must keep, read from a run log by patterns that do not depend on line order."""
+    """The numbers a refactor must keep, read from a run log's events (after the header, which holds the
+    source) by patterns that do not depend on line order."""
+    log = log.split("\nheader:end\n")[-1]
+
     def value(pattern):
         return float(re.search(pattern, log).group(1))
     return {
