@@ -17,7 +17,6 @@ Only the standard library: the tools that read logs run on machines without torc
 """
 import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -164,7 +163,7 @@ class RunLog:
     # --- typed figures the tools use -----------------------------------------------------------------
 
     def find(self, name: str) -> list:
-        """Every event whose normalised label is name (or starts with name + ' ')."""
+        """Every event whose normalised label is name ("peak memory" finds `peak memory allocated: ...`)."""
         key = normalise(name)
         return [e for e in self.events if e.name == key]
 
@@ -434,7 +433,7 @@ def main(argv=None):
     logs = [read_log(p) for p in args.logs]
     if args.json:
         out = [dict(log.to_dict(), events=None) for log in logs]
-        print(json.dumps(out if len(out) > 1 else out[0], indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2, default=str))
     else:
         print("\n\n".join(summary(log) for log in logs))
 
