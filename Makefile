@@ -41,3 +41,15 @@ train: ## the real run: torchrun on NPROC GPUs with the defaults (start-up check
 
 bench: ## training throughput on this machine's GPU (full config, 60 steps)
 	$(PY) tools/bench.py
+
+# Records (tools/seeds.py, tools/record.py; see records/README.md). Variables: NAME, SEEDS, NPROC, AUTHOR,
+# GITHUB_ID, SUMMARY, and optionally LOGS (default logs/$(NAME)_seed*.txt) and OUT (the parent folder).
+.PHONY: seeds record
+SEEDS ?= 1337,42,2025
+
+seeds: ## one configuration for several seeds, resumable: make seeds NAME=mytrick [SEEDS=1337,42,2025] [NPROC=8]
+	$(PY) tools/seeds.py --name "$(NAME)" --seeds "$(SEEDS)" --nproc $(NPROC)
+
+record: ## a submission folder from the seeds' logs: make record NAME=... AUTHOR="..." GITHUB_ID=... SUMMARY="..."
+	$(PY) tools/record.py --name "$(NAME)" --author "$(AUTHOR)" --github-id "$(GITHUB_ID)" --summary "$(SUMMARY)" \
+		$(if $(LOGS),--logs $(LOGS)) $(if $(OUT),--out "$(OUT)")

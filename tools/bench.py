@@ -11,42 +11,40 @@ of the averages (they can still include allocator warm-up)."""
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms tok/s:(\d+)(?: mfu:(\S+)%)? looping:(\d)")
-MEMORY_LINE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
+sys.path.insert(0, str(ROOT / "tools"))
+import runlog  # noqa: E402
 
 
 def summarize(lines, skip_after_switch: int):
-    steps = [m.groups() for m in map(STEP_LINE.match, lines) if m]
-    switch = next((int(s) for s, *_, loop in steps if loop == "1"), None)
+    """Step time before and after the recurrence switches on, peak memory, last loss, from the run's output lines."""
+    log = runlog.parse_log("\n".join(lines))
+    switch = next((s.step for s in log.steps if s.looping), None)
     phases = {"before_loop": [], "after_loop": []}
     prev_step, prev_ms = 0, 0
-    for s, loss, ms, avg, tok_s, mfu, loop in steps:
-        s, ms = int(s), int(ms)
-        interval = (s - prev_step, ms - prev_ms)
-        prev_step, prev_ms = s, ms
-        if s <= 5:  # single-step lines right after start-up
+    for s in log.steps:
+        interval = (s.step - prev_step, s.train_time_ms - prev_ms)
+        prev_step, prev_ms = s.step, s.train_time_ms
+        if s.step <= 5:  # single-step lines right after start-up
             continue
-        if loop == "0" and (switch is None or s < switch):
+        if not s.looping and (switch is None or s.step < switch):
             phases["before_loop"].append(interval)
-        elif loop == "1" and s - interval[0] >= switch + skip_after_switch:
+        elif s.looping and s.step - interval[0] >= switch + skip_after_switch:
             phases["after_loop"].append(interval)
     result = {}
     for name, intervals in phases.items():
         n, ms = sum(i[0] for i in intervals), sum(i[1] for i in intervals)
         if n:
             result[name] = {"steps": n, "step_ms": ms / n}
-    mem = [m.groups() for m in map(MEMORY_LINE.match, lines) if m]
-    if mem:
-        result["peak_allocated_mib"], result["peak_reserved_mib"] = map(int, mem[-1])
-    result["last_train_loss"] = float(steps[-1][1]) if steps else None
-    return result
+    if log.peak_memory_mib:
+        result["peak_allocated_mib"], result["peak_reserved_mib"] = log.peak_memory_mib
+    result["last_train_loss"] = log.steps[-1].train_loss if log.steps else None
+    return result, log
 
 
 def main():
@@ -73,15 +71,14 @@ def main():
     if proc.returncode != 0:
         print(proc.stdout[-3000:])
         sys.exit(f"bench: train_gpt.py exited with {proc.returncode}")
-    lines = proc.stdout.splitlines()
-    result = summarize(lines, skip_after_switch=args.log_every)
+    result, log = summarize(proc.stdout.splitlines(), skip_after_switch=args.log_every)
     tokens = int(env.get("TRAIN_BATCH_TOKENS", 786432))
     for phase in ("before_loop", "after_loop"):
         if phase in result:
             result[phase]["tokens_per_s"] = tokens / (result[phase]["step_ms"] / 1000.0)
     result.update(wall_seconds=time.time() - t0, command=" ".join(cmd), overrides=args.overrides,
-                  device=next((l for l in lines if l.startswith("python:")), ""),
-                  attention=next((l for l in lines if l.startswith("attention_backend:")), ""))
+                  device=" ".join(f"{k}: {v}" for k, v in log.versions.items()),
+                  attention=f"attention_backend: {log.info.get('attention_backend', '')}")
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

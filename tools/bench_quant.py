@@ -4,8 +4,8 @@
     python3 tools/bench_quant.py logs/<run>.txt [more logs]   # figures a training run logged
     python3 tools/bench_quant.py --synthetic [--batches 64]   # time the stages on this machine's device
 
-From logs it reads the lines train_gpt.py writes (gptq:hessians, gptq:quantize, serialize:, artifact:,
-pre-quantization / quantized val_bpb, quantization_tax). --synthetic builds the full default model
+From logs (through tools/runlog.py) it reads the lines train_gpt.py writes (gptq:hessians, gptq:quantize,
+serialize:, artifact:, pre-quantization / quantized val_bpb, quantization_tax). --synthetic builds the full default model
 (shapes follow the environment's settings, e.g. MODEL_DIM=...), runs Hessian collection on random
 tokens in the per-rank micro-batch of an 8-GPU run, GPTQ and packing, and prints the same stages.
 Bars for the full model on an H100: Hessians over 64 batches <= 13 s; GPTQ + compression < 60 s.
@@ -19,36 +19,33 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import runlog  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-COLUMNS = [  # (column, log line prefix, field)
+COLUMNS = [  # (column, where tools/runlog.py puts the line, field)
     ("hessian_s", "gptq:hessians", "seconds"),
     ("batches", "gptq:hessians", "batches"),
     ("train+calib_s", "gptq:hessians", "train+calibration"),
     ("gptq_s", "gptq:quantize", "seconds"),
-    ("compress_s", "serialize: raw_bytes", "seconds"),
-    ("raw_B", "serialize: raw_bytes", "raw_bytes"),
-    ("model_B", "serialize: raw_bytes", "compressed_bytes"),
-    ("ratio", "serialize: raw_bytes", "ratio"),
-    ("code_B", "artifact:", "code_bytes"),
-    ("total_B", "artifact:", "total"),
-    ("margin_B", "artifact:", "margin"),
-    ("prequant_bpb", "pre-quantization post-ema", "val_bpb"),
-    ("quant_bpb", "quantized val_loss", "val_bpb"),
+    ("compress_s", "serialize", "seconds"),
+    ("raw_B", "serialize", "raw_bytes"),
+    ("model_B", "serialize", "compressed_bytes"),
+    ("ratio", "serialize", "ratio"),
+    ("code_B", "artifact", "code_bytes"),
+    ("total_B", "artifact", "total"),
+    ("margin_B", "artifact", "margin"),
+    ("prequant_bpb", "pre_quantization_post_ema", "val_bpb"),
+    ("quant_bpb", "quantized", "val_bpb"),
 ]
 
 
-def fields(line: str) -> dict:
-    return dict(part.split(":", 1) for part in line.split() if ":" in part and not part.endswith(":"))
-
-
 def parse_log(text: str) -> dict:
-    row = {}
-    for column, prefix, field in COLUMNS:
-        lines = [x for x in text.splitlines() if x.startswith(prefix)]
-        row[column] = fields(lines[-1]).get(field, "") if lines else ""
-    tax = [x.split()[1] for x in text.splitlines() if x.startswith("quantization_tax:")]
-    row["tax_bpb"] = tax[-1] if tax else ""
+    """{column: the figure as logged} of one run log (tools/runlog.py reads it); "" where the log lacks it."""
+    log = runlog.parse_log(text)
+    lines = dict(log.phases, artifact=log.artifact, **{name: m.fields for name, m in log.metrics.items()})
+    row = {column: lines.get(where, {}).get(key, "") for column, where, key in COLUMNS}
+    row["tax_bpb"] = "" if log.quantization_tax is None else f"{log.quantization_tax:+.8f}"
     return row
 
 

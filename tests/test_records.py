@@ -1,0 +1,485 @@
+"""RECORDS AND EXPERIMENT TOOLING: the log parser, the multi-seed runner, the significance test, the
+compliance checks, the plots and the submission-folder writer with every refusal.
+
+One module fixture trains two tiny seeds through tools/seeds.py (real train_gpt.py runs on CPU); every
+test reads those logs. Tests of refusals and of official-looking figures edit copies of them."""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, subprocess_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+import compliance  # noqa: E402
+import pack_submission  # noqa: E402
+import plot  # noqa: E402
+import record  # noqa: E402
+import runlog  # noqa: E402
+import seeds  # noqa: E402
+import significance  # noqa: E402
+
+# Every evaluation pass, cheaply: validation points during training, a sliding pass, three TTT chunks.
+RUN = dict(ITERATIONS="4", TRAIN_LOG_EVERY="2", VAL_LOSS_EVERY="2", TTT_CHUNK_TOKENS="8192", TTT_BATCH_SEQS="32",
+           TTT_EPOCHS="1")
+SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("records")
+    env = subprocess_env(dict(TINY_MODEL, **RUN, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"]))
+    cmd = [sys.executable, "tools/seeds.py", "--name", "tiny", "--seeds", ",".join(map(str, SEEDS)), "--nproc", "0",
+           "--log-dir", str(tmp / "logs"), "--quiet"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    paths = [tmp / "logs" / f"tiny_seed{s}.txt" for s in SEEDS]
+    return {"tmp": tmp, "env": env, "cmd": cmd, "stdout": r.stdout, "paths": paths, "logs": [runlog.read_log(p) for p in paths]}
+
+
+def edited(src: Path, dst: Path, old: str, new: str, count: int = 1) -> Path:
+    """A copy of a real log with one edit (the edit must apply)."""
+    text = src.read_text()
+    assert old in text, old
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(text.replace(old, new, count))
+    return dst
+
+
+def line_of(path: Path, prefix: str) -> str:
+    return next(x for x in path.read_text().splitlines() if x.startswith(prefix))
+
+
+# --- the parser ------------------------------------------------------------------------------------------
+
+
+def test_parser_reads_every_part_of_a_real_log(runs):
+    import train_gpt as tg
+    log, path = runs["logs"][0], runs["paths"][0]
+    assert log.complete and log.runs_in_file == 1
+    assert set(log.settings) == {s.name for s in tg.SETTINGS}
+    assert log.seed == 1 and log.run_id == "tiny_seed1" and log.settings["ITERATIONS"] == "4"
+    assert log.versions["torch"] == torch.__version__ and log.world_size == 1 and log.device
+    assert log.source_sha256 == tg.source_sha256()
+    # the step curve: steps 1-5 are always logged, then every TRAIN_LOG_EVERY
+    assert [s.step for s in log.steps] == [1, 2, 3, 4] and all(s.iterations == 4 for s in log.steps)
+    assert all(s.tok_s > 0 and s.step_avg_ms > 0 and math.isfinite(s.train_loss) for s in log.steps)
+    assert [s.train_time_ms for s in log.steps] == sorted(s.train_time_ms for s in log.steps)
+    assert log.steps[0].looping is False and log.steps[-1].looping is True
+    assert [v.step for v in log.val_points] == [2, 4] and all(0 < v.val_bpb < 10 for v in log.val_points)
+    # every scored pass, with the counts, and the final score
+    assert list(log.metrics) == ["pre_quantization_post_ema", "quantized", "quantized_sliding_window",
+                                 "quantized_ttt_chunk", "final_ttt", "final"]
+    n = log.val_targets
+    assert n == int(line_of(path, "val_tokens:").split()[1])
+    assert all(m.scored_targets == n for m in log.metrics.values() if not m.name.startswith("final"))
+    assert log.final.name == "quantized_ttt_chunk" and log.final_val_bpb == log.final.val_bpb
+    assert log.final_val_loss == log.metrics["final_ttt"].val_loss
+    assert log.quantization_tax == pytest.approx(log.metrics["quantized"].val_bpb - log.metrics["pre_quantization_post_ema"].val_bpb, abs=1e-7)
+    # artifact bytes: the file on disk plus the packed source
+    artifact = path.with_suffix(".ptz")
+    assert log.model_bytes == artifact.stat().st_size and log.artifact_bytes == log.model_bytes + log.code_bytes
+    assert log.code_bytes == len(tg.pack_script((ROOT / "train_gpt.py").read_text()))
+    # phases, evaluation budget, byte check, TTT protocol
+    assert log.phases["gptq:hessians"]["batches"] == "2" and log.train_calibration_seconds > 0
+    assert {"gptq:quantize", "serialize", "serialize:breakdown"} <= set(log.phases)
+    assert [p["name"] for p in log.eval_budget["passes"]] == ["sliding", "ttt_chunk"]
+    assert log.eval_budget["summary"]["status"] in ("ok", "over_budget") and log.estimated_8gpu_eval_seconds > 0
+    assert log.eval_total["passes"] == "sliding,ttt_chunk"
+    assert log.eval_seconds == pytest.approx((log.metrics["quantized"].eval_ms + runlog.number(log.eval_total["eval_total_time"])) / 1000)
+    assert log.byte_check["ok"] and log.byte_check["mismatched_docs"] == "0"
+    assert len(log.ttt_protocols) == 1 and log.ttt_protocols[0]["score_first"] and log.ttt_protocols[0]["mode"] == "chunk"
+    assert log.mlp_backend is None and not log.uses_cutlass
+
+
+def regular(text: str) -> str:
+    """A line in the one `name key:value` style the issue may move the log to (header lines unchanged)."""
+    if text.startswith("  ") or text == "Hyperparameters:":
+        return text
+    line = runlog.split_line(text)
+    parts = [line.label.replace(": ", " ")] if line.label else []
+    return " ".join(parts + [f"{k}:{v}" for k, v in line.fields.items()] + line.words)
+
+
+def figures(log) -> dict:
+    return {"steps": log.steps, "val": log.val_points, "metrics": {k: (m.val_bpb, m.val_loss, m.scored_targets) for k, m in log.metrics.items()},
+            "artifact": (log.model_bytes, log.code_bytes, log.artifact_bytes), "train": log.train_calibration_seconds,
+            "eval": (log.eval_seconds, log.estimated_8gpu_eval_seconds), "byte_check": log.byte_check["ok"],
+            "ttt": [p["score_first"] for p in log.ttt_protocols], "tax": log.quantization_tax, "final": log.final_val_bpb,
+            "world": log.world_size, "torch": log.versions["torch"], "complete": log.complete}
+
+
+def test_parser_keeps_unknown_lines_and_reads_a_more_regular_format(runs):
+    text = runs["paths"][0].read_text()
+    lines = text.splitlines()
+    at = lines.index(next(x for x in lines if x.startswith("pre-quantization")))
+    noisy = lines[:at] + ["some_future_line alpha:1 beta=2.5 gamma: 3", "a line without any field",
+                          "weird: : line:", "mlp_backend: torch"] + lines[at:]
+    log = runlog.parse_log("\n".join(noisy))
+    assert figures(log) == figures(runs["logs"][0])
+    future = log.find("some_future_line")[0]
+    assert future.fields == {"alpha": "1", "beta": "2.5", "gamma": "3"}
+    assert log.mlp_backend == "torch" and not log.uses_cutlass
+    reg = runlog.parse_log("\n".join(regular(x) for x in lines))
+    assert reg.events and regular("artifact: model_bytes:1 code_bytes:2 total:3") == "artifact model_bytes:1 code_bytes:2 total:3"
+    assert figures(reg) == figures(runs["logs"][0])
+
+
+def test_parser_says_why_a_log_is_incomplete_and_reads_the_last_of_two_runs(runs):
+    text = runs["paths"][0].read_text()
+    cut = runlog.parse_log(text.split("quantized_sliding_window")[0])
+    assert not cut.complete and "final val_bpb" in cut.incomplete_reason
+    assert cut.metrics["quantized"].val_bpb == runs["logs"][0].metrics["quantized"].val_bpb
+    assert "no settings header" in runlog.parse_log("").incomplete_reason
+    two = runlog.parse_log(text + runs["paths"][1].read_text())
+    assert two.runs_in_file == 2 and two.seed == 2 and two.final_val_bpb == runs["logs"][1].final_val_bpb
+    assert len(two.steps) == len(runs["logs"][1].steps)
+
+
+def test_split_line_styles():
+    line = runlog.split_line("gptq:hessians batches:2 train+calibration:5.3s of 600s budget")
+    assert line.label == "gptq:hessians" and line.fields == {"batches": "2", "train+calibration": "5.3s"}
+    assert runlog.split_line("eval_total_time:1234ms passes:a,b").fields == {"eval_total_time": "1234ms", "passes": "a,b"}
+    line = runlog.split_line("pre-quantization post-ema val_loss:1.5 val_bpb:0.7")
+    assert line.name == "pre_quantization_post_ema" and line.fields["val_bpb"] == "0.7"
+    assert runlog.split_line("world_size: 8 grad_accum_steps: 1").fields == {"world_size": "8", "grad_accum_steps": "1"}
+    assert runlog.split_line("x:1 schedule:[0, 1, 2] betas=(0.0,0.9)").fields["schedule"] == "[0, 1, 2]"
+    assert [runlog.number(v) for v in ("780ms", "312.9s", "29.0%", "+0.5", "1/20", None)] == [780, 312.9, 29.0, 0.5, None, None]
+
+
+def test_bench_quant_reads_logs_through_the_parser(runs):
+    import bench_quant
+    row, log = bench_quant.parse_log(runs["paths"][0].read_text()), runs["logs"][0]
+    assert row["total_B"] == str(log.artifact_bytes) and row["quant_bpb"] == log.metrics["quantized"].fields["val_bpb"]
+    assert float(row["tax_bpb"]) == pytest.approx(log.quantization_tax)
+
+
+# --- the multi-seed runner -------------------------------------------------------------------------------
+
+
+def test_seeds_ran_each_seed_apart_with_a_table(runs):
+    out = runs["stdout"]
+    assert "SEED=<S> RUN_ID=tiny_seed<S> python3 train_gpt.py" in out
+    for seed, path, log in zip(SEEDS, runs["paths"], runs["logs"]):
+        assert log.seed == seed and path.with_suffix(".ptz").is_file()
+        assert re.search(rf"^{seed}\s+{log.final_val_bpb:.8f}\s+{log.artifact_bytes:,}\s+\S+\s+\S+\s+ran", out, re.M)
+    assert "mean val_bpb" in out and runs["logs"][0].final_val_bpb != runs["logs"][1].final_val_bpb
+
+
+def test_seeds_resume_skips_finished_seeds_and_refuses_another_configuration(runs):
+    before = [p.stat().st_mtime_ns for p in runs["paths"]]
+    r = subprocess.run(runs["cmd"], cwd=ROOT, env=runs["env"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("done earlier") >= len(SEEDS) and "--- seed" not in r.stdout
+    assert [p.stat().st_mtime_ns for p in runs["paths"]] == before
+    r = subprocess.run(runs["cmd"] + ["MATRIX_LR=0.05"], cwd=ROOT, env=runs["env"], capture_output=True, text=True)
+    assert r.returncode == 1 and "MATRIX_LR=0.022 (now 0.05)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_seeds_moves_an_incomplete_log_aside_and_reports_a_failed_seed(runs, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(runs["tmp"] / "logs", logs)
+    partial = logs / "tiny_seed2.txt"
+    partial.write_text(partial.read_text().split("quantized val_loss")[0])
+    cmd = runs["cmd"][:runs["cmd"].index("--log-dir")] + ["--log-dir", str(logs), "--quiet"]
+    env = dict(runs["env"], DATA_PATH=str(tmp_path / "missing"))  # seed 2 reruns and fails at once
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and (logs / "tiny_seed2.txt.partial1").is_file()
+    assert "moved to" in r.stdout and "done earlier" in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("error: seed 2 failed (exit 1)")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "1,1"], "distinct"),
+    (["--seeds", "1", "SEED=3"], "set per seed"),
+    (["--seeds", "1", "NOT_A_SETTING=1"], "not a train_gpt.py setting"),
+    (["--seeds", "1", "ARTIFACT_PATH=x.ptz"], "ARTIFACT_PATH"),
+    (["--seeds", "1", "--nproc", "3"], "--nproc 3"),
+])
+def test_seeds_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        seeds.main(["--name", "x", *args])
+    assert message in str(e.value) and str(e.value).startswith("error: ")
+
+
+# --- significance ----------------------------------------------------------------------------------------
+
+
+def test_t_distribution_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for t in (-40.0, -3.0, -0.5, 0.0, 0.2, 1.0, 2.5, 8.0, 40.0):
+        for df in (1.0, 1.7, 2.0, 3.3, 10.0, 57.5, 1e4):
+            assert significance.t_sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-9, abs=1e-14)
+
+
+def test_welch_test_matches_scipy_ttest_ind():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        nb, nn = rng.integers(2, 8, size=2)
+        base = rng.normal(2.78, rng.uniform(2e-4, 3e-3), nb)
+        new = rng.normal(2.776, rng.uniform(2e-4, 3e-3), nn)
+        margin = (0.0, 0.005)[trial % 2]
+        ours = significance.welch_one_sided(significance.Sample.of(base), significance.Sample.of(new), margin)
+        ref = stats.ttest_ind(base, new + margin, equal_var=False, alternative="greater")
+        assert ours.t == pytest.approx(ref.statistic, rel=1e-9) and ours.p == pytest.approx(ref.pvalue, rel=1e-7, abs=1e-12)
+        assert ours.df == pytest.approx(ref.df, rel=1e-9)
+
+
+def test_the_bar_is_a_test_of_the_margin_not_of_any_gain():
+    S = significance.Sample
+    clear = significance.compare(S(2.7800, 0.0005, 3), S(2.7700, 0.0005, 3))
+    assert clear.bar_met and clear.bar.gain == pytest.approx(0.01)
+    barely = significance.compare(S(2.7800, 0.0010, 3), S(2.7749, 0.0010, 3))  # 0.0051 observed, noisy
+    assert not barely.bar_met and barely.improvement.p < 0.01 < barely.bar.p
+    small = significance.compare(S(2.7800, 0.00001, 5), S(2.7760, 0.00001, 5))  # certain, but only 0.004
+    assert not small.bar_met and small.improvement.p < 1e-6
+    with pytest.raises(ValueError):
+        significance.welch_one_sided(S(1.0, 0.1, 1), S(1.0, 0.1, 3))
+
+
+def test_significance_command_in_nats_and_bpb_from_logs(runs, capsys):
+    logs = runs["logs"]
+    ratio = logs[0].final_val_loss / logs[0].final_val_bpb
+    mean_bpb = sum(log.final_val_bpb for log in logs) / len(logs)
+    significance.main(["--new", *map(str, runs["paths"]), "--baseline-stats", f"{mean_bpb + 0.1},0.0001,3"])
+    out = capsys.readouterr().out
+    assert f"nats per bpb: {ratio:.6f}" in out
+    assert f"observed gain (baseline - new): {0.1 * ratio:.5f} nats ({0.1:.5f} bpb)" in out
+    significance.main(["--new", *map(str, runs["paths"]), "--baseline", *map(str, runs["paths"])])
+    out = capsys.readouterr().out
+    assert "observed gain (baseline - new): 0.00000 nats" in out and "NOT MET" in out
+    with pytest.raises(SystemExit) as e:
+        significance.main(["--new-stats", "1,0.1,3", "--baseline-stats", "1.1,0.1,3"])
+    assert "--nats-per-bpb" in str(e.value)
+
+
+# --- compliance ------------------------------------------------------------------------------------------
+
+
+def statuses(log) -> dict:
+    return {c.name: c.status for c in compliance.check_log(log)}
+
+
+def test_compliance_of_a_small_cpu_run_is_honest(runs):
+    log = runs["logs"][0]
+    checks = {c.name: c for c in compliance.check_log(log)}
+    assert statuses(log) == {"hardware": "fail", "train_time": "pass", "eval_time": "n.a.", "artifact": "pass",
+                             "ttt_protocol": "pass", "scored_targets": "fail", "byte_check": "pass", "complete": "pass"}
+    assert f"{log.val_targets:,} of 40,540,160" in checks["scored_targets"].figure
+    assert f"{log.artifact_bytes:,} bytes" in checks["artifact"].figure
+    assert f"{log.train_calibration_seconds:.1f} s" in checks["train_time"].figure
+
+
+def official(path: Path, dst: Path) -> Path:
+    """A copy of a real log with the figures of a full 8-GPU run on the official validation."""
+    text = path.read_text()
+    n = runlog.read_log(path).val_targets
+    text = text.replace(f"scored_targets:{n}", "scored_targets:40540160").replace(f"val_tokens: {n}", "val_tokens: 40540160")
+    text = re.sub(r"world_size: 1 grad_accum_steps: 8", "world_size: 8 grad_accum_steps: 1", text)
+    text = re.sub(r"device: .*", "device: NVIDIA H100 80GB HBM3", text)
+    dst.write_text(text)
+    return dst
+
+
+@pytest.mark.parametrize("case,old,new,check", [
+    ("train over", "train+calibration:", "train+calibration:600.4s ", "train_time"),
+    ("eval over", "eval_total_time:", "eval_total_time:600001ms ", "eval_time"),
+    ("artifact over", "total:", "total:16000001 ", "artifact"),
+    ("ttt not score-first", "ttt:protocol score-first", "ttt:protocol train-first", "ttt_protocol"),
+    ("no byte check", "byte_check:", "byte_check_removed:", "byte_check"),
+])
+def test_compliance_fails_each_rule_with_its_figure(runs, tmp_path, case, old, new, check):
+    base = runlog.read_log(official(runs["paths"][0], tmp_path / "official.txt"))
+    assert set(statuses(base).values()) == {"pass"}, compliance.check_log(base)
+    text = (tmp_path / "official.txt").read_text()
+    line = next(x for x in text.splitlines() if old in x)
+    if new.endswith(" "):  # replace the field's value
+        key = old
+        changed = re.sub(re.escape(key) + r"\S+", new.strip(), line)
+    else:
+        changed = line.replace(old, new)
+    log = runlog.parse_log(text.replace(line, changed))
+    result = statuses(log)
+    assert result[check] == "fail" and [k for k, v in result.items() if v != "pass"] == [check]
+
+
+def test_compliance_command_on_a_log_and_strict(runs, capsys):
+    compliance.main([str(runs["paths"][0])])
+    out = capsys.readouterr().out
+    assert "scored_targets  fail" in out and "artifact        pass" in out
+    with pytest.raises(SystemExit) as e:
+        compliance.main(["--strict", str(runs["paths"][0])])
+    assert e.value.code == 1
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+
+
+def test_plot_draws_every_panel_with_labelled_axes(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    fig = plot.figure(runs["logs"], labels=["one", "two"])
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+    assert labels == [("step", "train loss (nats/token)"), ("training wallclock (s)", "train loss (nats/token)"),
+                      ("step", "val_bpb"), ("step", "tokens/s")]
+    by_step = fig.axes[0]
+    assert [line.get_label() for line in by_step.get_lines()] == ["one", "two"]
+    assert list(by_step.get_lines()[0].get_xdata()) == [s.step for s in runs["logs"][0].steps]
+    assert len(fig.axes[2].collections) == 2 * 4  # four passes on the artifact, per run
+    out = tmp_path / "curves.png"
+    plot.main([*map(str, runs["paths"]), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the record folder -----------------------------------------------------------------------------------
+
+
+def record_args(paths, out, *extra):
+    return ["--name", "TinyTest", "--author", "Test Author", "--github-id", "tester", "--date", "2026-12-02",
+            "--summary", "Two tiny CPU seeds. Nothing else.", "--out", str(out), "--logs", *map(str, paths), *extra]
+
+
+def test_record_writes_the_whole_folder(runs, tmp_path, capsys):
+    record.main(record_args(runs["paths"], tmp_path))
+    folder = tmp_path / "2026-12-02_TinyTest"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "requirements.txt", "submission.json", "train_curves.png",
+                                                      "train_gpt.py", "train_seed1.log", "train_seed2.log"]
+    logs = runs["logs"]
+    sub = json.loads((folder / "submission.json").read_text())
+    bpbs = [log.final_val_bpb for log in logs]
+    assert sub["author"] == "Test Author" and sub["github_id"] == "tester" and sub["name"] == "TinyTest"
+    assert sub["date"] == "2026-12-02" and sub["track"] == "10min_16mb" and sub["seeds"] == list(SEEDS)
+    assert sub["val_bpb"] == pytest.approx(np.mean(bpbs), abs=1e-8) and sub["val_bpb_std"] == pytest.approx(np.std(bpbs, ddof=1), abs=1e-8)
+    for log in logs:
+        r = sub["seed_results"][str(log.seed)]
+        assert r["val_bpb"] == log.final_val_bpb and r["artifact_bytes"] == log.artifact_bytes and r["steps"] == 4
+    assert sub["hardware"] == f"1x {logs[0].device}" and sub["pytorch_version"] == torch.__version__
+    assert sub["technique_summary"] == "Two tiny CPU seeds. Nothing else." and sub["code_bytes"] == logs[0].code_bytes
+    assert sub["compliance"]["artifact"] is True and sub["compliance"]["scored_targets"] is False
+    assert sub["compliance"]["eval_time"] is None  # n.a. on a CPU run
+    packed = (folder / "train_gpt.py").read_bytes()
+    assert len(packed) == logs[0].code_bytes and pack_submission.unpack_script(packed) == (ROOT / "train_gpt.py").read_text()
+    for seed, path in zip(SEEDS, runs["paths"]):
+        assert (folder / f"train_seed{seed}.log").read_bytes() == path.read_bytes()
+    readme = (folder / "README.md").read_text()
+    for log in logs:
+        assert f"| {log.seed} | {log.final_val_bpb:.8f} |" in readme
+    assert f"**val_bpb {sub['val_bpb']:.8f}**" in readme and "Two tiny CPU seeds." in readme
+    assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme and "ITERATIONS=4" in readme
+    assert "| scored_targets |" in readme and "train_curves.png" in readme and torch.__version__ in readme
+    assert (folder / "requirements.txt").read_text().startswith((ROOT / "requirements.txt").read_text().rstrip("\n"))
+    assert "wrote" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary folder left
+
+
+def refuse(args, out: Path) -> str:
+    with pytest.raises(SystemExit) as e:
+        record.main(args)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message
+    assert not out.exists() or list(out.iterdir()) == [], "a refusal must leave nothing behind"
+    return message
+
+
+def test_record_refuses_an_artifact_over_the_limit(runs, tmp_path):
+    p1 = runs["paths"][0]
+    bad = edited(runs["paths"][1], tmp_path / "in" / "tiny_seed2.txt", f"total:{runs['logs'][1].artifact_bytes}", "total:16000001")
+    assert "16,000,001 bytes is over the 16,000,000 limit" in refuse(record_args([p1, bad], tmp_path / "out"), tmp_path / "out")
+
+
+def test_record_refuses_logs_that_disagree_on_code_bytes(runs, tmp_path):
+    code = runs["logs"][1].code_bytes
+    bad = edited(runs["paths"][1], tmp_path / "in" / "tiny_seed2.txt", f"code_bytes:{code}", f"code_bytes:{code + 1}")
+    assert "disagree on code bytes" in refuse(record_args([runs["paths"][0], bad], tmp_path / "out"), tmp_path / "out")
+
+
+def test_record_refuses_logs_that_disagree_on_a_setting(runs, tmp_path):
+    bad = edited(runs["paths"][1], tmp_path / "in" / "tiny_seed2.txt", "  MATRIX_LR: 0.022", "  MATRIX_LR: 0.03")
+    msg = refuse(record_args([runs["paths"][0], bad], tmp_path / "out"), tmp_path / "out")
+    assert "disagree on MATRIX_LR: 0.022" in msg and "0.03" in msg
+
+
+def test_record_allows_run_specific_settings_to_differ(runs, tmp_path):
+    moved = edited(runs["paths"][1], tmp_path / "in" / "tiny_seed2.txt", "  LOG_DIR: ", "  LOG_DIR: /elsewhere/")
+    record.main(record_args([runs["paths"][0], moved], tmp_path / "out"))
+    assert (tmp_path / "out" / "2026-12-02_TinyTest" / "README.md").is_file()
+
+
+def test_record_refuses_an_incomplete_log(runs, tmp_path):
+    text = runs["paths"][1].read_text()
+    cut = tmp_path / "in" / "tiny_seed2.txt"
+    cut.parent.mkdir()
+    cut.write_text(text.split("final val_bpb")[0])
+    msg = refuse(record_args([runs["paths"][0], cut], tmp_path / "out"), tmp_path / "out")
+    assert f"log {cut} is incomplete" in msg
+
+
+def test_record_refuses_a_packed_script_of_another_size(runs, tmp_path):
+    code = runs["logs"][0].code_bytes
+    logs = [edited(p, tmp_path / "in" / p.name, f"code_bytes:{code}", f"code_bytes:{code - 7}") for p in runs["paths"]]
+    msg = refuse(record_args(logs, tmp_path / "out"), tmp_path / "out")
+    assert f"is {code} bytes but the logs counted {code - 7} code bytes" in msg
+
+
+def test_record_refuses_a_source_the_logs_did_not_run(runs, tmp_path):
+    source = tmp_path / "train_gpt.py"
+    source.write_text((ROOT / "train_gpt.py").read_text() + "\n# edited after the runs\n")
+    msg = refuse(record_args(runs["paths"], tmp_path / "out", "--source", str(source)), tmp_path / "out")
+    assert "is not the train_gpt.py the logs ran" in msg
+
+
+def test_record_refuses_repeated_seeds_two_runs_in_one_log_and_an_existing_folder(runs, tmp_path):
+    p1, p2 = runs["paths"]
+    assert "seeds repeat" in refuse(record_args([p1, p1], tmp_path / "out"), tmp_path / "out")
+    both = tmp_path / "in" / "both.txt"
+    both.parent.mkdir()
+    both.write_text(p1.read_text() + p2.read_text())
+    assert "holds 2 runs" in refuse(record_args([p1, both], tmp_path / "out"), tmp_path / "out")
+    record.main(record_args([p1, p2], tmp_path / "exists"))
+    with pytest.raises(SystemExit) as e:
+        record.main(record_args([p1, p2], tmp_path / "exists"))
+    assert "already exists" in str(e.value)
+
+
+def test_record_ships_cutlass_sources_only_when_the_run_used_them(runs, tmp_path, monkeypatch):
+    logs = [edited(p, tmp_path / "in" / p.name, "attention_backend:", "mlp_backend: cutlass_evt\nattention_backend:") for p in runs["paths"]]
+    assert runlog.read_log(logs[0]).uses_cutlass
+    empty = tmp_path / "cutlass_empty"
+    empty.mkdir()
+    (empty / "README.md").write_text("placeholder")
+    monkeypatch.setattr(record, "CUTLASS_DIR", empty)
+    assert "holds no sources" in refuse(record_args(logs, tmp_path / "out"), tmp_path / "out")
+    kit = tmp_path / "cutlass_kit"
+    (kit / "csrc").mkdir(parents=True)
+    (kit / "csrc" / "evt.cu").write_text("// kernel\n")
+    (kit / "setup.py").write_text("# build\n")
+    monkeypatch.setattr(record, "CUTLASS_DIR", kit)
+    record.main(record_args(logs, tmp_path / "out"))
+    shipped = tmp_path / "out" / "2026-12-02_TinyTest" / "cutlass_evt_fusion"
+    assert sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file()) == ["csrc/evt.cu", "setup.py"]
+
+
+def test_record_leaves_nothing_when_writing_fails_midway(runs, tmp_path, monkeypatch):
+    def broken(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(record, "write_plot", broken)
+    with pytest.raises(OSError):
+        record.main(record_args(runs["paths"], tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_make_record_target(runs, tmp_path):
+    r = subprocess.run(["make", "-s", "record", f"PY={sys.executable}", "NAME=ViaMake", "AUTHOR=A B", "GITHUB_ID=ab",
+                        "SUMMARY=Made by make.", f"LOGS={' '.join(map(str, runs['paths']))}", f"OUT={tmp_path}"],
+                       cwd=ROOT, env=subprocess_env({}), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    folder = next(tmp_path.glob("*_ViaMake"))
+    assert json.loads((folder / "submission.json").read_text())["technique_summary"] == "Made by make."
+    compliance.main([str(folder)])  # a record folder is read through its train_seed*.log files

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Run one configuration for several seeds in sequence, resumably, with a summary table as it goes.
+
+    python3 tools/seeds.py --name mytrick --seeds 1337,42,2025 MATRIX_LR=0.025    # torchrun on 8 GPUs
+    python3 tools/seeds.py --name mytrick --seeds 1337,42 --nproc 1 ...           # torchrun on 1 GPU
+    python3 tools/seeds.py --name smoke3 --seeds 1,2,3 --nproc 0 ...              # plain python3 (CPU)
+
+Seed S runs with SEED=S and RUN_ID=<name>_seed<S>, so its log is LOG_DIR/<name>_seed<S>.txt and its
+artifact LOG_DIR/<name>_seed<S>.ptz. The configuration is the environment plus the KEY=VALUE
+arguments. Running the same command again resumes: a seed whose log is complete (it reached `final
+val_bpb`) is skipped, after checking that it ran this configuration and this train_gpt.py; an
+incomplete log is moved aside to <log>.partial<N> (train_gpt.py appends to an existing log) and the
+seed runs again. After each seed the table of every seed so far is printed: seed, val_bpb, artifact
+bytes, training time (training + GPTQ calibration) and evaluation time.
+
+Then: `python3 tools/significance.py --new LOG_DIR/<name>_seed*.txt --baseline ...` and
+`python3 tools/record.py --name <name> ...` (or `make record NAME=<name> ...`).
+"""
+import argparse
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import runlog  # noqa: E402
+import significance  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+SET_BY_THIS_TOOL = ("SEED", "RUN_ID")
+
+
+def parse_seeds(text: str) -> list:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sys.exit(f"error: --seeds {text!r} must be comma-separated integers, e.g. 1337,42,2025")
+    if not seeds or len(set(seeds)) != len(seeds):
+        sys.exit(f"error: --seeds {text!r} must list distinct seeds, e.g. 1337,42,2025")
+    return seeds
+
+
+def parse_overrides(items: list) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in tg.SETTINGS_BY_NAME:
+            sys.exit(f"error: {item!r} is not a train_gpt.py setting as KEY=VALUE (see the settings table in README.md)")
+        if key in SET_BY_THIS_TOOL:
+            sys.exit(f"error: {key} is set per seed by this tool: use --seeds and --name instead")
+        out[key] = value
+    return out
+
+
+def launcher(nproc: int) -> tuple:
+    """(argv, the same as it would be typed): plain python for --nproc 0, torchrun otherwise."""
+    script = str(ROOT / "train_gpt.py")
+    if nproc == 0:
+        return [sys.executable, script], "python3 train_gpt.py"
+    return ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script],
+            f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py")
+
+
+def expected_settings(env: dict) -> dict:
+    """The settings header a run with this environment writes, as strings (run-specific ones left out)."""
+    try:
+        s = tg.Settings(environ=env)
+    except tg.UserError as e:
+        sys.exit(f"error: {e}")
+    return {k: str(v) for k, v in s.items() if k not in runlog.RUN_SPECIFIC_SETTINGS}
+
+
+def config_mismatch(log, expected: dict, source_sha: str) -> str | None:
+    """Why a finished log is not a run of this configuration, or None."""
+    logged = log.settings_without_run_specifics()
+    differ = [f"{k}={logged.get(k)} (now {v})" for k, v in expected.items() if logged.get(k) != v]
+    if differ:
+        return "it ran other settings: " + ", ".join(differ[:4]) + (" ..." if len(differ) > 4 else "")
+    if log.source_sha256 != source_sha:
+        return f"it ran another train_gpt.py (source sha256 {str(log.source_sha256)[:12]}, now {source_sha[:12]})"
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.partial{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.partial{n}")
+    path.rename(target)
+    return target
+
+
+def row(seed: int, log, status: str) -> list:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    return [str(seed), fmt(log.final_val_bpb, ".8f"), fmt(log.artifact_bytes, ","), fmt(log.train_calibration_seconds, ".1f"),
+            fmt(log.eval_seconds, ".1f"), status]
+
+
+def table(rows: list) -> str:
+    head = ["seed", "val_bpb", "artifact_bytes", "train_s", "eval_s", "status"]
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    bpbs = [float(r[1]) for r in rows if r[1] != "-"]
+    if len(bpbs) > 1:
+        s = significance.Sample.of(bpbs)
+        lines.append(f"mean val_bpb {s.mean:.8f}  std {s.std:.8f}  n={s.n}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="configuration name: runs are <name>_seed<S>")
+    parser.add_argument("--seeds", required=True, help="comma-separated seeds, run in this order")
+    parser.add_argument("--nproc", type=int, default=8, help="processes per run through torchrun; 0: plain python3 (default 8)")
+    parser.add_argument("--log-dir", help="where logs and artifacts go (default: $LOG_DIR or logs)")
+    parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output (the logs have it)")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE settings of train_gpt.py")
+    args = parser.parse_args(argv)
+    if not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        sys.exit(f"error: --name {args.name!r} must be letters, digits, '-', '_' or '.' (it names files)")
+    if args.nproc < 0 or (args.nproc and 8 % args.nproc):
+        sys.exit(f"error: --nproc {args.nproc} must be 0 (plain python) or divide 8 (1, 2, 4, 8)")
+    seeds, overrides = parse_seeds(args.seeds), parse_overrides(args.overrides)
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    base.update(overrides)
+    if base.get("ARTIFACT_PATH"):
+        sys.exit("error: ARTIFACT_PATH is set, so every seed would write the same artifact: unset it "
+                 "(each seed's artifact goes to LOG_DIR/<RUN_ID>.ptz)")
+    log_dir = Path(args.log_dir or base.get("LOG_DIR") or "logs")
+    base["LOG_DIR"] = str(log_dir)
+    argv_run, typed = launcher(args.nproc)
+    shown = {k: v for k, v in base.items() if k in tg.SETTINGS_BY_NAME and k not in SET_BY_THIS_TOOL}
+    print("command per seed: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items()))
+          + f" SEED=<S> RUN_ID={args.name}_seed<S> {typed}", flush=True)
+    source_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+
+    rows = []
+    for seed in seeds:
+        run_id = f"{args.name}_seed{seed}"
+        env = dict(base, SEED=str(seed), RUN_ID=run_id)
+        path = log_dir / f"{run_id}.txt"
+        if path.exists():
+            log = runlog.read_log(path)
+            if log.complete:
+                why = config_mismatch(log, expected_settings(env), source_sha)
+                if why:
+                    sys.exit(f"error: {path} is a finished run but {why}: use another --name, or move that log away to rerun it")
+                rows.append(row(seed, log, "done earlier"))
+                print(table(rows), flush=True)
+                continue
+            print(f"{path} is incomplete ({log.incomplete_reason}); moved to {move_aside(path)}", flush=True)
+        expected_settings(env)  # a bad value stops here, before any run starts
+        print(f"--- seed {seed}: {run_id}", flush=True)
+        result = subprocess.run(argv_run, env=env, stdout=subprocess.DEVNULL if args.quiet else None)
+        if result.returncode != 0:
+            if rows:
+                print(table(rows), flush=True)
+            sys.exit(f"error: seed {seed} failed (exit {result.returncode}): see {path} and the output above; "
+                     f"rerun the same command to resume from this seed")
+        log = runlog.read_log(path)
+        if not log.complete:
+            sys.exit(f"error: seed {seed} exited 0 but {path} is incomplete: {log.incomplete_reason}")
+        rows.append(row(seed, log, "ran"))
+        print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
