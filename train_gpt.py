@@ -526,26 +526,9 @@ def source_sha256() -> str:
 # ends with the line `header:end`. Each event line is `name key:value key:value ...`: a few name words
 # (no colon), then fields whose values hold no spaces; a line that starts with a field is named by
 # that field's key (`step:12/20 train_loss:...` is a "step" event). Lines starting with "WARNING:" are
-# free text for people. parse_log_line is the one reader; the tools use it through tools/runlog.py.
+# free text for people. tools/runlog.py (split_line) is the one reader; tests/test_logs.py holds every
+# line of a real run to this form.
 HEADER_END = "header:end"
-
-
-def parse_log_line(line: str, strict: bool = False) -> tuple:
-    """(name, {key: value}) of one event line; strict: a word after the first field is an error."""
-    words = line.split()
-    if not words or words[0] == "WARNING:":
-        return ("WARNING" if words else ""), {"text": line.partition(" ")[2]} if words else {}
-    names, fields = [], {}
-    for word in words:
-        key, colon, value = word.partition(":")
-        if colon and key:
-            fields.setdefault(key, value)
-        elif fields:
-            if strict:
-                raise ValueError(f"word {word!r} after the fields of log line {line!r}")
-        else:
-            names.append(word)
-    return (" ".join(names) if names else words[0].partition(":")[0]), fields
 
 
 def schedule_text(schedule) -> str:
@@ -1042,7 +1025,7 @@ class LambdaLanes(TwoLanes):
 
     def report(self, model: "GPT", positions: list, schedule: tuple) -> list:
         R, P = model.parallel_resid_lambdas.detach().float().cpu(), model.parallel_post_lambdas.detach().float().cpu()
-        lines = [f"parallel_residual:converged mode:{self.mode} used_layers={len(positions)}"]
+        lines = [f"parallel_residual:converged mode:{self.mode} used_layers:{len(positions)}"]
         for pos in positions:
             i = schedule[pos]
             lines.append(f"parallel_residual layer:{pos} physical:{i} attn_resid:{R[i, 0]:.4f} "
@@ -1439,7 +1422,8 @@ class EMA:
 
 # =================================================================================================
 # QUANTIZATION AND PACKING: GPTQ with SDClip, the artifact format, exact byte accounting
-# ==========================================================================================# After training, every block matrix is rounded to MATRIX_BITS (int6) and the tied embedding to
+# =================================================================================================
+# After training, every block matrix is rounded to MATRIX_BITS (int6) and the tied embedding to
 # EMBED_BITS (int8) with GPTQ: columns are rounded one at a time and each rounding error is pushed
 # onto the not-yet-rounded columns in proportion to the inverse Hessian of that layer's inputs,
 # so the layer's *output* error stays small. Hessians H = sum X^T X come from training batches
@@ -2846,7 +2830,7 @@ def run_evaluation_passes(model: GPT, s: Settings, rt: Runtime, data: EvalData, 
     ttt = [n for n in passes if n.startswith("ttt_")]
     if ttt:
         r = results[ttt[-1]]
-        rt.log(f"final_ttt val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} mode:{ttt[-1][4:]} eval_time:{1000 * r.seconds:.0f}ms")
+        rt.log(f"{r.log_line('final_ttt')} mode:{ttt[-1][4:]}")
     rt.log(f"eval_total_time:{1000 * seconds:.0f}ms passes:{','.join(passes) or 'none'}")
     budget.summary(seconds)
     return results

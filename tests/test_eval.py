@@ -106,7 +106,7 @@ def mark_piece_unused(model_proto: bytes, piece: str) -> bytes:
 def test_byte_check_passes_real_tables_and_stops_the_missing_space_piece_trap(tiny_data, tmp_path):
     s, _ = make(tiny_data, tmp_path)
     sp, tables = tables_for(s)
-    assert tg.check_byte_tables(sp, tables, validation(s, 5000), 100, sp.bos_id()).endswith(" ok")
+    assert tg.check_byte_tables(sp, tables, validation(s, 5000), 100, sp.bos_id()).endswith(" status:ok")
     broken = spm.SentencePieceProcessor(model_proto=mark_piece_unused(Path(s.tokenizer_path).read_bytes(), "\u2581"))
     assert broken.is_unused(broken.piece_to_id("\u2581"))
     docs = tiny_data["docs"][:40] + ["digits 4 2 and a lone space before 7"]
@@ -123,7 +123,7 @@ def test_validation_count_is_checked_against_val_tokens_expected(tiny_data, tmp_
         tg.check_evaluation_setup(s, rt, data)
     s.val_tokens_expected = len(data.val_tokens) - 1
     tg.check_evaluation_setup(s, rt, data)
-    assert "byte_check: docs=" in (tmp_path / "logs" / "eval.txt").read_text()
+    assert "byte_check: docs:" in (tmp_path / "logs" / "eval.txt").read_text()
 
 
 # --- sliding windows --------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_compiled_lora_ttt_traces_one_graph_for_every_window_and_batch_size(tiny
     assert compiled.targets == eager.targets == 3000
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
     log = (tmp_path / "logs" / "eval.txt").read_text()
-    assert "ttt:lora_graphs_compiled 1" in log
+    assert "ttt:lora graphs_compiled:1" in log
 
 
 def lora_losses(model, layout, P, x, y):
@@ -391,7 +391,7 @@ def test_budget_estimate_scales_to_the_full_validation_on_8_gpus(tiny_data, tmp_
     assert not forced.enforced
     forced.check("ttt_chunk", 5000.0)
     log = (tmp_path / "logs" / "eval.txt").read_text()
-    assert "eval_budget:early pass=ttt_chunk estimated_8gpu_pass_seconds:550 estimated_8gpu_total_seconds:650" in log
+    assert "eval_budget:early pass:ttt_chunk estimated_8gpu_pass_seconds:550 estimated_8gpu_total_seconds:650" in log
 
 
 def test_evaluation_passes_log_greppable_lines_and_leave_the_model_unchanged(tiny_data, tmp_path):
@@ -406,9 +406,9 @@ def test_evaluation_passes_log_greppable_lines_and_leave_the_model_unchanged(tin
     log = (tmp_path / "logs" / "eval.txt").read_text()
     for label in ("quantized", "quantized_sliding_window", "quantized_ttt_chunk", "quantized_ttt_lora", "final_ttt"):
         assert re.search(rf"^{label} val_loss:[\d.]+ val_bpb:[\d.]+ ", log, re.M), label
-    assert "ttt:protocol score-first mode=chunk chunks=4 chunk_tokens=256" in log
-    assert "ttt:protocol score-first mode=lora" in log and "order=original" in log
-    assert re.search(r"^eval_budget: passes=plain:.* estimated_8gpu_full_val_seconds:\d+ budget_seconds:600 ", log, re.M)
+    assert "ttt:protocol rule:score-first mode:chunk chunks:4 chunk_tokens:256" in log
+    assert "ttt:protocol rule:score-first mode:lora" in log and "order:original" in log
+    assert re.search(r"^eval_budget: passes:plain=.* estimated_8gpu_full_val_seconds:\d+ budget_seconds:600 ", log, re.M)
     assert re.search(r"^eval_total_time:\d+ms", log, re.M)
 
 
@@ -435,6 +435,6 @@ def test_a_run_saves_then_reloads_and_runs_every_pass(tiny_data, tmp_path):
     assert list(second["eval"]) == ["plain", "sliding", "ttt_chunk"]
     assert second["final_val_bpb"] == second["eval"]["ttt_chunk"].bpb
     log = (tmp_path / "logs" / "reload.txt").read_text()
-    for line in ("checkpoint:loaded", "byte_check: docs=", "quantized_sliding_window val_loss:", "ttt:protocol score-first mode=chunk",
-                 "final_ttt val_loss:", "eval_budget: passes=plain:", "final val_bpb:"):
+    for line in ("checkpoint:loaded", "byte_check: docs:", "quantized_sliding_window val_loss:", "ttt:protocol rule:score-first mode:chunk",
+                 "final_ttt val_loss:", "eval_budget: passes:plain=", "final val_bpb:"):
         assert line in log, line

@@ -103,7 +103,7 @@ def test_calibration_over_the_budget_warns(tiny_env):
     hessians, figures = tg.calibrate(tg.Trainer(s, rt), train_ms=5200.0)  # over the budget whatever calibration takes
     log = rt.log_path.read_text()
     assert f"gptq:hessians batches:2 tokens:4096 calibration:train seconds:{figures['hessian_seconds']:.1f}" in log
-    assert "of 5s budget" in log and "WARNING: training + GPTQ calibration took" in log
+    assert "budget:5s" in log and "WARNING: training + GPTQ calibration took" in log
     need = math.ceil(1 + figures["train_calibration_seconds"] - 5)  # reserve + overshoot
     assert f"raise GPTQ_RESERVE_SECONDS to at least {need} " in log and len(hessians) == 6 * 6 + 1
 
@@ -259,7 +259,7 @@ def test_run_logs_the_budget_and_the_quantization_tax(trained):
     hess = log_values(log, "gptq:hessians")
     assert hess["batches"] == "2" and hess["tokens"] == "4096" and float(hess["seconds"]) >= 0
     q, pre = log_values(log, "quantized "), log_values(log, "pre-quantization post-ema")
-    tax = float([x for x in log.splitlines() if x.startswith("quantization_tax:")][-1].split()[1])
+    tax = float(log_values(log, "quantization_tax")["bpb"])
     assert abs(tax - (float(q["val_bpb"]) - float(pre["val_bpb"]))) < 1e-7
     assert "int6x" in log_values(log, "gptq:quantize")["tensors"] and "int8x1" in log
 
@@ -290,6 +290,9 @@ def test_packed_script_trains_identically(trained):
     assert loss_lines(log) == loss_lines(trained["log"]) and len(loss_lines(log)) > 10
     assert int(log_values(log, "artifact:")["code_bytes"]) == os.path.getsize(packed)
     assert (trained["tmp"] / "logs" / "packed.ptz").read_bytes() == (trained["tmp"] / "logs" / "source.ptz").read_bytes()
+    # the log hashes (and holds) the readable source, whichever form ran
+    sha = [x for x in log.splitlines() if x.startswith("source_sha256: ")]
+    assert sha and sha == [x for x in trained["log"].splitlines() if x.startswith("source_sha256: ")]
 
 
 def test_eval_only_reproduces_the_quantized_score_without_training_data(trained, tiny_data, tmp_path):
@@ -301,7 +304,7 @@ def test_eval_only_reproduces_the_quantized_score_without_training_data(trained,
     env.update(DATA_PATH=str(val_only), RUN_ID="eval_only", EVAL_ONLY=str(trained["tmp"] / "logs" / "source.ptz"))
     run_script(ROOT / "train_gpt.py", env)
     log = (Path(env["LOG_DIR"]) / "eval_only.txt").read_text()
-    assert "eval_only: NUM_LAYERS=6 from the artifact" in log and "\n  NUM_LAYERS: 6\n" in log
+    assert "eval_only:adopted setting:NUM_LAYERS value:6 default:11" in log and "\n  NUM_LAYERS: 6\n" in log
     ours, theirs = log_values(log, "quantized "), log_values(trained["log"], "quantized ")
     assert (ours["val_loss"], ours["val_bpb"]) == (theirs["val_loss"], theirs["val_bpb"])
 
@@ -312,7 +315,7 @@ def test_eval_only_refuses_an_explicit_conflicting_setting(tiny_env):
     with pytest.raises(tg.UserError, match="NUM_HEADS=4 but the artifact a.ptz was trained with NUM_HEADS=2"):
         tg.adopt_artifact_settings(s, stored, dict(tiny_env))
     adopted, notes = tg.adopt_artifact_settings(s, stored, {k: v for k, v in tiny_env.items() if k != "NUM_HEADS"})
-    assert adopted.num_heads == 2 and s.num_heads == 4 and notes == ["eval_only: NUM_HEADS=2 from the artifact (default 4)"]
+    assert adopted.num_heads == 2 and s.num_heads == 4 and notes == ["eval_only:adopted setting:NUM_HEADS value:2 default:4"]
 
 
 def test_eval_only_of_a_bad_file_is_one_line_and_exit_1(trained, tmp_path):

@@ -188,7 +188,7 @@ def test_a_training_id_outside_the_vocabulary_names_its_shard(tiny_env, tiny_dat
 def test_check_runs_every_start_up_check_and_writes_nothing(tiny_env):
     proc = run_script(tiny_env, "--check")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "check: ok run_id:test" in proc.stdout and "byte_check: docs=" in proc.stdout
+    assert "check:ok run_id:test" in proc.stdout and "byte_check: docs:" in proc.stdout
     assert not Path(tiny_env["LOG_DIR"]).joinpath("test.txt").exists()
     line = one_error_line(run_script(dict(tiny_env, TOKENIZER_PATH=tiny_env["DATA_PATH"]), "--check"))
     assert "is a folder, not a file" in line
@@ -216,10 +216,10 @@ def test_eval_only_reproduces_the_run_from_the_artifact_alone(tiny_env):
     again = run_script(dict(tiny_env, RUN_ID="again", EVAL_ONLY=artifact))
     assert again.returncode == 0, again.stderr[-2000:]
     assert re.search(r"final val_bpb:(\S+)", again.stdout).group(1) == final
-    assert "eval_only: EVAL_STRIDE=16 from the artifact (default 64)" in again.stdout
+    assert "eval_only:adopted setting:EVAL_STRIDE value:16 default:64" in again.stdout
     override = run_script(dict(tiny_env, RUN_ID="override", EVAL_ONLY=artifact, TTT_ENABLED="0"))
     assert override.returncode == 0, override.stderr[-2000:]
-    assert "eval_only: TTT_ENABLED=False overrides the artifact's True" in override.stdout
+    assert "eval_only:overridden setting:TTT_ENABLED value:False artifact:True" in override.stdout
     assert "final_ttt" not in override.stdout
 
 
@@ -248,7 +248,7 @@ def test_the_score_first_guard_is_on_without_recording(mode, tiny_data, tmp_path
         (lambda *a, **k: tg.evaluate_ttt_lora(*a[:5], 1, **k))
     result = run(model, s, rt, val, tables)  # the real pass: guard active, no recording
     assert result.scores is None and result.targets == len(val) - 1
-    assert re.search(r"ttt:score_first_guard active checks:[1-9]\d* targets_scored:\d+", rt.log_path.read_text())
+    assert re.search(r"ttt:score_first_guard status:active checks:[1-9]\d* targets_scored:\d+", rt.log_path.read_text())
     monkeypatch.setattr(tg.Scores, "mark", lambda self, first, last: None)
     with pytest.raises(RuntimeError, match="score-first violated"):
         run(model, s, rt, val, tables)

@@ -118,7 +118,7 @@ def check_ttt(log) -> Check:
     if log.val_targets is not None and scored != {log.val_targets}:
         problems.append(f"TTT scored {sorted(s for s in scored if s is not None)} targets, validation has {log.val_targets}")
     mode = protocols[0].get("mode", "?") if protocols else "?"
-    figure = f"score-first mode={mode}, each of {log.val_targets} targets scored once" if not problems else "; ".join(problems)
+    figure = f"score-first mode:{mode}, each of {log.val_targets} targets scored once" if not problems else "; ".join(problems)
     return Check("ttt_protocol", FAIL if problems else PASS, figure)
 
 

@@ -7,11 +7,12 @@
     from runlog import parse_log, read_log               # what every other tool here uses
     log = read_log("logs/x.txt"); log.final_val_bpb, log.settings["SEED"], log.steps[-1].tok_s
 
-Every line is split the same way (`split_line`): a leading label, then `key:value`, `key=value` and
-`key: value` fields, so a line this module has never seen is kept as an event with its fields, and a
-known line whose format is made more regular later (`name key:value key:value`) still parses. Known
-lines fill typed records: the settings header, train and validation steps, every scored pass, the
-artifact accounting, phase timings, the eval budget, the byte check and the TTT protocol.
+A log is a header (settings, versions, git revision, nvidia-smi, the source; it ends at `header:end`),
+then one event per line in one form, `name key:value key:value ...` (see train_gpt.py's RUNTIME
+section): a few name words, then fields whose values hold no spaces; a line that opens with a field
+is named by that field's key. `split_line` is the one function that reads that form; known events
+fill typed records: train and validation steps, every scored pass, the artifact accounting, phase
+timings, the eval budget, the byte check and the TTT protocol. Unknown events are kept with their fields.
 
 Only the standard library: the tools that read logs run on machines without torch.
 """
@@ -28,13 +29,10 @@ ARTIFACT_LIMIT = 16_000_000    # the challenge's decimal limit on code + compres
 RUN_SPECIFIC_SETTINGS = ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_PATH", "DATA_PATH", "TOKENIZER_PATH",
                          "SAVE_CHECKPOINT", "LOAD_CHECKPOINT", "EVAL_ONLY")
 
-# A field token: key, then ':' or '=', then a value. Keys may hold '+', '/', '.', '-' (train+calibration, tok/s).
-FIELD = re.compile(r"^([A-Za-z_][\w+./-]*)[:=](.+)$")
-# Tokens are whitespace-separated, except that a bracketed value with spaces inside stays one token
-# (schedule:[0, 1, 2], betas=(0.0,0.999)).
-TOKEN = re.compile(r"\S*\[[^\]]*\]\S*|\S*\([^)]*\)\S*|\S+")
 UNITS = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(ms|s|%|MiB|GiB)?$")
 STEP = re.compile(r"^step:(\d+)/(\d+)\s")
+KEY = re.compile(r"^[A-Za-z_][\w+./-]*$")
+HEADER_END = "header:end"
 SEED_IN_RUN_ID = re.compile(r"_seed(\d+)$")
 
 
@@ -51,9 +49,11 @@ def number(text):
 
 @dataclass
 class Line:
-    """One log line split into a label (the words before the first field), fields and the other bare words."""
+    """One event line: its kind (the first word, without a trailing colon: `gptq:hessians`, `artifact`,
+    `step:12/20`), its name words, its fields, and any word after the fields (none in a regular line)."""
     lineno: int
     text: str
+    kind: str
     label: str
     fields: dict
     words: list
@@ -68,41 +68,27 @@ def normalise(label: str) -> str:
     return re.sub(r"[\s\-]+", "_", label.strip().rstrip(":").lower())
 
 
-KEY = re.compile(r"^[A-Za-z_][\w+./-]*$")
-
-
 def split_line(text: str, lineno: int = 0) -> Line:
-    """Fields of a line in any of the styles train_gpt.py writes: `key:value`, `key=value`, `key: value`.
-
-    The words before the first field are the label (`pre-quantization post-ema val_loss:...`). A first
-    token `word:word` is the label when its value is a word (`gptq:hessians batches:64`) and a field
-    when it is a figure (`eval_total_time:1234ms`); `word:` is the label when fields follow it
-    (`artifact: model_bytes:N`) and a `key: value` field when a plain value does (`train_shards: 2`)."""
-    tokens = TOKEN.findall(text)
-    fields, words, label = {}, [], []
+    """The one reader of the event form `name key:value ...`. Name words come first and hold no colon
+    (`pre-quantization post-ema`); a first word `name:` with nothing after the colon is the name too
+    (`artifact: model_bytes:N`). Every other `key:value` word is a field; a line that opens with a field
+    is named by its key (`step:12/20 train_loss:...`, `model_params:35944602`). Words after the first
+    field that are not fields go to `words`: a regular line has none."""
+    tokens = text.split()
+    label, fields, words = [], {}, []
     for i, tok in enumerate(tokens):
-        if tok is None:  # the value of the `key: value` pair before it
-            continue
-        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-        if tok.endswith(":") and KEY.match(tok[:-1]):
-            if nxt is not None and not FIELD.match(nxt) and not nxt.endswith(":"):
-                fields[tok[:-1]] = nxt
-                tokens[i + 1] = None
-            elif not fields and not words:
-                label.append(tok[:-1])
+        key, colon, value = tok.partition(":")
+        if colon and KEY.match(key) and (value or (i == 0 and not label)):
+            if value:
+                fields.setdefault(key, value)
             else:
-                words.append(tok)
-        elif FIELD.match(tok):
-            key, value = FIELD.match(tok).groups()
-            if i == 0 and number(value) is None and re.fullmatch(r"[A-Za-z_][\w-]*", value) and not STEP.match(text):
-                label.append(tok)  # gptq:hessians, eval_budget:pass, ttt:protocol
-            else:
-                fields[key] = value
-        elif not fields and not words and (i == 0 or label):
+                label.append(key)
+        elif not fields and not colon:
             label.append(tok)
         else:
             words.append(tok)
-    return Line(lineno, text, " ".join(label), fields, words)
+    kind = tokens[0].rstrip(":") if tokens else ""
+    return Line(lineno, text, kind, " ".join(label) or next(iter(fields), ""), fields, words)
 
 
 @dataclass
@@ -254,14 +240,12 @@ class RunLog:
 
     @property
     def eval_seconds(self) -> float | None:
-        """Evaluation of the artifact as this run measured it: the quantized roundtrip pass plus every pass
-        after it (sliding window, TTT with its compile warm-up). The pre-quantization pass is a diagnostic
-        of the unquantized model and is not counted."""
-        quantized = self.metrics.get("quantized")
-        if quantized is None or quantized.eval_ms is None:
-            return None
-        passes_ms = number(self.eval_total.get("eval_total_time")) or 0
-        return (quantized.eval_ms + passes_ms) / 1000.0
+        """Evaluation of the artifact as this run measured it: every pass on the model rebuilt from the
+        artifact (the plain round trip, sliding window, TTT with its compile warm-up), which
+        `eval_total_time` covers. The pre-quantization pass is a diagnostic of the unquantized model
+        and is not counted."""
+        total = number(self.eval_total.get("eval_total_time"))
+        return None if total is None else total / 1000.0
 
     @property
     def estimated_8gpu_eval_seconds(self) -> float | None:
@@ -269,15 +253,15 @@ class RunLog:
 
     @property
     def peak_memory_mib(self) -> tuple | None:
-        """(allocated, reserved) from `peak memory allocated: N MiB reserved: N MiB` (CUDA runs)."""
-        lines = self.find("peak memory")
-        if not lines or "allocated" not in lines[-1].fields:
+        """(allocated, reserved) MiB from `peak_memory allocated_mib:N reserved_mib:N` (CUDA runs)."""
+        lines = self.find("peak_memory")
+        if not lines or "allocated_mib" not in lines[-1].fields:
             return None
-        return number(lines[-1].fields["allocated"]), number(lines[-1].fields.get("reserved"))
+        return number(lines[-1].fields["allocated_mib"]), number(lines[-1].fields.get("reserved_mib"))
 
     @property
     def mlp_backend(self) -> str | None:
-        """Which MLP path ran, when the log says so (`mlp_backend: cutlass_evt`); None when it does not."""
+        """Which MLP path ran, when the log says so (`mlp_kernel:cutlass`); None when it does not."""
         for key in ("mlp_backend", "mlp_kernel", "mlp_path", "mlp"):
             if key in self.info:
                 return self.info[key]
@@ -328,11 +312,33 @@ def parse_log(text: str, path=None) -> RunLog:
             key, _, value = lines[i].strip().partition(":")
             log.settings[key.strip()] = value.strip()
             i += 1
+        i = _read_header(log, lines, i)
     for lineno in range(i, len(lines)):
         text_line = lines[lineno].rstrip()
         if text_line.strip():
             _read_line(log, split_line(text_line, lineno + 1))
     return log
+
+
+def _read_header(log: RunLog, lines: list, i: int) -> int:
+    """The `key: value` lines after the settings, up to `header:end` (indented blocks, the source and
+    nvidia-smi, are skipped). Returns the index of the first event line."""
+    end = next((k for k in range(i, len(lines)) if lines[k].strip() == HEADER_END), None)
+    if end is None:
+        return i  # a log cut inside its header: no events
+    for text in lines[i:end]:
+        if text.startswith("  ") or not text.strip():
+            continue
+        key, _, value = text.partition(":")
+        if key == "versions":
+            log.versions.update(split_line(value).fields)
+        elif key == "device":
+            log.versions["device"] = value.strip()
+        elif key == "world_size":
+            log.info.update(split_line(text.replace(": ", ":")).fields)
+        else:
+            log.info[key] = value.strip()
+    return end + 1
 
 
 def read_log(path) -> RunLog:
@@ -344,11 +350,8 @@ def read_log(path) -> RunLog:
 
 def _read_line(log: RunLog, line: Line):
     log.events.append(line)
-    text, f, name = line.text, line.fields, line.name
-    # What the line is: the label's first word (gptq:hessians, artifact, byte_check), or the first field's key
-    # for lines that open with a figure (quantization_tax: +0.0012 bpb, eval_total_time:1234ms).
-    head = line.label.split()[0] if line.label else next(iter(f), "")
-    if text.startswith("WARNING"):
+    text, f, name, kind = line.text, line.fields, line.name, line.kind
+    if kind == "WARNING":
         log.warnings.append(text)
     elif STEP.match(text):
         step, iterations = map(int, STEP.match(text).groups())
@@ -358,46 +361,38 @@ def _read_line(log: RunLog, line: Line):
                                   None if "looping" not in f else f["looping"] == "1"))
         elif "val_bpb" in f:
             log.val_points.append(ValPoint(step, number(f.get("val_loss")), number(f["val_bpb"]), number(f.get("train_time"))))
-    elif head == "python":
-        # python: X torch: Y cuda: Z device: NAME WITH SPACES
-        m = re.match(r"python:\s*(\S+)\s+torch:\s*(\S+)\s+cuda:\s*(\S+)\s+device:\s*(.*)$", text)
-        log.versions.update(zip(("python", "torch", "cuda", "device"), m.groups()) if m else f)
     elif name == "final" and "val_bpb" in f:
         log.final_val_bpb = number(f["val_bpb"])
         log.metrics["final"] = Metric("final", log.final_val_bpb, fields=dict(f))
-    elif "val_bpb" in f and line.label:
+    elif "val_bpb" in f and kind not in f:
         # every scored pass: pre-quantization post-ema, quantized, quantized_sliding_window, final_ttt, bench_* ...
         log.metrics[name] = Metric(name, number(f["val_bpb"]), number(f.get("val_loss")), number(f.get("eval_time")),
                                    number(f.get("scored_targets")), number(f.get("scored_bytes")), dict(f))
-    elif head == "artifact":
+    elif kind == "artifact":
         log.artifact.update(f)
-    elif head == "quantization_tax":
-        log.quantization_tax = number(f.get("quantization_tax", line.words[0] if line.words else None))
-    elif head.startswith("eval_budget"):
-        kind = head.partition(":")[2]
-        if kind in ("early", "pass"):
-            log.eval_budget["passes" if kind == "pass" else "early"].append(dict(f))
+    elif kind == "quantization_tax":
+        log.quantization_tax = number(f.get("bpb"))
+    elif kind.startswith("eval_budget"):
+        sub = kind.partition(":")[2]
+        if sub in ("early", "pass"):
+            log.eval_budget["passes" if sub == "pass" else "early"].append(dict(f))
         else:
             log.eval_budget["summary"] = dict(f)
-    elif head.startswith("eval_total_time"):
+    elif kind.startswith("eval_total_time"):
         log.eval_total = dict(f)
-    elif head == "byte_check":
-        log.byte_check = dict(f, ok="ok" in line.words, skipped="skipped" in text.split())
-    elif head == "ttt:protocol":
-        log.ttt_protocols.append(dict(f, score_first="score-first" in text.split()))
-    elif head == "stopping_early":
-        log.stop = dict(f, reason=f.get("stopping_early") or (line.words[0] if line.words else ""))
-    elif head == "wallclock:budget":
-        m = re.search(r"budget (\S+) gptq_reserve (\S+) training_cap (\S+)", text)
-        log.phases[head] = dict(zip(("budget", "gptq_reserve", "training_cap"), m.groups())) if m else dict(f)
-    elif head.startswith(("gptq:", "serialize", "warmup:", "ttt:", "checkpoint:", "eval_only", "layer_loop:")):
-        log.phases[head] = dict(f) if f or not line.words else {"value": line.words[0]}
-        if head == "gptq:hessians":  # "... train+calibration:312.9s of 313s budget"
-            m = re.search(r"of (\S+) budget", text)
-            if m:
-                log.phases[head]["budget"] = m.group(1)
-    elif f and not line.label:
-        log.info.update(f)  # key: value lines (source_sha256, world_size, val_tokens, attention_backend, mlp_backend, ...)
+    elif kind == "byte_check":
+        log.byte_check = dict(f, ok=f.get("status") == "ok", skipped=f.get("status") == "skipped")
+    elif kind == "ttt:protocol":
+        log.ttt_protocols.append(dict(f, score_first=f.get("rule") == "score-first"))
+    elif kind.startswith("stopping_early"):
+        log.stop = dict(f, reason=f.get("stopping_early", ""))
+    elif kind == "wallclock:budget":
+        log.phases[kind] = dict(f, budget=f"{f.get('seconds')}s", gptq_reserve=f"{f.get('gptq_reserve_seconds')}s",
+                                training_cap=f"{f.get('training_cap_ms')}ms")
+    elif kind.startswith(("gptq:", "serialize", "warmup:", "ttt:", "checkpoint:", "eval_only", "layer_loop:")):
+        log.phases[kind] = dict(f)
+    elif kind == "data" or kind.partition(":")[0] in f:
+        log.info.update(f)  # data train_shards:N val_tokens:N, model_params:N, attention_backend:sdpa, mlp_kernel ...
 
 
 # --- the command line -------------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The log as a complete record: the header tells what ran (settings, source and its hash, git revision,
+versions), and every event line after it has the one form `name key:value ...` that tools/runlog.py reads."""
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_MODEL, subprocess_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+import runlog  # noqa: E402
+
+EVERYTHING = dict(TINY_MODEL, ITERATIONS="4", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="2", EVAL_STRIDE="16",
+                  TTT_CHUNK_TOKENS="1024", TTT_BATCH_SEQS="3", TTT_EPOCHS="1", HASH_EMBED_SIZE="97",
+                  SAVE_CHECKPOINT="ck.pt", MAX_WALLCLOCK_SECONDS="600", GPTQ_RESERVE_SECONDS="1")
+
+
+@pytest.fixture(scope="module")
+def logs(tiny_data, tmp_path_factory):
+    """A training run with every pass, then a LoRA TTT run of its artifact (EVAL_ONLY)."""
+    tmp = tmp_path_factory.mktemp("logs")
+    env = dict(EVERYTHING, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+               LOG_DIR=str(tmp), RUN_ID="full", SAVE_CHECKPOINT=str(tmp / "ck.pt"))
+    out = {}
+    for run_id, extra in (("full", {}), ("lora", dict(EVAL_ONLY=str(tmp / "full.ptz"), TTT_MODE="lora",
+                                                      TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4", TTT_LORA_RANK="4"))):
+        proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, env=subprocess_env(dict(env, RUN_ID=run_id, **extra)),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[run_id] = (tmp / f"{run_id}.txt").read_text()
+    return out
+
+
+def events(log: str) -> list:
+    head, sep, body = log.partition("\nheader:end\n")
+    assert sep, "no header:end line"
+    return [line for line in body.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("run", ["full", "lora"])
+def test_every_event_line_has_the_one_form(logs, run):
+    lines = events(logs[run])
+    assert len(lines) > 20
+    for text in lines:
+        line = runlog.split_line(text)
+        if line.kind == "WARNING":
+            continue
+        assert line.words == [] and line.label and (line.fields or line.kind == "final"), text
+        assert all(" " not in v for v in line.fields.values()), text
+
+
+def test_the_header_holds_what_ran(logs):
+    log = logs["full"]
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    assert f"source_sha256: {hashlib.sha256(source.encode()).hexdigest()}\n" in log
+    embedded = log.split("\nsource: train_gpt.py lines:")[1].split("\nheader:end\n")[0].split("\n", 1)[1]
+    assert embedded == "\n".join("  " + x for x in source.splitlines())  # the whole readable source, indented
+    assert re.search(r"^git_revision: ([0-9a-f]{40}(\+dirty)?|none)$", log, re.M)
+    versions = runlog.read_log.__globals__["parse_log"](log).versions
+    assert {"python", "torch", "cuda", "triton", "numpy"} <= set(versions)
+    assert "\n  MATRIX_BITS: 6\n" in log
+
+
+def test_the_parser_reads_every_figure_of_both_runs(logs):
+    full, lora = runlog.parse_log(logs["full"]), runlog.parse_log(logs["lora"])
+    assert [s.step for s in full.steps] == [1, 2, 3, 4] and [v.step for v in full.val_points] == [2, 4]
+    assert full.complete and full.model_bytes > 0 and full.code_bytes > 0 and full.quantization_tax is not None
+    assert full.byte_check["ok"] and full.ttt_protocols[0]["score_first"] and full.ttt_protocols[0]["mode"] == "chunk"
+    assert full.eval_seconds > 0 and full.val_targets > 0 and full.info["model_params"].isdigit()
+    assert full.phases["wallclock:budget"]["training_cap_ms"] == "599000"
+    assert {"pre_quantization_post_ema", "quantized", "quantized_sliding_window", "quantized_ttt_chunk"} <= set(full.metrics)
+    for m in full.scoring_passes:
+        assert m.scored_bytes > 0 and m.scored_targets == full.val_targets, m.name
+    assert lora.complete and lora.ttt_protocols[0]["mode"] == "lora" and "eval_only" in "".join(lora.phases)
+    assert lora.metrics["quantized"].val_bpb == full.metrics["quantized"].val_bpb  # EVAL_ONLY reproduces the round trip
