@@ -287,7 +287,8 @@ class Settings:
         typos = misspelled_settings(environ)
         if typos:
             var, name = typos[0]
-            raise UserError(f"{var} is not a setting: did you mean {name}? (rename it; the settings are listed in README.md)")
+            raise UserError(f"{var} is not a setting: did you mean {name}? (rename it; the settings are listed in "
+                            "README.md)")
         for s in SETTINGS:
             raw = environ.get(s.name)
             setattr(self, s.name.lower(), s.default if raw is None or raw == "" else _parse_setting(s, raw))
@@ -298,8 +299,8 @@ class Settings:
         if not self.run_id:
             self.run_id = uuid.uuid4().hex[:12]
         if not all(c.isalnum() or c in "._-" for c in self.run_id) or self.run_id.startswith("."):
-            raise UserError(f"RUN_ID={self.run_id!r} must be a plain name (letters, digits, '.', '_', '-'): for a folder "
-                            f"of runs use LOG_DIR, e.g. LOG_DIR=logs/exp1 RUN_ID=seed1337")
+            raise UserError(f"RUN_ID={self.run_id!r} must be a plain name (letters, digits, '.', '_', '-'): "
+                            f"for a folder of runs use LOG_DIR, e.g. LOG_DIR=logs/exp1 RUN_ID=seed1337")
 
     def items(self):
         return [(s.name, getattr(self, s.name.lower())) for s in SETTINGS]
@@ -308,7 +309,8 @@ class Settings:
         """Cross-field checks that a single variable's range cannot express; returns the grad accumulation."""
         need(world_size >= 1 and 8 % world_size == 0, f"WORLD_SIZE={world_size} must divide 8 (1, 2, 4 or 8 processes)")
         need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
+             f"8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
              f"(8 = world size x grad accumulation)")
         need(self.model_dim % self.num_heads == 0,
              f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
@@ -366,7 +368,9 @@ def in_bounds(value, text: str) -> bool:
 
 def _parse_setting(setting: Setting, raw: str):
     kind = type(setting.default)
-    fix = f"set {setting.name} to a {kind.__name__}" + (f" (one of {', '.join(setting.choices)})" if setting.choices else "")
+    fix = f"set {setting.name} to a {kind.__name__}"
+    if setting.choices:
+        fix += f" (one of {', '.join(setting.choices)})"
     try:
         if kind is bool:
             if raw.strip().lower() not in ("0", "1", "true", "false"):
@@ -396,7 +400,8 @@ def _parse_setting(setting: Setting, raw: str):
 FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "TRITON", "NVIDIA", "CUTLASS", "CUDNN", "CUBLAS", "OMP", "MKL",
                     "KMP", "OPENBLAS", "PYTHON", "PYTEST", "HF_", "HUGGINGFACE", "MASTER_", "LC_", "XDG", "GROUP_",
                     "ROLE_", "LOCAL_", "TORCHELASTIC", "SLURM", "OMPI", "PMI", "PIP", "VIRTUAL_ENV", "CONDA")
-FOREIGN_NAMES = {"RANK", "WORLD_SIZE", "SEEDS", "NPROC", "PATH", "HOME", "PWD", "OLDPWD", "SHELL", "USER", "TERM", "LANG"}
+FOREIGN_NAMES = {"RANK", "WORLD_SIZE", "SEEDS", "NPROC", "PATH", "HOME", "PWD", "OLDPWD", "SHELL", "USER", "TERM",
+                 "LANG"}
 
 
 def misspelled_settings(environ) -> list:
@@ -428,7 +433,8 @@ def check_writable_folder(folder: Path, what: str):
         probe.write_bytes(b"probe")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"{what}: cannot write to {folder} ({e.strerror}): choose a writable folder or free space there") from None
+        raise UserError(f"{what}: cannot write to {folder} ({e.strerror}): choose a writable folder or free space "
+                        "there") from None
 
 
 def check_output_file(path: Path, what: str):
@@ -645,7 +651,8 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str, rank_loca
     if tokens.size and int(tokens.max()) >= vocab_size:
         bad = int(tokens.max())
         raise UserError(f"{where} holds token id {bad} >= VOCAB_SIZE={vocab_size}: the shards were made with another "
-                        f"tokenizer; set VOCAB_SIZE/TOKENIZER_PATH to the ones the shards were made with, or rebuild the shards",
+                        f"tokenizer; set VOCAB_SIZE/TOKENIZER_PATH to the ones the shards were made with, or rebuild "
+                        "the shards",
                         rank_local)
 
 
@@ -691,12 +698,14 @@ def write_shard(path, tokens) -> None:
 def shard_files(data_path: str, split: str) -> list[str]:
     if not Path(data_path).is_dir():
         what = "is a file, not a folder" if Path(data_path).exists() else "does not exist"
-        raise UserError(f"DATA_PATH={data_path} {what}: download the shards with `python3 data/cached_challenge_fineweb.py "
-                        f"--variant sp8192` or point DATA_PATH at the folder that holds them")
+        raise UserError(f"DATA_PATH={data_path} {what}: download the shards with "
+                        f"`python3 data/cached_challenge_fineweb.py --variant sp8192` or point DATA_PATH at the "
+                        f"folder that holds them")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise UserError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}: download them with "
-                        f"`python3 data/cached_challenge_fineweb.py --variant sp8192` or point DATA_PATH at your shards")
+                        f"`python3 data/cached_challenge_fineweb.py --variant sp8192` or point DATA_PATH at your "
+                        "shards")
     return files
 
 
@@ -751,7 +760,8 @@ class TrainLoader:
         for m in range(self.grad_accum):
             part = (m * self.world_size + self.rank) * self.micro_seqs
             ids = step_windows[part:part + self.micro_seqs]
-            rows = np.stack([self.tokens[self.shard_ids[w]][self.starts[w]:self.starts[w] + self.seq_len + 1] for w in ids])
+            rows = np.stack([self.tokens[self.shard_ids[w]][self.starts[w]:self.starts[w] + self.seq_len + 1]
+                             for w in ids])
             if rows.size and int(rows.max()) >= self.vocab_size:  # a few microseconds on the host, per micro-batch
                 w = ids[int(np.argmax(rows.max(axis=1)))]
                 check_token_range(rows, self.vocab_size, f"training shard {self.files[self.shard_ids[w]]} "
@@ -779,13 +789,15 @@ def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
     problem = path_problem(path)
     if problem:
-        raise UserError(f"TOKENIZER_PATH={path} {problem}: download it with data/cached_challenge_fineweb.py or set TOKENIZER_PATH")
+        raise UserError(f"TOKENIZER_PATH={path} {problem}: download it with data/cached_challenge_fineweb.py or set "
+                        "TOKENIZER_PATH")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # sentencepiece raises RuntimeError/OSError with long messages
         raise UserError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({type(e).__name__})") from None
     if sp.vocab_size() != vocab_size:
-        raise UserError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: set VOCAB_SIZE={sp.vocab_size()} "
+        raise UserError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: set "
+                        f"VOCAB_SIZE={sp.vocab_size()} "
                         f"or use the tokenizer the shards were made with")
     return sp
 
@@ -1192,7 +1204,8 @@ class GPT(nn.Module):
     # --- reporting -------------------------------------------------------------------------------
 
     def matmul_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 6 x multiply-adds), attention included, for the current schedule."""
+        """Training FLOPs per token (forward + backward = 6 x multiply-adds), attention included, for the current "
+          "schedule."""
         per_layer = sum(p.numel() for n, p in self.blocks[0].named_parameters() if p.ndim == 2)
         layers = len(self.schedule())
         attention = 6 * layers * self.dim * seq_len  # causal QK^T and AV: 2 * (T/2) * dim multiply-adds each, x3
@@ -1261,7 +1274,8 @@ class Muon:
         # Largest groups first so their communication starts earliest.
         self.groups = sorted(by_shape.values(), key=lambda ps: -ps[0].numel() * len(ps))
         self.shard_sizes = [math.ceil(len(ps) / world_size) for ps in self.groups]
-        self.momentum = [torch.zeros((n, *ps[0].shape), device=ps[0].device) for n, ps in zip(self.shard_sizes, self.groups)]
+        self.momentum = [torch.zeros((n, *ps[0].shape), device=ps[0].device)
+                         for n, ps in zip(self.shard_sizes, self.groups)]
 
     def reduce_grads(self):
         """Start averaging this rank's gradients; returns [(handle or None, shard grad [n, r, c])]."""
@@ -1372,7 +1386,8 @@ class Optimizers:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat.mul_(1.0 / self.world_size)
-            torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)])
+            parts = torch.split(flat, [g.numel() for g in grads])
+            torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(parts, grads)])
         shards = Muon.wait(pending, self.world_size)
         # Squared norm: Muon shards are disjoint across ranks; replicated grads count 1/world_size per rank.
         sq = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in shards]).sum()
@@ -1817,7 +1832,8 @@ def unpack_artifact(blob: bytes, label: str):
         streams = [decompress(blob[a:b], COMPRESSORS[comp]) for a, b in zip(offsets, offsets[1:])]
         return deserialize_quantized(streams)
     except Exception as e:  # decompressor errors, bad JSON, sizes that disagree with the header
-        raise UserError(f"artifact {label} passes its checksum but does not decode ({type(e).__name__}: {e}): {fix}") from None
+        raise UserError(f"artifact {label} passes its checksum but does not decode ({type(e).__name__}: {e}): "
+                        f"{fix}") from None
 
 
 def read_artifact(path):
@@ -2035,14 +2051,16 @@ def check_byte_tables(sp, tables: ByteTables, val_tokens: torch.Tensor, max_docs
     tables = tables.to("cpu")
     table_bytes = text_bytes = bad_docs = 0
     for start, end in zip(bos[:-1], bos[1:]):
-        counted = int(tables.count(tokens[start:end], tokens[start + 1:end + 1]).sum())  # the last target is the next BOS: 0 bytes
+        # the last target is the next document's BOS: 0 bytes
+        counted = int(tables.count(tokens[start:end], tokens[start + 1:end + 1]).sum())
         decoded = len(sp.decode(tokens[start + 1:end].tolist()).replace("\u2581", " ").encode("utf-8"))
         table_bytes, text_bytes, bad_docs = table_bytes + counted, text_bytes + decoded, bad_docs + (counted != decoded)
     line = (f"byte_check: docs:{len(bos) - 1} table_bytes:{table_bytes} decoded_bytes:{text_bytes} "
             f"mismatched_docs:{bad_docs}")
     if abs(table_bytes - text_bytes) > 1e-4 * text_bytes:
         raise UserError(f"{line}: the byte tables do not match the decoded validation text, so val_bpb would be wrong "
-                        f"(a tokenizer without a standalone \u2581 piece over-counts spaces, issue #897): use the challenge "
+                        f"(a tokenizer without a standalone \u2581 piece over-counts spaces, issue #897): use the "
+                        "challenge "
                         f"tokenizer or one that has \u2581 as a normal piece")
     return line + " status:ok"
 
@@ -2051,8 +2069,10 @@ def validate_eval_settings(s: Settings):
     """Cross-field checks of the evaluation settings (single-value ranges are declared in SETTINGS)."""
     need(s.eval_stride <= s.eval_seq_len, f"EVAL_STRIDE={s.eval_stride} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
     need(s.ttt_chunk_tokens >= s.eval_seq_len,
-         f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must hold at least one EVAL_SEQ_LEN={s.eval_seq_len} training sequence")
-    need(s.ttt_chunk_size <= s.eval_seq_len, f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
+         f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must hold at least one EVAL_SEQ_LEN={s.eval_seq_len} training "
+         "sequence")
+    need(s.ttt_chunk_size <= s.eval_seq_len, f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be in "
+                                             f"1..EVAL_SEQ_LEN={s.eval_seq_len}")
     need(s.ttt_freeze_blocks <= s.num_layers, f"TTT_FREEZE_BLOCKS={s.ttt_freeze_blocks} must be in 0..NUM_LAYERS")
 
 
@@ -2079,7 +2099,8 @@ def check_evaluation_setup(s: Settings, rt: Runtime, data: EvalData) -> None:
     """Start-up checks of everything the evaluation relies on, before any training time is spent."""
     n = len(data.val_tokens) - 1
     if s.val_tokens_expected and n != s.val_tokens_expected:
-        raise UserError(f"validation has {n} scored targets but VAL_TOKENS_EXPECTED={s.val_tokens_expected}: a fineweb_val_* "
+        raise UserError(f"validation has {n} scored targets but VAL_TOKENS_EXPECTED={s.val_tokens_expected}: a "
+                        "fineweb_val_* "
                         f"shard is missing or truncated (re-download it), or EVAL_SEQ_LEN changed the count")
     if s.byte_check_docs > 0:
         rt.log(check_byte_tables(data.sp, data.tables, data.val_tokens, s.byte_check_docs, data.bos_id))
@@ -2242,7 +2263,8 @@ def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stri
     if budget is not None:
         # Estimate from the first batches (the first one compiles), at a batch index every rank reaches.
         short = segments[:, 2] - segments[:, 1] + 1 <= stride
-        batches = [-(-int(short[a:b].sum()) // batch) for a, b in (share(len(segments), r, rt.world_size) for r in range(rt.world_size))]
+        shares = [share(len(segments), r, rt.world_size) for r in range(rt.world_size)]
+        batches = [-(-int(short[a:b].sum()) // batch) for a, b in shares]
         check_at, marks = min(8, min(batches) - 1), {}
 
         def on_batch(i):
@@ -2290,13 +2312,17 @@ class EvalBudget:
 
     def check(self, name: str, estimate: float):
         """Collective: every rank calls it at the same point and all take the largest estimate."""
-        estimate = self.rt.all_reduce(torch.tensor([estimate], dtype=torch.float64, device=self.rt.device), op=dist.ReduceOp.MAX).item()
+        estimate = torch.tensor([estimate], dtype=torch.float64, device=self.rt.device)
+        estimate = self.rt.all_reduce(estimate, op=dist.ReduceOp.MAX).item()
         total = sum(e for _, _, e in self.done) + estimate
         self.rt.log(f"eval_budget:early pass:{name} estimated_8gpu_pass_seconds:{estimate:.0f} "
-                    f"estimated_8gpu_total_seconds:{total:.0f} budget_seconds:{self.limit:.0f} enforced:{int(self.enforced)}")
+                    f"estimated_8gpu_total_seconds:{total:.0f} budget_seconds:{self.limit:.0f} "
+                    f"enforced:{int(self.enforced)}")
         if total > self.limit and self.enforced:
-            raise UserError(f"the evaluation passes would take about {total:.0f}s on 8 GPUs for the full validation ({name}: "
-                            f"{estimate:.0f}s), over EVAL_BUDGET_SECONDS={self.limit:.0f}: make TTT cheaper (TTT_EPOCHS, "
+            raise UserError(f"the evaluation passes would take about {total:.0f}s on 8 GPUs for the full validation "
+                            f"({name}: "
+                            f"{estimate:.0f}s), over EVAL_BUDGET_SECONDS={self.limit:.0f}: make TTT cheaper "
+                            "(TTT_EPOCHS, "
                             f"TTT_MODE, EVAL_STRIDE) or set EVAL_FORCE=1 to run anyway")
 
     def finish(self, name: str, seconds: float, fixed: float, targets: int) -> float:
@@ -2341,7 +2367,8 @@ def all_reduce_sum_grads(params, rt: Runtime):
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, s: Settings, rt: Runtime, scores: Scores):
+def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, s: Settings, rt: Runtime,
+                    scores: Scores):
     """TTT_EPOCHS of SGD on targets first..last, already scored by every rank.
 
     The chunk is cut into whole EVAL_SEQ_LEN sequences; each step takes the next TTT_BATCH_SEQS of them,
@@ -2393,7 +2420,8 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
     frozen = sum(p.numel() for p in ttt.parameters() if not p.requires_grad)
-    rt.log(f"ttt:protocol rule:score-first mode:chunk chunks:{n_chunks} chunk_tokens:{C} window:{L} stride:{stride} order:original "
+    rt.log(f"ttt:protocol rule:score-first mode:chunk chunks:{n_chunks} chunk_tokens:{C} window:{L} stride:{stride} "
+           "order:original "
            f"epochs:{s.ttt_epochs} optimizer:sgd lr:{s.ttt_lr} schedule:cosine_over_chunks momentum:{s.ttt_momentum} "
            f"grad_clip:{s.ttt_grad_clip} batch_seqs:{s.ttt_batch_seqs} freeze_blocks:{s.ttt_freeze_blocks} "
            f"hash_embed:{int(hash_emb is not None)} last_chunk_trained:0 "
@@ -2424,8 +2452,10 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
                 budget.check("ttt_chunk", budget.estimate(fixed, (elapsed - fixed) / c, n_chunks - 1))
             if (c + 1) % log_every == 0 or c == n_chunks - 1:
                 sums = scores.sums.tolist()
-                rt.log(f"ttt_chunk chunk:{c + 1}/{n_chunks} rank0_bpb:{sums[0] / math.log(2) / max(sums[2], 1):.6f} elapsed:{elapsed:.1f}s")
-    rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
+                rt.log(f"ttt_chunk chunk:{c + 1}/{n_chunks} rank0_bpb:{sums[0] / math.log(2) / max(sums[2], 1):.6f} "
+                       f"elapsed:{elapsed:.1f}s")
+    rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} "
+           f"targets_scored:{int(scores.scored.sum())}")
     result = scores.result(rt, time.perf_counter() - t0, record)
     if budget is not None:
         budget.finish("ttt_chunk", result.seconds, fixed, result.targets)
@@ -2448,7 +2478,8 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
     for size in step_sizes:
         lo, hi = share(size, rt.rank, rt.world_size)
         if hi > lo:
-            loss_fn(random_tokens((hi - lo, L), vocab, s, rt.device), random_tokens((hi - lo, L), vocab, s, rt.device)).sum().backward()
+            x, y = (random_tokens((hi - lo, L), vocab, s, rt.device) for _ in range(2))
+            loss_fn(x, y).sum().backward()
     for p in params:
         p.grad.zero_()
     rt.sync()
@@ -2590,8 +2621,10 @@ def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayou
     assert (np.minimum(C * (chunk + 1), L) == W).all(), "rows with different window widths in one batch"
     work = len(start) * W
     if len(start) == 1:  # a padding row (empty document, scratch adapter): the compiled graph never sees one row
-        start, length, chunk, slot = (np.append(a, v) for a, v in ((start, 0), (length, 0), (chunk, chunk[0]), (slot, slots.scratch)))
-    meta = np.stack((start, length, np.maximum(0, C * (chunk + 1) - L), C * chunk + 1, np.minimum(C * (chunk + 1), length), slot), 1)
+        start, length, chunk, slot = (np.append(a, v) for a, v in ((start, 0), (length, 0), (chunk, chunk[0]),
+                                                                      (slot, slots.scratch)))
+    window_start = np.maximum(0, C * (chunk + 1) - L)  # document-local index of the window's first input
+    meta = np.stack((start, length, window_start, C * chunk + 1, np.minimum(C * (chunk + 1), length), slot), 1)
     start_t, length_t, win, first, last, idx = to_device(meta, tokens.device).unbind(1)
     end = len(tokens) - 1
     local = win[:, None] + torch.arange(W, device=tokens.device)  # document-local index of each input
@@ -2600,7 +2633,8 @@ def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayou
     mask = (target_local >= first[:, None]) & (target_local <= last[:, None])
     position = (start_t[:, None] + target_local).clamp(max=end)
     y = tokens[position].long()
-    matrices = layout.matrices(slots.P[idx], compute_dtype(tokens.device))  # with grad even if no row trains: no recompile
+    # with grad even if no row trains: a graph without it would compile again
+    matrices = layout.matrices(slots.P[idx], compute_dtype(tokens.device))
     nll = loss_fn(x, y, matrices)
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
     first_target, last_target = start + C * chunk + 1, start + np.minimum(C * (chunk + 1), length)
@@ -2684,7 +2718,8 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     loss_fn = lora_losses(base, layout, s)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
-    rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} window:{L} context:document_only "
+    rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} window:{L} "
+           "context:document_only "
            f"order:original reset:per_document rank:{s.ttt_lora_rank} targets:q,k,v,o,mlp,head optimizer:adamw "
            f"lr:{s.ttt_lora_lr} betas:({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd:{s.ttt_lora_wd} steps_per_chunk:1 "
            f"last_chunk_trained:0 batch_docs:{s.ttt_batch_docs} docs_in_flight:{in_flight} "
@@ -2696,7 +2731,8 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
         # The early estimate comes a tenth of the way into the shortest plan: every rank gets there.
         check_at = -1
         if budget is not None:
-            check_at = int(rt.all_reduce(torch.tensor([len(plan)], device=rt.device), op=dist.ReduceOp.MIN).item()) // 10
+            shortest = rt.all_reduce(torch.tensor([len(plan)], device=rt.device), op=dist.ReduceOp.MIN)
+            check_at = int(shortest.item()) // 10
         slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1)
         chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
         done_work, marks = 0, {}
@@ -2704,7 +2740,8 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
             fresh = batch[chunk[batch] == 0]
             if len(fresh):
                 slot[fresh] = slots.open(len(fresh))
-            done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn, tokens, s,
+            done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn,
+                                   tokens, s,
                                    tables, scores)
             chunk[batch] += 1
             slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
@@ -2714,16 +2751,22 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                 if i == check_at and check_at >= 1:
                     (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
                     rate = (t_b - t_a) / max(w_b - w_a, 1)
-                    budget.check("ttt_lora", budget.estimate(t_a, rate, cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a))
+                    remaining = cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a
+                    budget.check("ttt_lora", budget.estimate(t_a, rate, remaining))
     if s.compile:  # 1 unless a shape slipped past lora_losses: each extra graph is a full recompile
         rt.log(f"ttt:lora graphs_compiled:{torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before}")
-    rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} targets_scored:{int(scores.scored.sum())}")
+    rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} "
+           f"targets_scored:{int(scores.scored.sum())}")
     result = scores.result(rt, time.perf_counter() - t0, record)
     seconds = result.seconds
     first_seconds, first_work = marks.get(0, (0.0, 0))  # the first step carries the compile: rates leave it out
-    peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}" if rt.device.type == "cuda" else ""
-    rt.log(f"ttt:lora rank:0 steps:{len(plan)} window_tokens:{done_work} window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
-           f"window_tokens_per_s_after_first_step:{(done_work - first_work) / max(seconds - first_seconds, 1e-9):.0f}{peak}")
+    peak = ""
+    if rt.device.type == "cuda":
+        peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}"
+    rt.log(f"ttt:lora rank:0 steps:{len(plan)} window_tokens:{done_work} "
+           f"window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
+           f"window_tokens_per_s_after_first_step:"
+           f"{(done_work - first_work) / max(seconds - first_seconds, 1e-9):.0f}{peak}")
     if budget is not None:
         budget.finish("ttt_lora", seconds, first_seconds, result.targets)
     return result
@@ -2785,7 +2828,8 @@ def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, voc
 def enabled_passes(s: Settings) -> list:
     """The passes after training: the plain (non-overlapping) round trip of the artifact, then the
     sliding window and TTT as enabled."""
-    return ["plain"] + (["sliding"] if s.sliding_window_enabled else []) + ([f"ttt_{s.ttt_mode}"] if s.ttt_enabled else [])
+    return (["plain"] + (["sliding"] if s.sliding_window_enabled else [])
+            + ([f"ttt_{s.ttt_mode}"] if s.ttt_enabled else []))
 
 
 def run_evaluation_passes(model: GPT, s: Settings, rt: Runtime, data: EvalData, passes=None,
@@ -2812,7 +2856,8 @@ def run_evaluation_passes(model: GPT, s: Settings, rt: Runtime, data: EvalData, 
                 return model.token_losses(x, y)
             batch = val_batch_seqs(s, rt) if name == "plain" else s.eval_batch_windows
             stride = s.eval_seq_len if name == "plain" else s.eval_stride
-            result = evaluate_windows(compiled(losses, s), tokens, tables, s.eval_seq_len, stride, batch, rt, budget, name)
+            result = evaluate_windows(compiled(losses, s), tokens, tables, s.eval_seq_len, stride, batch, rt, budget,
+                                      name)
         elif name == "ttt_chunk":
             result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget)
         elif name == "ttt_lora":
@@ -2892,7 +2937,8 @@ class Trainer:
 
     def validate(self) -> EvalResult:
         s, rt, data = self.s, self.rt, self.data
-        return evaluate(self.model, self.eval_losses, data.val_tokens, data.tables, s.eval_seq_len, val_batch_seqs(s, rt), rt)
+        return evaluate(self.model, self.eval_losses, data.val_tokens, data.tables, s.eval_seq_len,
+                        val_batch_seqs(s, rt), rt)
 
     def compile_warmup(self):
         """Run WARMUP_STEPS real steps in each graph (looping off, then on) so nothing compiles in the
@@ -2924,9 +2970,12 @@ class Trainer:
         self.compile_warmup()
         optimizers, loader = Optimizers(model, s, rt), self.new_loader()
         ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
-        cap_ms = (s.max_wallclock_seconds - s.gptq_reserve_seconds) * 1000.0 if s.max_wallclock_seconds > 0 else math.inf
+        cap_ms = math.inf
+        if s.max_wallclock_seconds > 0:
+            cap_ms = (s.max_wallclock_seconds - s.gptq_reserve_seconds) * 1000.0
         if math.isfinite(cap_ms):
-            rt.log(f"wallclock:budget seconds:{s.max_wallclock_seconds:.0f} gptq_reserve_seconds:{s.gptq_reserve_seconds:.0f} "
+            rt.log(f"wallclock:budget seconds:{s.max_wallclock_seconds:.0f} "
+                   f"gptq_reserve_seconds:{s.gptq_reserve_seconds:.0f} "
                    f"training_cap_ms:{cap_ms:.0f}")
         tokens_per_step = self.global_seqs * s.train_seq_len
         peak = peak_flops(rt.device)
@@ -2943,7 +2992,8 @@ class Trainer:
                 rt.sync()
                 training_ms += 1000.0 * (time.perf_counter() - t0)  # the clock pauses while validating
                 val = self.validate()
-                rt.log(f"step:{step}/{s.iterations} val_loss:{val.loss:.4f} val_bpb:{val.bpb:.4f} train_time:{training_ms:.0f}ms")
+                rt.log(f"step:{step}/{s.iterations} val_loss:{val.loss:.4f} val_bpb:{val.bpb:.4f} "
+                       f"train_time:{training_ms:.0f}ms")
                 rt.sync()
                 t0 = time.perf_counter()
             if done:
@@ -2967,14 +3017,18 @@ class Trainer:
             rt.all_reduce(shared, op=dist.ReduceOp.MAX)
             elapsed_ms = shared[0].item()
             if shared[1].item() > 0:
-                raise UserError(f"training loss became {loss.item()} at step {step}: the run diverged; lower MATRIX_LR, "
+                raise UserError(f"training loss became {loss.item()} at step {step}: the run diverged; lower "
+                                "MATRIX_LR, "
                                 f"TIED_EMBED_LR or SCALAR_LR, or check the training shards")
             if elapsed_ms >= cap_ms:
                 stop_reason = "wallclock_cap"
             if step <= 5 or step % s.train_log_every == 0 or stop_reason or step == s.iterations:
                 mean_loss = rt.all_reduce(loss.detach().clone()).item() / rt.world_size
                 tok_s = (step - last_log[0]) * tokens_per_step / max((elapsed_ms - last_log[1]) / 1000.0, 1e-9)
-                mfu = f" mfu:{100 * tok_s * model.matmul_flops_per_token(s.train_seq_len) / (peak * rt.world_size):.1f}%" if peak else ""
+                mfu = ""
+                if peak:
+                    flops = tok_s * model.matmul_flops_per_token(s.train_seq_len)
+                    mfu = f" mfu:{100 * flops / (peak * rt.world_size):.1f}%"
                 rt.log(f"step:{step}/{s.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                        f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tok_s:.0f}{mfu} looping:{int(model.looping)}")
                 history.append({"step": step, "train_loss": mean_loss, "tok_s": tok_s, "looping": model.looping})
@@ -3128,7 +3182,8 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     rt.log(f"attention_backend:{trainer.attention_backend}")
     rt.log(f"parallel_residual mode:{s.parallel_residual_mode} start_layer:{s.parallel_residual_start}")
-    rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} enable_at:{s.enable_looping_at}")
+    rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} "
+           f"enable_at:{s.enable_looping_at}")
     # 1. train (or load a checkpoint)
     if s.load_checkpoint:
         load_checkpoint(model, s, rt, s.load_checkpoint)
