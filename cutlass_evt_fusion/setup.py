@@ -24,8 +24,11 @@ def _load_build_config():
 
 
 def main():
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    if torch.version.cuda is None:
+        sys.exit(f"cutlass_evt_fusion: needs a CUDA build of torch (this one, {torch.__version__}, is CPU-only)")
     config = _load_build_config()
     try:
         include_dirs = config.include_dirs()

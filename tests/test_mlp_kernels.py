@@ -19,6 +19,8 @@ Tolerances, bf16 (8 significant bits, one rounding = relative 2^-8 = 0.0039, one
     the truth. Both are measured against fp32 math on the same bf16 inputs, and the fused path must
     be no less accurate than the plain one (relative error at most 1.25x the plain path's + 1e-3).
 """
+import contextlib
+import io
 import re
 import subprocess
 import sys
@@ -157,7 +159,7 @@ def test_the_run_logs_the_mlp_path(tiny_env, monkeypatch):
     rt = tg.Runtime(s)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        with pytest.raises(_StopAfterSetUp):
+        with pytest.raises(_StopAfterSetUp), contextlib.redirect_stdout(io.StringIO()):  # quiet under pytest -s
             tg.train_and_evaluate(s, rt)
     finally:  # train_and_evaluate turns TF32 on for the process (on CUDA): not for the tests after this one
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
