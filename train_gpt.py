@@ -581,6 +581,9 @@ triton = tl = None  # bound by triton_mlp_up_act() on first use: a CPU machine n
 _TRITON_UP_ACT = None  # the op once defined; False when Triton does not import
 _MLP_KERNEL_CHOICES = {}  # MLP_KERNEL value -> the path it resolved to in this process
 _CUTLASS_TILE = None  # (M, N, K) tile of the cutlass_evt_fusion kernel once it has loaded
+# autotuned (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_K 64: each compiles for sm_90 to wgmma without spills
+# (128 x 256 with 8 warps is left out: ptxas serializes its wgmma)
+_MLP_UP_ACT_CONFIGS = ((128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 256, 4, 4))
 
 
 def _mlp_up_act_kernel(x_ptr, w_ptr, pre_ptr, post_ptr, M, N, K, stride_xm, stride_wn, stride_om,
@@ -629,7 +632,7 @@ def triton_mlp_up_act():
         _TRITON_UP_ACT = False
         return False
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=st)
-               for bm, bn, w, st in ((128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 256, 4, 4))]
+               for bm, bn, w, st in _MLP_UP_ACT_CONFIGS]
     kernel = triton.autotune(configs=configs, key=["M", "N", "K"])(triton.jit(_mlp_up_act_kernel))
 
     @torch.library.custom_op("pgolf::mlp_up_act", mutates_args=(), device_types="cuda")
