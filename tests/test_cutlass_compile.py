@@ -4,7 +4,8 @@ nvcc compiles csrc/mlp_down_backward.cu exactly as `pip install ./cutlass_evt_fu
 come from cutlass_evt_fusion/build_config.py, after torch's own nvcc flags), `-c` only, with the CUTLASS
 headers of $CUTLASS_PATH or of the `nvidia-cutlass` wheel (requirements-test.txt). The kept PTX must hold
 the kernel the op launches: one GemmUniversal entry whose epilogue is the AuxLoad -> phi' -> multiply
-tree, Hopper's wgmma and TMA instructions, target sm_90a. One translation unit, about 70 s on 2 cores.
+tree, Hopper's wgmma and TMA instructions, target sm_90a; where a cuobjdump is at hand (a CUDA toolkit's,
+or the one a Triton wheel ships) the SASS too. One translation unit, about 70 s on 2 cores.
 The binding (binding.cpp) compiles against torch's headers too. Whether the numbers are right is for
 the GPU tests (tests/test_mlp_kernels.py, run by tools/gpu_mlp_check.sh)."""
 import importlib.util
@@ -57,6 +58,27 @@ def test_kernel_compiles_for_sm90a(tmp_path):
     usage = re.search(r"Used (\d+) registers", proc.stdout + proc.stderr)
     assert usage, proc.stderr[-2000:]
     print(f"ptxas: {usage.group(0)}; " + " ".join(re.findall(r"\d+ bytes spill (?:stores|loads)", proc.stdout + proc.stderr)))
+    cuobjdump = _cuobjdump()
+    if cuobjdump:  # the machine code itself, where a disassembler is at hand (CUDA toolkits, Triton wheels)
+        sass = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+        assert "HGMMA.64x256x16.F32.BF16" in sass  # wgmma, B N-major (tnspB)
+        assert "UTMALDG" in sass and "UTMASTG" in sass  # TMA loads (A, B, pre) and the TMA store of dpre
+        assert not re.search(r"\b(LDL|STL)\b", sass)  # nothing in local memory
+    else:
+        print("no cuobjdump here: the SASS checks (HGMMA, UTMALDG/UTMASTG, no local memory) were not made")
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")  # Triton wheels ship one; not imported, only located
+    if spec and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            path = os.path.join(location, "backends", "nvidia", "bin", "cuobjdump")
+            if os.access(path, os.X_OK):
+                return path
+    return None
 
 
 def _torch_cuda_macros_stub(tmp_path):
