@@ -670,8 +670,8 @@ def pick_mlp_kernel(requested: str) -> str:
             cutlass_why = cutlass_evt_fusion.unavailable_reason()
             if not cutlass_why:
                 _CUTLASS_TILE = (cutlass_evt_fusion.TILE_M, cutlass_evt_fusion.TILE_N, cutlass_evt_fusion.TILE_K)
-        except (ImportError, AttributeError) as e:
-            cutlass_why = f"cutlass_evt_fusion does not import ({e})"
+        except Exception as e:  # an optional extension that fails to load must leave the other paths running
+            cutlass_why = f"cutlass_evt_fusion does not import ({type(e).__name__}: {e})"
     if requested == "cutlass" and cutlass_why:
         raise UserError(f"MLP_KERNEL=cutlass but {cutlass_why}: build the extension (pip install --no-build-isolation "
                         f"./cutlass_evt_fusion) on an H100/H200 with Triton, or set MLP_KERNEL=auto")
