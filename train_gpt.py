@@ -111,6 +111,10 @@ class Settings:
         "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)")
     attn_backend: str = setting("auto",
         "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA", choices=('auto', 'fa3', 'sdpa'))
+    mlp_kernel: str = setting("auto",
+        "MLP training kernels on CUDA: auto = cutlass if cutlass_evt_fusion is built, else triton if Triton imports, "
+        "else torch; cutlass = Triton forward + CUTLASS EVT backward, triton = Triton forward, torch = plain PyTorch",
+        choices=("auto", "cutlass", "triton", "torch"))
     # --- model ---
     num_layers: int = setting(11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model")
     model_dim: int = setting(512, "residual stream width", group="model", bounds="[1, inf)", role="model")
@@ -917,20 +921,173 @@ class Attention(nn.Module):
         return out
 
 
+# --- the MLP and its fused kernels ----------------------------------------------------------------
+# MLP_KERNEL picks, once when the model is built, how the MLP's training forward and backward run on CUDA:
+#   torch    the plain module: the reference, and the only path on CPU, in evaluation and in TTT (the GPTQ
+#            Hessian hooks on fc/proj see its calls)
+#   triton   FusedMLPFunction: one Triton kernel writes pre = x W_up^T and post = LeakyReLU_0.5(pre)^2, both
+#            bf16 from the fp32 accumulator, then cuBLAS post W_down^T; the backward is plain matmuls
+#   cutlass  triton's forward; the backward's dpre = (g W_down) * phi'(pre) is one CUTLASS GEMM with phi'
+#            applied in its epilogue (the optional cutlass_evt_fusion/ extension, built with
+#            pip install --no-build-isolation ./cutlass_evt_fusion)
+# The forward keeps pre rather than phi'(pre): as many bytes, and phi' = 2u or 0.5u is a power-of-two scaling,
+# so phi' of the bf16 pre is exactly the bf16 rounding of phi' of the fp32 pre.
+
+triton = tl = None  # bound by triton_mlp_up_act() on first use: a CPU machine need not have Triton
+_TRITON_UP_ACT = None  # the op once defined; False when Triton does not import
+_MLP_KERNEL_CHOICES = {}  # MLP_KERNEL value -> the path it resolved to in this process
+_CUTLASS_TILE = None  # (M, N, K) tile of the cutlass_evt_fusion kernel once it has loaded
+# autotuned (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_K 64: each compiles for sm_90 to wgmma without spills
+# (128 x 256 with 8 warps is left out: ptxas serializes its wgmma)
+_MLP_UP_ACT_CONFIGS = ((128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 256, 4, 4))
+
+
+def _mlp_up_act_kernel(x_ptr, w_ptr, pre_ptr, post_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """pre = x @ w^T (x [M, K], w [N, K], both K-contiguous) and post = LeakyReLU_0.5(pre)^2, from fp32."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    # GROUP_M consecutive programs walk down a column of output tiles, so the W tile they share stays in L2
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # rows past M or N read a valid row instead (their results are never stored): no load masks but K's
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of w^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    leaky = tl.where(acc > 0, acc, 0.5 * acc)
+    out = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(pre_ptr + out, acc.to(tl.bfloat16), mask=inside)
+    tl.store(post_ptr + out, (leaky * leaky).to(tl.bfloat16), mask=inside)
+
+
+def triton_mlp_up_act():
+    """Defines (once) the op torch.ops.pgolf.mlp_up_act(x [M, K], w_up [N, K]) -> (pre, post), both [M, N]
+    bf16: a torch.library custom op with a fake kernel, so torch.compile keeps it inside one graph.
+    Returns False when Triton does not import."""
+    global triton, tl, _TRITON_UP_ACT
+    if _TRITON_UP_ACT is not None:
+        return _TRITON_UP_ACT
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _TRITON_UP_ACT = False
+        return False
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in _MLP_UP_ACT_CONFIGS]
+    kernel = triton.autotune(configs=configs, key=["M", "N", "K"])(triton.jit(_mlp_up_act_kernel))
+
+    @torch.library.custom_op("pgolf::mlp_up_act", mutates_args=(), device_types="cuda")
+    def mlp_up_act(x: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch._check(x.dtype == torch.bfloat16 and w_up.dtype == torch.bfloat16, lambda: "mlp_up_act takes bf16")
+        x, w_up = x.contiguous(), w_up.contiguous()
+        (M, K), N = x.shape, w_up.size(0)
+        pre = torch.empty((M, N), device=x.device, dtype=torch.bfloat16)
+        post = torch.empty_like(pre)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        with torch.cuda.device(x.device):
+            kernel[grid](x, w_up, pre, post, M, N, K, x.stride(0), w_up.stride(0), pre.stride(0))
+        return pre, post
+
+    @mlp_up_act.register_fake
+    def _(x, w_up):
+        return x.new_empty((x.size(0), w_up.size(0))), x.new_empty((x.size(0), w_up.size(0)))
+
+    _TRITON_UP_ACT = mlp_up_act
+    return mlp_up_act
+
+
+def pick_mlp_kernel(requested: str) -> str:
+    """MLP_KERNEL -> the path that runs: cutlass, triton or torch (auto = the fastest that loads on CUDA)."""
+    global _CUTLASS_TILE
+    if requested in _MLP_KERNEL_CHOICES:
+        return _MLP_KERNEL_CHOICES[requested]
+    why = "no CUDA device" if not torch.cuda.is_available() else ""
+    if not why and not triton_mlp_up_act():
+        why = "Triton does not import"
+    cutlass_why = why
+    if not why:
+        try:
+            import cutlass_evt_fusion
+            cutlass_why = cutlass_evt_fusion.unavailable_reason()
+            if not cutlass_why:
+                _CUTLASS_TILE = (cutlass_evt_fusion.TILE_M, cutlass_evt_fusion.TILE_N, cutlass_evt_fusion.TILE_K)
+        except Exception as e:  # an optional extension that fails to load must leave the other paths running
+            cutlass_why = f"cutlass_evt_fusion does not import ({type(e).__name__}: {e})"
+    if requested == "cutlass" and cutlass_why:
+        raise UserError(f"MLP_KERNEL=cutlass but {cutlass_why}: build the extension (pip install --no-build-isolation "
+                        f"./cutlass_evt_fusion) on an H100/H200 with Triton, or set MLP_KERNEL=auto")
+    if requested == "triton" and why:
+        raise UserError(f"MLP_KERNEL=triton but {why}: set MLP_KERNEL=auto or torch")
+    choice = requested if requested != "auto" else "cutlass" if not cutlass_why else "triton" if not why else "torch"
+    _MLP_KERNEL_CHOICES[requested] = choice
+    return choice
+
+
+class FusedMLPFunction(torch.autograd.Function):
+    """LeakyReLU_0.5(x W_up^T)^2 W_down^T for x [M, dim] with the activation fused into the up projection
+    (kernel triton/cutlass) and phi' into the dpre GEMM (cutlass, for shapes its tile divides). kernel
+    'torch' is the same dataflow in plain PyTorch, which the CPU tests hold against the plain MLP."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down, kernel: str):
+        if kernel == "torch":
+            pre = F.linear(x, w_up)
+            post = F.leaky_relu(pre, 0.5).square()
+        else:
+            pre, post = torch.ops.pgolf.mlp_up_act(x, w_up)
+        tile = _CUTLASS_TILE
+        ctx.cutlass = (kernel == "cutlass" and tile is not None and x.size(0) % tile[0] == 0
+                       and w_up.size(0) % tile[1] == 0 and x.size(1) % tile[2] == 0)
+        ctx.save_for_backward(x, w_up, w_down, pre, post)
+        return F.linear(post, w_down)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_up, w_down, pre, post = ctx.saved_tensors
+        grad = grad.contiguous()
+        if ctx.cutlass:
+            d_pre = torch.ops.cutlass_evt_fusion.mlp_down_backward(grad, w_down, pre)
+        else:
+            d_pre = (grad @ w_down) * torch.where(pre > 0, 2.0 * pre, 0.5 * pre)
+        return d_pre @ w_up, d_pre.t() @ x, grad.t() @ post, None
+
+
 def mlp_hidden(s) -> int:
     return int(s.mlp_mult * s.model_dim)
 
 
 class MLP(nn.Module):
-    """W_down (LeakyReLU_0.5(W_up x))^2."""
+    """W_down (LeakyReLU_0.5(W_up x))^2; kernel (pick_mlp_kernel) says how a CUDA training step runs it."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, kernel: str = "torch"):
         super().__init__()
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim, zero_init=True)
+        self.kernel = kernel
 
     def forward(self, x, adapter=None):
-        out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+        if (self.kernel != "torch" and adapter is None and self.training and torch.is_grad_enabled()
+                and x.is_cuda and x.dtype == torch.bfloat16):
+            shape = x.shape
+            out = FusedMLPFunction.apply(x.reshape(-1, shape[-1]), self.fc.weight.to(x.dtype),
+                                         self.proj.weight.to(x.dtype), self.kernel).view(*shape[:-1], -1)
+        else:
+            out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
         if adapter is not None:
             out = out + adapter.mlp(x)
         return out
@@ -949,7 +1106,7 @@ class Block(nn.Module):
         super().__init__()
         dim = s.model_dim
         self.attn = Attention(dim, s.num_heads, s.num_kv_heads, s.qk_gain_init, layer >= s.num_layers - s.xsa_last_n)
-        self.mlp = MLP(dim, mlp_hidden(s))
+        self.mlp = MLP(dim, mlp_hidden(s), pick_mlp_kernel(s.mlp_kernel))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of (x, x0)
@@ -1107,6 +1264,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(s.vocab_size, s.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=s.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(i, s) for i in range(s.num_layers))
+        self.mlp_kernel = self.blocks[0].mlp.kernel  # MLP_KERNEL as resolved: cutlass, triton or torch
         self.residual = RESIDUAL_FORMS[s.parallel_residual_mode]
         self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value
         schedules = [virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, on) for on in (False, True)]
@@ -3181,6 +3339,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     check_evaluation_setup(s, rt, data)
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     rt.log(f"attention_backend:{trainer.attention_backend}")
+    rt.log(f"mlp_kernel:{model.mlp_kernel}")
     rt.log(f"parallel_residual mode:{s.parallel_residual_mode} start_layer:{s.parallel_residual_start}")
     rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} "
            f"enable_at:{s.enable_looping_at}")

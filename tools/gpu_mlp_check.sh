@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The fused MLP on the GPU machine, in one call: build and install cutlass_evt_fusion (timed), run the
+# MLP kernel tests (tests/test_mlp_kernels.py: Triton forward, CUTLASS EVT backward, the whole fused
+# MLP against the plain PyTorch path in bf16, torch.compile without graph breaks) and time forward +
+# backward at the full config's shape for each path (tools/bench_mlp.py). Plain text; about 3-4 minutes.
+#
+#   source .carry/setup.sh; bash tools/gpu_mlp_check.sh      # from the repo root; setup.sh exports CUTLASS_PATH
+#
+# Exit status: 0 when the build and the tests passed (the benchmark is informative only).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+t_start=$(date +%s)
+
+echo "== environment"
+$PY -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
+'| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+$PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not importable"
+nvcc --version | tail -n 2 | head -n 1
+echo "CUTLASS_PATH=${CUTLASS_PATH:-unset, so the headers of the nvidia-cutlass wheel if installed}"
+
+echo
+echo "== build: pip install --no-build-isolation ./cutlass_evt_fusion"
+build_log=$(mktemp /tmp/cutlass_evt_build.XXXXXX.log)
+b0=$(date +%s.%N)
+MAX_JOBS=${MAX_JOBS:-4} $PY -m pip install --no-build-isolation --no-deps --no-index -v ./cutlass_evt_fusion >"$build_log" 2>&1
+build_rc=$?
+b1=$(date +%s.%N)
+echo "build: rc=$build_rc seconds=$(awk "BEGIN{printf \"%.1f\", $b1-$b0}") log=$build_log"
+grep -E "^ *cutlass_evt_fusion: |ptxas (info|warning)|warning C[0-9]+|error" "$build_log" | sed 's/^ */  /' | head -n 20
+if [ $build_rc -ne 0 ]; then
+    echo "build failed; last lines of the log:"
+    tail -n 60 "$build_log"
+    status=1
+fi
+
+echo
+echo "== import (from /tmp, the installed copy; then from the repo root, the source tree's copy)"
+(cd /tmp && $PY -c "import cutlass_evt_fusion as c; print('installed:', c.__file__, '| available:', c.available(), c.unavailable_reason())")
+$PY -c "import cutlass_evt_fusion as c, train_gpt as tg; print('repo root:', c.__file__, '| available:', c.available(), c.unavailable_reason(),
+'| MLP_KERNEL=auto ->', tg.pick_mlp_kernel('auto'))"
+
+echo
+echo "== tests: pytest tests/test_mlp_kernels.py"
+$PY -m pytest -q -rs -s -p no:cacheprovider tests/test_mlp_kernels.py 2>&1 | grep -Ev "^\s*$" | tail -n 60
+test_rc=${PIPESTATUS[0]}
+echo "tests: rc=$test_rc"
+[ "$test_rc" -eq 0 ] || status=1
+
+echo
+echo "== benchmark: tools/bench_mlp.py"
+timeout 200 $PY tools/bench_mlp.py ${BENCH_ARGS:-} 2>&1 | grep -Ev "^\s*$"
+echo
+echo "gpu_mlp_check: status=$status total_seconds=$(( $(date +%s) - t_start ))"
+exit $status
