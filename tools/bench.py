@@ -47,6 +47,23 @@ def summarize(lines, skip_after_switch: int):
     return result, log
 
 
+def run_until_training_ends(cmd, env, steps: int) -> list:
+    """The run's stdout lines up to its last training step (and the peak-memory line after it); the run is
+    then stopped, since quantization and evaluation say nothing about training throughput."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, last_step = [], f"step:{steps}/{steps} train_loss:"
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith(("peak_memory", "ema:applied")) and any(x.startswith(last_step) for x in lines):
+            proc.terminate()
+            break
+    proc.wait()
+    if not any(x.startswith(last_step) for x in lines):
+        print("\n".join(lines[-40:]))
+        sys.exit(f"bench: train_gpt.py exited with {proc.returncode} before step {steps}")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -66,12 +83,8 @@ def main():
     cmd = [sys.executable, "train_gpt.py"] if args.nproc == 1 else \
         ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "train_gpt.py"]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    sys.stderr.write(proc.stderr[-3000:])
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:])
-        sys.exit(f"bench: train_gpt.py exited with {proc.returncode}")
-    result, log = summarize(proc.stdout.splitlines(), skip_after_switch=args.log_every)
+    lines = run_until_training_ends(cmd, env, args.steps)
+    result, log = summarize(lines, skip_after_switch=args.log_every)
     tokens = int(env.get("TRAIN_BATCH_TOKENS", 786432))
     for phase in ("before_loop", "after_loop"):
         if phase in result:
