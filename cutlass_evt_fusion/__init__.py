@@ -114,6 +114,12 @@ def mlp_down_backward(grad_out: torch.Tensor, w_down: torch.Tensor, pre: torch.T
     """The CUTLASS op (raises RuntimeError when it is not built, or for shapes `supports` refuses)."""
     if _LIBRARY is None:
         raise RuntimeError(f"cutlass_evt_fusion unavailable: {_LOAD_ERROR}")
+    # Refused here rather than by the C++ checks: on the H200 (torch 2.11) an exception thrown from
+    # inside the op crashed the process instead of reaching Python (2026-12-02, under investigation).
+    (m, k), n = grad_out.shape, w_down.shape[-1]
+    if not supports(m, n, k):
+        raise RuntimeError(f"cutlass_evt_fusion::mlp_down_backward: [{m}, {k}] x [{k}, {n}] is not a multiple of the "
+                           f"kernel tile {TILE_M}x{TILE_N}x{TILE_K}: use the plain matmuls for this shape")
     return torch.ops.cutlass_evt_fusion.mlp_down_backward(grad_out, w_down, pre)
 
 
