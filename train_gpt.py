@@ -111,9 +111,10 @@ class Settings:
         "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)")
     attn_backend: str = setting("auto",
         "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA", choices=('auto', 'fa3', 'sdpa'))
-    mlp_kernel: str = setting("auto",
-        "MLP training kernels on CUDA: auto = cutlass if cutlass_evt_fusion is built, else triton if Triton imports, "
-        "else torch; cutlass = Triton forward + CUTLASS EVT backward, triton = Triton forward, torch = plain PyTorch",
+    mlp_kernel: str = setting("torch",
+        "MLP training kernels on CUDA: torch = plain PyTorch (compiled: as fast as the fused paths end to end on "
+        "the H200, 2026-12-02); cutlass = Triton forward + CUTLASS EVT backward; triton = Triton forward; auto = "
+        "cutlass if cutlass_evt_fusion is built, else triton if Triton imports, else torch",
         choices=("auto", "cutlass", "triton", "torch"))
     # --- model ---
     num_layers: int = setting(11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model")

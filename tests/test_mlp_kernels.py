@@ -143,7 +143,7 @@ def test_pick_mlp_kernel_without_cuda():
 
 
 def test_mlp_kernel_setting_is_validated():
-    assert tg.Settings(environ={}).mlp_kernel == "auto"
+    assert tg.Settings(environ={}).mlp_kernel == "torch"
     with pytest.raises(tg.UserError, match="MLP_KERNEL='fast' is not one of auto, cutlass, triton, torch"):
         tg.Settings(environ={"MLP_KERNEL": "fast"})
 
@@ -167,7 +167,7 @@ def test_the_run_logs_the_mlp_path(tiny_env, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     events = rt.log_path.read_text().partition("\nheader:end\n")[2]
     lines = [line for line in events.splitlines() if line.startswith("mlp_kernel")]
-    assert lines == [f"mlp_kernel:{tg.pick_mlp_kernel('auto')}"]
+    assert lines == ["mlp_kernel:torch"]  # the default
 
 
 STAND_INS = textwrap.dedent("""
