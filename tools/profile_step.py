@@ -24,9 +24,9 @@ CATEGORIES = [
     ("communication", ("nccl", "allreduce", "all_gather", "reduce_scatter")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "attn")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "sm90_", "matmul", "mlp_up_act")),
+    ("fused kernels (inductor: casts, norms, activations)", ("triton_",)),
     ("copy/memset", ("memcpy", "memset", "copy_", "copykernel")),
     ("reduction", ("reduce", "norm", "sum_", "softmax", "cross_entropy", "nll")),
-    ("fused elementwise (inductor)", ("triton_",)),
     ("elementwise (eager)", ("elementwise", "vectorized", "unrolled")),
 ]
 
