@@ -3,6 +3,8 @@
 PY ?= python3
 NPROC ?= 8
 TRAIN_SHARDS ?= 80
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 SMOKE_DIR := data/smoke
 # A small model with every feature of the full one (loops, two-lane tail, XSA, GQA, partial RoPE),
 # trained for 60 s of wallclock on the CPU.
@@ -19,9 +21,15 @@ SMOKE_ENV := DATA_PATH=$(SMOKE_DIR)/datasets/fineweb10B_sp1024 TOKENIZER_PATH=$(
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: ## install the Python dependencies (CPU torch 2.13.0 when no torch is installed)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -r requirements.txt
+# No torch yet: try PyTorch's CPU wheel index first (a few hundred MB instead of the CUDA build's
+# gigabytes), failing fast when it cannot be reached (no retries, 5 s socket timeout), then the
+# default index, where torch==2.13.0 on Linux x86-64 is the CUDA build (it runs on a CPU too).
+setup: ## install what the trainer, the tools and the tests need (torch 2.13.0 first when none is installed)
+	@$(PY) -c "import torch" 2>/dev/null \
+	  || $(PY) -m pip install -q --retries 0 --timeout 5 --index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION) 2>/dev/null \
+	  || { echo "setup: PyTorch's CPU wheel index did not serve torch==$(TORCH_VERSION); installing it from the default index (on Linux x86-64 that is the CUDA build, several GB)"; \
+	       $(PY) -m pip install -q torch==$(TORCH_VERSION); }
+	@$(PY) -m pip install -q -r requirements-test.txt
 
 smoke-data: ## build the self-generated smoke corpus, tokenizer and shards (no download)
 	@test -f $(SMOKE_DIR)/tokenizers/fineweb_1024_bpe.model || $(PY) data/make_smoke_corpus.py --out $(SMOKE_DIR) --build --vocab-size 1024
