@@ -18,6 +18,7 @@ import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_quant  # noqa: E402
+import measure_packing  # noqa: E402
 import pack_submission  # noqa: E402
 
 # TINY_MODEL quantizes its matrices (PASSTHROUGH_MAX_NUMEL=1024) and calibrates on 2 steps.
@@ -279,6 +280,24 @@ def test_accounting_equals_the_files_on_disk(trained):
     assert int(art["code_bytes"]) == os.path.getsize(packed)
     assert int(art["total"]) == int(art["model_bytes"]) + int(art["code_bytes"])
     assert int(art["margin"]) == 16_000_000 - int(art["total"])
+
+
+def test_measure_packing_shipped_row_is_the_artifact_byte_for_byte(trained, capsys):
+    path = trained["tmp"] / "logs" / "source.ptz"
+    qstate, settings, compressor = measure_packing.read_artifact(path)
+    assert settings and compressor == "brotli"  # the settings header is part of what ships
+    streams, kind = measure_packing.layouts(qstate, settings, compressor)["shipped"]()
+    assert tg.pack_artifact(streams, kind, threads=1)[0] == path.read_bytes()
+    measure_packing.main(["--artifact", str(path), "--only", "shipped", "--threads", "1"])
+    row = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shipped ")]
+    assert len(row) == 1 and int(row[0][3].replace(",", "")) == os.path.getsize(path)
+
+
+def test_measure_packing_of_a_missing_artifact_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "measure_packing.py"), "--artifact", str(tmp_path / "no.ptz")],
+                       capture_output=True, text=True, env=subprocess_env({}))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: artifact {tmp_path / 'no.ptz'} does not exist")
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_packed_script_trains_identically(trained):
