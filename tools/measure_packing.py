@@ -101,8 +101,9 @@ def reference_container(qstate) -> bytes:
 
 
 def layouts(qstate, settings: dict, compressor: str):
-    """{name: (list of uncompressed streams, compressor)}, built lazily. Every layout carries the same
-    settings header, so the rows differ only in how the tensors are laid out and compressed."""
+    """{name: (list of uncompressed streams, compressor)}, built lazily. The layouts of this format all
+    carry the shipped settings header, so they differ only in how the tensors are laid out and
+    compressed; "reference" is the records' container, which has no header."""
     shipped = lambda: tg.serialize_quantized(qstate, settings)  # noqa: E731
     other = next(c for c in tg.COMPRESSORS if c != compressor)
     return {
