@@ -3,15 +3,22 @@
 PY ?= python3
 NPROC ?= 8
 TRAIN_SHARDS ?= 80
-SMOKE_DIR := data/smoke
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+SMOKE_DIR ?= data/smoke
+SMOKE_LOG_DIR ?= logs
+SMOKE_ITERATIONS ?= 80
 # A small model with every feature of the full one (loops, two-lane tail, XSA, GQA, partial RoPE),
-# trained for 60 s of wallclock on the CPU.
-SMOKE_ENV := DATA_PATH=$(SMOKE_DIR)/datasets/fineweb10B_sp1024 TOKENIZER_PATH=$(SMOKE_DIR)/tokenizers/fineweb_1024_bpe.model \
+# trained for SMOKE_ITERATIONS steps on the CPU. No wallclock cap (MAX_WALLCLOCK_SECONDS=0): the
+# schedule, the loop switch-on and the warm-down follow the step count, so every run prints the same
+# val_bpb however loaded the machine is. One thread: the sums then do not depend on the core count,
+# and on a busy 2-core machine two threads spin against each other (6-10 s a step instead of 1.2 s).
+SMOKE_ENV := OMP_NUM_THREADS=1 DATA_PATH=$(SMOKE_DIR)/datasets/fineweb10B_sp1024 TOKENIZER_PATH=$(SMOKE_DIR)/tokenizers/fineweb_1024_bpe.model \
 	VOCAB_SIZE=1024 NUM_LAYERS=6 MODEL_DIM=96 NUM_HEADS=4 NUM_KV_HEADS=2 ROPE_DIMS=8 MLP_MULT=3 \
 	LOOP_START=2 LOOP_END=3 PARALLEL_RESIDUAL_START=4 XSA_LAST_N=6 \
 	TRAIN_SEQ_LEN=128 EVAL_SEQ_LEN=128 TRAIN_BATCH_TOKENS=8192 VAL_BATCH_TOKENS=16384 \
-	MAX_WALLCLOCK_SECONDS=65 GPTQ_RESERVE_SECONDS=5 ITERATIONS=400 WARMUP_STEPS=0 COMPILE=0 EMA_DECAY=0.95 \
-	TRAIN_LOG_EVERY=20 VAL_LOSS_EVERY=0 MATRIX_LR=0.03 RUN_ID=smoke \
+	MAX_WALLCLOCK_SECONDS=0 ITERATIONS=$(SMOKE_ITERATIONS) WARMUP_STEPS=0 COMPILE=0 EMA_DECAY=0.95 \
+	TRAIN_LOG_EVERY=20 VAL_LOSS_EVERY=0 MATRIX_LR=0.03 LOG_DIR=$(SMOKE_LOG_DIR) RUN_ID=smoke \
 	PASSTHROUGH_MAX_NUMEL=1024 GPTQ_CALIBRATION_BATCHES=8 TTT_CHUNK_TOKENS=16384 TTT_BATCH_SEQS=16 BYTE_CHECK_DOCS=150
 
 .PHONY: setup smoke smoke-data test data train bench help
@@ -19,14 +26,22 @@ SMOKE_ENV := DATA_PATH=$(SMOKE_DIR)/datasets/fineweb10B_sp1024 TOKENIZER_PATH=$(
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: ## install the Python dependencies (CPU torch 2.13.0 when no torch is installed)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -r requirements.txt
+# No torch yet: try PyTorch's CPU wheel index first (a few hundred MB instead of the CUDA build's
+# gigabytes), failing fast when it cannot be reached (no retries, 5 s socket timeout), then the
+# default index, where torch==2.13.0 on Linux x86-64 is the CUDA build (it runs on a CPU too).
+setup: ## install what the trainer, the tools and the tests need (torch 2.13.0 first when none is installed)
+	@$(PY) -c "import torch" 2>/dev/null \
+	  || $(PY) -m pip install -q --retries 0 --timeout 5 --index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION) 2>/dev/null \
+	  || { echo "setup: PyTorch's CPU wheel index did not serve torch==$(TORCH_VERSION); installing it from the default index (on Linux x86-64 that is the CUDA build, several GB)"; \
+	       $(PY) -m pip install -q torch==$(TORCH_VERSION); }
+	@$(PY) -m pip install -q -r requirements-test.txt
 
 smoke-data: ## build the self-generated smoke corpus, tokenizer and shards (no download)
 	@test -f $(SMOKE_DIR)/tokenizers/fineweb_1024_bpe.model || $(PY) data/make_smoke_corpus.py --out $(SMOKE_DIR) --build --vocab-size 1024
 
-smoke: setup smoke-data ## the whole pipeline on CPU in a few minutes; prints val_bpb
+# The last run's log and artifact go first: a rerun starts a fresh log instead of appending to it.
+smoke: setup smoke-data ## the whole pipeline on CPU in a few minutes; prints val_bpb (the same on every run)
+	rm -f $(SMOKE_LOG_DIR)/smoke.txt $(SMOKE_LOG_DIR)/smoke.ptz
 	env $(SMOKE_ENV) $(PY) train_gpt.py
 
 test: setup ## the test suite (CPU, under 10 minutes)

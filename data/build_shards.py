@@ -8,12 +8,16 @@ challenge recipe (``--train-tokenizer --vocab-size V``).
 
 Each document becomes ``[BOS] + sp.encode(text)`` (no EOS) and documents are
 concatenated. The first ``--num-val-docs`` documents go to
-``fineweb_val_*.bin``, the rest to ``fineweb_train_*.bin``; a shard holds at
+``fineweb_val_*.bin``, the rest to ``fineweb_train_*.bin`` (the output says how
+many documents and tokens of each input became validation); a shard holds at
 most ``--shard-tokens`` tokens and is cut wherever that limit falls, even in
 the middle of a document, as in the official export. Output:
 
     OUT/datasets/fineweb10B_sp{V}/fineweb_{val,train}_%06d.bin
     OUT/tokenizers/fineweb_{V}_bpe.model (+ .vocab)
+
+V is the tokenizer's real size: a corpus too small for ``--vocab-size`` pieces
+is refused, or with ``--allow-smaller-vocab`` V is what it supports.
 
 The document texts are held in memory (needed for shuffling and for counting
 the split); tokens are streamed to disk shard by shard.
@@ -29,6 +33,8 @@ import json
 import random
 import shutil
 import sys
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -80,23 +86,46 @@ def read_documents(paths, text_field: str = "text", txt_split_lines: bool = Fals
     return docs
 
 
-def train_tokenizer(docs: list[str], vocab_size: int, tokenizers_dir: str | Path) -> Path:
+def train_tokenizer(docs: list[str], vocab_size: int, tokenizers_dir: str | Path,
+                    allow_smaller: bool = False) -> Path:
     """Train a SentencePiece BPE model with the challenge recipe; return its path.
 
     Writes ``tokenizers_dir/fineweb_{V}_bpe.model`` and ``.vocab``. One thread
-    and a fixed seed make the result depend only on the documents.
+    and a fixed seed make the result depend only on the documents. A corpus too
+    small for ``vocab_size`` pieces (sentencepiece runs out of merges) is an
+    error, unless ``allow_smaller``: then V is the size the corpus supports, so
+    the file names never claim pieces the model lacks.
     """
     if not 1 <= vocab_size <= MAX_VOCAB:
         die(f"--vocab-size {vocab_size} must be between 1 and {MAX_VOCAB} (ids are stored as uint16)")
-    tokenizers_dir = Path(tokenizers_dir)
-    tokenizers_dir.mkdir(parents=True, exist_ok=True)
+    # Trained in a scratch folder and copied out only once its size is known to be right, so a
+    # refusal leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix="build_shards-") as scratch:
+        model = train_in(docs, vocab_size, Path(scratch))
+        pieces = spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+        if pieces < vocab_size:
+            if not allow_smaller:
+                die(f"--vocab-size {vocab_size}: these documents support only {pieces} pieces; pass --vocab-size "
+                    f"{pieces} (or less), add documents, or pass --allow-smaller-vocab to write a {pieces}-piece "
+                    f"tokenizer named {tokenizer_file_name(pieces)}")
+            # Retrained at the size it reached (the same pieces), so the .model records its real size.
+            model = train_in(docs, pieces, Path(scratch))
+        tokenizers_dir = Path(tokenizers_dir)
+        tokenizers_dir.mkdir(parents=True, exist_ok=True)
+        for suffix in (".model", ".vocab"):
+            shutil.copyfile(model.with_suffix(suffix), tokenizers_dir / model.with_suffix(suffix).name)
+    return tokenizers_dir / model.name
+
+
+def train_in(docs: list[str], vocab_size: int, folder: Path) -> Path:
+    """Train with the challenge recipe into ``folder/fineweb_{V}_bpe.model`` (+ .vocab)."""
     name = tokenizer_file_name(vocab_size).removesuffix(".model")
     spm.set_random_generator_seed(1337)
     longest = max((len(d.encode("utf-8")) for d in docs), default=0)
     try:
         # The .model records its model_prefix; a bare name (trained from inside the
         # folder) keeps the file byte-identical wherever it is built.
-        with contextlib.chdir(tokenizers_dir):
+        with contextlib.chdir(folder):
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(docs),
                 model_prefix=name,
@@ -119,7 +148,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, tokenizers_dir: str | Path
             )
     except RuntimeError as e:  # e.g. a vocab too small for the 256 byte pieces
         die(f"sentencepiece could not train the tokenizer: {str(e).strip()}")
-    return tokenizers_dir / f"{name}.model"
+    return folder / f"{name}.model"
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
@@ -185,8 +214,13 @@ def check_split(n_docs: int, num_val_docs: int, shard_tokens: int) -> None:
         die("--shard-tokens must be at least 1")
 
 
-def build_shards(docs, sp, dataset_dir, num_val_docs: int, shard_tokens: int) -> dict:
-    """Tokenize ``docs`` into val/train shards under ``dataset_dir``; return counts."""
+def build_shards(docs, sp, dataset_dir, num_val_docs: int, shard_tokens: int, sources=None) -> dict:
+    """Tokenize ``docs`` into val/train shards under ``dataset_dir``; return counts.
+
+    ``sources`` (one label per document, e.g. its input file) adds ``val_from``:
+    {label: {"docs", "tokens", "of"}}, what each input gave to validation out of
+    its ``of`` documents.
+    """
     check_split(len(docs), num_val_docs, shard_tokens)
     # Cap so that at least one document is left for training.
     num_val = min(num_val_docs, len(docs) - 1)
@@ -196,14 +230,32 @@ def build_shards(docs, sp, dataset_dir, num_val_docs: int, shard_tokens: int) ->
     for stale in dataset_dir.glob("fineweb_*_*.bin"):
         stale.unlink()
     writers = {s: ShardWriter(dataset_dir, s, shard_tokens) for s in ("val", "train")}
+    val_from = {}
     for i, tokens in enumerate(encode_documents(sp, docs)):
         writers["val" if i < num_val else "train"].add(tokens)
+        if sources is not None and i < num_val:
+            part = val_from.setdefault(sources[i], {"docs": 0, "tokens": 0})
+            part["docs"] += 1
+            part["tokens"] += len(tokens)
     for w in writers.values():
         w.flush()
     stats = {"docs_val": num_val, "docs_train": len(docs) - num_val}
     for split, w in writers.items():
         stats[f"tokens_{split}"], stats[f"shards_{split}"] = w.tokens, w.shards
+    if sources is not None:
+        totals = Counter(sources)
+        stats["val_from"] = {src: dict(part, of=totals[src]) for src, part in val_from.items()}
     return stats
+
+
+def describe_val(stats: dict, num_val_docs: int, shuffle_seed: int | None) -> str:
+    """One line saying which documents became validation: how many of each input, and their tokens."""
+    order = "in input order" if shuffle_seed is None else f"after --shuffle-seed {shuffle_seed}"
+    capped = (f" (--num-val-docs {num_val_docs} capped to leave one for train)"
+              if stats["docs_val"] < num_val_docs else "")
+    parts = [f"{'all' if p['docs'] == p['of'] else p['docs']} of the {p['of']} docs of {src} ({p['tokens']} tokens)"
+             for src, p in stats["val_from"].items()]
+    return f"val is the first {stats['docs_val']} docs {order}{capped}: " + "; ".join(parts)
 
 
 def print_stats(stats: dict, dataset_dir: Path) -> None:
@@ -223,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--tokenizer", help="existing SentencePiece .model to encode with")
     tok.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer on the documents")
     p.add_argument("--vocab-size", type=int, help="vocab size for --train-tokenizer")
+    p.add_argument("--allow-smaller-vocab", action="store_true",
+                   help="when the documents support fewer than --vocab-size pieces, keep that many and name the "
+                        "outputs by the real size (default: refuse)")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.add_argument("--txt-split-lines", action="store_true", help="one document per non-empty line of .txt inputs")
     p.add_argument("--num-val-docs", type=int, default=50_000, help="leading documents that form the val split")
@@ -237,16 +292,25 @@ def main(argv=None) -> dict:
         die("--train-tokenizer needs --vocab-size")
     if args.tokenizer and args.vocab_size is not None:
         die("--vocab-size goes with --train-tokenizer; --tokenizer brings its own vocab")
-    docs = read_documents(args.inputs, args.text_field, args.txt_split_lines)
+    docs, sources = [], []  # sources: the input file of each document, to say what became validation
+    for path in args.inputs:
+        got = read_documents([path], args.text_field, args.txt_split_lines)
+        docs += got
+        sources += [path] * len(got)
     check_split(len(docs), args.num_val_docs, args.shard_tokens)  # before any slow training
     if args.shuffle_seed is not None:
-        random.Random(args.shuffle_seed).shuffle(docs)
+        pairs = list(zip(docs, sources))
+        random.Random(args.shuffle_seed).shuffle(pairs)
+        docs, sources = [d for d, _ in pairs], [s for _, s in pairs]
 
     out = Path(args.out)
     if args.train_tokenizer:
-        model_path = train_tokenizer(docs, args.vocab_size, out / "tokenizers")
-        vocab_size = args.vocab_size
+        model_path = train_tokenizer(docs, args.vocab_size, out / "tokenizers", args.allow_smaller_vocab)
         sp = load_tokenizer(model_path)
+        vocab_size = sp.get_piece_size()
+        if vocab_size < args.vocab_size:
+            print(f"tokenizer: the documents support {vocab_size} pieces, not --vocab-size {args.vocab_size} "
+                  f"(--allow-smaller-vocab): wrote {model_path}")
     else:
         sp = load_tokenizer(args.tokenizer)
         vocab_size = sp.get_piece_size()
@@ -259,8 +323,9 @@ def main(argv=None) -> dict:
                 shutil.copyfile(s, d)
 
     dataset_dir = out / "datasets" / dataset_dir_name(vocab_size)
-    stats = build_shards(docs, sp, dataset_dir, args.num_val_docs, args.shard_tokens)
+    stats = build_shards(docs, sp, dataset_dir, args.num_val_docs, args.shard_tokens, sources)
     print_stats(stats, dataset_dir)
+    print(describe_val(stats, args.num_val_docs, args.shuffle_seed))
     return stats
 
 

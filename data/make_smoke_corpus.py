@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same corpus")
     p.add_argument("--build", action="store_true", help="also train a tokenizer and write shards")
     p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocab size for --build")
+    p.add_argument("--allow-smaller-vocab", action="store_true",
+                   help="with --build: keep a smaller tokenizer when the corpus supports fewer pieces (named by its size)")
     p.add_argument("--num-val-docs", type=int, default=150, help="leading documents that form the val split")
     p.add_argument("--shard-tokens", type=int, default=400_000,
                    help="max tokens per shard (small, so loaders see several train shards)")
@@ -142,9 +144,9 @@ def main(argv=None) -> dict | None:
     print(f"wrote {len(docs)} documents to {out / 'docs.jsonl'}")
     if not args.build:
         return None
-    model_path = build_shards.train_tokenizer(docs, args.vocab_size, out / "tokenizers")
+    model_path = build_shards.train_tokenizer(docs, args.vocab_size, out / "tokenizers", args.allow_smaller_vocab)
     sp = build_shards.load_tokenizer(model_path)
-    dataset_dir = out / "datasets" / build_shards.dataset_dir_name(args.vocab_size)
+    dataset_dir = out / "datasets" / build_shards.dataset_dir_name(sp.get_piece_size())
     stats = build_shards.build_shards(docs, sp, dataset_dir, args.num_val_docs, args.shard_tokens)
     print(f"tokenizer {model_path} ({sp.get_piece_size()} pieces)")
     build_shards.print_stats(stats, dataset_dir)

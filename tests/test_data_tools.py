@@ -8,6 +8,7 @@ written and read back). The only stand-in is the network: the downloader's
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -221,6 +222,61 @@ def test_cli_with_existing_tokenizer_copies_it(sp_model, docs, tmp_path):
     build_shards.main([str(jsonl), "--tokenizer", str(sp_model), "--out", str(out), "--num-val-docs", "2"])
     assert (out / "tokenizers" / sp_model.name).read_bytes() == sp_model.read_bytes()
     assert len(read_split(out / "datasets" / f"fineweb10B_sp{VOCAB}", "val")) == 1
+
+
+def small_corpus_files(tmp_path: Path) -> list[str]:
+    """Two inputs far too small for 1024 pieces: a .txt that is one document, a .jsonl of three."""
+    whole = tmp_path / "a.txt"
+    whole.write_text("The quick brown fox jumps over the lazy dog.\nIt is one document.\n")
+    lines = tmp_path / "b.jsonl"
+    lines.write_text("".join(json.dumps({"text": f"A short note number {i} about a cat."}) + "\n" for i in range(3)))
+    return [str(whole), str(lines)]
+
+
+def test_vocab_the_corpus_cannot_fill_is_refused_with_the_fix(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        build_shards.main([*small_corpus_files(tmp_path), "--train-tokenizer", "--vocab-size", "1024", "--out", str(out)])
+    assert exit_info.value.code == 1
+    err = one_line_error(capsys)
+    supported = int(re.search(r"support only (\d+) pieces", err).group(1))
+    assert 256 < supported < 1024
+    assert f"pass --vocab-size {supported}" in err and "--allow-smaller-vocab" in err
+    assert not out.exists()  # nothing written under a name that claims 1024 pieces
+
+
+def test_allow_smaller_vocab_names_the_outputs_by_the_real_size(tmp_path, capsys):
+    out = tmp_path / "out"
+    build_shards.main([*small_corpus_files(tmp_path), "--train-tokenizer", "--vocab-size", "1024", "--out", str(out),
+                       "--allow-smaller-vocab"])
+    models = list((out / "tokenizers").glob("*.model"))
+    assert len(models) == 1
+    pieces = build_shards.load_tokenizer(models[0]).get_piece_size()
+    assert pieces < 1024 and models[0].name == f"fineweb_{pieces}_bpe.model"
+    assert [p.name for p in (out / "datasets").iterdir()] == [f"fineweb10B_sp{pieces}"]
+    tokens = np.concatenate(read_split(out / "datasets" / f"fineweb10B_sp{pieces}", "val"))
+    assert tokens.max() < pieces
+    assert f"support {pieces} pieces, not --vocab-size 1024" in capsys.readouterr().out
+
+
+def test_output_says_which_documents_became_validation(sp_model, sp, tmp_path, capsys):
+    files = small_corpus_files(tmp_path)
+    stats = build_shards.main([*files, "--tokenizer", str(sp_model), "--out", str(tmp_path / "out")])
+    # The default --num-val-docs takes all but one document: all of a.txt and two of b.jsonl's three.
+    a_tokens = 1 + len(sp.encode(Path(files[0]).read_text()))
+    b_tokens = sum(1 + len(sp.encode(f"A short note number {i} about a cat.")) for i in range(2))
+    assert stats["val_from"] == {files[0]: {"docs": 1, "tokens": a_tokens, "of": 1},
+                                 files[1]: {"docs": 2, "tokens": b_tokens, "of": 3}}
+    assert stats["tokens_val"] == a_tokens + b_tokens
+    printed = capsys.readouterr().out
+    assert (f"val is the first 3 docs in input order (--num-val-docs 50000 capped to leave one for train): "
+            f"all of the 1 docs of {files[0]} ({a_tokens} tokens); 2 of the 3 docs of {files[1]} ({b_tokens} tokens)") in printed
+
+    stats = build_shards.main([*files, "--tokenizer", str(sp_model), "--out", str(tmp_path / "shuffled"),
+                               "--num-val-docs", "2", "--shuffle-seed", "5"])
+    assert sum(p["docs"] for p in stats["val_from"].values()) == 2
+    assert sum(p["tokens"] for p in stats["val_from"].values()) == stats["tokens_val"]
+    assert "val is the first 2 docs after --shuffle-seed 5: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ The in-process tests use small random matrices; the end-to-end tests share one t
 (module fixture) and run train_gpt.py, its packed form and EVAL_ONLY in subprocesses."""
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_quant  # noqa: E402
+import measure_packing  # noqa: E402
 import pack_submission  # noqa: E402
 
 # TINY_MODEL quantizes its matrices (PASSTHROUGH_MAX_NUMEL=1024) and calibrates on 2 steps.
@@ -216,12 +218,41 @@ def test_packed_stub_runs_the_source_with_readable_tracebacks(tmp_path):
     assert "return 1 / x  # the failing line" in r.stderr and "ZeroDivisionError" in r.stderr
 
 
+OCTAL_DIGITS = {bytes([c]) for c in b"01234567"}
+NAMED = {13: "CR", 92: "backslash", 39: "quote"}
+
+
+def escape_cases(data: bytes) -> set:
+    """Which of the bytes the stub's string literal must escape occur in compressed data."""
+    cases = set()
+    for i, byte in enumerate(data):
+        if byte == 0:  # "\0" before an octal digit would read as a longer octal escape
+            cases.add("NUL before an octal digit" if data[i + 1:i + 2] in OCTAL_DIGITS else "NUL")
+        elif byte in NAMED:
+            cases.add(NAMED[byte])
+    return cases
+
+
 def test_pack_script_escapes_every_byte_value():
-    # Sources whose compressed bytes hit NUL-before-digit, CR, backslash and quotes all survive.
-    for seed in range(20):
+    import brotli
+    # Random texts until, between them, their compressed bytes hold every case the escaping handles.
+    wanted = {"NUL", "NUL before an octal digit", *NAMED.values()}
+    found = {}
+    for seed in range(500):
         g = torch.Generator().manual_seed(seed)
         text = "".join(chr(int(c)) for c in torch.randint(1, 0x3000, (400,), generator=g))
-        assert pack_submission.unpack_script(tg.pack_script(text)) == text
+        for case in escape_cases(brotli.compress(text.encode("utf-8"), quality=11)):
+            found.setdefault(case, text)
+        if set(found) == wanted:
+            break
+    assert set(found) == wanted, f"no text's compressed bytes hold {wanted - set(found)}"
+    for case, text in found.items():
+        packed = tg.pack_script(text)
+        body = packed[len(tg.STUB_HEAD):-len(tg.STUB_TAIL)]
+        assert b"\0" not in body and b"\r" not in body, case  # no raw NUL or CR reaches the literal
+        if case == "NUL before an octal digit":
+            assert re.search(rb"\\x00[0-7]", body)
+        assert pack_submission.unpack_script(packed) == text, case  # Python's parser reads it back exactly
 
 
 # --- end to end: one tiny training run, its packed twin, EVAL_ONLY ----------------------------------------
@@ -257,7 +288,11 @@ def trained(tiny_data, tmp_path_factory):
 def test_run_logs_the_budget_and_the_quantization_tax(trained):
     log = trained["log"]
     hess = log_values(log, "gptq:hessians")
-    assert hess["batches"] == "2" and hess["tokens"] == "4096" and float(hess["seconds"]) >= 0
+    assert hess["batches"] == "2" and hess["tokens"] == "4096"
+    # The budget line adds the training clock (the last step line's train_time) and the Hessian seconds.
+    train_ms = int(log_values(log, "step:5/5 train_loss:")["train_time"].removesuffix("ms"))
+    counted = float(hess["train+calibration"].removesuffix("s"))
+    assert abs(counted - (train_ms / 1000 + float(hess["seconds"]))) <= 0.1 + 1e-9, (train_ms, hess)
     q, pre = log_values(log, "quantized "), log_values(log, "pre-quantization post-ema")
     tax = float(log_values(log, "quantization_tax")["bpb"])
     assert abs(tax - (float(q["val_bpb"]) - float(pre["val_bpb"]))) < 1e-7
@@ -279,6 +314,24 @@ def test_accounting_equals_the_files_on_disk(trained):
     assert int(art["code_bytes"]) == os.path.getsize(packed)
     assert int(art["total"]) == int(art["model_bytes"]) + int(art["code_bytes"])
     assert int(art["margin"]) == 16_000_000 - int(art["total"])
+
+
+def test_measure_packing_shipped_row_is_the_artifact_byte_for_byte(trained, capsys):
+    path = trained["tmp"] / "logs" / "source.ptz"
+    qstate, settings, compressor = measure_packing.read_artifact(path)
+    assert settings and compressor == "brotli"  # the settings header is part of what ships
+    streams, kind = measure_packing.layouts(qstate, settings, compressor)["shipped"]()
+    assert tg.pack_artifact(streams, kind, threads=1)[0] == path.read_bytes()
+    measure_packing.main(["--artifact", str(path), "--only", "shipped", "--threads", "1"])
+    row = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("shipped ")]
+    assert len(row) == 1 and int(row[0][3].replace(",", "")) == os.path.getsize(path)
+
+
+def test_measure_packing_of_a_missing_artifact_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "measure_packing.py"), "--artifact", str(tmp_path / "no.ptz")],
+                       capture_output=True, text=True, env=subprocess_env({}))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: artifact {tmp_path / 'no.ptz'} does not exist")
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_packed_script_trains_identically(trained):

@@ -5,7 +5,8 @@
     python3 tools/measure_packing.py --random                       # random-normal weights, full shapes
     python3 tools/measure_packing.py --random --only shipped,one-stream --threads 1,16
 
-Each row is one way to store the same grid values and scales; "shipped" is train_gpt.py's format.
+Each row is one way to store the same grid values and scales; "shipped" is train_gpt.py's format,
+byte for byte what a training run writes (settings header included, the artifact's own compressor).
 The order-0 entropy row is the bound an ideal per-tensor coder of independent values would reach.
 The figures behind the format's choices are in the comment above ARTIFACT_MAGIC in train_gpt.py.
 """
@@ -21,6 +22,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
+
+
+def artifact_settings(s) -> dict:
+    """The settings header a training run with settings s stores in its artifact (as build_artifact does)."""
+    return {n: getattr(s, n.lower()) for n in tg.artifact_setting_names()}
+
+
+def read_artifact(path: Path) -> tuple:
+    """(qstate, stored settings, compressor) of an artifact file."""
+    qstate, settings, _ = tg.read_artifact(path)  # every defect is a one-line UserError
+    with open(path, "rb") as f:
+        head = f.read(6)  # pack_artifact's header: magic (4 bytes), format version (1), compressor index (1), ...
+    return qstate, settings, tg.COMPRESSORS[head[5]]
 
 
 def random_qstate(seed: int) -> dict:
@@ -52,9 +66,9 @@ def entropy_bytes(qstate) -> float:
     return total
 
 
-def with_int_streams(qstate, transform):
+def with_int_streams(qstate, settings, transform):
     """The shipped streams with every matrix stream replaced by transform(q int8 [rows, cols]) -> bytes."""
-    streams = tg.serialize_quantized(qstate, {})
+    streams = tg.serialize_quantized(qstate, settings)
     ints = [qt.data for qt in qstate.values() if qt.kind == "int"]
     return streams[:1] + [transform(q) for q in ints]
 
@@ -86,16 +100,20 @@ def reference_container(qstate) -> bytes:
     return b"BSHF\x02" + tg.byte_shuffle(raw[:len(raw) // 2 * 2], 2) + raw[len(raw) // 2 * 2:]
 
 
-def layouts(qstate):
-    """{name: (list of uncompressed streams, compressor)}, built lazily."""
+def layouts(qstate, settings: dict, compressor: str):
+    """{name: (list of uncompressed streams, compressor)}, built lazily. The layouts of this format all
+    carry the shipped settings header, so they differ only in how the tensors are laid out and
+    compressed; "reference" is the records' container, which has no header."""
+    shipped = lambda: tg.serialize_quantized(qstate, settings)  # noqa: E731
+    other = next(c for c in tg.COMPRESSORS if c != compressor)
     return {
-        "shipped": lambda: (tg.serialize_quantized(qstate, {}), "brotli"),
-        "row-major": lambda: (with_int_streams(qstate, lambda q: q.numpy().tobytes()), "brotli"),
-        "one-stream": lambda: ([b"".join(tg.serialize_quantized(qstate, {}))], "brotli"),
-        "bitpack6": lambda: (with_int_streams(qstate, lambda q: bitpack6(q) if q.abs().max() < 32 else q.numpy().tobytes()), "brotli"),
-        "bit-planes": lambda: (with_int_streams(qstate, bit_planes), "brotli"),
-        "shipped-lzma": lambda: (tg.serialize_quantized(qstate, {}), "lzma"),
-        "reference": lambda: ([reference_container(qstate)], "brotli"),
+        "shipped": lambda: (shipped(), compressor),
+        "row-major": lambda: (with_int_streams(qstate, settings, lambda q: q.numpy().tobytes()), compressor),
+        "one-stream": lambda: ([b"".join(shipped())], compressor),
+        "bitpack6": lambda: (with_int_streams(qstate, settings, lambda q: bitpack6(q) if q.abs().max() < 32 else q.numpy().tobytes()), compressor),
+        "bit-planes": lambda: (with_int_streams(qstate, settings, bit_planes), compressor),
+        f"shipped-{other}": lambda: (shipped(), other),
+        "reference": lambda: ([reference_container(qstate)], compressor),
     }
 
 
@@ -107,20 +125,24 @@ def main(argv=None):
     parser.add_argument("--only", default="", help="comma-separated layouts (default: all)")
     parser.add_argument("--threads", default="0", help="comma-separated thread counts for the timing (0: all cores)")
     args = parser.parse_args(argv)
-    qstate = tg.read_artifact(args.artifact)[0] if args.artifact else random_qstate(0)
+    try:
+        qstate, settings, compressor = (read_artifact(args.artifact) if args.artifact else
+                                        (random_qstate(0), artifact_settings(tg.Settings(environ={})), "brotli"))
+    except tg.UserError as e:
+        sys.exit(f"error: {e}")
     n_values = sum(qt.data.numel() for qt in qstate.values() if qt.kind == "int")
     print(f"quantized values: {n_values:,}  order-0 entropy bound: {entropy_bytes(qstate):,.0f} B (grid values only)")
     wanted = [x for x in args.only.split(",") if x]
     cores = len(tg.os.sched_getaffinity(0))
     print(f"{'layout':14s} {'threads':>7s} {'raw B':>12s} {'compressed B':>13s} {'vs shipped':>10s} {'seconds':>8s}")
     shipped = None
-    for name, build in layouts(qstate).items():
+    for name, build in layouts(qstate, settings, compressor).items():
         if wanted and name not in wanted:
             continue
-        streams, compressor = build()
+        streams, kind = build()
         for threads in [int(t) or cores for t in args.threads.split(",")]:
             t0 = time.perf_counter()
-            blob, _ = tg.pack_artifact(streams, compressor, threads)
+            blob, _ = tg.pack_artifact(streams, kind, threads)
             seconds = time.perf_counter() - t0
             shipped = shipped or (len(blob) if name == "shipped" else None)
             rel = f"{100 * (len(blob) / shipped - 1):+.2f}%" if shipped else ""

@@ -4,6 +4,7 @@
     python3 tools/settings_table.py            # print the markdown table
     python3 tools/settings_table.py --update   # rewrite the table between the markers in README.md
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -28,12 +29,18 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def main():
-    if "--update" not in sys.argv:
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--update", action="store_true",
+                        help="rewrite the table between the settings-table markers in README.md instead of printing it")
+    args = parser.parse_args(argv)
+    if not args.update:
         print(table())
         return
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        sys.exit(f"error: {readme} has no {BEGIN} ... {END} markers: put them where the table goes")
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
     readme.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}", encoding="utf-8")
