@@ -46,12 +46,18 @@ def runs(tiny_data, tmp_path_factory):
 
 
 def edited(src: Path, dst: Path, old: str, new: str, count: int = 1) -> Path:
-    """A copy of a real log with one edit of its events (the edit must apply; the header, which holds
-    the source, is left alone)."""
-    head, sep, events = src.read_text().partition("\nheader:end\n")
-    assert old in events, old
+    """A copy of a real log with one edit of its settings or events (the edit must apply; the source that
+    the header holds is left alone)."""
+    text = src.read_text()
+    start, end = text.index("\nsource: "), text.index("\nheader:end\n")
+    settings, source, events = text[:start], text[start:end], text[end:]
+    if old in settings:
+        settings = settings.replace(old, new, count)
+    else:
+        assert old in events, old
+        events = events.replace(old, new, count)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(head + sep + events.replace(old, new, count))
+    dst.write_text(settings + source + events)
     return dst
 
 
@@ -100,7 +106,7 @@ def test_parser_reads_every_part_of_a_real_log(runs):
     assert log.eval_seconds * 1000 >= sum(log.metrics[m].eval_ms for m in ("quantized", "quantized_sliding_window"))
     assert log.byte_check["ok"] and log.byte_check["mismatched_docs"] == "0"
     assert len(log.ttt_protocols) == 1 and log.ttt_protocols[0]["score_first"] and log.ttt_protocols[0]["mode"] == "chunk"
-    assert log.mlp_backend is None and not log.uses_cutlass
+    assert log.mlp_backend == "torch" and not log.uses_cutlass
 
 
 def figures(log) -> dict:
@@ -441,7 +447,7 @@ def test_record_refuses_repeated_seeds_two_runs_in_one_log_and_an_existing_folde
 
 
 def test_record_ships_cutlass_sources_only_when_the_run_used_them(runs, tmp_path, monkeypatch):
-    logs = [edited(p, tmp_path / "in" / p.name, "attention_backend:", "mlp_kernel:cutlass\nattention_backend:") for p in runs["paths"]]
+    logs = [edited(p, tmp_path / "in" / p.name, "mlp_kernel:torch", "mlp_kernel:cutlass") for p in runs["paths"]]
     assert runlog.read_log(logs[0]).uses_cutlass
     empty = tmp_path / "cutlass_empty"
     empty.mkdir()
