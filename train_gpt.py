@@ -2652,6 +2652,16 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
 # nominal end. After scoring a chunk, its document's LoRA adapters take one AdamW step on it. Adapters
 # and AdamW state start from the same fresh row for every document, so documents are independent and
 # batching cannot change any score; documents enter in their original order (lora_plan).
+#
+# Why a flat row per document: each document in flight owns one row of AdapterSlots.P holding all its
+# adapter matrices back to back (LoRALayout says where each sits). A step gathers the rows of the
+# documents it batches, views them as one [rows, in, out] tensor per matrix (so row r of the batch uses
+# row r's adapters through batched matmuls), and writes the updated rows back. Opening a document is one
+# row copy, closing it frees the slot; no per-document modules or optimizers are built.
+# Why a hand-written AdamW (AdapterSlots.adamw_): torch.optim keeps one state per parameter tensor, but
+# here every row is a different document with its own step count (bias correction) and its own reset,
+# and a step touches only the rows in the batch. Updating the gathered rows in place, a few at a time,
+# does exactly AdamW per document with no per-document optimizer objects and small fp32 temporaries.
 
 
 class LoRALayout:
