@@ -579,6 +579,13 @@ def package_version(name: str) -> str:
         return "none"
 
 
+def compiled(fn, enabled: bool, dynamic: bool | None = False):
+    """The one torch.compile of the script: fn as a single graph (fullgraph, so a graph break is an error,
+    not a silent slowdown), static shapes unless dynamic=None (LoRA TTT marks its own dynamic dims).
+    Not enabled (COMPILE=0) returns fn itself."""
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True) if enabled else fn
+
+
 class Timer:
     seconds = 0.0
 
@@ -1508,7 +1515,7 @@ def newton_schulz_fn(compile_it: bool):
     if not compile_it:
         return newton_schulz
     if _COMPILED_NEWTON_SCHULZ is None:
-        _COMPILED_NEWTON_SCHULZ = torch.compile(newton_schulz, dynamic=False)
+        _COMPILED_NEWTON_SCHULZ = compiled(newton_schulz, True)
     return _COMPILED_NEWTON_SCHULZ
 
 
@@ -2336,13 +2343,6 @@ def to_device(array: np.ndarray, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def compiled(fn, s: Settings, dynamic: bool | None = False):
-    """The one torch.compile of the script: fn as a single graph (fullgraph, so a graph break is an error,
-    not a silent slowdown), static shapes unless dynamic=None (LoRA TTT marks its own dynamic dims).
-    COMPILE=0 returns fn itself."""
-    return torch.compile(fn, dynamic=dynamic, fullgraph=True) if s.compile else fn
-
-
 def val_batch_seqs(s: Settings, rt: Runtime) -> int:
     """Windows per forward pass on each rank of the non-overlapping evaluation: VAL_BATCH_TOKENS is global."""
     return max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
@@ -2575,7 +2575,7 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
 
     def losses(x, y):
         return ttt.token_losses(x, y, extra_embedding=hash_emb)
-    loss_fn = compiled(losses, s)
+    loss_fn = compiled(losses, s.compile)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
     frozen = sum(p.numel() for p in ttt.parameters() if not p.requires_grad)
@@ -2963,7 +2963,7 @@ def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
         return base.token_losses(x, y, lora=DocLoRA(layout, matrices))
     if not s.compile:
         return losses
-    graph = compiled(losses, s, dynamic=None)
+    graph = compiled(losses, s.compile, dynamic=None)
 
     def compiled_losses(x, y, matrices):
         torch._dynamo.mark_dynamic(x, (0, 1))
@@ -3025,7 +3025,7 @@ def run_evaluation_passes(model: GPT, s: Settings, rt: Runtime, data: EvalData, 
                 return model.token_losses(x, y)
             batch = val_batch_seqs(s, rt) if name == "plain" else s.eval_batch_windows
             stride = s.eval_seq_len if name == "plain" else s.eval_stride
-            result = evaluate_windows(compiled(losses, s), tokens, tables, s.eval_seq_len, stride, batch, rt, budget,
+            result = evaluate_windows(compiled(losses, s.compile), tokens, tables, s.eval_seq_len, stride, batch, rt, budget,
                                       name)
         elif name == "ttt_chunk":
             result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget)
@@ -3081,8 +3081,8 @@ class Trainer:
         self.train_files = shard_files(s.data_path, "train")
         self.model = GPT(s).to(rt.device)
         self.attention_backend = self.model.use_attention(s.attn_backend, rt.device)
-        self.train_loss = compiled(self.model, s)
-        self.eval_losses = compiled(self.model.token_losses, s)
+        self.train_loss = compiled(self.model, s.compile)
+        self.eval_losses = compiled(self.model.token_losses, s.compile)
         self.global_seqs = s.train_batch_tokens // s.train_seq_len
         self.can_loop = s.num_loops > 0
 
