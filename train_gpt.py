@@ -78,6 +78,10 @@ class Settings:
     MATRIX_LR). The fields are the one declaration: parsing, range checks, the artifact's stored
     settings, the log header and the README table (tools/settings_table.py) all come from them."""
     # --- data and run ---
+    preset: str = setting("pr1529",
+        "seed record whose defaults the run starts from (PRESETS; explicit variables still win): pr1529 = the project "
+        "defaults; pr1477, pr1536 and pr1204 change the values the README preset table lists",
+        choices=("pr1529", "pr1477", "pr1536", "pr1204"))
     data_path: str = setting("./data/datasets/fineweb10B_sp8192",
         "folder holding fineweb_train_*.bin and fineweb_val_*.bin", group="data")
     tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe.model",
@@ -147,6 +151,29 @@ class Settings:
         "last physical layer of the recurrent segment (inclusive)", group="model", bounds="[0, inf)", role="model")
     enable_looping_at: float = setting(0.35,
         "fraction of the training budget at which depth recurrence switches on", group="model", bounds="[0, 1]")
+    enable_looping_at_step: int = setting(0,
+        "optimizer step at which depth recurrence switches on (PR #1204: 3000); 0: ENABLE_LOOPING_AT decides",
+        group="model", bounds="[0, inf)")
+    untie_loop_mlp: bool = setting(False,
+        "each extra pass over the recurrent segment has its own MLP weights, copied from the first pass's when "
+        "looping switches on (PR #1204); attention stays shared", group="model", role="model")
+    attn_off_layers: str = setting("",
+        "comma-separated physical layers without attention (PR #1204: 0): the block is its MLP alone",
+        group="model", role="model")
+    value_embed_layers: str = setting("",
+        "comma-separated physical layers whose attention values add a value embedding (PR #1204: 9,10): one shared "
+        "table VOCAB_SIZE x VALUE_EMBED_DIM projected to the key/value width, with a learned scale per layer",
+        group="model", role="model")
+    value_embed_dim: int = setting(128,
+        "width of the value-embedding table", group="model", bounds="[1, inf)", role="model")
+    bigram_hash_buckets: int = setting(0,
+        "BigramHash embedding trained with the model (PR #1204: 2816): buckets of the hashed (previous, current) token "
+        "pair, added to the token embedding before its norm; 0: off", group="model", bounds="[0, inf)", role="model")
+    bigram_hash_dim: int = setting(112,
+        "width of the BigramHash table, projected to MODEL_DIM", group="model", bounds="[1, inf)", role="model")
+    smear_gate: bool = setting(False,
+        "SmearGate (PR #1204): each position mixes in the previous position's embedding through a learned per-channel "
+        "gate; masked at BOS, so nothing crosses into a document", group="model", role="model")
     parallel_residual_mode: str = setting("full",
         "two-lane residuals: full = PR #1529, split = PR #1477, sequential = PR #1204, off",
         choices=('full', 'split', 'sequential', 'off'), group="model", role="model")
@@ -294,9 +321,13 @@ class Settings:
             var, name = typos[0]
             raise UserError(f"{var} is not a setting: did you mean {name}? (rename it; the settings are listed in "
                             "README.md)")
+        # Layers: project default < the preset's value < an environment variable < a keyword override.
+        raw_preset = overrides.get("preset") or environ.get("PRESET") or SETTINGS_BY_NAME["PRESET"].default
+        preset = PRESETS.get(_parse_setting(SETTINGS_BY_NAME["PRESET"], raw_preset), {})
         for s in SETTINGS:
             raw = environ.get(s.name)
-            setattr(self, s.name.lower(), s.default if raw is None or raw == "" else _parse_setting(s, raw))
+            setattr(self, s.name.lower(), preset.get(s.name, s.default) if raw is None or raw == "" else
+                    _parse_setting(s, raw))
         for key, value in overrides.items():
             if key.upper() not in SETTINGS_BY_NAME:
                 raise UserError(f"unknown setting {key}")
@@ -332,6 +363,10 @@ class Settings:
             need(0 <= self.loop_start <= self.loop_end < self.num_layers,
                  f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
                  f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        layer_list(self.attn_off_layers, "ATTN_OFF_LAYERS", self.num_layers)
+        layer_list(self.value_embed_layers, "VALUE_EMBED_LAYERS", self.num_layers)
+        need(not self.untie_loop_mlp or self.num_loops > 0,
+             "UNTIE_LOOP_MLP=1 needs depth recurrence: set NUM_LOOPS >= 1 or UNTIE_LOOP_MLP=0")
         need(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after "
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
@@ -341,6 +376,73 @@ class Settings:
 
 SETTINGS = [Setting(f.name.upper(), f.default, **f.metadata) for f in fields(Settings)]
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+# --- presets: each seed record's system as data -----------------------------------------------------
+# PRESET=name starts every setting below from that record's value instead of the project default;
+# an explicit environment variable still wins. Values are the record's run values (reference-spec §3,
+# §6, §8, §10); pr1529 is the project default itself. tests/test_presets.py checks that every key is a
+# setting and every value passes that setting's type, choices and range.
+PRESETS = {
+    "pr1529": {},
+    # PR #1477 (1.0822): the PR #1394/#1413 line it builds on (spec §10: MATRIX_LR 0.02, MUON_WD and
+    # EMBED_WD 0.085, Muon 0.99 before PR #1514), layers 4-5 looped twice from half of training,
+    # split lanes from layer 7 with the learned lane_merge, chunk TTT at lr 0.005 without hash embedding.
+    "pr1477": dict(NUM_LOOPS=2, LOOP_START=4, LOOP_END=5, ENABLE_LOOPING_AT=0.5,
+                   PARALLEL_RESIDUAL_MODE="split", PARALLEL_RESIDUAL_START=7, QK_GAIN_INIT=5.0,
+                   MATRIX_LR=0.02, MUON_WD=0.085, EMBED_WD=0.085, MUON_MOMENTUM=0.99,
+                   TTT_LR=0.005, HASH_EMBED_ENABLED=False),
+    # PR #1536 (1.07747, non-record) on PR #1530's training defaults (spec §8: warm-down 0.72, EMA 0.9965,
+    # EMBED_WD 0.085, two lanes from layer 8, no sliding-window pass), PR #1523's split lanes, layers 3-5
+    # looped, Muon 0.97, per-document LoRA TTT with 64-token chunks, scored here in original document order.
+    # Its document-masked attention is the DOC_MASK setting where this build has it (preset_notes).
+    "pr1536": dict(PARALLEL_RESIDUAL_MODE="split", PARALLEL_RESIDUAL_START=8, MUON_MOMENTUM=0.97,
+                   WARMDOWN_FRAC=0.72, EMA_DECAY=0.9965, EMBED_WD=0.085, SLIDING_WINDOW_ENABLED=False,
+                   TTT_MODE="lora", TTT_CHUNK_SIZE=64),
+    # PR #1204 (1.1063, SP1024, no TTT): 11L x 512 with a 3x MLP, layers 4-5 repeated once from step 3000
+    # with untied MLPs in the repeat, sequential two-lane residuals from layer 7, no attention in layer 0,
+    # QK gain 4.0, BigramHash 2816 x 112, SmearGate, value embeddings on layers 9-10, plain skips, Muon
+    # without row normalisation (MuonEq-R came later) at the record's code defaults (lr 0.025, momentum
+    # 0.99, weight decay 0.04), warm-down 3500 of its ~6,240 steps.
+    # Calibration: the record sampled 64 sequences x 2048 tokens in batches of 8 for ~240 s after the loop,
+    # ~30 s per batch of 8 (2048 uncached forward passes each). Here GPTQ_CALIBRATION_BATCHES is sequences
+    # per rank, so 8 per rank is one such batch, ~30 s, inside a 32 s reserve, and 8 ranks together still
+    # sample the record's 64 sequences. calibrate() logs a WARNING when training + calibration overruns.
+    "pr1204": dict(DATA_PATH="./data/datasets/fineweb10B_sp1024",
+                   TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model", VOCAB_SIZE=1024, MLP_MULT=3.0,
+                   NUM_LOOPS=1, LOOP_START=4, LOOP_END=5, ENABLE_LOOPING_AT_STEP=3000,
+                   UNTIE_LOOP_MLP=True, PARALLEL_RESIDUAL_MODE="sequential", PARALLEL_RESIDUAL_START=7,
+                   ATTN_OFF_LAYERS="0", QK_GAIN_INIT=4.0, BIGRAM_HASH_BUCKETS=2816, BIGRAM_HASH_DIM=112,
+                   SMEAR_GATE=True, VALUE_EMBED_LAYERS="9,10", VALUE_EMBED_DIM=128, SKIP_GATES_ENABLED=False,
+                   MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035, MUON_MOMENTUM=0.99,
+                   MUON_ROW_NORMALIZE=False, MUON_WD=0.04, ADAM_WD=0.04, EMBED_WD=0.04, WARMDOWN_FRAC=0.56,
+                   TTT_ENABLED=False, GPTQ_CALIBRATION="selfgen", GPTQ_CALIBRATION_BATCHES=8,
+                   GPTQ_RESERVE_SECONDS=32.0),
+}
+
+
+def preset_changes(s: Settings) -> list:
+    """(name, value) of every setting whose value differs from the project default (RUN_ID aside):
+    what the preset and the environment changed."""
+    return [(x.name, getattr(s, x.name.lower())) for x in SETTINGS
+            if x.name not in ("RUN_ID", "PRESET") and getattr(s, x.name.lower()) != x.default]
+
+
+def preset_notes(s: Settings) -> list:
+    """Parts of the preset's record this build cannot run, said in the log rather than silently dropped."""
+    if s.preset == "pr1536" and "DOC_MASK" not in SETTINGS_BY_NAME:
+        return ["preset:missing name:pr1536 component:document_masked_attention reason:no_DOC_MASK_in_this_build"]
+    return []
+
+
+def layer_list(text: str, name: str, num_layers: int) -> tuple:
+    """"9,10" -> (9, 10); a one-line error for anything but distinct physical layer indices."""
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{name}={text!r} must be comma-separated layer numbers, e.g. {name}=9,10") from None
+    need(all(0 <= i < num_layers for i in layers) and len(set(layers)) == len(layers),
+         f"{name}={text} must name distinct layers between 0 and NUM_LAYERS-1={num_layers - 1}")
+    return layers
 
 
 class UserError(Exception):
@@ -625,6 +727,18 @@ def log_header(s: Settings, rt: Runtime):
     rt.log(f"source: {Path(__file__).name} lines:{source.count(chr(10))}", console=False)
     rt.log("\n".join("  " + line for line in source.splitlines()), console=False)
     rt.log(HEADER_END)
+    changes = preset_changes(s)
+    rt.log(f"preset name:{s.preset} changed:{len(changes)} settings:{','.join(n for n, _ in changes) or 'none'}")
+    for name, value in changes:
+        rt.log(f"preset:changed setting:{name} value:{log_value(value)} "
+               f"default:{log_value(SETTINGS_BY_NAME[name].default)}")
+    for note in preset_notes(s):
+        rt.log(note)
+
+
+def log_value(value) -> str:
+    """A setting's value as one log word: "" for an empty string, spaces as %20."""
+    return str(value).replace(" ", "%20") if str(value) else '""'
 
 
 
@@ -914,6 +1028,8 @@ class Attention(nn.Module):
         if ctx.adapter is not None:
             dq, dk, dv, d_out = ctx.adapter.attn(x)
             q, k, v = q + dq, k + dk, v + dv
+        if ctx.value is not None:  # value embedding of this layer (VALUE_EMBED_LAYERS)
+            v = v + ctx.value
         q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
         k = rms_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -1103,19 +1219,26 @@ class MLP(nn.Module):
 
 class LayerContext(NamedTuple):
     """What every block of one forward pass reads besides the residual stream: the RoPE tables, the
-    attention kernel, and this virtual layer's eval-time adapters (None outside LoRA TTT)."""
+    attention kernel, this virtual layer's eval-time adapters (None outside LoRA TTT), the MLP of this
+    visit when the recurrent passes have their own (None: the block's) and the value embedding added to
+    this layer's attention values (None: none)."""
     rope: tuple
     attend: object
     adapter: object = None
+    mlp: object = None
+    value: object = None
 
 
 class Block(nn.Module):
     def __init__(self, layer: int, s: Settings):
         super().__init__()
         dim = s.model_dim
-        self.attn = Attention(dim, s.num_heads, s.num_kv_heads, s.qk_gain_init, layer >= s.num_layers - s.xsa_last_n)
+        self.attn = self.attn_scale = None  # ATTN_OFF_LAYERS: the block is its MLP alone
+        if layer not in layer_list(s.attn_off_layers, "ATTN_OFF_LAYERS", s.num_layers):
+            self.attn = Attention(dim, s.num_heads, s.num_kv_heads, s.qk_gain_init,
+                                  layer >= s.num_layers - s.xsa_last_n)
+            self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp = MLP(dim, mlp_hidden(s), pick_mlp_kernel(s.mlp_kernel))
-        self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of (x, x0)
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if s.ln_scale else 1.0
@@ -1125,10 +1248,13 @@ class Block(nn.Module):
         return m[0] * x + m[1] * x0
 
     def attn_branch(self, x_in, ctx: LayerContext):
+        if self.attn is None:  # a 0-d zero: every residual form adds it as it would the attention output
+            return x_in.new_zeros(())
         return self.attn_scale.to(x_in.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, ctx)
 
     def mlp_branch(self, h, ctx: LayerContext):
-        return self.mlp_scale.to(h.dtype) * self.mlp(rms_norm(h) * self.norm_scale, ctx.adapter)
+        mlp = self.mlp if ctx.mlp is None else ctx.mlp
+        return self.mlp_scale.to(h.dtype) * mlp(rms_norm(h) * self.norm_scale, ctx.adapter)
 
     def forward(self, x, x0, ctx: LayerContext):
         """The standard (single-stream) block."""
@@ -1264,6 +1390,79 @@ RESIDUAL_FORMS = {form.mode: form for form in (FullParallel(), SplitLanes(), Seq
 ONE_LANE = RESIDUAL_FORMS["off"]
 
 
+# --- input-side components of PR #1204 (each a setting, off by default) ----------------------------------
+# All three act in GPT.forward_hidden, so training, evaluation and both TTT modes see them alike.
+
+BOS_ID = 1  # every challenge document starts with token 1 (reference-spec §1.1)
+
+
+class HashEmbedding(nn.Module):
+    """A table over hashed (previous, current) token pairs, bucket (prev * 2039 + cur) mod buckets;
+    position 0 of a window hashes with prev = 0. Zero-initialised: it adds nothing until trained. Used
+    twice: as TTT's eval-time hash embedding (HASH_EMBED_ENABLED, PR #1460 idea) and as the table of
+    BigramHash."""
+
+    def __init__(self, buckets: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(buckets, dim))
+
+    def forward(self, input_ids):
+        prev = F.pad(input_ids[:, :-1], (1, 0))
+        return F.embedding((prev * 2039 + input_ids) % self.weight.size(0), self.weight)
+
+
+class BigramHash(nn.Module):
+    """PR #1204's BigramHash, trained with the model: a narrow hash table (zero) projected to the model
+    width (orthogonal, so the table gets gradients from the first step) and a learned scale (0.05),
+    added to the token embedding before its norm."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.table = HashEmbedding(buckets, dim)
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, input_ids):
+        return self.proj(self.table(input_ids)) * self.scale
+
+
+class SmearGate(nn.Module):
+    """One-token look-back: x_t <- x_t + sigmoid(gate) * (x_{t-1} - x_t), a learned gate per channel
+    (zero: half the previous position at the start, as in PR #1204). Masked where there is nothing of
+    this document to look back at: position 0 of a window and every BOS, so no information crosses from
+    one document into the next (the frontier's BOS fix, PR #1851)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, input_ids):
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        looks_back = F.pad(input_ids[:, 1:] != BOS_ID, (1, 0), value=False).unsqueeze(-1)
+        g = torch.sigmoid(self.gate.to(x.dtype)) * looks_back.to(x.dtype)
+        return x + g * (prev - x)
+
+
+class ValueEmbedding(nn.Module):
+    """PR #1204's value embeddings: one table VOCAB_SIZE x VALUE_EMBED_DIM (normal, std 0.01) projected
+    to the key/value width (orthogonal) and scaled (0.1), added to the attention values of each layer of
+    VALUE_EMBED_LAYERS times that layer's own learned scale (1): token identity re-enters deep layers."""
+
+    def __init__(self, s: Settings):
+        super().__init__()
+        self.layers = layer_list(s.value_embed_layers, "VALUE_EMBED_LAYERS", s.num_layers)
+        self.table = nn.Embedding(s.vocab_size, s.value_embed_dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.proj = CastedLinear(s.value_embed_dim, s.num_kv_heads * (s.model_dim // s.num_heads))
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.Parameter(torch.ones(len(self.layers)))
+
+    def per_layer(self, input_ids, dtype) -> dict:
+        """{physical layer: the value embedding its attention adds}, computed once per forward."""
+        shared = self.proj(self.table(input_ids).to(dtype)) * self.scale.to(dtype)
+        return {layer: shared * self.layer_scales[k].to(dtype) for k, layer in enumerate(self.layers)}
+
+
 class GPT(nn.Module):
     def __init__(self, s: Settings):
         super().__init__()
@@ -1271,7 +1470,15 @@ class GPT(nn.Module):
         self.vocab_size, self.dim = s.vocab_size, s.model_dim
         self.tok_emb = nn.Embedding(s.vocab_size, s.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=s.tied_embed_init_std)
+        self.bigram = BigramHash(s.bigram_hash_buckets, s.bigram_hash_dim, s.model_dim) \
+            if s.bigram_hash_buckets else None
+        self.smear = SmearGate(s.model_dim) if s.smear_gate else None
+        self.value_embed = ValueEmbedding(s) if s.value_embed_layers.strip() else None
         self.blocks = nn.ModuleList(Block(i, s) for i in range(s.num_layers))
+        # UNTIE_LOOP_MLP: extra pass k (1..NUM_LOOPS) over segment layer i uses loop_mlps[(k-1)*len + i-LOOP_START]
+        segment = s.loop_end - s.loop_start + 1
+        self.loop_mlps = nn.ModuleList(MLP(s.model_dim, mlp_hidden(s), self.blocks[0].mlp.kernel)
+                                       for _ in range(s.num_loops * segment)) if s.untie_loop_mlp else None
         self.mlp_kernel = self.blocks[0].mlp.kernel  # MLP_KERNEL as resolved: cutlass, triton or torch
         self.residual = RESIDUAL_FORMS[s.parallel_residual_mode]
         self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value
@@ -1283,6 +1490,38 @@ class GPT(nn.Module):
         for schedule in schedules:
             self._check_parallel_region(schedule)
         self.attention_backend, self.attend = pick_attention("sdpa", torch.device("cpu"))
+
+    def embedding_tables(self) -> list:
+        """Token-indexed tables: trained by AdamW at TIED_EMBED_LR, like the tied embedding."""
+        tables = [self.tok_emb.weight]
+        if self.bigram is not None:
+            tables.append(self.bigram.table.weight)
+        if self.value_embed is not None:
+            tables.append(self.value_embed.table.weight)
+        return tables
+
+    def start_looping(self):
+        """Switch depth recurrence on in training. Untied extra passes start as copies of the first pass's
+        MLPs (PR #1204), so switching on does not throw the trained MLPs away."""
+        self.looping = True
+        if self.loop_mlps is not None:
+            s, segment = self.settings, self.settings.loop_end - self.settings.loop_start + 1
+            with torch.no_grad():
+                for k, mlp in enumerate(self.loop_mlps):
+                    mlp.load_state_dict(self.blocks[s.loop_start + k % segment].mlp.state_dict())
+
+    def visit_mlps(self, schedule) -> list:
+        """The MLP each virtual position runs: None (the block's own) except on extra recurrent passes
+        with UNTIE_LOOP_MLP."""
+        out, seen = [], {}
+        for i in schedule:
+            visit = seen.get(i, 0)
+            seen[i] = visit + 1
+            s = self.settings
+            untied = self.loop_mlps is not None and visit > 0
+            out.append(self.loop_mlps[(visit - 1) * (s.loop_end - s.loop_start + 1) + i - s.loop_start]
+                       if untied else None)
+        return out
 
     def use_attention(self, requested: str, device: torch.device) -> str:
         self.attention_backend, self.attend = pick_attention(requested, device)
@@ -1325,16 +1564,22 @@ class GPT(nn.Module):
         evaluation and both TTT modes. The first half of the virtual layers (the encoder) pushes U-Net
         skips that the second half pops; the residual form of each position moves the lanes."""
         s = self.settings
-        x = rms_norm(self.tok_emb(input_ids).to(compute_dtype(input_ids.device)))
+        embedded = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            embedded = embedded + self.bigram(input_ids)
+        x = rms_norm(embedded.to(compute_dtype(input_ids.device)))
         if extra_embedding is not None:  # eval-time hash embedding, added to the normed token embedding
             x = x + extra_embedding(input_ids).to(x.dtype)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
         x0 = x
         rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
+        values = self.value_embed.per_layer(input_ids, x.dtype) if self.value_embed is not None else {}
         schedule = self.schedule()
         num_encoder = len(schedule) // 2
         skips, lanes, holder = [], (x,), ONE_LANE
-        for pos, (i, form) in enumerate(zip(schedule, self.forms(schedule))):
-            ctx = LayerContext(rope, self.attend, lora.adapter(pos) if lora is not None else None)
+        for pos, (i, form, mlp) in enumerate(zip(schedule, self.forms(schedule), self.visit_mlps(schedule))):
+            ctx = LayerContext(rope, self.attend, lora.adapter(pos) if lora is not None else None, mlp, values.get(i))
             j = pos - num_encoder
             if 0 <= j < self.skip_weights.size(0) and skips:
                 lanes = holder.skip(self, lanes, skips.pop(), j)  # the form holding the lanes takes the skip
@@ -1372,10 +1617,11 @@ class GPT(nn.Module):
     def matmul_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 6 x multiply-adds), attention included, for the current "
           "schedule."""
-        per_layer = sum(p.numel() for n, p in self.blocks[0].named_parameters() if p.ndim == 2)
-        layers = len(self.schedule())
-        attention = 6 * layers * self.dim * seq_len  # causal QK^T and AV: 2 * (T/2) * dim multiply-adds each, x3
-        return 6.0 * (layers * per_layer + self.vocab_size * self.dim) + attention
+        schedule = self.schedule()
+        matrices = sum(p.numel() for i in schedule for p in self.blocks[i].parameters() if p.ndim == 2)
+        attending = sum(self.blocks[i].attn is not None for i in schedule)
+        attention = 6 * attending * self.dim * seq_len  # causal QK^T and AV: 2 * (T/2) * dim multiply-adds each, x3
+        return 6.0 * (matrices + self.vocab_size * self.dim) + attention
 
     def lane_report(self) -> list[str]:
         s = self.settings
@@ -1490,14 +1736,15 @@ class Muon:
 
 
 def split_parameters(model: GPT):
-    """(Muon matrices, the tied embedding, control tensors), each a list of (name, param).
+    """(Muon matrices, the embedding tables, control tensors), each a list of (name, param).
 
     Muon gets exactly the weights of the blocks' linear layers; 2-D control tensors such as
     resid_mix [2, dim] or skip_weights stay with AdamW."""
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, CastedLinear)}
+    tables = {id(t) for t in model.embedding_tables()}
     matrices, embedding, scalars = [], [], []
     for name, p in model.named_parameters():
-        if p is model.tok_emb.weight:
+        if id(p) in tables:
             embedding.append((name, p))
         elif id(p) in linear_weights:
             matrices.append((name, p))
@@ -1546,6 +1793,9 @@ class Optimizers:
     @torch.no_grad()
     def step(self, step: int, lr_mul: float) -> torch.Tensor:
         """One update; returns the global gradient norm (before clipping) as a 0-d tensor."""
+        for p in self.all_params:
+            if p.grad is None:  # unused by this step's schedule (untied loop MLPs before looping starts)
+                p.grad = torch.zeros_like(p)
         pending = self.muon.reduce_grads()
         grads = [p.grad for p in self.replicated]
         if self.world_size > 1:  # one flat all-reduce for every replicated gradient
@@ -1594,6 +1844,15 @@ class EMA:
     @torch.no_grad()
     def update(self):
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def restart(self, params):
+        """Restart the average of params at their current values (weights that jumped: the untied MLPs
+        copied in at the loop switch)."""
+        chosen = {id(p) for p in params}
+        for p, e in zip(self.params, self.shadow):
+            if id(p) in chosen:
+                e.copy_(p.detach().float())
 
     @torch.no_grad()
     def copy_to_model(self):
@@ -2504,20 +2763,8 @@ class EvalBudget:
 # --- score-first TTT, chunk mode (PR #1529) ---------------------------------------------------------
 # The stream is cut into chunks of TTT_CHUNK_TOKENS targets, taken in order. Each chunk is first scored
 # under no_grad with the sliding windows (by weights trained only on earlier chunks), then the model
-# trains on that chunk's targets, which are now scored. The last chunk is never trained on.
-
-
-class HashEmbedding(nn.Module):
-    """Bigram-hash embedding added to the normed token embedding (PR #1460 idea). Zero-initialised, so it
-    changes nothing until TTT trains it; position 0 of a window hashes with prev = 0."""
-
-    def __init__(self, buckets: int, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(buckets, dim))
-
-    def forward(self, input_ids):
-        prev = F.pad(input_ids[:, :-1], (1, 0))
-        return F.embedding((prev * 2039 + input_ids) % self.weight.size(0), self.weight)
+# trains on that chunk's targets, which are now scored. The last chunk is never trained on. HASH_EMBED_ENABLED
+# adds a HashEmbedding (MODEL section) that only TTT trains.
 
 
 def all_reduce_sum_grads(params, rt: Runtime):
@@ -2671,8 +2918,8 @@ class LoRALayout:
     the head. Mathematically the same as separate rank-`rank` adapters, with 7 matmuls a layer, not 10."""
 
     def __init__(self, model: GPT, rank: int):
-        attn = model.blocks[0].attn
-        dim, kv = model.dim, attn.num_kv_heads * attn.head_dim
+        s = model.settings
+        dim, kv = model.dim, s.num_kv_heads * (s.model_dim // s.num_heads)
         layer = [(dim, 4 * rank, True), (rank, dim, False), (rank, kv, False), (rank, kv, False), (rank, dim, False),
                  (dim, rank, True), (rank, dim, False)]
         self.rank, self.per_layer = rank, len(layer)
@@ -2702,7 +2949,9 @@ class LoRALayout:
     @staticmethod
     def gradient(matrices) -> torch.Tensor:
         """The matrices' gradients as one [R, size] block, laid out as P."""
-        return torch.cat([m.grad.reshape(m.size(0), -1) for m in matrices], 1)
+        # a layer without attention (ATTN_OFF_LAYERS) leaves its Q, K, V, O adapters without a gradient
+        return torch.cat([(m.grad if m.grad is not None else torch.zeros_like(m)).reshape(m.size(0), -1)
+                          for m in matrices], 1)
 
 
 class DocLoRA:
@@ -3104,6 +3353,13 @@ class Trainer:
             total += loss.detach()
         return total / len(batches)
 
+    def loop_due(self, step: int, frac: float) -> bool:
+        """Depth recurrence switches on at ENABLE_LOOPING_AT_STEP when set, else at the budget fraction
+        ENABLE_LOOPING_AT. Either way the looped graph was compiled in the warm-up, so the switch costs no
+        compile inside the timed loop."""
+        s = self.s
+        return step >= s.enable_looping_at_step if s.enable_looping_at_step > 0 else frac >= s.enable_looping_at
+
     def validate(self) -> EvalResult:
         s, rt, data = self.s, self.rt, self.data
         return evaluate(self.model, self.eval_losses, data.val_tokens, data.tables, s.eval_seq_len,
@@ -3168,8 +3424,10 @@ class Trainer:
             if done:
                 break
             frac = elapsed_ms / cap_ms if math.isfinite(cap_ms) else step / s.iterations
-            if self.can_loop and not model.looping and frac >= s.enable_looping_at:
-                model.looping = True
+            if self.can_loop and not model.looping and self.loop_due(step, frac):
+                model.start_looping()
+                if ema is not None and model.loop_mlps is not None:  # copied in just now: average from here
+                    ema.restart(model.loop_mlps.parameters())
                 rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} schedule:{schedule_text(model.schedule())}")
             batches = next_batches.result()
             next_batches = prefetch.submit(self.fetch, loader)

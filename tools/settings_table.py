@@ -15,17 +15,23 @@ import train_gpt  # noqa: E402
 BEGIN, END = "<!-- settings-table:begin -->", "<!-- settings-table:end -->"
 
 
+def shown(value) -> str:
+    return f"`{int(value) if isinstance(value, bool) else value}`"
+
+
 def table() -> str:
-    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    """One row per setting: its default, the value each PRESET gives it where that differs, its help."""
+    rows = ["| variable | default | presets | what it does |", "|---|---|---|---|"]
     group = None
     for s in train_gpt.SETTINGS:
         if s.group != group:
             group = s.group
-            rows.append(f"| **{group}** | | |")
-        default = int(s.default) if isinstance(s.default, bool) else s.default
-        default = "(uuid)" if s.name == "RUN_ID" else f"`{default}`"
+            rows.append(f"| **{group}** | | | |")
+        default = "(uuid)" if s.name == "RUN_ID" else shown(s.default)
+        presets = ", ".join(f"{name}: {shown(values[s.name])}" for name, values in train_gpt.PRESETS.items()
+                            if s.name in values)
         choices = f" One of: {', '.join(f'`{c}`' for c in s.choices)}." if s.choices else ""
-        rows.append(f"| `{s.name}` | {default} | {s.help}.{choices} |")
+        rows.append(f"| `{s.name}` | {default} | {presets} | {s.help}.{choices} |")
     return "\n".join(rows)
 
 
