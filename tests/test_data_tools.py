@@ -23,6 +23,7 @@ sys.path.insert(0, str(DATA_DIR))
 import build_shards  # noqa: E402
 import cached_challenge_fineweb as ccf  # noqa: E402
 import make_smoke_corpus  # noqa: E402
+import retokenize_shards  # noqa: E402
 import shard_io  # noqa: E402
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError  # noqa: E402
 
@@ -564,3 +565,54 @@ def test_unknown_variant_exits_nonzero_with_one_line():
     assert result.returncode == 1
     assert result.stderr.startswith("error: unknown variant 'sp999'") and result.stderr.count("\n") == 1
     assert "sp1024, sp4096, sp8192" in result.stderr
+
+
+# ---------------------------------------------------------------- retokenize_shards (SP1024 from SP8192)
+
+
+@pytest.fixture(scope="module")
+def source_shards(docs, sp, tmp_path_factory):
+    """Shards of `docs` in the VOCAB tokenizer: 40 val docs, the train docs in 3 shards cut mid-document."""
+    folder = tmp_path_factory.mktemp("source")
+    train_tokens = sum(len(ids) + 1 for ids in sp.encode(docs[40:]))
+    build_shards.build_shards(docs, sp, folder, num_val_docs=40, shard_tokens=train_tokens // 3 + 1)
+    return folder
+
+
+def test_retokenized_shards_hold_the_same_documents_in_the_same_order(source_shards, sp, sp_model, docs, tmp_path,
+                                                                       capsys):
+    train_files = sorted(source_shards.glob("fineweb_train_*.bin"))
+    assert len(train_files) == 3 and raw_read(train_files[1])[1][0] != build_shards.BOS_ID  # cut inside a doc
+    stats = retokenize_shards.main([str(source_shards), "--tokenizer", str(sp_model), "--vocab-size", "400",
+                                    "--out", str(tmp_path)])
+    new_sp = build_shards.load_tokenizer(tmp_path / "tokenizers" / "fineweb_400_bpe.model")
+    assert new_sp.get_piece_size() == 400 and stats["dataset"].endswith("fineweb10B_sp400")
+    for split, expected in (("val", docs[:40]), ("train", docs[40:])):
+        files = sorted(Path(stats["dataset"]).glob(f"fineweb_{split}_*.bin"))
+        tokens = np.concatenate([raw_read(f)[1] for f in files])
+        assert tokens.max() < 400 and tokens[0] == build_shards.BOS_ID
+        starts = np.flatnonzero(tokens == build_shards.BOS_ID)
+        texts = new_sp.decode([tokens[a + 1:b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(tokens)])])
+        assert texts == sp.decode(sp.encode(expected))  # each document's text, as the source pieces spell it
+        assert len(files) == (1 if split == "val" else 3)  # as many shards as the source, every rank owns one
+        assert stats[split]["docs"] == len(expected) and stats[split]["tokens"] == len(tokens)
+    out = capsys.readouterr().out
+    assert "train: 260 docs" in out and "trained on the 260 train docs" in out and "seconds: decode" in out
+
+
+def test_retokenizer_trains_on_train_documents_only(source_shards, sp_model, tmp_path, monkeypatch):
+    seen = []
+    real = retokenize_shards.train_tokenizer
+    monkeypatch.setattr(retokenize_shards, "train_tokenizer",
+                        lambda texts, *a: seen.append(len(texts)) or real(texts, *a))
+    retokenize_shards.main([str(source_shards), "--tokenizer", str(sp_model), "--vocab-size", "400",
+                            "--out", str(tmp_path), "--shard-tokens", "5000"])
+    assert seen == [260]
+    assert len(list((tmp_path / "datasets" / "fineweb10B_sp400").glob("fineweb_train_*.bin"))) > 3
+
+
+def test_retokenizer_refuses_a_folder_without_shards(sp_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        retokenize_shards.main([str(tmp_path), "--tokenizer", str(sp_model), "--vocab-size", "400",
+                                "--out", str(tmp_path / "out")])
+    assert "has no fineweb_val_*.bin shards: give the folder of the source shards" in one_line_error(capsys)
