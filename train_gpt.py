@@ -3618,6 +3618,10 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
         results = {"steps": 0, "train_ms": 0.0, "history": []}
     else:
         results = trainer.train()
+        if trainer.can_loop and not model.looping:  # the switch never came (a short run): evaluation loops anyway,
+            model.start_looping()                    # with untied loop MLPs copied as the switch would have
+            rt.log(f"layer_loop:evaluation_only steps:{results['steps']} "
+                   f"untied_mlps:{'copied' if model.loop_mlps is not None else 'none'}")
     if s.save_checkpoint:
         save_checkpoint(model, s, rt, s.save_checkpoint)
     model.looping = trainer.can_loop  # evaluation always runs the full recurrent schedule

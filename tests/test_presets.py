@@ -258,3 +258,13 @@ def test_looping_starts_at_a_step_or_a_fraction(tiny_env, at_step, fraction, exp
     s = tg.Settings(environ=env)
     trainer = tg.Trainer(s, tg.Runtime(s))
     assert [step for step in range(6) if trainer.loop_due(step, step / 6)][0] == expected
+
+
+def test_a_loop_switch_that_never_came_still_evaluates_copied_untied_mlps(tiny_env):
+    results, log, env = run_preset("pr1204", tiny_env, ENABLE_LOOPING_AT_STEP="100")
+    assert "layer_loop:enabled step:" not in log
+    assert re.search(r"^layer_loop:evaluation_only steps:6 untied_mlps:copied$", log, re.M)
+    model = results["trainer"].model
+    loop_start = int(env["LOOP_START"])
+    for k, mlp in enumerate(model.loop_mlps):
+        assert torch.equal(mlp.fc.weight, model.blocks[loop_start + k].mlp.fc.weight)
