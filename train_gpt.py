@@ -112,6 +112,10 @@ class Settings:
     eval_seq_len: int = setting(2048, "evaluation window length in tokens", bounds="[1, inf)", role="score")
     compile: bool = setting(True,
         "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)")
+    compile_mode: str = setting("default",
+        "how the training step compiles: default; coordinate = coordinate-descent tuning of inductor's fused "
+        "kernels; max-autotune = also Triton GEMM templates with fused epilogues (minutes more warm-up)",
+        choices=("default", "coordinate", "max-autotune"))
     attn_backend: str = setting("auto",
         "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA (cuDNN on the H200); with "
         "DOC_MASK=1, auto = flex attention on CUDA and masked SDPA on CPU", choices=('auto', 'fa3', 'sdpa', 'flex'))
@@ -590,11 +594,18 @@ def package_version(name: str) -> str:
         return "none"
 
 
-def compiled(fn, enabled: bool, dynamic: bool | None = False):
+def compiled(fn, enabled: bool, dynamic: bool | None = False, mode: str = "default"):
     """The one torch.compile of the script: fn as a single graph (fullgraph, so a graph break is an error,
     not a silent slowdown), static shapes unless dynamic=None (LoRA TTT marks its own dynamic dims).
+    mode (COMPILE_MODE, the training step only): default; coordinate = inductor's coordinate-descent tuning
+    of its fused kernels' launch configs; max-autotune = Triton GEMM templates benchmarked against cuBLAS,
+    so that neighbouring elementwise work can fuse into a GEMM's epilogue (minutes more compile time).
     Not enabled (COMPILE=0) returns fn itself."""
-    return torch.compile(fn, dynamic=dynamic, fullgraph=True) if enabled else fn
+    if not enabled:
+        return fn
+    options = {"coordinate": {"coordinate_descent_tuning": True},
+               "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}.get(mode)
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True, options=options)
 
 
 class Timer:
@@ -3204,7 +3215,7 @@ class Trainer:
         self.train_files = shard_files(s.data_path, "train")
         self.model = GPT(s).to(rt.device)
         self.attention_backend = self.model.use_attention(s.attn_backend, rt.device, self.data.bos_id)
-        self.train_loss = compiled(self.model, s.compile)
+        self.train_loss = compiled(self.model, s.compile, mode=s.compile_mode)
         self.eval_losses = compiled(self.model.token_losses, s.compile)
         self.global_seqs = s.train_batch_tokens // s.train_seq_len
         self.can_loop = s.num_loops > 0
