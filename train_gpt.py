@@ -101,6 +101,9 @@ class Settings:
         "training budget in seconds; 0 disables the cap (schedule then follows ITERATIONS)", bounds="[0, inf)")
     gptq_reserve_seconds: float = setting(13.0,
         "seconds of the budget kept for GPTQ Hessian collection after the loop", bounds="[0, inf)")
+    clock_check_every: int = setting(10,
+        "training steps between the ranks' clock and loss checks (the only host syncs of the loop; the "
+        "wallclock stop stays exact, a NaN loss is caught within this many steps)", bounds="[1, inf)")
     warmup_steps: int = setting(20,
         "untimed compile warm-up steps per graph (looping off, then on); state is rolled back", bounds="[0, inf)")
     train_batch_tokens: int = setting(786432,
@@ -113,8 +116,16 @@ class Settings:
     eval_seq_len: int = setting(2048, "evaluation window length in tokens", bounds="[1, inf)", role="score")
     compile: bool = setting(True,
         "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)")
+    compile_mode: str = setting("default",
+        "how the training step compiles: default; coordinate = coordinate-descent tuning of inductor's fused "
+        "kernels; max-autotune = also Triton GEMM templates with fused epilogues (minutes more warm-up)",
+        choices=("default", "coordinate", "max-autotune"))
     attn_backend: str = setting("auto",
-        "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA", choices=('auto', 'fa3', 'sdpa'))
+        "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA (cuDNN on the H200); with "
+        "DOC_MASK=1, auto = flex attention on CUDA and masked SDPA on CPU", choices=('auto', 'fa3', 'sdpa', 'flex'))
+    doc_mask: bool = setting(False,
+        "document-masked attention: a token attends only within its own document (documents start at BOS), in "
+        "training and in every evaluation pass", role="model")
     mlp_kernel: str = setting("torch",
         "MLP training kernels on CUDA: torch = plain PyTorch (compiled: as fast as the fused paths end to end on "
         "the H200, 2026-12-02); cutlass = Triton forward + CUTLASS EVT backward; triton = Triton forward; auto = "
@@ -370,6 +381,10 @@ class Settings:
         need(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after "
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
+        need(not self.doc_mask or self.attn_backend != "fa3",
+             "ATTN_BACKEND=fa3 has no document mask in this build: with DOC_MASK=1 use ATTN_BACKEND=auto, flex or sdpa")
+        need(self.doc_mask or self.attn_backend != "flex",
+             "ATTN_BACKEND=flex needs DOC_MASK=1 (causal attention is fastest through SDPA): set one or the other")
         validate_eval_settings(self)
         return 8 // world_size
 
@@ -393,9 +408,9 @@ PRESETS = {
                    TTT_LR=0.005, HASH_EMBED_ENABLED=False),
     # PR #1536 (1.07747, non-record) on PR #1530's training defaults (spec §8: warm-down 0.72, EMA 0.9965,
     # EMBED_WD 0.085, two lanes from layer 8, no sliding-window pass), PR #1523's split lanes, layers 3-5
-    # looped, Muon 0.97, per-document LoRA TTT with 64-token chunks, scored here in original document order.
-    # Its document-masked attention is the DOC_MASK setting where this build has it (preset_notes).
-    "pr1536": dict(PARALLEL_RESIDUAL_MODE="split", PARALLEL_RESIDUAL_START=8, MUON_MOMENTUM=0.97,
+    # looped, Muon 0.97, document-masked attention (PR #1530's VarLen), per-document LoRA TTT with 64-token
+    # chunks, scored here in original document order.
+    "pr1536": dict(DOC_MASK=True, PARALLEL_RESIDUAL_MODE="split", PARALLEL_RESIDUAL_START=8, MUON_MOMENTUM=0.97,
                    WARMDOWN_FRAC=0.72, EMA_DECAY=0.9965, EMBED_WD=0.085, SLIDING_WINDOW_ENABLED=False,
                    TTT_MODE="lora", TTT_CHUNK_SIZE=64),
     # PR #1204 (1.1063, SP1024, no TTT): 11L x 512 with a 3x MLP, layers 4-5 repeated once from step 3000
@@ -425,13 +440,6 @@ def preset_changes(s: Settings) -> list:
     what the preset and the environment changed."""
     return [(x.name, getattr(s, x.name.lower())) for x in SETTINGS
             if x.name not in ("RUN_ID", "PRESET") and getattr(s, x.name.lower()) != x.default]
-
-
-def preset_notes(s: Settings) -> list:
-    """Parts of the preset's record this build cannot run, said in the log rather than silently dropped."""
-    if s.preset == "pr1536" and "DOC_MASK" not in SETTINGS_BY_NAME:
-        return ["preset:missing name:pr1536 component:document_masked_attention reason:no_DOC_MASK_in_this_build"]
-    return []
 
 
 def layer_list(text: str, name: str, num_layers: int) -> tuple:
@@ -681,11 +689,18 @@ def package_version(name: str) -> str:
         return "none"
 
 
-def compiled(fn, enabled: bool, dynamic: bool | None = False):
+def compiled(fn, enabled: bool, dynamic: bool | None = False, mode: str = "default"):
     """The one torch.compile of the script: fn as a single graph (fullgraph, so a graph break is an error,
     not a silent slowdown), static shapes unless dynamic=None (LoRA TTT marks its own dynamic dims).
+    mode (COMPILE_MODE, the training step only): default; coordinate = inductor's coordinate-descent tuning
+    of its fused kernels' launch configs; max-autotune = Triton GEMM templates benchmarked against cuBLAS,
+    so that neighbouring elementwise work can fuse into a GEMM's epilogue (minutes more compile time).
     Not enabled (COMPILE=0) returns fn itself."""
-    return torch.compile(fn, dynamic=dynamic, fullgraph=True) if enabled else fn
+    if not enabled:
+        return fn
+    options = {"coordinate": {"coordinate_descent_tuning": True},
+               "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}.get(mode)
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True, options=options)
 
 
 class Timer:
@@ -732,8 +747,6 @@ def log_header(s: Settings, rt: Runtime):
     for name, value in changes:
         rt.log(f"preset:changed setting:{name} value:{log_value(value)} "
                f"default:{log_value(SETTINGS_BY_NAME[name].default)}")
-    for note in preset_notes(s):
-        rt.log(note)
 
 
 def log_value(value) -> str:
@@ -987,27 +1000,85 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.view(B, T, H, D)
 
 
-def pick_attention(requested: str, device: torch.device):
-    """Return (name, attend) where attend(q, k, v) -> causal attention output, all [B, T, heads, D]."""
-    if requested in ("auto", "fa3") and device.type == "cuda":
-        try:
-            from flash_attn_interface import flash_attn_func
+# --- attention kernels ------------------------------------------------------------------------------
+# A kernel is bound once per forward pass to the batch's token ids: bind(input_ids) returns attend(q, k, v)
+# for q [B, T, H, D] and k, v [B, T, Hkv, D]. Causal kernels ignore the ids. With DOC_MASK=1 a position
+# attends only to earlier positions of its own document: documents start at BOS tokens (every document in
+# the shards starts with one), and the positions before a window's first BOS form one partial document.
+# The masked SDPA kernel is the reference (any device, tested against per-document attention); flex
+# attention is the fast path on CUDA (compiled, it skips the masked-out blocks).
 
-            def attend_fa3(q, k, v):
-                out = flash_attn_func(q, k, v, causal=True)
-                return out[0] if isinstance(out, tuple) else out
-            return "fa3", attend_fa3
-        except ImportError:
-            if requested == "fa3":
-                raise UserError("ATTN_BACKEND=fa3 but flash_attn_interface (FlashAttention 3) is not importable: "
-                                "install it or set ATTN_BACKEND=auto") from None
 
-    def attend_sdpa(q, k, v):
-        # SDPA wants [B, heads, T, D]; enable_gqa lets the kernel share K/V heads without copying them.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=q.size(2) != k.size(2))
+def document_ids(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """[B, T] int: for each position, how many BOS tokens the window holds up to and including it."""
+    return torch.cumsum((input_ids == bos_id).to(torch.int32), dim=1)
+
+
+def sdpa_heads_first(q, k, v, **kwargs):
+    # SDPA wants [B, heads, T, D]; enable_gqa lets the kernel share K/V heads without copying them.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         enable_gqa=q.size(2) != k.size(2), **kwargs)
+    return out.transpose(1, 2)
+
+
+def bind_causal_sdpa(input_ids, bos_id):
+    return lambda q, k, v: sdpa_heads_first(q, k, v, is_causal=True)
+
+
+def bind_masked_sdpa(input_ids, bos_id):
+    """The reference document mask: an explicit [B, 1, T, T] boolean mask (memory grows with T^2)."""
+    docs = document_ids(input_ids, bos_id)
+    T = input_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    mask = (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]
+    return lambda q, k, v: sdpa_heads_first(q, k, v, attn_mask=mask)
+
+
+def bind_flex(input_ids, bos_id):
+    """flex attention with a block mask built from this batch's documents (blocks that no query of a
+    document can see are skipped, so short documents cost less than causal attention)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    docs = document_ids(input_ids, bos_id)
+    B, T = input_ids.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+    block_mask = create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device)
+
+    def attend(q, k, v):
+        out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                             enable_gqa=q.size(2) != k.size(2))
         return out.transpose(1, 2)
-    return ("sdpa" if device.type == "cuda" else "sdpa-cpu"), attend_sdpa
+    return attend
+
+
+def fa3_causal():
+    """bind for FlashAttention 3 when flash_attn_interface imports, else None."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+
+    def attend_fa3(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return lambda input_ids, bos_id: attend_fa3
+
+
+def pick_attention(requested: str, device: torch.device, doc_mask: bool = False):
+    """(name, bind) for ATTN_BACKEND and DOC_MASK on this device; see the comment above."""
+    cuda = device.type == "cuda"
+    if doc_mask:  # Settings.validate has refused fa3 here
+        if requested == "flex" or (requested == "auto" and cuda):
+            return "flex-docmask", bind_flex
+        return "sdpa-docmask", bind_masked_sdpa
+    if requested in ("auto", "fa3") and cuda:
+        bind = fa3_causal()
+        if bind is not None:
+            return "fa3", bind
+        need(requested != "fa3", "ATTN_BACKEND=fa3 but flash_attn_interface (FlashAttention 3) is not importable: "
+                                 "install it or set ATTN_BACKEND=auto")
+    return ("sdpa" if cuda else "sdpa-cpu"), bind_causal_sdpa
 
 
 class Attention(nn.Module):
@@ -1393,9 +1464,6 @@ ONE_LANE = RESIDUAL_FORMS["off"]
 # --- input-side components of PR #1204 (each a setting, off by default) ----------------------------------
 # All three act in GPT.forward_hidden, so training, evaluation and both TTT modes see them alike.
 
-BOS_ID = 1  # every challenge document starts with token 1 (reference-spec §1.1)
-
-
 class HashEmbedding(nn.Module):
     """A table over hashed (previous, current) token pairs, bucket (prev * 2039 + cur) mod buckets;
     position 0 of a window hashes with prev = 0. Zero-initialised: it adds nothing until trained. Used
@@ -1436,9 +1504,9 @@ class SmearGate(nn.Module):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x, input_ids):
+    def forward(self, x, input_ids, bos_id: int):
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        looks_back = F.pad(input_ids[:, 1:] != BOS_ID, (1, 0), value=False).unsqueeze(-1)
+        looks_back = F.pad(input_ids[:, 1:] != bos_id, (1, 0), value=False).unsqueeze(-1)
         g = torch.sigmoid(self.gate.to(x.dtype)) * looks_back.to(x.dtype)
         return x + g * (prev - x)
 
@@ -1489,7 +1557,7 @@ class GPT(nn.Module):
         self.residual.add_parameters(self, s)
         for schedule in schedules:
             self._check_parallel_region(schedule)
-        self.attention_backend, self.attend = pick_attention("sdpa", torch.device("cpu"))
+        self.use_attention("sdpa", torch.device("cpu"))
 
     def embedding_tables(self) -> list:
         """Token-indexed tables: trained by AdamW at TIED_EMBED_LR, like the tied embedding."""
@@ -1523,8 +1591,13 @@ class GPT(nn.Module):
                        if untied else None)
         return out
 
-    def use_attention(self, requested: str, device: torch.device) -> str:
-        self.attention_backend, self.attend = pick_attention(requested, device)
+    def use_attention(self, requested: str, device: torch.device, bos_id: int = 1) -> str:
+        """Pick the attention kernels (pick_attention) for this device; bos_id: the tokenizer's BOS, where
+        documents start (1 in the challenge's tokenizers)."""
+        self.bos_id = bos_id
+        self.attention_backend, self.bind_attention = pick_attention(requested, device, self.settings.doc_mask)
+        # rows that each hold a single document need no mask: causal attention scores them the same
+        self.bind_one_document = pick_attention("sdpa" if requested == "flex" else requested, device)[1]
         return self.attention_backend
 
     # --- structure -------------------------------------------------------------------------------
@@ -1559,10 +1632,11 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
         return torch.lerp(scaled, x, gate)  # gate * x + (1 - gate) * scaled
 
-    def forward_hidden(self, input_ids, lora=None, extra_embedding=None):
+    def forward_hidden(self, input_ids, lora=None, extra_embedding=None, one_document_per_row: bool = False):
         """Final-normed hidden states [B, T, dim] for input_ids [B, T]: the one forward of training,
         evaluation and both TTT modes. The first half of the virtual layers (the encoder) pushes U-Net
-        skips that the second half pops; the residual form of each position moves the lanes."""
+        skips that the second half pops; the residual form of each position moves the lanes.
+        one_document_per_row: each row holds one document (LoRA TTT), so plain causal attention is used."""
         s = self.settings
         embedded = self.tok_emb(input_ids)
         if self.bigram is not None:
@@ -1571,15 +1645,16 @@ class GPT(nn.Module):
         if extra_embedding is not None:  # eval-time hash embedding, added to the normed token embedding
             x = x + extra_embedding(input_ids).to(x.dtype)
         if self.smear is not None:
-            x = self.smear(x, input_ids)
+            x = self.smear(x, input_ids, self.bos_id)
         x0 = x
         rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
         values = self.value_embed.per_layer(input_ids, x.dtype) if self.value_embed is not None else {}
         schedule = self.schedule()
         num_encoder = len(schedule) // 2
         skips, lanes, holder = [], (x,), ONE_LANE
+        attend = (self.bind_one_document if one_document_per_row else self.bind_attention)(input_ids, self.bos_id)
         for pos, (i, form, mlp) in enumerate(zip(schedule, self.forms(schedule), self.visit_mlps(schedule))):
-            ctx = LayerContext(rope, self.attend, lora.adapter(pos) if lora is not None else None, mlp, values.get(i))
+            ctx = LayerContext(rope, attend, lora.adapter(pos) if lora is not None else None, mlp, values.get(i))
             j = pos - num_encoder
             if 0 <= j < self.skip_weights.size(0) and skips:
                 lanes = holder.skip(self, lanes, skips.pop(), j)  # the form holding the lanes takes the skip
@@ -1596,10 +1671,10 @@ class GPT(nn.Module):
         c = self.settings.logit_softcap
         return c * torch.tanh(z / c)
 
-    def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None):
+    def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None, one_document_per_row=False):
         """Per-position natural-log NLL (fp32) of target_ids [B, K] given input_ids [B, T]: the last K
         positions only when K < T (sliding windows score a short tail, so the head skips the rest)."""
-        hidden = self.forward_hidden(input_ids, lora, extra_embedding)
+        hidden = self.forward_hidden(input_ids, lora, extra_embedding, one_document_per_row)
         # The last K positions, gathered rather than sliced or branched on: a dynamic-T graph (LoRA TTT)
         # would otherwise guard on K < T, or on T == K through the slice's strides, and recompile.
         T, K = hidden.size(1), target_ids.size(1)
@@ -2359,7 +2434,7 @@ def adopt_artifact_settings(s: Settings, stored: dict, environ) -> tuple:
     return s, notes
 
 
-def model_from_artifact(qstate: dict, s: Settings, rt: Runtime, label: str) -> GPT:
+def model_from_artifact(qstate: dict, s: Settings, rt: Runtime, label: str, bos_id: int = 1) -> GPT:
     """A fresh GPT built from s with the dequantized weights, on the device, looping on."""
     model = GPT(s)
     try:
@@ -2369,7 +2444,7 @@ def model_from_artifact(qstate: dict, s: Settings, rt: Runtime, label: str) -> G
         raise UserError(f"artifact {label} does not fit the model this train_gpt.py builds ({detail}): "
                         f"evaluate it with the train_gpt.py that wrote it") from None
     model.to(rt.device)
-    model.use_attention(s.attn_backend, rt.device)
+    model.use_attention(s.attn_backend, rt.device, bos_id)
     model.looping = s.num_loops > 0
     return model
 
@@ -2529,6 +2604,8 @@ def check_evaluation_setup(s: Settings, rt: Runtime, data: EvalData) -> None:
                         f"shard is missing or truncated (re-download it), or EVAL_SEQ_LEN changed the count")
     if s.byte_check_docs > 0:
         rt.log(check_byte_tables(data.sp, data.tables, data.val_tokens, s.byte_check_docs, data.bos_id))
+    need(not s.doc_mask or data.bos_id >= 0,
+         f"DOC_MASK=1 finds documents by their BOS token, but the tokenizer {s.tokenizer_path} has none: set DOC_MASK=0")
 
 
 class Scores:
@@ -3209,7 +3286,7 @@ def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
     W to C, and every wider window would recompile the whole forward and backward. One row is never
     traced (lora_step pads it to two), as dynamo specialises a size of 1."""
     def losses(x, y, matrices):
-        return base.token_losses(x, y, lora=DocLoRA(layout, matrices))
+        return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True)
     if not s.compile:
         return losses
     graph = compiled(losses, s.compile, dynamic=None)
@@ -3320,6 +3397,51 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+class StepClock:
+    """When the ranks look at the clock and at the loss, so that a training step never waits for the GPU.
+
+    A check (every CLOCK_CHECK_EVERY steps, on logged steps, and on every step once the cap is near) waits
+    for the GPU, then agrees on the elapsed training time (the max over ranks) and on whether any loss since
+    the last check was NaN/inf (a flag kept on the device in between, so reading it costs no extra sync).
+    Between checks the time is extrapolated from the last agreed step time, identically on every rank, so
+    the LR schedule and the loop switch stay in lockstep. Consequences, by design: the wallclock stop is
+    exact (checks run every step once the next one could cross the cap), and a divergence is reported at
+    most CLOCK_CHECK_EVERY steps after the step that produced it."""
+
+    def __init__(self, s: Settings, rt: Runtime, cap_ms: float):
+        self.s, self.rt, self.cap_ms = s, rt, cap_ms
+        self.agreed_ms, self.agreed_step, self.ms_per_step, self.checks = 0.0, 0, 0.0, 0
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=rt.device)
+
+    def estimate_ms(self, step: int) -> float:
+        return self.agreed_ms + (step - self.agreed_step) * self.ms_per_step
+
+    def watch_loss(self, loss: torch.Tensor):
+        self.bad_loss |= ~torch.isfinite(loss.detach())
+
+    def due(self, step: int) -> bool:
+        """After `step` steps: check now? Yes every CLOCK_CHECK_EVERY steps, and whenever the next step could
+        reach the cap even if the steps since the last check ran 10% slower than the last agreed pace."""
+        next_ms = self.agreed_ms + 1.1 * (step + 1 - self.agreed_step) * self.ms_per_step
+        near_cap = math.isfinite(self.cap_ms) and (next_ms >= self.cap_ms or self.ms_per_step == 0)
+        return step % self.s.clock_check_every == 0 or near_cap
+
+    def agree(self, step: int, host_ms: float) -> float:
+        """Wait for the GPU, agree on the clock and the loss flag; returns the agreed elapsed ms."""
+        self.rt.sync()
+        shared = torch.stack((torch.tensor(host_ms, device=self.rt.device), self.bad_loss.float()))
+        self.rt.all_reduce(shared, op=dist.ReduceOp.MAX)
+        elapsed_ms, bad = shared.tolist()
+        if bad > 0:
+            raise UserError(f"training loss became NaN or infinite between steps {self.agreed_step + 1} and {step}: "
+                            "the run diverged; lower MATRIX_LR, TIED_EMBED_LR or SCALAR_LR, or check the training "
+                            "shards")
+        if step > self.agreed_step:
+            self.ms_per_step = (elapsed_ms - self.agreed_ms) / (step - self.agreed_step)
+        self.agreed_ms, self.agreed_step, self.checks = elapsed_ms, step, self.checks + 1
+        return elapsed_ms
+
+
 class Trainer:
     """The model being trained, its compiled callables, the training shards and the validation data."""
 
@@ -3329,8 +3451,8 @@ class Trainer:
         self.data = load_eval_data(s, rt) if data is None else data
         self.train_files = shard_files(s.data_path, "train")
         self.model = GPT(s).to(rt.device)
-        self.attention_backend = self.model.use_attention(s.attn_backend, rt.device)
-        self.train_loss = compiled(self.model, s.compile)
+        self.attention_backend = self.model.use_attention(s.attn_backend, rt.device, self.data.bos_id)
+        self.train_loss = compiled(self.model, s.compile, mode=s.compile_mode)
         self.eval_losses = compiled(self.model.token_losses, s.compile)
         self.global_seqs = s.train_batch_tokens // s.train_seq_len
         self.can_loop = s.num_loops > 0
@@ -3406,7 +3528,8 @@ class Trainer:
         peak = peak_flops(rt.device)
         prefetch = ThreadPoolExecutor(max_workers=1)
         next_batches = prefetch.submit(self.fetch, loader)
-        training_ms, elapsed_ms, step, stop_reason = 0.0, 0.0, 0, None
+        clock = StepClock(s, rt, cap_ms)
+        training_ms, step, stop_reason = 0.0, 0, None
         last_log = (0, 0.0)
         history = []
         rt.sync()
@@ -3423,7 +3546,7 @@ class Trainer:
                 t0 = time.perf_counter()
             if done:
                 break
-            frac = elapsed_ms / cap_ms if math.isfinite(cap_ms) else step / s.iterations
+            frac = clock.estimate_ms(step) / cap_ms if math.isfinite(cap_ms) else step / s.iterations
             if self.can_loop and not model.looping and self.loop_due(step, frac):
                 model.start_looping()
                 if ema is not None and model.loop_mlps is not None:  # copied in just now: average from here
@@ -3436,20 +3559,14 @@ class Trainer:
             optimizers.zero_grad()
             if ema is not None:
                 ema.update()
+            clock.watch_loss(loss)
             step += 1
-            rt.sync()
-            # Ranks agree on the clock (max) and on divergence, so they switch and stop on the same step.
-            shared = torch.tensor([training_ms + 1000.0 * (time.perf_counter() - t0),
-                                   float(not torch.isfinite(loss).item())], device=rt.device)
-            rt.all_reduce(shared, op=dist.ReduceOp.MAX)
-            elapsed_ms = shared[0].item()
-            if shared[1].item() > 0:
-                raise UserError(f"training loss became {loss.item()} at step {step}: the run diverged; lower "
-                                "MATRIX_LR, "
-                                f"TIED_EMBED_LR or SCALAR_LR, or check the training shards")
-            if elapsed_ms >= cap_ms:
-                stop_reason = "wallclock_cap"
-            if step <= 5 or step % s.train_log_every == 0 or stop_reason or step == s.iterations:
+            log_step = step <= 5 or step % s.train_log_every == 0 or step == s.iterations
+            if log_step or clock.due(step):
+                elapsed_ms = clock.agree(step, training_ms + 1000.0 * (time.perf_counter() - t0))
+                if elapsed_ms >= cap_ms:
+                    stop_reason = "wallclock_cap"
+            if log_step or stop_reason:
                 mean_loss = rt.all_reduce(loss.detach().clone()).item() / rt.world_size
                 tok_s = (step - last_log[0]) * tokens_per_step / max((elapsed_ms - last_log[1]) / 1000.0, 1e-9)
                 mfu = ""
@@ -3460,6 +3577,8 @@ class Trainer:
                        f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tok_s:.0f}{mfu} looping:{int(model.looping)}")
                 history.append({"step": step, "train_loss": mean_loss, "tok_s": tok_s, "looping": model.looping})
                 last_log = (step, elapsed_ms)
+        elapsed_ms = clock.agreed_ms
+        rt.log(f"clock:checks count:{clock.checks} every:{s.clock_check_every} steps:{step}")
         prefetch.shutdown(wait=True)
         if stop_reason:
             rt.log(f"stopping_early:{stop_reason} train_time:{elapsed_ms:.0f}ms step:{step}/{s.iterations}")
@@ -3582,7 +3701,7 @@ def score_artifact(path, s: Settings, rt: Runtime, data: EvalData, qstate=None) 
     the plain pass is the round trip (`quantized ... val_bpb`). Returns the figures."""
     if qstate is None:
         qstate, _, _ = read_artifact(path)
-    model = model_from_artifact(qstate, s, rt, str(path))
+    model = model_from_artifact(qstate, s, rt, str(path), data.bos_id)
     passes = run_evaluation_passes(model, s, rt, data)
     final = list(passes.values())[-1]
     rt.log(f"final val_bpb:{final.bpb:.8f}")

@@ -206,4 +206,4 @@ def test_zero_initialised_projections_make_blocks_start_as_identity():
     for block in model.blocks:
         assert not block.attn.proj.weight.any() and not block.mlp.proj.weight.any()
     x = torch.randn(1, 6, 64)
-    assert torch.equal(model.blocks[0](x, torch.zeros_like(x), tg.LayerContext((torch.ones(6, 4), torch.zeros(6, 4)), model.attend)), x)
+    assert torch.equal(model.blocks[0](x, torch.zeros_like(x), tg.LayerContext((torch.ones(6, 4), torch.zeros(6, 4)), model.bind_attention(None, 1))), x)

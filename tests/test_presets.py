@@ -115,8 +115,6 @@ def test_each_preset_trains_quantizes_and_evaluates(name, tiny_env):
     for key, value in tg.PRESETS[name].items():  # the preset's own values where the tiny run kept them
         if key not in env and value != tg.SETTINGS_BY_NAME[key].default:
             assert changed[key] == tg.log_value(value), key
-    assert ("preset:missing name:pr1536 component:document_masked_attention" in log) == \
-        (name == "pr1536" and "DOC_MASK" not in tg.SETTINGS_BY_NAME)
     passes = {"pr1529": "plain,sliding,ttt_chunk", "pr1477": "plain,sliding,ttt_chunk", "pr1536": "plain,ttt_lora",
               "pr1204": "plain,sliding"}
     assert re.search(r"^eval_total_time:\S+ passes:(\S+)$", log, re.M).group(1) == passes[name]
@@ -149,13 +147,13 @@ def test_smear_gate_never_looks_back_across_a_bos():
     smear = tg.SmearGate(8)
     torch.nn.init.normal_(smear.gate)
     ids = torch.randint(4, 50, (2, 12))
-    ids[:, 5] = tg.BOS_ID
+    ids[:, 5] = 1  # the BOS
     x = torch.randn(2, 12, 8)
-    out = smear(x, ids)
+    out = smear(x, ids, 1)
     other_ids, other_x = ids.clone(), x.clone()
     other_ids[:, :5] = torch.randint(4, 50, (2, 5))
     other_x[:, :5] = torch.randn(2, 5, 8)
-    other = smear(other_x, other_ids)
+    other = smear(other_x, other_ids, 1)
     assert torch.equal(out[:, 5:], other[:, 5:])  # nothing before the BOS reaches it or anything after it
     assert torch.equal(out[:, 5], x[:, 5]) and torch.equal(out[:, 0], x[:, 0])  # no look-back at BOS or pos 0
     assert not torch.allclose(out[:, 1:5], x[:, 1:5])  # elsewhere it does mix in the previous position
@@ -180,7 +178,8 @@ def test_smear_gate_and_bigram_hash_run_in_the_one_forward_path():
     fresh(ids, ids).backward()
     assert fresh.bigram.table.weight.grad.abs().sum() > 0
     buckets = (torch.nn.functional.pad(ids[:, :-1], (1, 0)) * 2039 + ids) % 97  # HashEmbedding's rule
-    assert set(fresh.bigram.table.weight.grad.abs().sum(1).nonzero().flatten().tolist()) <= set(buckets.flatten().tolist())
+    touched = fresh.bigram.table.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert set(touched) <= set(buckets.flatten().tolist())
     names = {n for n, _ in tg.split_parameters(fresh)[1]}
     assert names == {"tok_emb.weight", "bigram.table.weight"}  # tables train with the embedding's AdamW
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env, tg
+from conftest import ROOT, TINY_MODEL, subprocess_env, tg
 
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+)", re.M)
 
@@ -109,7 +109,7 @@ def test_two_gloo_processes_match_one_process(tiny_env):
     (dict(DATA_PATH="/nonexistent/shards"), "DATA_PATH=/nonexistent/shards does not exist"),
     (dict(TOKENIZER_PATH="/nonexistent/tok.model"), "TOKENIZER_PATH=/nonexistent/tok.model does not exist"),
     (dict(EVAL_SEQ_LEN="100000", TTT_CHUNK_TOKENS="100000"), "fewer than one EVAL_SEQ_LEN=100000 window"),
-    (dict(SCALAR_LR="1e30", ITERATIONS="20"), "training loss became nan at step"),
+    (dict(SCALAR_LR="1e30", ITERATIONS="20"), "training loss became NaN or infinite between steps"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_env, overrides, message):
     proc = run_script(dict(tiny_env, **overrides))
@@ -117,3 +117,25 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_env, overrides, message):
     lines = proc.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_step_clock_checks_every_n_steps_and_every_step_near_the_cap():
+    s = tg.Settings(environ=dict(TINY_MODEL, CLOCK_CHECK_EVERY="10"))
+    clock = tg.StepClock(s, tg.Runtime(s), cap_ms=1000.0)
+    clock.agree(1, 10.0)  # 10 ms a step from here on
+    assert [step for step in range(2, 60) if clock.due(step)] == [10, 20, 30, 40, 50]
+    clock.agree(95, 950.0)
+    # from step 99 the next step could reach 1000 ms (allowing 10% drift): every step is checked
+    assert [step for step in range(96, 102) if clock.due(step)] == [99, 100, 101]
+    assert clock.estimate_ms(97) == pytest.approx(970.0)
+
+
+def test_the_step_clock_reports_a_non_finite_loss_at_the_next_check():
+    s = tg.Settings(environ=dict(TINY_MODEL))
+    clock = tg.StepClock(s, tg.Runtime(s), cap_ms=float("inf"))
+    clock.watch_loss(torch.tensor(2.0))
+    clock.agree(10, 100.0)
+    clock.watch_loss(torch.tensor(float("nan")))
+    clock.watch_loss(torch.tensor(3.0))  # a later finite loss does not clear the flag
+    with pytest.raises(tg.UserError, match="between steps 11 and 20"):
+        clock.agree(20, 200.0)

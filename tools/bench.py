@@ -5,6 +5,8 @@ before and after depth recurrence switches on, step time and peak memory.
     python3 tools/bench.py                       # full config, 1 process, 60 steps, loop at step 30
     python3 tools/bench.py --steps 80 --nproc 8  # through torchrun
     python3 tools/bench.py KEY=VALUE ...         # any train_gpt.py setting, e.g. PARALLEL_RESIDUAL_MODE=split
+    python3 tools/bench.py --ablate              # the config, then each speed feature flipped, one run each
+    python3 tools/bench.py --ablate lean mlp     # only those flips (names: see SPEED_FEATURES)
 
 Not a test: the figures depend on the machine. The first steps after each graph switch are left out
 of the averages (they can still include allocator warm-up)."""
@@ -19,6 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import runlog  # noqa: E402
+
+
+# Speed features and the flip --ablate times against the run's own settings (one full run each; torch's
+# compile cache, shared by the runs of one call, makes the repeated graphs compile faster).
+SPEED_FEATURES = {
+    "lean": ("the step without host syncs, off: the ranks check the clock every step", {"CLOCK_CHECK_EVERY": "1"}),
+    "mlp": ("fused MLP: Triton forward + CUTLASS EVT backward instead of the plain path", {"MLP_KERNEL": "cutlass"}),
+    "coordinate": ("inductor coordinate-descent tuning of the fused kernels", {"COMPILE_MODE": "coordinate"}),
+    "autotune": ("max-autotune: Triton GEMM templates with fused epilogues", {"COMPILE_MODE": "max-autotune"}),
+    "docmask": ("document-masked attention (flex) instead of causal SDPA", {"DOC_MASK": "1"}),
+}
 
 
 def summarize(lines, skip_after_switch: int):
@@ -70,16 +83,32 @@ def main():
     ap.add_argument("--loop-at", type=float, default=0.5, help="ENABLE_LOOPING_AT as a fraction of --steps")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--warmup-steps", type=int, default=3)
-    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--log-every", type=int, default=10, help="log (and so check the clock) every N steps")
     ap.add_argument("--json", help="also write the summary here")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE settings for train_gpt.py")
+    ap.add_argument("--ablate", nargs="*", choices=sorted(SPEED_FEATURES), metavar="FEATURE",
+                    help=f"also time each speed feature flipped ({', '.join(SPEED_FEATURES)}; default all)")
     args = ap.parse_args()
+    base = dict(kv.partition("=")[::2] for kv in args.overrides)
+    variants = [("as configured", base)]
+    if args.ablate is not None:
+        variants += [(name, dict(base, **SPEED_FEATURES[name][1])) for name in (args.ablate or SPEED_FEATURES)]
+    results = []
+    for name, overrides in variants:
+        result = bench_once(args, overrides)
+        result["variant"] = name
+        results.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+    if len(results) > 1:
+        print(ablation_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
+
+
+def bench_once(args, overrides: dict) -> dict:
     env = dict(os.environ, ITERATIONS=str(args.steps), MAX_WALLCLOCK_SECONDS="0", ENABLE_LOOPING_AT=str(args.loop_at),
                TRAIN_LOG_EVERY=str(args.log_every), WARMUP_STEPS=str(args.warmup_steps), VAL_LOSS_EVERY="0",
-               RUN_ID=f"bench_{int(time.time())}")
-    for kv in args.overrides:
-        key, _, value = kv.partition("=")
-        env[key] = value
+               RUN_ID=f"bench_{time.time_ns()}", **overrides)
     cmd = [sys.executable, "train_gpt.py"] if args.nproc == 1 else \
         ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "train_gpt.py"]
     t0 = time.time()
@@ -89,12 +118,31 @@ def main():
     for phase in ("before_loop", "after_loop"):
         if phase in result:
             result[phase]["tokens_per_s"] = tokens / (result[phase]["step_ms"] / 1000.0)
-    result.update(wall_seconds=time.time() - t0, command=" ".join(cmd), overrides=args.overrides,
+    result.update(wall_seconds=time.time() - t0, command=" ".join(cmd), overrides=overrides,
                   device=" ".join(f"{k}: {v}" for k, v in log.versions.items()),
-                  attention=f"attention_backend: {log.info.get('attention_backend', '')}")
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+                  paths={k: log.info.get(k, "") for k in ("attention_backend", "mlp_kernel")},
+                  mfu=mean_mfu(lines))
+    return result
+
+
+def mean_mfu(lines) -> str:
+    values = [float(x.split("mfu:")[1].split("%")[0]) for x in lines if " mfu:" in x]
+    return f"{sum(values) / len(values):.1f}%" if values else "n/a"
+
+
+def ablation_table(results) -> str:
+    def rate(r, phase):
+        return r.get(phase, {}).get("tokens_per_s")
+    first = results[0]
+    rows = ["| variant | tokens/s before looping | vs first | tokens/s looping | vs first | peak allocated MiB |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        cells = []
+        for phase in ("before_loop", "after_loop"):
+            now, ref = rate(r, phase), rate(first, phase)
+            cells += [f"{now / 1e6:.3f}M" if now else "-", f"{100 * (now / ref - 1):+.1f}%" if now and ref else "-"]
+        rows.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r.get('peak_allocated_mib', '-')} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

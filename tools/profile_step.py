@@ -67,8 +67,11 @@ def profile(trainer, optimizers, loader, steps: int, trace_path=None) -> dict:
         label = category(event.key)
         totals[label] = totals.get(label, 0.0) + device_us / 1000 / steps
     kernels = sum(totals.values())
+    top = sorted(((e.key, getattr(e, "self_device_time_total", 0) / 1000 / steps, e.count // steps)
+                  for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda t: -t[1])
     return {"wall_ms": wall_ms, "kernel_ms": kernels, "categories": totals,
-            "host_or_idle_ms": max(0.0, wall_ms - kernels)}
+            "host_or_idle_ms": max(0.0, wall_ms - kernels), "top_kernels": top}
 
 
 def table(results: dict) -> str:
@@ -93,6 +96,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="unprofiled steps per phase first (compile, allocator)")
     ap.add_argument("--trace", type=Path, help="also write the looping phase's Chrome trace here")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--top", type=int, default=0, help="also list the N kernels that take the most time per step")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE settings for train_gpt.py")
     args = ap.parse_args()
     for kv in args.overrides:
@@ -119,6 +123,11 @@ def main():
           f"tokens/step: {s.train_batch_tokens}  attention: {trainer.attention_backend}  "
           f"mlp_kernel: {trainer.model.mlp_kernel}")
     print(table(results))
+    for phase, r in results.items():
+        if args.top:
+            print(f"\n{phase}: top {args.top} kernels (ms per step, launches per step, category)")
+            for name, ms, count in r["top_kernels"][:args.top]:
+                print(f"{ms:8.2f} {count:6d}  {category(name)[:12]:12s}  {name[:110]}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     rt.close()

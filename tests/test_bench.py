@@ -1,0 +1,24 @@
+"""tools/bench.py end to end on a tiny CPU model: it runs train_gpt.py, reads the step lines, and with
+--ablate times the run again with a speed feature flipped and prints both side by side."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, subprocess_env
+
+
+def test_bench_ablation_runs_each_variant_and_tabulates_them(tiny_env, tmp_path):
+    env = dict(tiny_env)
+    env.pop("RUN_ID")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "tools/bench.py", "--steps", "16", "--log-every", "2", "--warmup-steps", "0",
+                           "--json", str(out), "--ablate", "lean"], cwd=ROOT, env=subprocess_env(env),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [r["variant"] for r in results] == ["as configured", "lean"]
+    assert results[1]["overrides"] == {"CLOCK_CHECK_EVERY": "1"}
+    for r in results:
+        assert r["before_loop"]["tokens_per_s"] > 0 and r["after_loop"]["tokens_per_s"] > 0
+        assert r["paths"]["attention_backend"] == "sdpa-cpu"
+    assert "| lean |" in proc.stdout and "tokens/s before looping" in proc.stdout
