@@ -1462,7 +1462,8 @@ ONE_LANE = RESIDUAL_FORMS["off"]
 
 
 # --- input-side components of PR #1204 (each a setting, off by default) ----------------------------------
-# All three act in GPT.forward_hidden, so training, evaluation and both TTT modes see them alike.
+# BigramHash, SmearGate and the value embeddings act in GPT.forward_hidden, so training, evaluation and
+# both TTT modes see them alike.
 
 class HashEmbedding(nn.Module):
     """A table over hashed (previous, current) token pairs, bucket (prev * 2039 + cur) mod buckets;
@@ -1581,11 +1582,10 @@ class GPT(nn.Module):
     def visit_mlps(self, schedule) -> list:
         """The MLP each virtual position runs: None (the block's own) except on extra recurrent passes
         with UNTIE_LOOP_MLP."""
-        out, seen = [], {}
+        s, out, seen = self.settings, [], {}
         for i in schedule:
             visit = seen.get(i, 0)
             seen[i] = visit + 1
-            s = self.settings
             untied = self.loop_mlps is not None and visit > 0
             out.append(self.loop_mlps[(visit - 1) * (s.loop_end - s.loop_start + 1) + i - s.loop_start]
                        if untied else None)
@@ -1813,8 +1813,9 @@ class Muon:
 def split_parameters(model: GPT):
     """(Muon matrices, the embedding tables, control tensors), each a list of (name, param).
 
-    Muon gets exactly the weights of the blocks' linear layers; 2-D control tensors such as
-    resid_mix [2, dim] or skip_weights stay with AdamW."""
+    Muon gets exactly the weights of the linear layers (blocks, untied loop MLPs, the BigramHash and
+    value-embedding projections); the token-indexed tables (GPT.embedding_tables) train with the tied
+    embedding's AdamW; 2-D control tensors such as resid_mix [2, dim] or skip_weights stay with AdamW."""
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, CastedLinear)}
     tables = {id(t) for t in model.embedding_tables()}
     matrices, embedding, scalars = [], [], []
