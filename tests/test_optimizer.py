@@ -260,3 +260,26 @@ def test_gpu_step_has_no_host_sync_and_compiled_direction_matches(compile_it):
     b = opt.muon.direction(g, buf_b, coef, mu, 5, tg.NS_COEFFICIENTS["quintic"], True).float()
     torch.testing.assert_close(buf_a, buf_b, rtol=1e-6, atol=1e-6)
     assert (a * b).sum() / (a.norm() * b.norm()) > 0.999 and (a - b).abs().max() < 0.02
+
+
+def test_the_compiled_direction_is_one_graph_per_shape_whatever_the_momentum_and_clip():
+    """The momentum warms up and the clip coefficient changes every step: as 0-d tensors they must not
+    recompile the fullgraph-compiled direction (a float argument would, once per new value)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+    direction = torch.compile(tg.muon_direction, backend=counting_backend, dynamic=False, fullgraph=True)
+    coeffs = tg.NS_COEFFICIENTS["quintic"]
+    for shape in [(3, 16, 32), (2, 32, 16)]:
+        buf = torch.zeros(shape)
+        for k, (coef, mu) in enumerate([(1.0, 0.92), (0.5, 0.93), (0.25, 0.97)]):
+            coef_t, mu_t = torch.tensor(coef), torch.tensor(mu)
+            grad = torch.randn(shape)
+            want_buf = buf.clone()
+            want = tg.muon_direction(grad, want_buf, coef_t, mu_t, 5, coeffs, True)
+            got = direction(grad, buf, coef_t, mu_t, 5, coeffs, True)
+            torch.testing.assert_close(buf, want_buf)
+            torch.testing.assert_close(got.float(), want.float(), atol=0.02, rtol=0)
+    assert len(graphs) == 2
