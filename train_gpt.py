@@ -1429,7 +1429,7 @@ def muon_direction(grad: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mo
     MuonEq-R, Newton-Schulz; buf (fp32) is updated in place.
 
     One function so that one compiled graph does all of a group's elementwise work in a few fused kernels
-    instead of eight full passes. coef and momentum are 0-d tensors on the device: as Python floats they
+    instead of a full pass over the group per operation. coef and momentum are 0-d tensors on the device: as Python floats they
     would be baked into the graph, and the momentum warm-up would recompile it every step."""
     grad = grad.float() * coef  # (a no-op cast for fp32; a shard reduced in bf16 is widened here)
     buf.mul_(momentum).add_(grad)
@@ -1520,7 +1520,7 @@ class Muon:
                 continue
             full = ortho.new_empty((n * self.world_size, *ortho.shape[1:]))
             gathers.append((dist.all_gather_into_tensor(full, ortho.contiguous(), async_op=True), full))
-        # Weight decay needs no update, so it runs while the last gathers are still in flight.
+        # Weight decay needs none of the gathered updates, so it runs while the last gathers are in flight.
         torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
         for params, scale, (handle, ortho) in zip(self.groups, self.scales, gathers):
             if handle is not None:
