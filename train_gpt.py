@@ -1429,8 +1429,9 @@ def muon_direction(grad: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, mo
     MuonEq-R, Newton-Schulz; buf (fp32) is updated in place.
 
     One function so that one compiled graph does all of a group's elementwise work in a few fused kernels
-    instead of a full pass over the group per operation. coef and momentum are 0-d tensors on the device: as Python floats they
-    would be baked into the graph, and the momentum warm-up would recompile it every step."""
+    instead of a full pass over the group per operation. coef and momentum are 0-d tensors on the device:
+    as Python floats they would be baked into the graph, and the momentum warm-up would recompile it every
+    step."""
     grad = grad.float() * coef  # (a no-op cast for fp32; a shard reduced in bf16 is widened here)
     buf.mul_(momentum).add_(grad)
     update = torch.addcmul(grad, buf, momentum)  # Nesterov: grad + momentum * buf
