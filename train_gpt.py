@@ -112,6 +112,10 @@ class Settings:
     eval_seq_len: int = setting(2048, "evaluation window length in tokens", bounds="[1, inf)", role="score")
     compile: bool = setting(True,
         "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)")
+    loss_kernel: str = setting("torch",
+        "training loss on CUDA: torch = plain softcap + cross-entropy (the reference); triton = one fused Triton "
+        "pass over the bf16 logits forward and one backward; auto = triton when Triton imports",
+        choices=("auto", "triton", "torch"))
     compile_mode: str = setting("default",
         "how the training step compiles: default; coordinate = coordinate-descent tuning of inductor's fused "
         "kernels; max-autotune = also Triton GEMM templates with fused epilogues (minutes more warm-up)",
@@ -1184,6 +1188,118 @@ class MLP(nn.Module):
         return out
 
 
+# --- the training loss and its fused kernel ----------------------------------------------------------
+# LOSS_KERNEL=triton computes the training step's mean cross-entropy of the softcapped logits c*tanh(z/c)
+# straight from the bf16 head output z: one pass over each row for its log-sum-exp (online, in fp32), and
+# in the backward one pass that writes dz = g * (softmax - onehot) * (1 - tanh^2). The plain path (torch)
+# is the reference: inductor's version reads and writes the 98,304 x 8,192 logits more often.
+
+_TRITON_SOFTCAP_CE = None  # the op once defined; False when Triton does not import
+
+
+def _softcap(z, cap):
+    t = 1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0)  # tanh(z / cap), saturating cleanly at +-1
+    return cap * t, t
+
+
+def _softcap_ce_forward_kernel(z_ptr, target_ptr, loss_ptr, lse_ptr, V, stride, cap, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
+    running_max = tl.full([BLOCK_V], -1e30, tl.float32)  # finite: capped logits are >= -cap
+    running_sum = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        y, _ = _softcap(tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32), cap)
+        y = tl.where(cols < V, y, float("-inf"))
+        new_max = tl.maximum(running_max, y)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(y - new_max)
+        running_max = new_max
+    row_max = tl.max(running_max, axis=0)
+    lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    target_logit, _ = _softcap(tl.load(base + tl.load(target_ptr + row)).to(tl.float32), cap)
+    tl.store(loss_ptr + row, lse - target_logit)
+    tl.store(lse_ptr + row, lse)
+
+
+def _softcap_ce_backward_kernel(z_ptr, target_ptr, lse_ptr, dloss_ptr, dz_ptr, V, stride, cap,
+                                BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lse, g, target = tl.load(lse_ptr + row), tl.load(dloss_ptr + row), tl.load(target_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        y, t = _softcap(tl.load(z_ptr + row * stride + cols, mask=cols < V, other=0.0).to(tl.float32), cap)
+        dy = tl.exp(y - lse) - tl.where(cols == target, 1.0, 0.0)
+        tl.store(dz_ptr + row * stride + cols, (g * dy * (1.0 - t * t)).to(dz_ptr.dtype.element_ty), mask=cols < V)
+
+
+def triton_softcap_ce():
+    """Defines (once) torch.ops.pgolf.softcap_ce(z [N, V], target [N], cap) -> (loss [N], lse [N]) fp32, with
+    its backward as a second op, both torch.library custom ops with fake kernels (no graph break under
+    torch.compile). Returns False when Triton does not import."""
+    global triton, tl, _TRITON_SOFTCAP_CE
+    if _TRITON_SOFTCAP_CE is not None:
+        return _TRITON_SOFTCAP_CE
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _TRITON_SOFTCAP_CE = False
+        return False
+    global _softcap
+    _softcap = triton.jit(_softcap)
+    forward_kernel = triton.jit(_softcap_ce_forward_kernel)
+    backward_kernel = triton.jit(_softcap_ce_backward_kernel)
+    block = 1024
+
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=(), device_types="cuda")
+    def softcap_ce(z: torch.Tensor, target: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        z, target = z.contiguous(), target.contiguous()
+        loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
+        lse = torch.empty_like(loss)
+        with torch.cuda.device(z.device):
+            forward_kernel[(z.size(0),)](z, target, loss, lse, z.size(1), z.stride(0), cap, BLOCK_V=block,
+                                         num_warps=8)
+        return loss, lse
+
+    @softcap_ce.register_fake
+    def _(z, target, cap):
+        return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=(), device_types="cuda")
+    def softcap_ce_backward(z: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor,
+                            cap: float) -> torch.Tensor:
+        z = z.contiguous()
+        dz = torch.empty_like(z)
+        with torch.cuda.device(z.device):
+            backward_kernel[(z.size(0),)](z, target.contiguous(), lse.contiguous(), dloss.contiguous().float(), dz,
+                                          z.size(1), z.stride(0), cap, BLOCK_V=block, num_warps=8)
+        return dz
+
+    @softcap_ce_backward.register_fake
+    def _(z, target, lse, dloss, cap):
+        return torch.empty_like(z)
+
+    def setup_context(ctx, inputs, output):
+        z, target, cap = inputs
+        ctx.save_for_backward(z, target, output[1])
+        ctx.cap = cap
+
+    def backward(ctx, dloss, dlse):
+        z, target, lse = ctx.saved_tensors
+        return softcap_ce_backward(z, target, lse, dloss, ctx.cap), None, None
+
+    softcap_ce.register_autograd(backward, setup_context=setup_context)
+    _TRITON_SOFTCAP_CE = softcap_ce
+    return softcap_ce
+
+
+def pick_loss_kernel(requested: str) -> str:
+    """LOSS_KERNEL -> the path the training loss runs: triton (CUDA with Triton) or torch."""
+    why = "no CUDA device" if not torch.cuda.is_available() else "" if triton_softcap_ce() else "Triton does not import"
+    need(requested != "triton" or not why, f"LOSS_KERNEL=triton but {why}: set LOSS_KERNEL=auto or torch")
+    return "torch" if why or requested == "torch" else "triton"
+
+
 class LayerContext(NamedTuple):
     """What every block of one forward pass reads besides the residual stream: the RoPE tables, the
     attention kernel, and this virtual layer's eval-time adapters (None outside LoRA TTT)."""
@@ -1356,6 +1472,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=s.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(i, s) for i in range(s.num_layers))
         self.mlp_kernel = self.blocks[0].mlp.kernel  # MLP_KERNEL as resolved: cutlass, triton or torch
+        self.loss_kernel = pick_loss_kernel(s.loss_kernel)  # LOSS_KERNEL as resolved: triton or torch
         self.residual = RESIDUAL_FORMS[s.parallel_residual_mode]
         self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value
         schedules = [virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, on) for on in (False, True)]
@@ -1454,7 +1571,13 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, target_ids):
         """Mean training loss."""
-        z = self.logits(self.forward_hidden(input_ids))
+        hidden = self.forward_hidden(input_ids)
+        if self.loss_kernel == "triton" and hidden.dtype == torch.bfloat16:
+            z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+            losses, _ = torch.ops.pgolf.softcap_ce(z.view(-1, z.size(-1)), target_ids.reshape(-1),
+                                                   self.settings.logit_softcap)
+            return losses.mean()
+        z = self.logits(hidden)
         return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1))
 
     # --- reporting -------------------------------------------------------------------------------
@@ -3542,6 +3665,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     rt.log(f"attention_backend:{trainer.attention_backend}")
     rt.log(f"mlp_kernel:{model.mlp_kernel}")
+    rt.log(f"loss_kernel:{model.loss_kernel}")
     rt.log(f"parallel_residual mode:{s.parallel_residual_mode} start_layer:{s.parallel_residual_start}")
     rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} "
            f"enable_at:{s.enable_looping_at}")
