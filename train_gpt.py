@@ -116,6 +116,10 @@ class Settings:
     eval_seq_len: int = setting(2048, "evaluation window length in tokens", bounds="[1, inf)", role="score")
     compile: bool = setting(True,
         "torch.compile the model and Newton-Schulz (off is slower, for debugging and CPU smoke runs)")
+    loss_kernel: str = setting("torch",
+        "training loss on CUDA: torch = plain softcap + cross-entropy (the reference); triton = one fused Triton "
+        "pass over the bf16 logits forward and one backward; auto = triton when Triton imports",
+        choices=("auto", "triton", "torch"))
     compile_mode: str = setting("default",
         "how the training step compiles: default; coordinate = coordinate-descent tuning of inductor's fused "
         "kernels; max-autotune = also Triton GEMM templates with fused epilogues (minutes more warm-up)",
@@ -207,6 +211,9 @@ class Settings:
     muon_row_normalize: bool = setting(True,
         "MuonEq-R: normalise each row of the update before Newton-Schulz", group="optimizer")
     muon_wd: float = setting(0.095, "decoupled weight decay of the Muon matrices", group="optimizer", bounds="[0, inf)")
+    muon_comm_dtype: str = setting("bf16",
+        "several GPUs: dtype of Muon's gradient reduce-scatter (bf16 sends half the bytes; the updates travel in bf16 "
+        "either way)", choices=("bf16", "fp32"), group="optimizer")
     embed_wd: float = setting(0.095, "AdamW weight decay of the tied embedding", group="optimizer", bounds="[0, inf)")
     adam_wd: float = setting(0.02,
         "AdamW weight decay of the scalar/control tensors", group="optimizer", bounds="[0, inf)")
@@ -1288,6 +1295,118 @@ class MLP(nn.Module):
         return out
 
 
+# --- the training loss and its fused kernel ----------------------------------------------------------
+# LOSS_KERNEL=triton computes the training step's mean cross-entropy of the softcapped logits c*tanh(z/c)
+# straight from the bf16 head output z: one pass over each row for its log-sum-exp (online, in fp32), and
+# in the backward one pass that writes dz = g * (softmax - onehot) * (1 - tanh^2). The plain path (torch)
+# is the reference: inductor's version reads and writes the 98,304 x 8,192 logits more often.
+
+_TRITON_SOFTCAP_CE = None  # the op once defined; False when Triton does not import
+
+
+def _softcap(z, cap):
+    t = 1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0)  # tanh(z / cap), saturating cleanly at +-1
+    return cap * t, t
+
+
+def _softcap_ce_forward_kernel(z_ptr, target_ptr, loss_ptr, lse_ptr, V, stride, cap, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
+    running_max = tl.full([BLOCK_V], -1e30, tl.float32)  # finite: capped logits are >= -cap
+    running_sum = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        y, _ = _softcap(tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32), cap)
+        y = tl.where(cols < V, y, float("-inf"))
+        new_max = tl.maximum(running_max, y)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(y - new_max)
+        running_max = new_max
+    row_max = tl.max(running_max, axis=0)
+    lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    target_logit, _ = _softcap(tl.load(base + tl.load(target_ptr + row)).to(tl.float32), cap)
+    tl.store(loss_ptr + row, lse - target_logit)
+    tl.store(lse_ptr + row, lse)
+
+
+def _softcap_ce_backward_kernel(z_ptr, target_ptr, lse_ptr, dloss_ptr, dz_ptr, V, stride, cap,
+                                BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lse, g, target = tl.load(lse_ptr + row), tl.load(dloss_ptr + row), tl.load(target_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        y, t = _softcap(tl.load(z_ptr + row * stride + cols, mask=cols < V, other=0.0).to(tl.float32), cap)
+        dy = tl.exp(y - lse) - tl.where(cols == target, 1.0, 0.0)
+        tl.store(dz_ptr + row * stride + cols, (g * dy * (1.0 - t * t)).to(dz_ptr.dtype.element_ty), mask=cols < V)
+
+
+def triton_softcap_ce():
+    """Defines (once) torch.ops.pgolf.softcap_ce(z [N, V], target [N], cap) -> (loss [N], lse [N]) fp32, with
+    its backward as a second op, both torch.library custom ops with fake kernels (no graph break under
+    torch.compile). Returns False when Triton does not import."""
+    global triton, tl, _TRITON_SOFTCAP_CE
+    if _TRITON_SOFTCAP_CE is not None:
+        return _TRITON_SOFTCAP_CE
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _TRITON_SOFTCAP_CE = False
+        return False
+    global _softcap
+    _softcap = triton.jit(_softcap)
+    forward_kernel = triton.jit(_softcap_ce_forward_kernel)
+    backward_kernel = triton.jit(_softcap_ce_backward_kernel)
+    block = 1024
+
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=(), device_types="cuda")
+    def softcap_ce(z: torch.Tensor, target: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        z, target = z.contiguous(), target.contiguous()
+        loss = torch.empty(z.size(0), device=z.device, dtype=torch.float32)
+        lse = torch.empty_like(loss)
+        with torch.cuda.device(z.device):
+            forward_kernel[(z.size(0),)](z, target, loss, lse, z.size(1), z.stride(0), cap, BLOCK_V=block,
+                                         num_warps=8)
+        return loss, lse
+
+    @softcap_ce.register_fake
+    def _(z, target, cap):
+        return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=(), device_types="cuda")
+    def softcap_ce_backward(z: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor,
+                            cap: float) -> torch.Tensor:
+        z = z.contiguous()
+        dz = torch.empty_like(z)
+        with torch.cuda.device(z.device):
+            backward_kernel[(z.size(0),)](z, target.contiguous(), lse.contiguous(), dloss.contiguous().float(), dz,
+                                          z.size(1), z.stride(0), cap, BLOCK_V=block, num_warps=8)
+        return dz
+
+    @softcap_ce_backward.register_fake
+    def _(z, target, lse, dloss, cap):
+        return torch.empty_like(z)
+
+    def setup_context(ctx, inputs, output):
+        z, target, cap = inputs
+        ctx.save_for_backward(z, target, output[1])
+        ctx.cap = cap
+
+    def backward(ctx, dloss, dlse):
+        z, target, lse = ctx.saved_tensors
+        return softcap_ce_backward(z, target, lse, dloss, ctx.cap), None, None
+
+    softcap_ce.register_autograd(backward, setup_context=setup_context)
+    _TRITON_SOFTCAP_CE = softcap_ce
+    return softcap_ce
+
+
+def pick_loss_kernel(requested: str) -> str:
+    """LOSS_KERNEL -> the path the training loss runs: triton (CUDA with Triton) or torch."""
+    why = "no CUDA device" if not torch.cuda.is_available() else "" if triton_softcap_ce() else "Triton does not import"
+    need(requested != "triton" or not why, f"LOSS_KERNEL=triton but {why}: set LOSS_KERNEL=auto or torch")
+    return "torch" if why or requested == "torch" else "triton"
+
+
 class LayerContext(NamedTuple):
     """What every block of one forward pass reads besides the residual stream: the RoPE tables, the
     attention kernel, this virtual layer's eval-time adapters (None outside LoRA TTT), the MLP of this
@@ -1549,6 +1668,7 @@ class GPT(nn.Module):
         self.loop_mlps = nn.ModuleList(MLP(s.model_dim, mlp_hidden(s), self.blocks[0].mlp.kernel)
                                        for _ in range(s.num_loops * segment)) if s.untie_loop_mlp else None
         self.mlp_kernel = self.blocks[0].mlp.kernel  # MLP_KERNEL as resolved: cutlass, triton or torch
+        self.loss_kernel = pick_loss_kernel(s.loss_kernel)  # LOSS_KERNEL as resolved: triton or torch
         self.residual = RESIDUAL_FORMS[s.parallel_residual_mode]
         self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value
         schedules = [virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, on) for on in (False, True)]
@@ -1684,7 +1804,13 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, target_ids):
         """Mean training loss."""
-        z = self.logits(self.forward_hidden(input_ids))
+        hidden = self.forward_hidden(input_ids)
+        if self.loss_kernel == "triton" and hidden.dtype == torch.bfloat16:
+            z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+            losses, _ = torch.ops.pgolf.softcap_ce(z.view(-1, z.size(-1)), target_ids.reshape(-1),
+                                                   self.settings.logit_softcap)
+            return losses.mean()
+        z = self.logits(hidden)
         return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1))
 
     # --- reporting -------------------------------------------------------------------------------
@@ -1741,73 +1867,110 @@ def newton_schulz(G: torch.Tensor, steps: int, coeffs: tuple) -> torch.Tensor:
     return X.mT if transposed else X
 
 
+def muon_direction(grad: torch.Tensor, buf: torch.Tensor, coef: torch.Tensor, momentum: torch.Tensor, steps: int,
+                   coeffs: tuple, row_normalize: bool) -> torch.Tensor:
+    """The orthogonalised update (bf16) of one shape group's shard grad [n, r, c]: clip, momentum, Nesterov,
+    MuonEq-R, Newton-Schulz; buf (fp32) is updated in place.
+
+    One function so that one compiled graph does all of a group's elementwise work in a few fused kernels
+    instead of a full pass over the group per operation. coef and momentum are 0-d tensors on the device:
+    as Python floats they would be baked into the graph, and the momentum warm-up would recompile it every
+    step."""
+    grad = grad.float() * coef  # (a no-op cast for fp32; a shard reduced in bf16 is widened here)
+    buf.mul_(momentum).add_(grad)
+    update = torch.addcmul(grad, buf, momentum)  # Nesterov: grad + momentum * buf
+    if row_normalize:  # MuonEq-R: equalise row norms before orthogonalising
+        update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    return newton_schulz(update, steps, coeffs)
+
+
 class Muon:
     """MuonEq-R with Nesterov momentum, decoupled weight decay and batched, sharded Newton-Schulz.
 
     Matrices of the same shape form one group, orthogonalised as one batch. With several ranks the
-    group's gradients are reduce-scattered so each rank orthogonalises only its share of whole
-    matrices, then the updates are all-gathered. The caller hands in the global clip coefficient so
-    clipping sees the averaged gradient (the result is then independent of the GPU count).
+    group's gradients are reduce-scattered (in comm_dtype) so each rank orthogonalises only its share of
+    whole matrices, then the bf16 updates are all-gathered: each group's gather starts as soon as its
+    Newton-Schulz is queued, so it travels while the next group computes. The caller hands in the global
+    clip coefficient so clipping sees the averaged gradient (the result is then independent of the GPU
+    count).
+
+    What stays fp32: the momentum buffers, the clip norm and the weights (bf16 rounding there would
+    accumulate over steps). What travels in bf16: the updates (Newton-Schulz works in bf16, so nothing is
+    lost) and, with comm_dtype bf16, the gradient sums (Newton-Schulz rounds its input to bf16 anyway; the
+    sum itself is rounded once per hop of the ring).
     """
 
-    def __init__(self, named_params, lr, wd, steps, coeffs, row_normalize, rank, world_size, compiled_ns):
+    def __init__(self, named_params, lr, wd, steps, coeffs, row_normalize, rank, world_size, direction,
+                 comm_dtype=torch.float32):
         self.lr, self.wd, self.steps, self.coeffs = lr, wd, steps, coeffs
         self.row_normalize = row_normalize
         self.rank, self.world_size = rank, world_size
-        self.ns = compiled_ns
+        self.direction, self.comm_dtype = direction, comm_dtype
         by_shape = {}
         for name, p in named_params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
         # Largest groups first so their communication starts earliest.
         self.groups = sorted(by_shape.values(), key=lambda ps: -ps[0].numel() * len(ps))
+        self.params = [p for ps in self.groups for p in ps]
         self.shard_sizes = [math.ceil(len(ps) / world_size) for ps in self.groups]
+        self.scales = [max(1.0, ps[0].shape[0] / ps[0].shape[1]) ** 0.5 for ps in self.groups]
         self.momentum = [torch.zeros((n, *ps[0].shape), device=ps[0].device)
                          for n, ps in zip(self.shard_sizes, self.groups)]
+        device = self.groups[0][0].device if self.groups else None
+        self.momentum_now = torch.zeros((), device=device)  # set by fill_: no host-to-device copy, no sync
 
     def reduce_grads(self):
-        """Start averaging this rank's gradients; returns [(handle or None, shard grad [n, r, c])]."""
+        """Start summing this rank's gradients; returns [(handle or None, shard grad [n, r, c])].
+
+        The shards hold sums over ranks (in comm_dtype), not averages: step() folds the 1/world_size into
+        the clip coefficient rather than spend a pass over every shard on it."""
         pending = []
         for params, n in zip(self.groups, self.shard_sizes):
             stacked = torch.stack([p.grad for p in params])
             if self.world_size == 1:
                 pending.append((None, stacked))
                 continue
-            padded = stacked.new_zeros((n * self.world_size, *stacked.shape[1:]))
+            padded = stacked.new_zeros((n * self.world_size, *stacked.shape[1:]), dtype=self.comm_dtype)
             padded[:len(params)] = stacked
-            shard = stacked.new_empty((n, *stacked.shape[1:]))
+            shard = padded.new_empty((n, *stacked.shape[1:]))
             handle = dist.reduce_scatter_tensor(shard, padded, op=dist.ReduceOp.SUM, async_op=True)
             pending.append((handle, shard))
         return pending
 
     @staticmethod
-    def wait(pending, world_size):
-        shards = []
-        for handle, shard in pending:
+    def wait(pending):
+        """The shards of reduce_grads, once their reductions are done (on a GPU: queued after them)."""
+        for handle, _ in pending:
             if handle is not None:
                 handle.wait()
-                shard.mul_(1.0 / world_size)
-            shards.append(shard)
-        return shards
+        return [shard for _, shard in pending]
+
+    def squared_norm(self, shards) -> torch.Tensor:
+        """This rank's part of the squared global norm of the averaged matrix gradients (ranks hold disjoint
+        shards, so the parts add up across ranks)."""
+        norms = torch._foreach_norm(shards, 2, dtype=torch.float32)
+        sq = torch.stack(norms).square().sum()
+        return sq if self.world_size == 1 else sq / self.world_size ** 2
 
     @torch.no_grad()
     def step(self, shards, lr_mul: float, momentum: float, clip_coef: torch.Tensor):
         lr = self.lr * lr_mul
-        for params, n, buf, grad in zip(self.groups, self.shard_sizes, self.momentum, shards):
-            grad = grad * clip_coef
-            buf.mul_(momentum).add_(grad)
-            update = grad.add(buf, alpha=momentum)  # Nesterov
-            if self.row_normalize:  # MuonEq-R: equalise row norms before orthogonalising
-                update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-            ortho = self.ns(update, self.steps, self.coeffs)
-            if self.world_size > 1:
-                full = ortho.new_empty((n * self.world_size, *ortho.shape[1:]))
-                dist.all_gather_into_tensor(full, ortho.contiguous())
-                ortho = full
-            rows, cols = params[0].shape
-            scale = max(1.0, rows / cols) ** 0.5
-            torch._foreach_mul_(params, 1.0 - lr * self.wd)
+        coef = clip_coef if self.world_size == 1 else clip_coef / self.world_size  # the shards are sums
+        self.momentum_now.fill_(momentum)
+        gathers = []
+        for n, buf, grad in zip(self.shard_sizes, self.momentum, shards):
+            ortho = self.direction(grad, buf, coef, self.momentum_now, self.steps, self.coeffs, self.row_normalize)
+            if self.world_size == 1:
+                gathers.append((None, ortho))
+                continue
+            full = ortho.new_empty((n * self.world_size, *ortho.shape[1:]))
+            gathers.append((dist.all_gather_into_tensor(full, ortho.contiguous(), async_op=True), full))
+        # Weight decay needs none of the gathered updates, so it runs while the last gathers are in flight.
+        torch._foreach_mul_(self.params, 1.0 - lr * self.wd)
+        for params, scale, (handle, ortho) in zip(self.groups, self.scales, gathers):
+            if handle is not None:
+                handle.wait()
             torch._foreach_add_(params, list(ortho[:len(params)].float().unbind(0)), alpha=-lr * scale)
-
 
 
 def split_parameters(model: GPT):
@@ -1829,28 +1992,35 @@ def split_parameters(model: GPT):
     return matrices, embedding, scalars
 
 
-_COMPILED_NEWTON_SCHULZ = None
+_COMPILED_MUON_DIRECTION = None
 
 
-def newton_schulz_fn(compile_it: bool):
-    """newton_schulz, compiled once per process when asked (optimizers are rebuilt after warm-up)."""
-    global _COMPILED_NEWTON_SCHULZ
+def muon_direction_fn(compile_it: bool):
+    """muon_direction, compiled once per process when asked (optimizers are rebuilt after warm-up)."""
+    global _COMPILED_MUON_DIRECTION
     if not compile_it:
-        return newton_schulz
-    if _COMPILED_NEWTON_SCHULZ is None:
-        _COMPILED_NEWTON_SCHULZ = compiled(newton_schulz, True)
-    return _COMPILED_NEWTON_SCHULZ
+        return muon_direction
+    if _COMPILED_MUON_DIRECTION is None:
+        _COMPILED_MUON_DIRECTION = compiled(muon_direction, True)
+    return _COMPILED_MUON_DIRECTION
+
+
+COMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Optimizers:
-    """Everything one optimizer step does: average gradients across ranks, clip, Muon + AdamW."""
+    """Everything one optimizer step does: average gradients across ranks, clip, Muon + AdamW.
+
+    The step never waits on the GPU from the host (no .item(), no tensor truth value): the gradient norm
+    and the clip coefficient stay 0-d device tensors, and collectives are started asynchronously."""
 
     def __init__(self, model: GPT, s: Settings, rt: "Runtime"):
         self.settings, self.world_size = s, rt.world_size
         matrices, embedding, scalars = split_parameters(model)
-        ns = newton_schulz_fn(s.compile and rt.device.type == "cuda")
+        direction = muon_direction_fn(s.compile and rt.device.type == "cuda")
         self.muon = Muon(matrices, s.matrix_lr, s.muon_wd, s.muon_backend_steps, NS_COEFFICIENTS[s.muon_ns_coeffs],
-                         s.muon_row_normalize, rt.rank, rt.world_size, ns)
+                         s.muon_row_normalize, rt.rank, rt.world_size, direction, COMM_DTYPES[s.muon_comm_dtype])
+        # Fused AdamW on a GPU is already one multi-tensor kernel per group for all its small tensors.
         fused = rt.device.type == "cuda"
         adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=fused)
         self.adam_groups = [
@@ -1866,6 +2036,23 @@ class Optimizers:
         frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
         return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
 
+    def reduce_replicated(self, grads):
+        """Start one flat fp32 all-reduce of every replicated gradient (AdamW's embedding and control tensors stay
+        fp32: they are an eighth of the bytes, and the small gains and mixes are the most sensitive weights)."""
+        if self.world_size == 1:
+            return None
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), flat
+
+    def finish_replicated(self, grads, pending):
+        if pending is None:
+            return
+        handle, flat = pending
+        handle.wait()
+        flat.mul_(1.0 / self.world_size)
+        parts = torch.split(flat, [g.numel() for g in grads])
+        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(parts, grads)])
+
     @torch.no_grad()
     def step(self, step: int, lr_mul: float) -> torch.Tensor:
         """One update; returns the global gradient norm (before clipping) as a 0-d tensor."""
@@ -1874,15 +2061,11 @@ class Optimizers:
                 p.grad = torch.zeros_like(p)
         pending = self.muon.reduce_grads()
         grads = [p.grad for p in self.replicated]
-        if self.world_size > 1:  # one flat all-reduce for every replicated gradient
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat.mul_(1.0 / self.world_size)
-            parts = torch.split(flat, [g.numel() for g in grads])
-            torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(parts, grads)])
-        shards = Muon.wait(pending, self.world_size)
+        replicated = self.reduce_replicated(grads)
+        shards = Muon.wait(pending)
+        self.finish_replicated(grads, replicated)
         # Squared norm: Muon shards are disjoint across ranks; replicated grads count 1/world_size per rank.
-        sq = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in shards]).sum()
+        sq = self.muon.squared_norm(shards)
         sq = sq + torch.stack(torch._foreach_norm(grads)).square().sum() / self.world_size
         if self.world_size > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM)
@@ -3729,6 +3912,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     rt.log(f"attention_backend:{trainer.attention_backend}")
     rt.log(f"mlp_kernel:{model.mlp_kernel}")
+    rt.log(f"loss_kernel:{model.loss_kernel}")
     rt.log(f"parallel_residual mode:{s.parallel_residual_mode} start_layer:{s.parallel_residual_start}")
     rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} "
            f"enable_at:{s.enable_looping_at}")

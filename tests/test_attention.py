@@ -65,12 +65,20 @@ def test_flex_attention_equals_the_masked_reference():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_flex_in_bf16_matches_the_reference_on_the_gpu():
-    q, k, v = random_qkv(B=4, T=2048, H=8, Hkv=4, D=64, dtype=torch.bfloat16, device="cuda")
+    """As training runs it: the ids are an input of the compiled graph, which builds the block mask."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(B=4, T=2048, H=8, Hkv=4, D=64, dtype=torch.bfloat16,
+                                                       device="cuda"))
     ids = torch.randint(4, 8000, (4, 2048), device="cuda")
     ids[ids % 97 == 0] = BOS  # documents of about 97 tokens
-    ref = tg.bind_masked_sdpa(ids, BOS)(q.float(), k.float(), v.float())
-    got = torch.compile(lambda q, k, v: tg.bind_flex(ids, BOS)(q, k, v))(q, k, v)
+    got = torch.compile(lambda ids, q, k, v: tg.bind_flex(ids, BOS)(q, k, v), fullgraph=True)(ids, q, k, v)
+    got.float().square().sum().backward()
+    grads = [t.grad.float() for t in (q, k, v)]
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = tg.bind_masked_sdpa(ids, BOS)(*ref_inputs)
+    ref.square().sum().backward()
     assert (got.float() - ref).abs().max().item() < 3e-2
+    for grad, ref_input in zip(grads, ref_inputs):
+        assert (grad - ref_input.grad).abs().max().item() < 5e-2 * ref_input.grad.abs().max().item()
 
 
 @pytest.mark.parametrize("doc_mask", ["1", "0"])

@@ -106,3 +106,180 @@ def test_ema_tracks_the_weights():
     ema.update()
     ema.copy_to_model()
     torch.testing.assert_close(model.weight.detach(), start + 0.1)
+
+
+def _random_grads(model, seed, scale=1.0):
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * scale
+
+
+def _old_muon_and_clip_step(opt, step, lr_mul):
+    """The optimizer step as it was before the fused, overlapped one (one process): each group clipped,
+    momentum, Nesterov, row-normalised and orthogonalised on its own, then per-tensor weight decay and
+    update. The fused step must reproduce it bit for bit on the CPU."""
+    muon, s = opt.muon, opt.settings
+    shards = [torch.stack([p.grad for p in ps]) for ps in muon.groups]
+    grads = [p.grad for p in opt.replicated]
+    sq = torch.stack([torch.linalg.vector_norm(g.float()).square() for g in shards]).sum()
+    sq = sq + torch.stack(torch._foreach_norm(grads)).square().sum()
+    coef = (s.grad_clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    lr, momentum = muon.lr * lr_mul, opt.momentum_at(step)
+    for params, buf, grad in zip(muon.groups, muon.momentum, shards):
+        grad = grad * coef
+        buf.mul_(momentum).add_(grad)
+        update = grad.add(buf, alpha=momentum)
+        update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        ortho = tg.newton_schulz(update, muon.steps, muon.coeffs)
+        rows, cols = params[0].shape
+        for p, o in zip(params, ortho):
+            p.mul_(1.0 - lr * muon.wd)
+            p.add_(o.float(), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+
+
+def test_fused_muon_step_equals_the_old_per_group_update_bit_for_bit():
+    s, model, opt = _tiny_optimizers()
+    _, ref_model, ref_opt = _tiny_optimizers()
+    for step, lr_mul in enumerate([1.0, 0.7, 0.3]):  # momentum warms up, the LR falls, the clip engages
+        _random_grads(model, step, scale=0.1)
+        _random_grads(ref_model, step, scale=0.1)
+        opt.step(step * 500, lr_mul)
+        with torch.no_grad():
+            _old_muon_and_clip_step(ref_opt, step * 500, lr_mul)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        if any(p is m for m in opt.muon.params):
+            assert torch.equal(p, q), name
+    for a, b in zip(opt.muon.momentum, ref_opt.muon.momentum):
+        assert torch.equal(a, b)
+
+
+class FakeCollectives:
+    """Stands in for torch.distributed on one process acting as rank 0 of `world` identical ranks, and
+    records the order in which the step starts and waits on collectives and computes directions."""
+
+    def __init__(self, monkeypatch, world):
+        self.world, self.events, self.dtypes = world, [], {}
+        monkeypatch.setattr(tg.dist, "reduce_scatter_tensor", self.reduce_scatter_tensor)
+        monkeypatch.setattr(tg.dist, "all_gather_into_tensor", self.all_gather_into_tensor)
+        monkeypatch.setattr(tg.dist, "all_reduce", self.all_reduce)
+
+    def handle(self, name):
+        self.events.append(f"start {name}")
+        events = self.events
+        return type("Work", (), dict(wait=lambda self: events.append(f"wait {name}")))()
+
+    def reduce_scatter_tensor(self, out, inp, op=None, async_op=False):
+        self.dtypes.setdefault("reduce_scatter", set()).add(inp.dtype)
+        out.copy_(inp.chunk(self.world)[0] * self.world)
+        return self.handle("reduce_scatter")
+
+    def all_gather_into_tensor(self, out, inp, async_op=False):
+        self.dtypes.setdefault("all_gather", set()).add(inp.dtype)
+        out.copy_(torch.cat([inp] * self.world))
+        return self.handle("gather") if async_op else None
+
+    def all_reduce(self, tensor, op=None, async_op=False):
+        tensor.mul_(self.world)
+        return self.handle("all_reduce") if async_op else None
+
+
+@pytest.mark.parametrize("comm,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_sharded_step_overlaps_gathers_with_the_next_groups_newton_schulz(monkeypatch, comm, dtype):
+    s = tg.Settings(environ=dict(TINY_MODEL, MUON_COMM_DTYPE=comm))
+    rt = type("RT", (), dict(rank=0, world_size=2, device=torch.device("cpu")))()
+    model = tg.GPT(s)
+    opt = tg.Optimizers(model, s, rt)
+    fake = FakeCollectives(monkeypatch, 2)
+    direction = opt.muon.direction
+
+    def traced_direction(*args):
+        fake.events.append("direction")
+        return direction(*args)
+    opt.muon.direction = traced_direction
+    _random_grads(model, 0)
+    opt.step(0, 1.0)
+    groups = len(opt.muon.groups)
+    ev = fake.events
+    # every reduction starts before the first wait; then each group's gather starts right after its
+    # direction, before the next group's direction, and no gather is waited on before all have started
+    assert ev[:groups + 1] == ["start reduce_scatter"] * groups + ["start all_reduce"]
+    first_direction = ev.index("direction")
+    assert ev[first_direction:first_direction + 2 * groups] == ["direction", "start gather"] * groups
+    assert ev[first_direction + 2 * groups:] == ["wait gather"] * groups
+    assert fake.dtypes == {"reduce_scatter": {dtype}, "all_gather": {torch.bfloat16}}
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_the_step_never_asks_the_host_for_a_tensor_value(monkeypatch):
+    """No .item(), truth value, float() or tolist() in the optimizer's own code: each would wait for the
+    GPU. (torch's CPU AdamW reads its CPU step counters; the fused GPU AdamW keeps them on the device.)"""
+    import sys
+    s, model, opt = _tiny_optimizers()
+
+    def forbid(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            assert caller.co_filename != tg.__file__, f"Tensor.{name} in {caller.co_name}: a host sync"
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        forbid(name)
+    for step in range(2):
+        _random_grads(model, step)
+        norm = opt.step(step, 1.0)
+    assert isinstance(norm, torch.Tensor) and norm.dim() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("compile_it", [False, True])
+def test_gpu_step_has_no_host_sync_and_compiled_direction_matches(compile_it):
+    """On the GPU: a step after the first (which creates AdamW's state) runs with CUDA's sync debug mode
+    set to error; the compiled direction matches the eager one up to bf16 rounding in Newton-Schulz."""
+    s = tg.Settings(environ=dict(TINY_MODEL, COMPILE=str(int(compile_it))))
+    rt = type("RT", (), dict(rank=0, world_size=1, device=torch.device("cuda")))()
+    torch.manual_seed(0)
+    model = tg.GPT(s).cuda()
+    opt = tg.Optimizers(model, s, rt)
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(step, 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    g = torch.randn(4, 64, 256, device="cuda")
+    coef, mu = torch.tensor(0.5, device="cuda"), torch.tensor(0.95, device="cuda")
+    buf_a, buf_b = torch.ones_like(g), torch.ones_like(g)
+    a = tg.muon_direction(g, buf_a, coef, mu, 5, tg.NS_COEFFICIENTS["quintic"], True).float()
+    b = opt.muon.direction(g, buf_b, coef, mu, 5, tg.NS_COEFFICIENTS["quintic"], True).float()
+    torch.testing.assert_close(buf_a, buf_b, rtol=1e-6, atol=1e-6)
+    assert (a * b).sum() / (a.norm() * b.norm()) > 0.999 and (a - b).abs().max() < 0.02
+
+
+def test_the_compiled_direction_is_one_graph_per_shape_whatever_the_momentum_and_clip():
+    """The momentum warms up and the clip coefficient changes every step: as 0-d tensors they must not
+    recompile the fullgraph-compiled direction (a float argument would, once per new value)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+    direction = torch.compile(tg.muon_direction, backend=counting_backend, dynamic=False, fullgraph=True)
+    coeffs = tg.NS_COEFFICIENTS["quintic"]
+    for shape in [(3, 16, 32), (2, 32, 16)]:
+        buf = torch.zeros(shape)
+        for k, (coef, mu) in enumerate([(1.0, 0.92), (0.5, 0.93), (0.25, 0.97)]):
+            coef_t, mu_t = torch.tensor(coef), torch.tensor(mu)
+            grad = torch.randn(shape)
+            want_buf = buf.clone()
+            want = tg.muon_direction(grad, want_buf, coef_t, mu_t, 5, coeffs, True)
+            got = direction(grad, buf, coef_t, mu_t, 5, coeffs, True)
+            torch.testing.assert_close(buf, want_buf)
+            torch.testing.assert_close(got.float(), want.float(), atol=0.02, rtol=0)
+    assert len(graphs) == 2
