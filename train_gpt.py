@@ -78,16 +78,16 @@ class Settings:
     MATRIX_LR). The fields are the one declaration: parsing, range checks, the artifact's stored
     settings, the log header and the README table (tools/settings_table.py) all come from them."""
     # --- data and run ---
-    preset: str = setting("pr1529",
-        "seed record whose defaults the run starts from (PRESETS; explicit variables still win): pr1529 = the project "
-        "defaults; pr1477, pr1536 and pr1204 change the values the README preset table lists",
-        choices=("pr1529", "pr1477", "pr1536", "pr1204"))
     data_path: str = setting("./data/datasets/fineweb10B_sp8192",
         "folder holding fineweb_train_*.bin and fineweb_val_*.bin", group="data")
     tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe.model",
         "SentencePiece model the shards were made with", group="data")
     vocab_size: int = setting(8192,
         "vocabulary size; must equal the tokenizer's", group="data", bounds="[2, 65536]", role="model")
+    preset: str = setting("pr1529",
+        "seed record whose defaults the run starts from (PRESETS; explicit variables still win): pr1529 = the project "
+        "defaults; pr1477, pr1536 and pr1204 change the values the README preset table lists",
+        choices=("pr1529", "pr1477", "pr1536", "pr1204"))
     run_id: str = setting("",
         "name of the run: its log is LOG_DIR/<RUN_ID>.txt, its artifact LOG_DIR/<RUN_ID>.ptz (letters, digits, '.', "
         "'_', '-'; default: a fresh random id)")
