@@ -19,6 +19,11 @@ try:
     HAVE_ZPAQ = True
 except ImportError:
     HAVE_ZPAQ = False
+try:
+    import constriction  # noqa: F401
+    HAVE_CONSTRICTION = True
+except ImportError:
+    HAVE_CONSTRICTION = False
 
 
 def inputs(n: int, cols: int, seed: int) -> torch.Tensor:
@@ -133,11 +138,11 @@ OPTIONS = [dict(), dict(attn_bits=5, mlp_bits=7, embed_bits=7, attn_clip_sigmas=
            dict(row_order="similarity"), dict(awq_group=16, lqer_top_k=5, row_order="similarity", embed_bits=7)]
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zpaq"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "zpaq", "ans"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
 def test_every_option_round_trips_exactly(options, compressor):
-    if compressor == "zpaq" and not HAVE_ZPAQ:
-        pytest.skip("the optional package zpaq is not installed")
+    if not {"zpaq": HAVE_ZPAQ, "ans": HAVE_CONSTRICTION}.get(compressor, True):
+        pytest.skip(f"COMPRESSOR={compressor} needs an optional package that is not installed")
     state, hessians = small_state()
     s = settings(**options)
     qstate = tg.quantize_model(state, hessians, s)
@@ -181,10 +186,28 @@ def test_similarity_order_is_a_permutation_that_brings_alike_rows_together():
     assert (chained[1:] - chained[:-1]).abs().sum() < 0.5 * (rows[1:].float() - rows[:-1].float()).abs().sum()
 
 
-def test_missing_optional_compressor_is_a_one_line_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "zpaq", None)  # import zpaq now raises ImportError
-    with pytest.raises(tg.UserError, match="pip install zpaq"):
-        tg.compress(b"abc", "zpaq")
+@pytest.mark.parametrize("compressor,package", [("zpaq", "zpaq"), ("ans", "constriction")])
+def test_missing_optional_compressor_is_a_one_line_error(monkeypatch, compressor, package):
+    monkeypatch.setitem(sys.modules, package, None)  # importing it now raises ImportError
+    with pytest.raises(tg.UserError, match=f"COMPRESSOR={compressor} needs the Python package {package}: pip install"):
+        tg.compress(b"abc", compressor)
+
+
+@pytest.mark.skipif(not HAVE_CONSTRICTION, reason="COMPRESSOR=ans needs the optional package constriction")
+@pytest.mark.parametrize("data", [b"", b"\x05", b"\x05" * 9, bytes(range(256)) * 3, bytes([255, 1]) * 5])
+def test_ans_round_trips_edge_cases(data):
+    assert tg.decompress(tg.compress(data, "ans"), "ans") == data
+
+
+@pytest.mark.skipif(not HAVE_CONSTRICTION, reason="COMPRESSOR=ans needs the optional package constriction")
+def test_ans_reaches_the_order0_entropy_of_grid_values():
+    g = torch.Generator().manual_seed(0)
+    grid = torch.clamp(torch.round(2.4 * torch.randn(1 << 18, generator=g)), -31, 31).to(torch.int8)
+    counts = torch.bincount((grid.long() + 31)).double()
+    p = counts[counts > 0] / counts.sum()
+    entropy_bytes = float(-(p * p.log2()).sum()) * grid.numel() / 8
+    size = len(tg.compress(grid.numpy().tobytes(), "ans"))
+    assert entropy_bytes < size < 1.002 * entropy_bytes + 200
 
 
 def test_measured_reserve_projects_the_calibration_batches(tiny_env):
@@ -197,6 +220,17 @@ def test_measured_reserve_projects_the_calibration_batches(tiny_env):
     t0 = tg.time.perf_counter()
     tg.collect_hessians(trainer.model, tg.calibration_batches(trainer.new_loader(), 40), trainer.rt)
     assert tg.time.perf_counter() - t0 < reserve
+
+
+def test_training_loop_stops_early_by_the_measured_reserve(tiny_env):
+    s = tg.Settings(environ=dict(tiny_env, MAX_WALLCLOCK_SECONDS="600", ITERATIONS="2"))
+    rt = tg.Runtime(s)
+    trainer = tg.Trainer(s, rt)
+    trainer.train()
+    log = rt.log_path.read_text().split("\nheader:end\n")[-1]
+    reserve = float(log.split("gptq:reserve seconds:")[1].split()[0])
+    assert 1.0 < reserve < 60 and trainer.reserve == pytest.approx(reserve, abs=0.05)
+    assert f"gptq_reserve_seconds:{trainer.reserve:.0f} training_cap_ms:{(600 - trainer.reserve) * 1000:.0f}" in log
 
 
 def test_measured_reserve_that_does_not_fit_stops_before_training(tiny_env):
@@ -214,7 +248,7 @@ def run(env: dict):
 
 def test_eval_only_reproduces_a_run_with_every_option(tiny_data, tmp_path):
     options = dict(ATTN_BITS="5", EMBED_BITS="7", MLP_CLIP_SIGMAS="11", AWQ_GROUP="16", LQER_TOP_K="3",
-                   ROW_ORDER="similarity", COMPRESSOR="zpaq" if HAVE_ZPAQ else "lzma")
+                   ROW_ORDER="similarity", COMPRESSOR="ans" if HAVE_CONSTRICTION else "lzma")
     env = dict(TINY_MODEL, **options, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path), ITERATIONS="3", RUN_ID="opts", TTT_ENABLED="0", SLIDING_WINDOW_ENABLED="0",
                SAVE_CHECKPOINT=str(tmp_path / "ck.pt"))

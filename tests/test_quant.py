@@ -139,8 +139,9 @@ def sample_qstate():
 
 @pytest.mark.parametrize("compressor", tg.COMPRESSORS)
 def test_serialization_round_trip_is_bit_exact(compressor):
-    if compressor == "zpaq":
-        pytest.importorskip("zpaq", reason="COMPRESSOR=zpaq needs the optional package zpaq")
+    optional = {"zpaq": "zpaq", "ans": "constriction"}
+    if compressor in optional:
+        pytest.importorskip(optional[compressor], reason=f"COMPRESSOR={compressor} needs an optional package")
     qstate, settings = sample_qstate(), {"NUM_LAYERS": 3, "MLP_MULT": 4.0, "PARALLEL_RESIDUAL_MODE": "full", "LN_SCALE": True}
     blob, sizes = tg.pack_artifact(tg.serialize_quantized(qstate, settings), compressor, threads=2)
     back, stored = tg.unpack_artifact(blob, "mem")

@@ -15,7 +15,9 @@ count), quantizes the checkpoint with train_gpt.py's own functions, packs the ar
 run would (same settings header, so the base row's bytes are the training run's model_bytes), decodes it again
 (decode seconds = unpack + dequantize, what EVAL_ONLY spends), rebuilds the model from the decoded state and
 scores the validation prefix. Tax = that val_bpb minus the unquantized checkpoint's on the same prefix.
-Model settings come from the checkpoint; everything else from the environment, as for train_gpt.py.
+Model settings come from the checkpoint; everything else from the environment, as for train_gpt.py: set
+TRAIN_BATCH_TOKENS, EVAL_SEQ_LEN and the like as the training run had them (its micro-batch is the calibration
+batch). Optional compressors (zpaq, constriction) that are not installed are skipped with a message.
 """
 import argparse
 import copy
@@ -38,6 +40,7 @@ COMBOS = {
     "base": {},
     "lzma": {"COMPRESSOR": "lzma"},
     "zpaq": {"COMPRESSOR": "zpaq"},
+    "ans": {"COMPRESSOR": "ans"},
     "rows": {"ROW_ORDER": "similarity"},
     "rows+zpaq": {"ROW_ORDER": "similarity", "COMPRESSOR": "zpaq"},
     "embed7": {"EMBED_BITS": "7"},
@@ -53,6 +56,8 @@ COMBOS = {
     "calib32": {"GPTQ_CALIBRATION_BATCHES": "32"},
     "stack": {"EMBED_BITS": "7", "ATTN_CLIP_SIGMAS": "13", "MLP_CLIP_SIGMAS": "12", "EMBED_CLIP_SIGMAS": "15",
               "LQER_TOP_K": "8", "AWQ_GROUP": "64"},
+    "stack+ans": {"EMBED_BITS": "7", "ATTN_CLIP_SIGMAS": "13", "MLP_CLIP_SIGMAS": "12", "EMBED_CLIP_SIGMAS": "15",
+                  "LQER_TOP_K": "8", "AWQ_GROUP": "64", "COMPRESSOR": "ans"},
     "stack+rows+zpaq": {"EMBED_BITS": "7", "ATTN_CLIP_SIGMAS": "13", "MLP_CLIP_SIGMAS": "12",
                         "EMBED_CLIP_SIGMAS": "15", "LQER_TOP_K": "8", "AWQ_GROUP": "64", "ROW_ORDER": "similarity",
                         "COMPRESSOR": "zpaq"},
