@@ -255,13 +255,21 @@ def test_eval_only_reproduces_a_run_with_every_option(tiny_data, tmp_path):
     run(env)
     log = (tmp_path / "opts.txt").read_text()
     assert "int5x" in log and "int7x1" in log
-    run(dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
-             LOG_DIR=str(tmp_path), RUN_ID="again", EVAL_ONLY=str(tmp_path / "opts.ptz")))
-    again = (tmp_path / "again.txt").read_text()
+    eval_env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+                    LOG_DIR=str(tmp_path), RUN_ID="again", EVAL_ONLY=str(tmp_path / "opts.ptz"))
+    run(eval_env)
+    # the decoder travels in the shipped form: the packed script (tools/pack_submission.py) scores it alike
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pack_submission
+    pack_submission.main(["--out", str(tmp_path / "packed" / "train_gpt.py")])
+    r = subprocess.run([sys.executable, str(tmp_path / "packed" / "train_gpt.py")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=subprocess_env(dict(eval_env, RUN_ID="shipped")))
+    assert r.returncode == 0, r.stderr[-3000:]
 
     def quantized(text):
         return [x.split(" eval_time")[0] for x in text.splitlines() if x.startswith("quantized ")][-1]
-    assert quantized(again) == quantized(log)
+    assert quantized((tmp_path / "again.txt").read_text()) == quantized(log)
+    assert quantized((tmp_path / "shipped.txt").read_text()) == quantized(log)
 
 
 def test_frontier_tool_base_row_is_the_training_run_artifact(tiny_data, tmp_path):
