@@ -23,6 +23,7 @@ import contextlib
 import copy
 import glob
 import hashlib
+import importlib
 import json
 import linecache
 import lzma
@@ -99,8 +100,10 @@ class Settings:
         "hard cap on optimizer steps (the wallclock cap normally stops first)", bounds="[1, inf)")
     max_wallclock_seconds: float = setting(600.0,
         "training budget in seconds; 0 disables the cap (schedule then follows ITERATIONS)", bounds="[0, inf)")
-    gptq_reserve_seconds: float = setting(13.0,
-        "seconds of the budget kept for GPTQ Hessian collection after the loop", bounds="[0, inf)")
+    gptq_reserve_seconds: float = setting(0.0,
+        "seconds of the budget kept for GPTQ Hessian collection after the loop; 0 = measured: calibration "
+        "batches are timed before the timed loop and the reserve is 1.25x their projected time + 1 s",
+        bounds="[0, inf)")
     clock_check_every: int = setting(10,
         "training steps between the ranks' clock and loss checks (the only host syncs of the loop; the "
         "wallclock stop stays exact, a NaN loss is caught within this many steps)", bounds="[1, inf)")
@@ -233,8 +236,9 @@ class Settings:
         "budget); selfgen = sequences the model samples itself (much slower)",
         choices=('train', 'selfgen'), group="quantization")
     gptq_calibration_batches: int = setting(64,
-        "calibration batches: the first N training steps' global batches, each rank taking its micro-batches "
-        "(selfgen: sequences per rank)", group="quantization", bounds="[1, inf)")
+        "calibration micro-batches per rank (the same count and Hessian time on 1 or 8 GPUs; the Hessians are "
+        "all-reduced, so 8 GPUs see 8x the tokens); selfgen: sequences per rank",
+        group="quantization", bounds="[1, inf)")
     gptq_damp: float = setting(0.01,
         "GPTQ damping added to the Hessian diagonal, as a fraction of its mean",
         group="quantization", bounds="[0, inf)")
@@ -246,9 +250,42 @@ class Settings:
     matrix_clip_sigmas: float = setting(12.85,
         "SDClip: a block-matrix row's scale is k*std(row)/q_max; larger k = finer steps, bigger artifact",
         group="quantization", bounds="(0, inf)")
+    attn_bits: int = setting(0,
+        "bits of the attention matrices (c_q, c_k, c_v, proj); 0 = MATRIX_BITS", group="quantization", bounds="[0, 8]")
+    mlp_bits: int = setting(0, "bits of the MLP matrices (fc, proj); 0 = MATRIX_BITS", group="quantization",
+                            bounds="[0, 8]")
+    attn_clip_sigmas: float = setting(0.0,
+        "SDClip k of the attention matrices; 0 = MATRIX_CLIP_SIGMAS", group="quantization", bounds="[0, inf)")
+    mlp_clip_sigmas: float = setting(0.0,
+        "SDClip k of the MLP matrices; 0 = MATRIX_CLIP_SIGMAS", group="quantization", bounds="[0, inf)")
+    gptq_mixed_bits: str = setting("",
+        "mixed-bit GPTQ (PR #1204) as 'low,high', e.g. 5,6: every block matrix gets low or high bits, the "
+        "GPTQ_MIXED_HIGH_FRAC with the largest Hessian trace the high ones; '' = off (role bits apply)",
+        group="quantization")
+    gptq_mixed_high_frac: float = setting(0.5,
+        "fraction of the block matrices (largest Hessian trace first) that GPTQ_MIXED_BITS gives its high bits",
+        group="quantization", bounds="[0, 1]")
     embed_bits: int = setting(8, "bits of the tied embedding", group="quantization", bounds="[2, 8]")
     embed_clip_sigmas: float = setting(20.0, "SDClip k of the tied embedding", group="quantization", bounds="(0, inf)")
-    compressor: str = setting("brotli", "compressor of the artifact", choices=('brotli', 'lzma'), group="quantization")
+    awq_group: int = setting(0,
+        "AWQ-lite (PR #1908): per quantized matrix, the aligned group of this many input columns with the largest "
+        "activation RMS x mean |weight| is rounded with AWQ_BITS inside the same GPTQ solve; 0 = off",
+        group="quantization", bounds="[0, inf)")
+    awq_bits: int = setting(8, "bits of the AWQ-lite salient column group", group="quantization", bounds="[3, 8]")
+    lqer_top_k: int = setting(0,
+        "LQER (PR #1797): the K quantized matrices with the largest GPTQ error norm get a low-rank correction A.B "
+        "of that error (A int2 with one scale, B int4 with group-64 scales); 0 = off",
+        group="quantization", bounds="[0, inf)")
+    lqer_rank: int = setting(4, "rank of the LQER correction", group="quantization", bounds="[1, 64]")
+    compressor: str = setting("brotli",
+        "compressor of the artifact: brotli-11, lzma -9e, zpaq (level 5, one thread; optional pip package zpaq) "
+        "or ans (order-0 ANS per grid stream, brotli for the header; optional pip package constriction); an "
+        "optional package is needed at training and at evaluation", choices=('brotli', 'lzma', 'zpaq', 'ans'),
+        group="quantization")
+    row_order: str = setting("none",
+        "rows of each quantized matrix before compression: none, or similarity (a greedy nearest-neighbour chain "
+        "by L1 distance, PR #1855; the permutation ships as uint16 and is undone on load)",
+        choices=('none', 'similarity'), group="quantization")
     passthrough_max_numel: int = setting(65536,
         "float tensors with at most this many elements ship as fp16 instead of being quantized",
         group="quantization", bounds="[0, inf)")
@@ -393,7 +430,27 @@ class Settings:
         need(self.doc_mask or self.attn_backend != "flex",
              "ATTN_BACKEND=flex needs DOC_MASK=1 (causal attention is fastest through SDPA): set one or the other")
         validate_eval_settings(self)
+        validate_quantization_settings(self)
         return 8 // world_size
+
+
+def mixed_bits(s) -> tuple | None:
+    """(low, high) of GPTQ_MIXED_BITS, or None when it is off."""
+    if not s.gptq_mixed_bits:
+        return None
+    parts = s.gptq_mixed_bits.replace(" ", "").split(",")
+    need(len(parts) == 2 and all(p.isdigit() for p in parts) and 2 <= int(parts[0]) < int(parts[1]) <= 8,
+         f"GPTQ_MIXED_BITS={s.gptq_mixed_bits!r} must be two bit widths 'low,high' with 2 <= low < high <= 8, "
+         f"e.g. 5,6 (or empty for off)")
+    return int(parts[0]), int(parts[1])
+
+
+def validate_quantization_settings(s):
+    for name in ("ATTN_BITS", "MLP_BITS"):
+        need(getattr(s, name.lower()) != 1, f"{name}=1 is not a bit width: use 2..8, or 0 for MATRIX_BITS")
+    if mixed_bits(s) is not None:
+        need(s.attn_bits == 0 and s.mlp_bits == 0,
+             f"GPTQ_MIXED_BITS={s.gptq_mixed_bits} chooses every block matrix's bits: unset ATTN_BITS/MLP_BITS")
 
 
 SETTINGS = [Setting(f.name.upper(), f.default, **f.metadata) for f in fields(Settings)]
@@ -427,8 +484,9 @@ PRESETS = {
     # 0.99, weight decay 0.04), warm-down 3500 of its ~6,240 steps.
     # Calibration: the record sampled 64 sequences x 2048 tokens in batches of 8 for ~240 s after the loop,
     # ~30 s per batch of 8 (2048 uncached forward passes each). Here GPTQ_CALIBRATION_BATCHES is sequences
-    # per rank, so 8 per rank is one such batch, ~30 s, inside a 32 s reserve, and 8 ranks together still
-    # sample the record's 64 sequences. calibrate() logs a WARNING when training + calibration overruns.
+    # per rank, so 8 per rank is one such batch (~30 s), and 8 ranks together still sample the record's 64
+    # sequences; the reserve is measured before the loop (GPTQ_RESERVE_SECONDS=0). Matrices are int5 or int6
+    # by Hessian trace (GPTQ_MIXED_BITS).
     "pr1204": dict(DATA_PATH="./data/datasets/fineweb10B_sp1024",
                    TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model", VOCAB_SIZE=1024, MLP_MULT=3.0,
                    NUM_LOOPS=1, LOOP_START=4, LOOP_END=5, ENABLE_LOOPING_AT_STEP=3000,
@@ -438,7 +496,7 @@ PRESETS = {
                    MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035, MUON_MOMENTUM=0.99,
                    MUON_ROW_NORMALIZE=False, MUON_WD=0.04, ADAM_WD=0.04, EMBED_WD=0.04, WARMDOWN_FRAC=0.56,
                    TTT_ENABLED=False, GPTQ_CALIBRATION="selfgen", GPTQ_CALIBRATION_BATCHES=8,
-                   GPTQ_RESERVE_SECONDS=32.0),
+                   GPTQ_MIXED_BITS="5,6"),
 }
 
 
@@ -2188,13 +2246,52 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict:
     return {name: sums[hessian_source(name)] for name in [*quantized_linears(model), "tok_emb.weight"]}
 
 
-def calibration_batches(loader: TrainLoader, steps: int):
-    """This rank's micro-batches of the first `steps` steps of a fresh training loader (training shards
-    only), yielded one at a time so that reading the next overlaps the GPU's work on this one. A step is
-    the same global batch for any GPU count, so the all-reduced Hessians do not depend on it; on
-    8 GPUs each rank reads one micro-batch a step."""
-    for _ in range(steps):
-        yield from loader.next_step()
+def calibration_batches(loader: TrainLoader, count: int):
+    """This rank's first `count` micro-batches of a fresh training loader (training shards only), yielded one
+    at a time so that reading the next overlaps the GPU's work on this one. Counting micro-batches per rank
+    (not global steps) makes the Hessian time the same on 1 and 8 GPUs: with 8 the all-reduced Hessians see
+    8x the tokens (exactly the first `count` global steps), with 1 the first count/8 steps."""
+    taken = 0
+    while taken < count:
+        for batch in loader.next_step()[:count - taken]:
+            taken += 1
+            yield batch
+
+
+def calibration_reserve(trainer, probe: int = 2) -> tuple:
+    """(seconds, how) to keep for GPTQ calibration after the training loop, measured before it: `probe`
+    calibration micro-batches (or, for selfgen, one sampling forward of a full batch) are timed on the model
+    as it is now (same shapes, looping as it will be), after one untimed batch has warmed the kernels; the
+    reserve is 1.25x the projection to GPTQ_CALIBRATION_BATCHES plus 1 s for the loader and the all-reduce."""
+    s, rt, model = trainer.s, trainer.rt, trainer.model
+    looping, model.looping = model.looping, trainer.can_loop
+    if s.gptq_calibration == "selfgen":
+        # Sampling runs a forward per new token over a growing prefix: ~seq_len forwards of half the window.
+        batch_size = min(8, s.gptq_calibration_batches)
+        x = torch.randint(0, s.vocab_size, (batch_size, max(1, s.train_seq_len // 2)), device=rt.device)
+        with torch.no_grad():
+            model.eval()
+            model.logits(model.forward_hidden(x)[:, -1:])
+            rt.sync()
+            t0 = time.perf_counter()
+            model.logits(model.forward_hidden(x)[:, -1:])
+            rt.sync()
+            model.train()
+        per_batch = (time.perf_counter() - t0) * s.train_seq_len
+        projected = per_batch * math.ceil(s.gptq_calibration_batches / batch_size)
+        how = f"selfgen batch_size:{batch_size} measured_forward_seconds:{per_batch / s.train_seq_len:.4f}"
+    else:
+        batches = list(calibration_batches(trainer.new_loader(), probe + 1))
+        collect_hessians(model, batches[:1], rt)
+        rt.sync()
+        t0 = time.perf_counter()
+        collect_hessians(model, batches[1:], rt)
+        rt.sync()
+        per_batch = (time.perf_counter() - t0) / probe
+        projected = per_batch * s.gptq_calibration_batches
+        how = f"train measured_batch_seconds:{per_batch:.4f}"
+    model.looping = looping
+    return 1.25 * projected + 1.0, how
 
 
 @torch.no_grad()
@@ -2227,8 +2324,8 @@ def sdclip_scales(W: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tenso
     return scale.clamp_min(2.0 ** -24).half()
 
 
-def round_to_grid(w: torch.Tensor, scale: torch.Tensor, q_max: int) -> torch.Tensor:
-    """clamp(round(w / scale), -q_max, q_max) as float; scale broadcasts against w."""
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, q_max) -> torch.Tensor:
+    """clamp(round(w / scale), -q_max, q_max) as float; scale (and a tensor q_max) broadcast against w."""
     return torch.clamp(torch.round(w / scale), -q_max, q_max)
 
 
@@ -2261,7 +2358,7 @@ def full_fp32_matmuls():
 @torch.no_grad()
 @full_fp32_matmuls()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, block_size: int = 128,
-                  damp: float = 0.01):
+                  damp: float = 0.01, hi_cols: torch.Tensor | None = None, hi_bits: int = 8):
     """GPTQ-round W [rows, cols] (or a batch [B, rows, cols] with H [B, cols, cols]) to integers in
     [-q_max, q_max]. Returns (q int8 like W, scale fp16 [..., rows]); W ~ q * scale[..., None].
 
@@ -2271,6 +2368,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     factor of H^-1. Inside a block of block_size columns the loop runs column by column, vectorised
     over rows and over the batch; the block's accumulated error then updates all later columns in
     one matmul. Scales come from the original W, so they do not depend on the rounding path.
+
+    hi_cols (bool [..., cols], AWQ-lite): those input columns round on the hi_bits grid over the same clip
+    range (scale * q_max / q_hi), inside the same solve, so the other columns absorb their smaller errors.
     """
     batched = W.dim() == 3
     W = (W if batched else W[None]).float().clone()
@@ -2289,15 +2389,23 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     H = H.gather(1, perm[:, :, None].expand(B, cols, cols)).gather(2, perm[:, None, :].expand(B, cols, cols))
     U = upper_cholesky_of_inverse(H)
     Q = torch.empty_like(W)
+    if hi_cols is not None:
+        hi = (hi_cols if batched else hi_cols[None]).to(W.device).gather(1, perm)[:, None, :]  # [B, 1, cols]
+        q_hi = 2 ** (hi_bits - 1) - 1
+        s_hi = s * (q_max / q_hi)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         Wb, Ub = W[:, :, start:end].clone(), U[:, start:end, start:end]
         errors = torch.empty_like(Wb)
         for j in range(end - start):
             w = Wb[:, :, j:j + 1]
-            q = round_to_grid(w, s, q_max)
+            step, limit = s, q_max
+            if hi_cols is not None:
+                use = hi[:, :, start + j:start + j + 1]
+                step, limit = torch.where(use, s_hi, s), torch.where(use, q_hi, q_max)
+            q = round_to_grid(w, step, limit)
             Q[:, :, start + j:start + j + 1] = q
-            err = (w - q * s) / Ub[:, j:j + 1, j:j + 1]
+            err = (w - q * step) / Ub[:, j:j + 1, j:j + 1]
             Wb[:, :, j:] -= err * Ub[:, j:j + 1, j:]
             errors[:, :, j:j + 1] = err
         W[:, :, end:] -= errors @ U[:, start:end, end:]
@@ -2313,47 +2421,162 @@ class QTensor:
     dtype: torch.dtype        # dtype restored on load
     scale: torch.Tensor | None = None  # fp16 [rows] for kind "int"
     bits: int = 0
+    awq: tuple | None = None  # (first column, columns, bits) of the AWQ-lite group, rounded on the finer grid
+    lqer: tuple | None = None  # (A int8 [rows, r], A scale fp16 [1], B int8 [r, cols], B scales fp16 [r, groups])
+
+    def extras(self) -> dict:
+        """What the header records beyond the five plain fields (empty for a plain GPTQ tensor)."""
+        out = {}
+        if self.awq is not None:
+            out["awq"] = list(self.awq)
+        if self.lqer is not None:
+            out["lqer"] = self.lqer[0].shape[1]
+        return out
+
+
+def tensor_role(name: str) -> str:
+    if name == "tok_emb.weight":
+        return "embed"
+    return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "matrix"
 
 
 def quantization_plan(name: str, tensor: torch.Tensor, s: Settings, has_hessian: bool):
     """(kind, bits, clip_sigmas) of one state-dict entry: matrices GPTQ can calibrate become integers,
-    other floats ship as fp16, anything else as is."""
+    other floats ship as fp16, anything else as is. ATTN_/MLP_ bits and clips fall back to MATRIX_'s."""
     if not tensor.is_floating_point():
         return "raw", 0, 0.0
     if not has_hessian or tensor.dim() != 2 or tensor.numel() <= s.passthrough_max_numel:
         return "fp16", 0, 0.0
-    if name == "tok_emb.weight":
+    role = tensor_role(name)
+    if role == "embed":
         return "int", s.embed_bits, s.embed_clip_sigmas
-    return "int", s.matrix_bits, s.matrix_clip_sigmas
+    bits = {"attn": s.attn_bits, "mlp": s.mlp_bits}.get(role, 0) or s.matrix_bits
+    clip = {"attn": s.attn_clip_sigmas, "mlp": s.mlp_clip_sigmas}.get(role, 0.0) or s.matrix_clip_sigmas
+    return "int", bits, clip
+
+
+def mixed_bit_plan(names: list, hessians: dict, s: Settings) -> dict:
+    """{block matrix: bits} under GPTQ_MIXED_BITS: the GPTQ_MIXED_HIGH_FRAC of the block matrices with the
+    largest Hessian trace (mean squared input: the layers whose errors the loss sees most, PR #1204) get the
+    high bits, the rest the low. Ties (c_q, c_k and c_v share one Hessian) keep state-dict order."""
+    low, high = mixed_bits(s)
+    blocks = [n for n in names if tensor_role(n) != "embed"]
+    ranked = sorted(blocks, key=lambda n: -float(hessians[n].diagonal().sum()))
+    n_high = round(s.gptq_mixed_high_frac * len(blocks))
+    return {n: high if i < n_high else low for i, n in enumerate(ranked)}
+
+
+def awq_salient_group(W: torch.Tensor, H: torch.Tensor, group: int) -> int:
+    """First column of the aligned group of `group` input columns with the largest activation RMS x mean
+    |weight| (AWQ's salience; RMS = sqrt of the Hessian diagonal, which holds mean x^2: free)."""
+    usable = W.shape[-1] // group * group
+    salience = H.diagonal().clamp_min(0).sqrt() * W.abs().mean(0)
+    return int(salience[:usable].reshape(-1, group).sum(1).argmax()) * group
+
+
+def awq_column_factor(cols: int, awq: tuple | None, q_max: int) -> torch.Tensor | None:
+    """Per input column, the factor on the row scale: q_max / q_hi inside the AWQ group, 1 elsewhere."""
+    if awq is None:
+        return None
+    first, count, hi_bits = awq
+    factor = torch.ones(cols)
+    factor[first:first + count] = q_max / (2 ** (hi_bits - 1) - 1)
+    return factor
+
+
+LQER_A_LEVELS = (-2, 1)   # int2: four levels, one fp16 scale for all of A
+LQER_B_MAX, LQER_B_GROUP = 7, 64  # int4 (symmetric), one fp16 scale per 64 columns of each row of B
+
+
+def lqer_factors(E: torch.Tensor, rank: int) -> tuple:
+    """LQER (PR #1797): a rank-`rank` correction A.B of the quantization error E [rows, cols], quantized:
+    A = the top left singular vectors on a 2-bit grid with one scale, then B refit to that rounded A by least
+    squares (so B absorbs A's rounding) on a 4-bit grid with a scale per 64 columns. Returns CPU tensors
+    (qa int8, a_scale fp16 [1], qb int8, b_scales fp16 [rank, groups])."""
+    E = E.float()
+    U, _, _ = torch.linalg.svd(E, full_matrices=False)
+    A = U[:, :rank]
+    a_scale = (A.abs().max() / 2).clamp_min(2.0 ** -24).half().reshape(1)
+    qa = torch.clamp(torch.round(A / a_scale.float()), *LQER_A_LEVELS)
+    B = torch.linalg.pinv(qa * a_scale.float()) @ E
+    groups = -(-B.shape[1] // LQER_B_GROUP)
+    padded = torch.nn.functional.pad(B, (0, groups * LQER_B_GROUP - B.shape[1])).reshape(rank, groups, -1)
+    b_scale = (padded.abs().amax(-1) / LQER_B_MAX).clamp_min(2.0 ** -24).half()
+    qb = torch.clamp(torch.round(B / lqer_group_scales(b_scale, B.shape[1])), -LQER_B_MAX, LQER_B_MAX)
+    return tuple(x.cpu().contiguous() for x in (qa.to(torch.int8), a_scale, qb.to(torch.int8), b_scale))
+
+
+def lqer_group_scales(b_scale: torch.Tensor, cols: int) -> torch.Tensor:
+    return b_scale.float().repeat_interleave(LQER_B_GROUP, dim=1)[:, :cols]
+
+
+def lqer_correction(lqer: tuple) -> torch.Tensor:
+    qa, a_scale, qb, b_scale = lqer
+    return (qa.float() * a_scale.float()) @ (qb.float() * lqer_group_scales(b_scale, qb.shape[1]))
+
+
+def dequantize_int(qt: QTensor) -> torch.Tensor:
+    """q * row scale (x the AWQ column factor) + the LQER correction, in float32."""
+    scale = qt.scale.float()[:, None]
+    factor = awq_column_factor(qt.data.shape[1], qt.awq, 2 ** (qt.bits - 1) - 1)
+    W = qt.data.float() * (scale if factor is None else scale * factor.to(scale.device))
+    return W if qt.lqer is None else W + lqer_correction(qt.lqer).to(W.device)
 
 
 @torch.no_grad()
 def quantize_model(state: dict, hessians: dict, s: Settings) -> dict:
-    """{name: QTensor} for a state dict and its Hessians (collect_hessians). Matrices of one shape and
-    bit width are GPTQ'd as one batch: one column loop serves all the layers' copies."""
-    out, groups = {}, {}
+    """{name: QTensor} for a state dict and its Hessians (collect_hessians). Matrices of one shape, bit width,
+    clip and AWQ group size are GPTQ'd as one batch: one column loop serves all the layers' copies."""
+    out, groups, plans = {}, {}, {}
     for name, t in state.items():
         kind, bits, clip = quantization_plan(name, t, s, name in hessians)
         if kind == "int":
-            groups.setdefault((tuple(t.shape), bits, clip), []).append(name)
+            plans[name] = (bits, clip)
         else:
             data = t.detach().cpu()
             out[name] = QTensor(kind, data.half() if kind == "fp16" else data.clone(), t.dtype)
-    for (shape, bits, clip), names in groups.items():
+    if mixed_bits(s) is not None:
+        plans.update({n: (bits, plans[n][1]) for n, bits in mixed_bit_plan(list(plans), hessians, s).items()})
+    for name, (bits, clip) in plans.items():
+        awq = s.awq_group > 0 and s.awq_bits > bits and state[name].shape[1] >= s.awq_group
+        groups.setdefault((tuple(state[name].shape), bits, clip, awq), []).append(name)
+    for (shape, bits, clip, awq), names in groups.items():
         W = torch.stack([state[n].detach().float() for n in names])
         H = torch.stack([hessians[n].to(W.device) for n in names])
-        q, scale = gptq_quantize(W, H, bits, clip, s.gptq_block_size, s.gptq_damp)
-        for n, qn, sn in zip(names, q.cpu(), scale.cpu()):
-            out[n] = QTensor("int", qn.contiguous(), state[n].dtype, sn.contiguous(), bits)
+        hi_cols, firsts = None, []
+        if awq:
+            firsts = [awq_salient_group(W[i], H[i], s.awq_group) for i in range(len(names))]
+            hi_cols = torch.zeros(W.shape[0], W.shape[2], dtype=torch.bool)
+            for i, first in enumerate(firsts):
+                hi_cols[i, first:first + s.awq_group] = True
+        q, scale = gptq_quantize(W, H, bits, clip, s.gptq_block_size, s.gptq_damp, hi_cols, s.awq_bits)
+        for i, (n, qn, sn) in enumerate(zip(names, q.cpu(), scale.cpu())):
+            group = (firsts[i], s.awq_group, s.awq_bits) if awq else None
+            out[n] = QTensor("int", qn.contiguous(), state[n].dtype, sn.contiguous(), bits, group)
+    if s.lqer_top_k > 0:
+        add_lqer(out, state, s.lqer_top_k, s.lqer_rank)
     return {name: out[name] for name in state}  # state-dict order
+
+
+def add_lqer(qstate: dict, state: dict, top_k: int, rank: int):
+    """Give the top_k int tensors by Frobenius norm of their quantization error an LQER correction."""
+    errors = {}
+    for name, qt in qstate.items():
+        if qt.kind == "int" and min(qt.data.shape) > rank:
+            W = state[name].detach().float()
+            errors[name] = W - dequantize_int(qt).to(W.device)
+    for name in sorted(errors, key=lambda n: -float(errors[n].norm()))[:top_k]:
+        qstate[name].lqer = lqer_factors(errors[name], rank)
 
 
 def dequantize_state(qstate: dict) -> dict:
     """{name: tensor} in each tensor's original dtype, ready for load_state_dict."""
     state = {}
     for name, qt in qstate.items():
-        if qt.kind == "int":
+        if qt.kind == "int" and not qt.extras():
             state[name] = (qt.data.float() * qt.scale.float()[:, None]).to(qt.dtype)
+        elif qt.kind == "int":
+            state[name] = dequantize_int(qt).to(qt.dtype)
         else:
             state[name] = qt.data.to(qt.dtype)
     return state
@@ -2363,9 +2586,13 @@ def dequantize_state(qstate: dict) -> dict:
 # file  := magic "PGQA" | version u8 | compressor u8 | n u16 | n x u32 compressed stream lengths |
 #          u32 CRC-32 of the streams | the n compressed streams, back to back (all little-endian)
 # stream 0 (decompressed) := u32 header length | header (JSON: the model settings, and per tensor
-#          [name, kind, dtype, shape, bits]) | every fp16 array (row scales of the quantized matrices,
-#          fp16 passthrough tensors) concatenated in header order and byte-shuffled | raw tensors
-# stream k >= 1 := the grid values of the k-th quantized matrix, one int8 per value, column-major
+#          [name, kind, dtype, shape, bits] + [extras] only when a tensor has any) | every fp16 array
+#          (row scales of the quantized matrices, then per LQER tensor its A scale and B scales, fp16
+#          passthrough tensors) concatenated in header order and byte-shuffled | raw tensors
+# stream k >= 1 := [u16 row order, extras "rows"] | the grid values of the k-th quantized matrix, one
+#          int8 per value, column-major (rows in that order) | [LQER A int8 row-major | B int8 row-major]
+# extras := {"awq": [first column, columns, bits], "lqer": rank, "rows": 1}; a plain artifact has none, so
+#          the defaults write byte for byte what they wrote before these options existed.
 #
 # Layout measurements (brotli-11 unless noted; tools/measure_packing.py re-runs them on any artifact;
 # "tiny" = a trained MODEL_DIM=128 model, 150 steps, its own Hessians; "random" = N(0,1) weights):
@@ -2387,7 +2614,7 @@ def dequantize_state(qstate: dict) -> dict:
 
 ARTIFACT_MAGIC = b"PGQA"
 ARTIFACT_VERSION = 1
-COMPRESSORS = ("brotli", "lzma")
+COMPRESSORS = ("brotli", "lzma", "zpaq", "ans")
 
 
 def byte_shuffle(data: bytes, width: int) -> bytes:
@@ -2408,21 +2635,57 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
 
 
-def serialize_quantized(qstate: dict, settings: dict) -> list:
+def similarity_order(q: torch.Tensor) -> torch.Tensor:
+    """A row order in which neighbours look alike (ROW_ORDER=similarity, PR #1855): a greedy chain from row 0,
+    each step to the nearest unvisited row by L1 distance, so that the compressor's matches reach further."""
+    rows = q.shape[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # all-pairs L1 of 8192 rows is ~35 GFLOP
+    dist = torch.cdist(q.to(device).float()[None], q.to(device).float()[None], p=1)[0]
+    dist.fill_diagonal_(float("inf"))
+    order, current = [0], 0
+    dist[:, 0] = float("inf")
+    for _ in range(rows - 1):
+        current = int(dist[current].argmin())
+        order.append(current)
+        dist[:, current] = float("inf")
+    return torch.tensor(order, dtype=torch.int64)  # built on the host: the loop reads each step's argmin
+
+
+def serialize_quantized(qstate: dict, settings: dict, row_order: str = "none") -> list:
     """The quantized state as uncompressed streams (see the format above)."""
     entries, fp16_parts, raw_parts, streams = [], [], [], []
     for name, qt in qstate.items():
-        entries.append([name, qt.kind, str(qt.dtype).removeprefix("torch."), list(qt.data.shape), qt.bits])
+        entry = [name, qt.kind, str(qt.dtype).removeprefix("torch."), list(qt.data.shape), qt.bits]
+        extras = qt.extras()
         if qt.kind == "int":
-            streams.append(tensor_bytes(qt.data.T))
+            grid, prefix = qt.data, b""
+            if row_order == "similarity" and qt.data.shape[0] <= 65536:
+                perm = similarity_order(qt.data)
+                grid, prefix, extras["rows"] = qt.data[perm], tensor_bytes(perm.to(torch.int32).to(torch.uint16)), 1
+            parts = [prefix, tensor_bytes(grid.T)]
             fp16_parts.append(tensor_bytes(qt.scale))
+            if qt.lqer is not None:
+                qa, a_scale, qb, b_scale = qt.lqer
+                parts += [tensor_bytes(qa), tensor_bytes(qb)]
+                fp16_parts += [tensor_bytes(a_scale), tensor_bytes(b_scale)]
+            streams.append(b"".join(parts))
         elif qt.kind == "fp16":
             fp16_parts.append(tensor_bytes(qt.data))
         else:
             raw_parts.append(tensor_bytes(qt.data))
+        entries.append(entry + [extras] if extras else entry)
     header = json.dumps({"settings": settings, "tensors": entries}, separators=(",", ":")).encode()
     first = struct.pack("<I", len(header)) + header + byte_shuffle(b"".join(fp16_parts), 2) + b"".join(raw_parts)
     return [first] + streams
+
+
+def int_layout(shape, extras: dict) -> tuple:
+    """(grid bytes, fp16 values, permutation bytes, LQER A bytes, LQER B bytes) of one int tensor."""
+    rows, cols = shape
+    rank = extras.get("lqer", 0)
+    groups = -(-cols // LQER_B_GROUP)
+    perm = 2 * rows if extras.get("rows") else 0
+    return rows * cols, rows + (1 + rank * groups if rank else 0), perm, rows * rank, rank * cols
 
 
 def deserialize_quantized(streams: list):
@@ -2431,12 +2694,13 @@ def deserialize_quantized(streams: list):
     first = streams[0]
     (n,) = struct.unpack_from("<I", first)
     header = json.loads(first[4:4 + n].decode())
-    entries = header["tensors"]
-    dtypes = {name: getattr(torch, dtype) for name, _, dtype, _, _ in entries}
+    entries = [e if len(e) == 6 else [*e, {}] for e in header["tensors"]]
+    dtypes = {name: getattr(torch, dtype) for name, _, dtype, *_ in entries}
     if not all(isinstance(d, torch.dtype) for d in dtypes.values()):
         raise ValueError("unknown dtype in the header")
-    n_fp16 = sum(shape[0] if kind == "int" else math.prod(shape) for _, kind, _, shape, _ in entries if kind != "raw")
-    raw_sizes = [math.prod(shape) * dtypes[name].itemsize for name, kind, _, shape, _ in entries if kind == "raw"]
+    n_fp16 = sum(int_layout(shape, extras)[1] if kind == "int" else math.prod(shape)
+                 for _, kind, _, shape, _, extras in entries if kind != "raw")
+    raw_sizes = [math.prod(shape) * dtypes[name].itemsize for name, kind, _, shape, *_ in entries if kind == "raw"]
     int_count = sum(kind == "int" for _, kind, *_ in entries)
     pos = 4 + n
     if len(first) != pos + 2 * n_fp16 + sum(raw_sizes) or len(streams) != 1 + int_count:
@@ -2444,14 +2708,27 @@ def deserialize_quantized(streams: list):
     fp16 = tensor_from_bytes(byte_unshuffle(first[pos:pos + 2 * n_fp16], 2), torch.float16, (n_fp16,))
     pos += 2 * n_fp16
     qstate, f, k = {}, 0, 1
-    for name, kind, _, shape, bits in entries:
+    for name, kind, _, shape, bits, extras in entries:
         if kind == "int":
             rows, cols = shape
-            if len(streams[k]) != rows * cols:
-                raise ValueError(f"stream {k} of {name} has {len(streams[k])} bytes, not {rows * cols}")
-            q = tensor_from_bytes(streams[k], torch.int8, (cols, rows)).T.contiguous()
-            qstate[name] = QTensor("int", q, dtypes[name], fp16[f:f + rows].clone(), bits)
-            f, k = f + rows, k + 1
+            grid, n_half, n_perm, n_a, n_b = int_layout(shape, extras)
+            data = streams[k]
+            if len(data) != n_perm + grid + n_a + n_b:
+                raise ValueError(f"stream {k} of {name} has {len(data)} bytes, not {n_perm + grid + n_a + n_b}")
+            q = tensor_from_bytes(data[n_perm:n_perm + grid], torch.int8, (cols, rows)).T.contiguous()
+            if n_perm:
+                perm = tensor_from_bytes(data[:n_perm], torch.uint16, (rows,)).to(torch.int64)
+                q = q[torch.argsort(perm)]
+            qt = QTensor("int", q, dtypes[name], fp16[f:f + rows].clone(), bits,
+                         tuple(extras["awq"]) if "awq" in extras else None)
+            if "lqer" in extras:
+                rank, a = extras["lqer"], n_perm + grid
+                qa = tensor_from_bytes(data[a:a + n_a], torch.int8, (rows, rank))
+                qb = tensor_from_bytes(data[a + n_a:], torch.int8, (rank, cols))
+                b_scale = fp16[f + rows + 1:f + n_half].clone().reshape(rank, -1)
+                qt.lqer = (qa, fp16[f + rows:f + rows + 1].clone(), qb, b_scale)
+            qstate[name] = qt
+            f, k = f + n_half, k + 1
         elif kind == "fp16":
             numel = math.prod(shape)
             qstate[name] = QTensor("fp16", fp16[f:f + numel].clone().reshape(shape), dtypes[name])
@@ -2465,18 +2742,76 @@ def deserialize_quantized(streams: list):
     return qstate, header["settings"]
 
 
+def optional_package(name: str, setting: str):
+    """Import a package only the chosen option needs; its absence is a one-line error naming the fix."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{setting} needs the Python package {name}: pip install {name} "
+                        f"(or choose another {setting.split('=')[0]})") from None
+
+
+def ans_compress(data: bytes) -> bytes:
+    """COMPRESSOR=ans: an order-0 ANS coder (constriction's rANS, Rust) over the bytes of one grid stream read as
+    int8, with its own symbol frequencies: i8 first value | u16 span of values | u16 frequencies (scaled so the
+    largest is 65535; a present value never rounds to 0) | u32 symbols | the coded u32 words. Grid values are
+    close to i.i.d. within a matrix, where an order-0 coder reaches the entropy that brotli stays 1.2-1.6%
+    above; a context on the previous row of the same column measured no better (0.02%, a CPU checkpoint)."""
+    constriction = optional_package("constriction", "COMPRESSOR=ans")
+    symbols = np.frombuffer(data, dtype=np.int8).astype(np.int32)
+    first = int(symbols.min()) if len(symbols) else 0
+    counts = np.bincount(symbols - first).astype(np.float64) if len(symbols) else np.ones(1)
+    freqs = np.where(counts > 0, np.maximum(1, np.round(counts * 65535 / counts.max())), 0).astype(np.uint16)
+    head = struct.pack("<bH", first, len(freqs)) + freqs.tobytes() + struct.pack("<I", len(symbols))
+    if len(freqs) == 1:  # one value (or none): the header says it all
+        return head
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols - first, ans_model(constriction, freqs))
+    return head + coder.get_compressed().tobytes()
+
+
+def ans_model(constriction, freqs: np.ndarray):
+    # The decoder rebuilds the same float32 probabilities from the same frequencies: the same quantized model.
+    return constriction.stream.model.Categorical((freqs / freqs.sum()).astype(np.float32), perfect=False)
+
+
+def ans_decompress(blob: bytes) -> bytes:
+    constriction = optional_package("constriction", "COMPRESSOR=ans")
+    first, span = struct.unpack_from("<bH", blob)
+    freqs = np.frombuffer(blob, dtype=np.uint16, count=span, offset=3).astype(np.float64)
+    (n,) = struct.unpack_from("<I", blob, 3 + 2 * span)
+    if span == 1:
+        return np.full(n, first, dtype=np.int8).tobytes()
+    words = np.frombuffer(blob[7 + 2 * span:], dtype=np.uint32).copy()
+    symbols = constriction.stream.stack.AnsCoder(words).decode(ans_model(constriction, freqs), n)
+    return (symbols + first).astype(np.int8).tobytes()
+
+
 def compress(data: bytes, kind: str) -> bytes:
+    if kind == "ans":
+        return ans_compress(data)
     if kind == "brotli":
         import brotli
         return brotli.compress(data, quality=11)
+    if kind == "zpaq":  # one thread: deterministic bytes, and 0.5-3 points better than split blocks
+        return optional_package("zpaq", "COMPRESSOR=zpaq").compress(data, level=5, threads=1)
     return lzma.compress(data, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
 
 
 def decompress(data: bytes, kind: str) -> bytes:
+    if kind == "ans":
+        return ans_decompress(data)
     if kind == "brotli":
         import brotli
         return brotli.decompress(data)
+    if kind == "zpaq":
+        return optional_package("zpaq", "COMPRESSOR=zpaq").decompress(data)
     return lzma.decompress(data, format=lzma.FORMAT_ALONE)
+
+
+def stream_compressor(compressor: str, index: int) -> str:
+    """Stream 0 (JSON header, fp16 scales) is no grid: an order-0 coder would not do, brotli does it for ans."""
+    return "brotli" if compressor == "ans" and index == 0 else compressor
 
 
 def pack_artifact(streams: list, compressor: str, threads: int) -> tuple:
@@ -2484,7 +2819,7 @@ def pack_artifact(streams: list, compressor: str, threads: int) -> tuple:
     first, on a thread pool (brotli and lzma release the GIL while they work)."""
     order = sorted(range(len(streams)), key=lambda i: -len(streams[i]))
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        done = dict(zip(order, pool.map(lambda i: compress(streams[i], compressor), order)))
+        done = dict(zip(order, pool.map(lambda i: compress(streams[i], stream_compressor(compressor, i)), order)))
     parts = [done[i] for i in range(len(streams))]
     body = b"".join(parts)
     head = ARTIFACT_MAGIC + struct.pack(f"<BBH{len(parts)}II", ARTIFACT_VERSION, COMPRESSORS.index(compressor),
@@ -2513,8 +2848,15 @@ def unpack_artifact(blob: bytes, label: str):
         raise UserError(f"artifact {label} fails its CRC-32 check: corrupt; {fix}")
     try:
         offsets = np.cumsum([head] + lengths).tolist()
-        streams = [decompress(blob[a:b], COMPRESSORS[comp]) for a, b in zip(offsets, offsets[1:])]
+        # Streams decode independently, in parallel: brotli, lzma and zpaq release the GIL (zpaq decodes at
+        # ~1 MB/s a thread, so one thread would spend ~35 s on a full-size artifact).
+        with ThreadPoolExecutor(max_workers=min(32, len(os.sched_getaffinity(0)))) as pool:
+            streams = list(pool.map(lambda i: decompress(blob[offsets[i]:offsets[i + 1]],
+                                                         stream_compressor(COMPRESSORS[comp], i)),
+                                    range(len(lengths))))
         return deserialize_quantized(streams)
+    except UserError:
+        raise
     except Exception as e:  # decompressor errors, bad JSON, sizes that disagree with the header
         raise UserError(f"artifact {label} passes its checksum but does not decode ({type(e).__name__}: {e}): "
                         f"{fix}") from None
@@ -2646,7 +2988,8 @@ def build_artifact(model: GPT, hessians: dict, s: Settings, rt: Runtime) -> tupl
            + f" passthrough_fp16_bytes:{fp16_bytes}")
     threads = min(32, len(os.sched_getaffinity(0)))
     with timed(rt) as packing:
-        streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()})
+        streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()},
+                                      s.row_order)
         blob, sizes = pack_artifact(streams, s.compressor, threads)
     raw = sum(map(len, streams))
     rt.log(f"serialize: raw_bytes:{raw} compressed_bytes:{len(blob)} ratio:{raw / len(blob):.3f} "
@@ -3640,6 +3983,7 @@ class Trainer:
         self.eval_losses = compiled(self.model.token_losses, s.compile)
         self.global_seqs = s.train_batch_tokens // s.train_seq_len
         self.can_loop = s.num_loops > 0
+        self.reserve = s.gptq_reserve_seconds  # train() replaces 0 (measured) by the measured reserve
 
     def new_loader(self) -> TrainLoader:
         return TrainLoader(self.train_files, self.s.train_seq_len, self.global_seqs, self.s.seed,
@@ -3701,12 +4045,22 @@ class Trainer:
         self.compile_warmup()
         optimizers, loader = Optimizers(model, s, rt), self.new_loader()
         ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
-        cap_ms = math.inf
+        cap_ms, reserve = math.inf, s.gptq_reserve_seconds
+        if s.max_wallclock_seconds > 0 and reserve == 0:
+            reserve, how = calibration_reserve(self)
+            rt.log(f"gptq:reserve seconds:{reserve:.1f} of_budget:{100 * reserve / s.max_wallclock_seconds:.0f}% "
+                   f"batches:{s.gptq_calibration_batches} calibration:{how}")
+            if reserve >= s.max_wallclock_seconds:
+                raise UserError(f"GPTQ calibration ({s.gptq_calibration}, {s.gptq_calibration_batches} batches) is "
+                                f"projected to take {reserve:.0f}s, the whole MAX_WALLCLOCK_SECONDS="
+                                f"{s.max_wallclock_seconds:.0f}: lower GPTQ_CALIBRATION_BATCHES, use "
+                                f"GPTQ_CALIBRATION=train, or set GPTQ_RESERVE_SECONDS to count it outside")
+        self.reserve = reserve
         if s.max_wallclock_seconds > 0:
-            cap_ms = (s.max_wallclock_seconds - s.gptq_reserve_seconds) * 1000.0
+            cap_ms = (s.max_wallclock_seconds - reserve) * 1000.0
         if math.isfinite(cap_ms):
             rt.log(f"wallclock:budget seconds:{s.max_wallclock_seconds:.0f} "
-                   f"gptq_reserve_seconds:{s.gptq_reserve_seconds:.0f} "
+                   f"gptq_reserve_seconds:{reserve:.0f} "
                    f"training_cap_ms:{cap_ms:.0f}")
         tokens_per_step = self.global_seqs * s.train_seq_len
         peak = peak_flops(rt.device)
@@ -3838,13 +4192,14 @@ def calibrate(trainer: Trainer, train_ms: float) -> tuple:
     seconds = hessian_time.seconds
     counted = train_ms / 1000.0 + seconds
     budget = f"{s.max_wallclock_seconds:.0f}s" if s.max_wallclock_seconds > 0 else "none"
-    sequences = s.gptq_calibration_batches * (rt.world_size if s.gptq_calibration == "selfgen" else trainer.global_seqs)
+    micro_seqs = trainer.global_seqs // (rt.world_size * rt.grad_accum)
+    sequences = s.gptq_calibration_batches * rt.world_size * (1 if s.gptq_calibration == "selfgen" else micro_seqs)
     rt.log(f"gptq:hessians batches:{s.gptq_calibration_batches} tokens:{sequences * s.train_seq_len} "
            f"calibration:{s.gptq_calibration} seconds:{seconds:.1f} train+calibration:{counted:.1f}s budget:{budget}")
     if 0 < s.max_wallclock_seconds < counted:
         rt.log(f"WARNING: training + GPTQ calibration took {counted:.1f}s, over MAX_WALLCLOCK_SECONDS="
                f"{s.max_wallclock_seconds:.0f}: raise GPTQ_RESERVE_SECONDS to at least "
-               f"{math.ceil(s.gptq_reserve_seconds + counted - s.max_wallclock_seconds)} "
+               f"{math.ceil(trainer.reserve + counted - s.max_wallclock_seconds)} "
                f"or lower GPTQ_CALIBRATION_BATCHES")
     return hessians, {"hessian_seconds": seconds, "train_calibration_seconds": counted}
 
