@@ -1101,7 +1101,12 @@ def bind_masked_sdpa(input_ids, bos_id):
 
 def bind_flex(input_ids, bos_id):
     """flex attention with a block mask built from this batch's documents (blocks that no query of a
-    document can see are skipped, so short documents cost less than causal attention)."""
+    document can see are skipped, so short documents cost less than causal attention). Forward-only passes
+    (evaluation, calibration) take the masked SDPA reference instead: on the H200 with torch 2.11 a compiled
+    forward-only flex graph with this mask hit an illegal memory access (2026-12-03), while the training
+    graph (forward + backward) ran and matched the reference."""
+    if not torch.is_grad_enabled():
+        return bind_masked_sdpa(input_ids, bos_id)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     docs = document_ids(input_ids, bos_id)
     B, T = input_ids.shape
@@ -2260,7 +2265,7 @@ def calibration_batches(loader: TrainLoader, count: int):
 
 def calibration_reserve(trainer, probe: int = 2) -> tuple:
     """(seconds, how) to keep for GPTQ calibration after the training loop, measured before it: `probe`
-    calibration micro-batches (or, for selfgen, one sampling forward of a full batch) are timed on the model
+    extra calibration micro-batches (or, for selfgen, one sampling forward of a full batch) are timed on the model
     as it is now (same shapes, looping as it will be), after one untimed batch has warmed the kernels; the
     reserve is 1.25x the projection to GPTQ_CALIBRATION_BATCHES plus 1 s for the loader and the all-reduce."""
     s, rt, model = trainer.s, trainer.rt, trainer.model
@@ -2281,15 +2286,21 @@ def calibration_reserve(trainer, probe: int = 2) -> tuple:
         projected = per_batch * math.ceil(s.gptq_calibration_batches / batch_size)
         how = f"selfgen batch_size:{batch_size} measured_forward_seconds:{per_batch / s.train_seq_len:.4f}"
     else:
-        batches = list(calibration_batches(trainer.new_loader(), probe + 1))
-        collect_hessians(model, batches[:1], rt)
-        rt.sync()
-        t0 = time.perf_counter()
-        collect_hessians(model, batches[1:], rt)
-        rt.sync()
-        per_batch = (time.perf_counter() - t0) / probe
-        projected = per_batch * s.gptq_calibration_batches
-        how = f"train measured_batch_seconds:{per_batch:.4f}"
+        # Two timed calls, of 1 and of 1 + probe batches: their difference is the per-batch cost, the rest the
+        # fixed cost of a call (hooks, the Hessians' allocation and all-reduce), which one call pays once.
+        batches = list(calibration_batches(trainer.new_loader(), probe + 2))
+        collect_hessians(model, batches[:1], rt)  # untimed: warms the kernels
+        seconds = []
+        for timed_batches in (batches[1:2], batches[1:]):
+            rt.sync()
+            t0 = time.perf_counter()
+            collect_hessians(model, timed_batches, rt)
+            rt.sync()
+            seconds.append(time.perf_counter() - t0)
+        per_batch = max(seconds[1] - seconds[0], 0.0) / probe
+        fixed = max(seconds[0] - per_batch, 0.0)
+        projected = fixed + per_batch * s.gptq_calibration_batches
+        how = f"train measured_batch_seconds:{per_batch:.4f} fixed_seconds:{fixed:.3f}"
     model.looping = looping
     return 1.25 * projected + 1.0, how
 

@@ -117,3 +117,11 @@ def test_lora_rows_use_causal_attention_even_with_doc_mask():
 def test_impossible_attention_settings_are_refused(env, fragment):
     with pytest.raises(tg.UserError, match=fragment):
         tg.Settings(environ=dict(TINY_MODEL, **env)).validate(world_size=1)
+
+
+def test_forward_only_passes_take_the_masked_reference_instead_of_flex():
+    q, k, v = random_qkv(T=256)
+    ids = ids_with_documents(T=256, starts=((0, 9, 130, 200), (17, 18, 140)))
+    with torch.no_grad():
+        got = tg.bind_flex(ids, BOS)(q, k, v)
+    assert torch.equal(got, tg.bind_masked_sdpa(ids, BOS)(q, k, v))
