@@ -152,6 +152,10 @@ class Settings:
     rope_base: float = setting(10000.0, "RoPE base frequency", group="model", bounds="(0, inf)", role="model")
     qk_gain_init: float = setting(5.0,
         "initial per-head gain applied to the RMS-normed queries", group="model", role="model")
+    attn_gate_dims: int = setting(0,
+        "sparse attention output gate (PR #1787): each head's output times sigmoid of a learned weighting of the "
+        "first N dims of the block's normed input (12 in the record; 0: off)",
+        group="model", bounds="[0, inf)", role="model")
     xsa_last_n: int = setting(11,
         "exclusive self-attention on the last N physical layers", group="model", bounds="[0, inf)", role="model")
     logit_softcap: float = setting(30.0,
@@ -411,6 +415,8 @@ class Settings:
         head_dim = self.model_dim // self.num_heads
         need(self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
              f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        need(self.attn_gate_dims <= self.model_dim,
+             f"ATTN_GATE_DIMS={self.attn_gate_dims} must be at most MODEL_DIM={self.model_dim}")
         need(self.xsa_last_n <= self.num_layers,
              f"XSA_LAST_N={self.xsa_last_n} must be between 0 and NUM_LAYERS={self.num_layers}")
         need(mlp_hidden(self) >= 1,
@@ -1153,7 +1159,8 @@ def pick_attention(requested: str, device: torch.device, doc_mask: bool = False)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
+                 gate_dims: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
@@ -1163,6 +1170,9 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
         self.use_xsa = use_xsa
+        # ATTN_GATE_DIMS (the sparse attention output gate of PR #1787): each head's output is scaled by
+        # sigmoid(w_h . x[:gate_dims]) of the block's normed input; zero-initialised, so every gate starts at 0.5
+        self.out_gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims else None
 
     def forward(self, x, ctx: "LayerContext"):
         B, T, _ = x.shape
@@ -1181,6 +1191,9 @@ class Attention(nn.Module):
         y = ctx.attend(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
+        if self.out_gate is not None:
+            gate = torch.sigmoid(F.linear(x[..., :self.out_gate.size(1)], self.out_gate.to(x.dtype)))
+            y = y * gate[..., None]
         out = self.proj(y.reshape(B, T, -1))
         if ctx.adapter is not None:
             out = out + d_out
@@ -1491,7 +1504,7 @@ class Block(nn.Module):
         self.attn = self.attn_scale = None  # ATTN_OFF_LAYERS: the block is its MLP alone
         if layer not in layer_list(s.attn_off_layers, "ATTN_OFF_LAYERS", s.num_layers):
             self.attn = Attention(dim, s.num_heads, s.num_kv_heads, s.qk_gain_init,
-                                  layer >= s.num_layers - s.xsa_last_n)
+                                  layer >= s.num_layers - s.xsa_last_n, s.attn_gate_dims)
             self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp = MLP(dim, mlp_hidden(s), pick_mlp_kernel(s.mlp_kernel))
         self.mlp_scale = nn.Parameter(torch.ones(dim))

@@ -207,3 +207,60 @@ def test_zero_initialised_projections_make_blocks_start_as_identity():
         assert not block.attn.proj.weight.any() and not block.mlp.proj.weight.any()
     x = torch.randn(1, 6, 64)
     assert torch.equal(model.blocks[0](x, torch.zeros_like(x), tg.LayerContext((torch.ones(6, 4), torch.zeros(6, 4)), model.bind_attention(None, 1))), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# ATTN_GATE_DIMS: the sparse attention output gate
+
+
+def gated_pair(dims: int = 8):
+    """Two tiny models with the same weights, one with the output gate: (plain, gated, settings)."""
+    env = dict(TINY_MODEL, PARALLEL_RESIDUAL_MODE="off")
+    torch.manual_seed(0)
+    plain = tg.GPT(tg.Settings(environ=env))
+    gated_settings = tg.Settings(environ=dict(env, ATTN_GATE_DIMS=str(dims)))
+    gated = tg.GPT(gated_settings)
+    missing = gated.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.endswith("attn.out_gate") for k in missing)
+    with torch.no_grad():  # a non-zero output projection, so the attention output shows
+        for a, b in zip(plain.blocks, gated.blocks):
+            a.attn.proj.weight.normal_(0, 0.02)
+            b.attn.proj.weight.copy_(a.attn.proj.weight)
+    return plain, gated, gated_settings
+
+
+def test_the_output_gate_starts_at_one_half_of_each_heads_output():
+    plain, gated, _ = gated_pair()
+    x = torch.randn(2, 16, 64)
+    ctx = tg.LayerContext((torch.ones(16, 4), torch.zeros(16, 4)), plain.bind_attention(None, 1))
+    with torch.no_grad():
+        assert torch.allclose(gated.blocks[0].attn(x, ctx), 0.5 * plain.blocks[0].attn(x, ctx), atol=1e-6)
+
+
+def test_the_output_gate_weights_each_head_by_the_first_dims_of_its_input():
+    plain, gated, _ = gated_pair(dims=8)
+    attn_p, attn_g = plain.blocks[0].attn, gated.blocks[0].attn
+    with torch.no_grad():
+        attn_g.out_gate.normal_()
+    x = torch.randn(1, 16, 64)
+    ctx = tg.LayerContext((torch.ones(16, 4), torch.zeros(16, 4)), plain.bind_attention(None, 1))
+    # the ungated head outputs, by running the plain module with its projection replaced by the identity
+    captured = {}
+    attn_p.proj.register_forward_hook(lambda m, inp, out: captured.setdefault("y", inp[0]))
+    with torch.no_grad():
+        attn_p(x, ctx)
+        y = captured["y"].view(1, 16, 4, 16)
+        gate = torch.sigmoid(torch.einsum("btd,hd->bth", x[..., :8], attn_g.out_gate))
+        expected = (y * gate[..., None]).reshape(1, 16, 64) @ attn_g.proj.weight.T
+        assert torch.allclose(attn_g(x, ctx), expected, atol=1e-5)
+
+
+def test_the_output_gate_trains_with_adamw_and_counts_its_parameters():
+    plain, gated, s = gated_pair(dims=8)
+    extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == s.num_layers * s.num_heads * 8
+    matrices, _, scalars = tg.split_parameters(gated)
+    assert all(not n.endswith("out_gate") for n, _ in matrices)
+    assert sum(n.endswith("out_gate") for n, _ in scalars) == s.num_layers
+    with pytest.raises(tg.UserError, match="ATTN_GATE_DIMS=65 must be at most MODEL_DIM=64"):
+        tg.Settings(environ=dict(TINY_MODEL, ATTN_GATE_DIMS="65")).validate(world_size=1)

@@ -267,3 +267,10 @@ def test_a_loop_switch_that_never_came_still_evaluates_copied_untied_mlps(tiny_e
     loop_start = int(env["LOOP_START"])
     for k, mlp in enumerate(model.loop_mlps):
         assert torch.equal(mlp.fc.weight, model.blocks[loop_start + k].mlp.fc.weight)
+
+
+@pytest.mark.parametrize("name", ["pr1529", "pr1536"])  # chunk TTT and LoRA TTT
+def test_the_attention_output_gate_rides_any_preset_through_every_pass(name, tiny_env):
+    results, log, _ = run_preset(name, tiny_env, ATTN_GATE_DIMS="8", RUN_ID=f"gate_{name}")
+    assert results["steps"] == 6 and results["final_val_bpb"] < 8
+    assert "preset:changed setting:ATTN_GATE_DIMS value:8 default:0" in log
