@@ -1430,7 +1430,7 @@ def triton_softcap_ce():
     except ImportError:
         _TRITON_SOFTCAP_CE = False
         return False
-    global _softcap
+    global _softcap  # the kernels call it by its module-level name, which Triton resolves when it compiles them
     _softcap = triton.jit(_softcap)
     forward_kernel = triton.jit(_softcap_ce_forward_kernel)
     backward_kernel = triton.jit(_softcap_ce_backward_kernel)
@@ -1862,8 +1862,12 @@ class GPT(nn.Module):
                 skips.append(lanes[0])
         return rms_norm(holder.merge(self, lanes))
 
+    def head(self, hidden):
+        """The tied output head: raw logits in the compute dtype, before the softcap."""
+        return F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+
     def logits(self, hidden, lora=None):
-        z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype)).float()
+        z = self.head(hidden).float()
         if lora is not None:
             z = z + lora.head(hidden).float()
         c = self.settings.logit_softcap
@@ -1884,7 +1888,7 @@ class GPT(nn.Module):
         """Mean training loss."""
         hidden = self.forward_hidden(input_ids)
         if self.loss_kernel == "triton" and hidden.dtype == torch.bfloat16:
-            z = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+            z = self.head(hidden)
             losses, _ = torch.ops.pgolf.softcap_ce(z.view(-1, z.size(-1)), target_ids.reshape(-1),
                                                    self.settings.logit_softcap)
             return losses.mean()
