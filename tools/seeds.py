@@ -94,6 +94,33 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+def run_or_resume(label: str, run_id: str, env: dict, argv_run: list, log_dir: Path, source_sha: str, quiet: bool = False):
+    """(log, "done earlier" | "ran"): run train_gpt.py as RUN_ID=run_id unless LOG_DIR/<run_id>.txt is already
+    a finished run of this configuration and source. A finished log of another configuration stops the tool;
+    an incomplete one is moved aside and the run starts again; a failed run stops the tool, naming the run
+    by label ("seed 2") and its log."""
+    env = dict(env, RUN_ID=run_id, LOG_DIR=str(log_dir))
+    path = log_dir / f"{run_id}.txt"
+    if path.exists():
+        log = runlog.read_log(path)
+        if log.complete:
+            why = config_mismatch(log, expected_settings(env), source_sha)
+            if why:
+                sys.exit(f"error: {path} is a finished run but {why}: use another name, or move that log away to rerun it")
+            return log, "done earlier"
+        print(f"{path} is incomplete ({log.incomplete_reason}); moved to {move_aside(path)}", flush=True)
+    expected_settings(env)  # a bad value stops here, before the run starts
+    print(f"--- {label}: {run_id}", flush=True)
+    result = subprocess.run(argv_run, env=env, stdout=subprocess.DEVNULL if quiet else None)
+    if result.returncode != 0:
+        sys.exit(f"error: {label} failed (exit {result.returncode}): see {path} and the output above; "
+                 f"rerun the same command to resume from it")
+    log = runlog.read_log(path)
+    if not log.complete:
+        sys.exit(f"error: {label} exited 0 but {path} is incomplete: {log.incomplete_reason}")
+    return log, "ran"
+
+
 def row(seed: int, log, status: str) -> list:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -142,31 +169,14 @@ def main(argv=None):
 
     rows = []
     for seed in seeds:
-        run_id = f"{args.name}_seed{seed}"
-        env = dict(base, SEED=str(seed), RUN_ID=run_id)
-        path = log_dir / f"{run_id}.txt"
-        if path.exists():
-            log = runlog.read_log(path)
-            if log.complete:
-                why = config_mismatch(log, expected_settings(env), source_sha)
-                if why:
-                    sys.exit(f"error: {path} is a finished run but {why}: use another --name, or move that log away to rerun it")
-                rows.append(row(seed, log, "done earlier"))
-                print(table(rows), flush=True)
-                continue
-            print(f"{path} is incomplete ({log.incomplete_reason}); moved to {move_aside(path)}", flush=True)
-        expected_settings(env)  # a bad value stops here, before any run starts
-        print(f"--- seed {seed}: {run_id}", flush=True)
-        result = subprocess.run(argv_run, env=env, stdout=subprocess.DEVNULL if args.quiet else None)
-        if result.returncode != 0:
+        try:
+            log, status = run_or_resume(f"seed {seed}", f"{args.name}_seed{seed}", dict(base, SEED=str(seed)), argv_run,
+                                        log_dir, source_sha, args.quiet)
+        except SystemExit:
             if rows:
                 print(table(rows), flush=True)
-            sys.exit(f"error: seed {seed} failed (exit {result.returncode}): see {path} and the output above; "
-                     f"rerun the same command to resume from this seed")
-        log = runlog.read_log(path)
-        if not log.complete:
-            sys.exit(f"error: seed {seed} exited 0 but {path} is incomplete: {log.incomplete_reason}")
-        rows.append(row(seed, log, "ran"))
+            raise
+        rows.append(row(seed, log, status))
         print(table(rows), flush=True)
 
 
