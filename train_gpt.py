@@ -3974,12 +3974,12 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     peak = ""
     if rt.device.type == "cuda":
         peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}"
-    lora_rate = (done_work - first_work) / max(seconds - first_seconds - sgd_seconds, 1e-9)
+    lora_tokens_per_s = (done_work - first_work) / max(seconds - first_seconds - sgd_seconds, 1e-9)
     rt.log(f"ttt:lora rank:0 steps:{steps} window_tokens:{done_work} "
            f"window_tokens_per_target:{done_work / max(sum(int(lengths[a:b].sum()) for a, b in shares), 1):.2f} "
-           f"window_tokens_per_s_after_first_step:{lora_rate:.0f}{peak}")
+           f"window_tokens_per_s_after_first_step:{lora_tokens_per_s:.0f}{peak}")
     if budget is not None:
-        unscaled = (sgd_seconds, phased.estimate(budget, 1 / max(lora_rate, 1e-9))) if phased else (0.0, 0.0)
+        unscaled = (sgd_seconds, phased.estimate(budget, 1 / max(lora_tokens_per_s, 1e-9))) if phased else (0.0, 0.0)
         budget.finish("ttt_lora", seconds, first_seconds, result.targets, unscaled)
     return result
 

@@ -118,7 +118,8 @@ def test_the_guard_stops_training_on_unscored_targets(mode, setup, monkeypatch):
 def test_phased_ttt_scores_the_whole_prefix_before_training_on_it_and_nothing_after_it(setup, monkeypatch):
     """Every target scored and every target trained on, in order: a phase trains only once every document of
     its prefix is scored, on exactly that prefix's whole chunks, and no later document is scored before it."""
-    s, C, L = phased(setup[0]), 128, setup[0].eval_seq_len
+    s = phased(setup[0])
+    C, C_lora, L = s.ttt_chunk_tokens, s.ttt_chunk_size, s.eval_seq_len
     events, step, train, phase = [], tg.lora_step, tg.ttt_train_chunk, tg.PhasedSGD.train
 
     def step_spy(start, length, chunk, *args):
@@ -133,7 +134,6 @@ def test_phased_ttt_scores_the_whole_prefix_before_training_on_it_and_nothing_af
     def phase_spy(self, k, *args):
         events.append(("phase", k, self.ends[k]))
         return phase(self, k, *args)
-    C_lora = s.ttt_chunk_size
     monkeypatch.setattr(tg, "lora_step", step_spy)
     monkeypatch.setattr(tg, "ttt_train_chunk", train_spy)
     monkeypatch.setattr(tg.PhasedSGD, "train", phase_spy)
