@@ -330,21 +330,23 @@ class Settings:
         "chunk: SGD on the whole model, chunk by chunk (PR #1529); lora: per-document LoRA (PR #1530)",
         choices=('chunk', 'lora'), group="evaluation", role="score")
     ttt_chunk_tokens: int = setting(32768,
-        "chunk mode: targets scored before each round of training", group="evaluation", bounds="[1, inf)", role="score")
+        "chunk mode: targets scored before each round of training; with TTT_PHASES also the chunks of each phase's SGD",
+        group="evaluation", bounds="[1, inf)", role="score")
     ttt_epochs: int = setting(3,
         "chunk mode: passes over each scored chunk", group="evaluation", bounds="[0, inf)", role="score")
     ttt_lr: float = setting(0.01,
         "chunk mode: SGD learning rate, cosine-decayed to 0 over the chunks",
         group="evaluation", bounds="[0, inf)", role="score")
     ttt_momentum: float = setting(0.9,
-        "chunk mode: SGD momentum (kept across chunks)", group="evaluation", bounds="[0, 1)", role="score")
+        "chunk mode: SGD momentum, kept across chunks; TTT_PHASES: the same, reset each phase",
+        group="evaluation", bounds="[0, 1)", role="score")
     ttt_grad_clip: float = setting(1.0,
-        "chunk mode: clip the global gradient norm to this (0: off)",
+        "chunk mode and TTT_PHASES: clip the global gradient norm to this (0: off)",
         group="evaluation", bounds="[0, inf)", role="score")
     ttt_freeze_blocks: int = setting(0,
         "chunk mode: leave the first N physical blocks untrained", group="evaluation", bounds="[0, inf)", role="score")
     ttt_batch_seqs: int = setting(32,
-        "chunk mode: EVAL_SEQ_LEN sequences per SGD step, summed over ranks",
+        "chunk mode and TTT_PHASES: EVAL_SEQ_LEN sequences per SGD step, summed over ranks",
         group="evaluation", bounds="[1, inf)", role="score")
     hash_embed_enabled: bool = setting(True,
         "chunk mode: add a zero-initialised bigram-hash embedding that only TTT trains",
@@ -368,6 +370,20 @@ class Settings:
         group="evaluation", bounds="[1, inf)", role="score")
     ttt_docs_in_flight: int = setting(256,
         "lora mode: documents holding adapters at once on each rank (memory: 8 bytes x adapter size, 67 MB, each)",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ttt_phases: int = setting(0,
+        "lora mode: phased TTT (PR #1610, #1626): cut the first TTT_PHASE_PREFIX_DOCS documents into N equal parts; "
+        "once a part is fully scored, the base model takes an SGD pass over every document scored so far, and "
+        "the rest is scored (with fresh adapters) on the updated base (0: off)",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_phase_prefix_docs: int = setting(2500,
+        "TTT_PHASES: documents, in original order, that the phases cover (PR #1855: 2500)",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ttt_phase_lr: float = setting(0.001,
+        "TTT_PHASES: SGD learning rate of each phase, cosine-decayed to 0 over its TTT_CHUNK_TOKENS chunks",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_phase_epochs: int = setting(1,
+        "TTT_PHASES: passes over each chunk of the scored prefix in each phase",
         group="evaluation", bounds="[1, inf)", role="score")
     save_checkpoint: str = setting("",
         "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation")
@@ -3131,6 +3147,10 @@ def validate_eval_settings(s: Settings):
     need(s.ttt_chunk_size <= s.eval_seq_len, f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be in "
                                              f"1..EVAL_SEQ_LEN={s.eval_seq_len}")
     need(s.ttt_freeze_blocks <= s.num_layers, f"TTT_FREEZE_BLOCKS={s.ttt_freeze_blocks} must be in 0..NUM_LAYERS")
+    need(s.ttt_phases == 0 or s.ttt_mode == "lora", f"TTT_PHASES={s.ttt_phases} adds global SGD phases to the "
+                                                   "per-document LoRA TTT: set TTT_MODE=lora or TTT_PHASES=0")
+    need(s.ttt_phases <= s.ttt_phase_prefix_docs, f"TTT_PHASES={s.ttt_phases} needs a document per phase: raise "
+                                                  f"TTT_PHASE_PREFIX_DOCS={s.ttt_phase_prefix_docs} or lower TTT_PHASES")
 
 
 @dataclass
@@ -3362,6 +3382,13 @@ class EvalBudget:
     def estimate(self, fixed: float, per_unit: float, units: float) -> float:
         return fixed + per_unit * units * self.scale
 
+    @staticmethod
+    def estimate_unscaled(per_unit: float, full_units: float) -> float:
+        """8-GPU seconds of work whose size does not follow the validation's length (TTT_PHASES' SGD over a
+        fixed number of documents): full_units units in the full run, shared by the 8 GPUs, at per_unit
+        seconds per unit on one GPU here."""
+        return per_unit * full_units / BUDGET_GPUS
+
     def check(self, name: str, estimate: float):
         """Collective: every rank calls it at the same point and all take the largest estimate."""
         estimate = torch.tensor([estimate], dtype=torch.float64, device=self.rt.device)
@@ -3375,10 +3402,11 @@ class EvalBudget:
                             f"({name}: "
                             f"{estimate:.0f}s), over EVAL_BUDGET_SECONDS={self.limit:.0f}: make TTT cheaper "
                             "(TTT_EPOCHS, "
-                            f"TTT_MODE, EVAL_STRIDE) or set EVAL_FORCE=1 to run anyway")
+                            f"TTT_MODE, TTT_PHASES, EVAL_STRIDE) or set EVAL_FORCE=1 to run anyway")
 
-    def finish(self, name: str, seconds: float, fixed: float, targets: int) -> float:
-        estimate = fixed + (seconds - fixed) * self.scale
+    def finish(self, name: str, seconds: float, fixed: float, targets: int, unscaled: tuple = (0.0, 0.0)) -> float:
+        """unscaled: (seconds here, 8-GPU estimate) of a part that does not scale with the validation's length."""
+        estimate = fixed + (seconds - fixed - unscaled[0]) * self.scale + unscaled[1]
         self.done.append((name, seconds, estimate))
         self.rt.log(f"eval_budget:pass pass:{name} seconds:{seconds:.1f} scored_targets:{targets} "
                     f"seconds_per_mtok:{1e6 * seconds / targets:.2f} estimated_8gpu_full_val_seconds:{estimate:.0f}")
@@ -3407,9 +3435,21 @@ def all_reduce_sum_grads(params, rt: Runtime):
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, s: Settings, rt: Runtime,
-                    scores: Scores):
-    """TTT_EPOCHS of SGD on targets first..last, already scored by every rank.
+def cosine_over_chunks(lr: float, c: int, n_chunks: int) -> float:
+    """Chunk c's learning rate, cosine-decayed from lr at the first chunk to 0 at the last (n_chunks >= 2),
+    which is therefore never trained on."""
+    return lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+
+
+def sgd_step_sizes(s: Settings) -> set:
+    """The step sizes (sequences) of SGD over one full TTT_CHUNK_TOKENS chunk: the compile warm-up's shapes."""
+    per_chunk = s.ttt_chunk_tokens // s.eval_seq_len
+    return {min(s.ttt_batch_seqs, per_chunk - b) for b in range(0, per_chunk, s.ttt_batch_seqs)}
+
+
+def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, epochs: int, s: Settings,
+                    rt: Runtime, scores: Scores):
+    """`epochs` passes of SGD on targets first..last, already scored by every rank.
 
     The chunk is cut into whole EVAL_SEQ_LEN sequences; each step takes the next TTT_BATCH_SEQS of them,
     shared contiguously by the ranks. The loss is the sum over this rank's tokens divided by the step's
@@ -3422,7 +3462,7 @@ def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: fl
         raise RuntimeError("score-first violated: the recorded scores miss targets TTT is about to train on")
     for group in opt.param_groups:
         group["lr"] = lr
-    for _ in range(s.ttt_epochs):
+    for _ in range(epochs):
         for b in range(0, n, s.ttt_batch_seqs):
             count = min(s.ttt_batch_seqs, n - b)
             lo, hi = (b + i for i in share(count, rt.rank, rt.world_size))
@@ -3467,8 +3507,7 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
            f"hash_embed:{int(hash_emb is not None)} last_chunk_trained:0 "
            f"params_trained:{sum(p.numel() for p in params)} params_frozen:{frozen}")
     if s.compile:
-        step_sizes = {min(s.ttt_batch_seqs, C // L - b) for b in range(0, C // L, s.ttt_batch_seqs)}
-        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, step_sizes)
+        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, sgd_step_sizes(s))
     fixed, check_at, log_every = 0.0, min(3, n_chunks - 1), max(1, n_chunks // 10)
     for c in range(n_chunks):
         first, last = c * C + 1, min((c + 1) * C, n_targets)
@@ -3481,8 +3520,8 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
             # gradient all-reduce) before every rank has scored its share.
             scores.mark(first, last)
         if c < n_chunks - 1 and s.ttt_epochs > 0:
-            lr = s.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
-            ttt_train_chunk(loss_fn, params, opt, tokens, first, last, lr, s, rt, scores)
+            ttt_train_chunk(loss_fn, params, opt, tokens, first, last, cosine_over_chunks(s.ttt_lr, c, n_chunks),
+                            s.ttt_epochs, s, rt, scores)
         if c == 0 or (c == check_at and budget is not None) or (c + 1) % log_every == 0 or c == n_chunks - 1:
             rt.sync()
             elapsed = time.perf_counter() - t0
@@ -3515,6 +3554,13 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
     with torch.no_grad():
         loss_fn(random_tokens((batch, L), vocab, s, rt.device), random_tokens((batch, stride), vocab, s, rt.device))
         loss_fn(random_tokens((1, L), vocab, s, rt.device), random_tokens((1, L), vocab, s, rt.device))
+    warm_up_sgd_steps(loss_fn, params, s, rt, vocab, step_sizes, t0)
+
+
+def warm_up_sgd_steps(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes, t0: float):
+    """Compile the training graph for steps of each size in step_sizes (shared by the ranks) on random tokens,
+    forward and backward only: the gradients are zeroed and no step is taken."""
+    L = s.eval_seq_len
     for size in step_sizes:
         lo, hi = share(size, rt.rank, rt.world_size)
         if hi > lo:
@@ -3750,61 +3796,173 @@ def lora_plan(lengths: np.ndarray, C: int, L: int, rows: int, in_flight: int) ->
                 open_docs -= 1
 
 
+# --- phased TTT: global SGD of the base model on the scored prefix (PR #1610, #1626) -----------------
+# With TTT_PHASES=N the first TTT_PHASE_PREFIX_DOCS documents are cut into N equal parts (the records'
+# boundaries, prefix x k / N). The LoRA pass scores every document of part 1 (each rank its share), then
+# the base model takes a pass of SGD over every target scored so far, then part 2 is scored with fresh
+# adapters on the updated base, and so on; the documents after the prefix are scored on the base of the
+# last phase. Phase k trains on parts 1..k (#1626's multi-phase global SGD) with a fresh momentum, chunk by
+# chunk as chunk mode does (ttt_train_chunk, TTT_CHUNK_TOKENS chunks, cosine learning rate over them, so
+# the last chunk gets 0 and waits for the next phase). The records take the prefix in their length-sorted
+# queue order; here documents keep their original order, so a prefix is one range of targets,
+# 1..starts[boundary] (a document's last target is the next one's BOS).
+
+
+def phase_boundaries(n_docs: int, s: Settings) -> list:
+    """Document counts after which a phase's SGD runs, increasing. They follow from the settings alone, not
+    from the number of documents, which later tokens decide (the records clamp the prefix to it); a boundary
+    with no document after it is left out, as its SGD could change no score."""
+    prefix = s.ttt_phase_prefix_docs
+    return sorted(b for b in {prefix * (k + 1) // s.ttt_phases for k in range(s.ttt_phases)} if b < n_docs)
+
+
+def doc_share(cum: np.ndarray, lo: int, hi: int, rank: int, world_size: int) -> tuple:
+    """Rank's contiguous run [a, b) of documents lo..hi-1, of about equal cost (cum: cumulative costs from 0)."""
+    a, b = (int(np.searchsorted(cum, cum[lo] + (cum[hi] - cum[lo]) * r / world_size)) for r in (rank, rank + 1))
+    return a, hi if rank == world_size - 1 else b
+
+
+class PhasedSGD:
+    """TTT_PHASES' SGD on the LoRA pass's base model, in place (the adapters' forward reads it)."""
+
+    def __init__(self, base: GPT, s: Settings, rt: Runtime, starts: np.ndarray, n_targets: int):
+        self.base, self.s, self.rt = base, s, rt
+        self.boundaries = phase_boundaries(len(starts), s)
+        self.ends = [int(starts[b]) for b in self.boundaries]  # phase k trains on targets 1..ends[k]
+        self.params = list(base.parameters())
+        for p in self.params:
+            p.grad = torch.zeros_like(p)  # a rank with no sequence in a step still all-reduces them
+
+        def losses(x, y):
+            return base.token_losses(x, y)
+        self.loss_fn = compiled(losses, s.compile)
+        # The full validation's phases, its documents taken to be as long on average as these ones.
+        mean_doc = n_targets / len(starts)
+        full_docs = round(FULL_VAL_TARGETS / mean_doc)
+        self.full_run_tokens = self.trained_tokens([round(b * mean_doc) for b in phase_boundaries(full_docs, s)])
+        self.seconds, self.tokens = 0.0, 0
+
+    def trained_tokens(self, ends) -> int:
+        """Tokens the phases ending at targets `ends` train on, over all ranks: every chunk but the last is whole."""
+        C, L = self.s.ttt_chunk_tokens, self.s.eval_seq_len
+        return sum(-(-end // C) - 1 for end in ends) * (C // L) * L * self.s.ttt_phase_epochs
+
+    def protocol(self) -> str:
+        s = self.s
+        return (f" phases:{s.ttt_phases} phase_prefix_docs:{s.ttt_phase_prefix_docs} "
+                f"phase_boundaries_docs:{','.join(map(str, self.boundaries)) or 'none'} phase_trains_on:scored_prefix "
+                f"phase_params:all phase_optimizer:sgd phase_lr:{s.ttt_phase_lr} phase_schedule:cosine_over_chunks "
+                f"phase_epochs:{s.ttt_phase_epochs} phase_chunk_tokens:{s.ttt_chunk_tokens} "
+                f"phase_momentum:{s.ttt_momentum} phase_grad_clip:{s.ttt_grad_clip} phase_batch_seqs:{s.ttt_batch_seqs}")
+
+    def warm_up(self, vocab: int):
+        self.base.requires_grad_(True)
+        warm_up_sgd_steps(self.loss_fn, self.params, self.s, self.rt, vocab, sgd_step_sizes(self.s), time.perf_counter())
+        self.base.requires_grad_(False)
+
+    def train(self, k: int, tokens, scores: Scores):
+        """Phase k's SGD over targets 1..ends[k], once every rank has scored its share of them."""
+        s, rt = self.s, self.rt
+        t0 = time.perf_counter()
+        first, end = self.ends[k - 1] + 1 if k else 1, self.ends[k]
+        if rt.world_size > 1:
+            # Each rank marked only its own documents: count this part's scored targets over all ranks
+            # before taking the other ranks' share as scored too.
+            mine = torch.tensor([float(scores.scored[first:end + 1].sum())], dtype=torch.float64, device=rt.device)
+            if int(rt.all_reduce(mine).item()) != end - first + 1:
+                raise RuntimeError(f"score-first violated: phase {k + 1} is about to train on targets {first}..{end}, "
+                                   "not all of which are scored yet")
+            scores.mark(first, end)
+        C = s.ttt_chunk_tokens
+        n_chunks = -(-end // C)
+        opt = torch.optim.SGD(self.params, lr=s.ttt_phase_lr, momentum=s.ttt_momentum)
+        self.base.requires_grad_(True)
+        for c in range(n_chunks - 1):
+            ttt_train_chunk(self.loss_fn, self.params, opt, tokens, c * C + 1, (c + 1) * C,
+                            cosine_over_chunks(s.ttt_phase_lr, c, n_chunks), s.ttt_phase_epochs, s, rt, scores)
+        self.base.requires_grad_(False)
+        rt.sync()
+        seconds, tokens_trained = time.perf_counter() - t0, self.trained_tokens([end])
+        self.seconds, self.tokens = self.seconds + seconds, self.tokens + tokens_trained
+        rt.log(f"ttt:phase phase:{k + 1}/{len(self.ends)} docs_scored:{self.boundaries[k]} trained_targets:1..{end} "
+               f"chunks_trained:{n_chunks - 1} trained_tokens:{tokens_trained} seconds:{seconds:.1f}")
+
+    def estimate(self, budget: EvalBudget, fallback_rate: float) -> float:
+        """8-GPU seconds of the full run's phases, at the rate measured so far (seconds per token on one
+        rank) or, before any phase, at fallback_rate (a LoRA window token: both a forward and a backward)."""
+        rate = self.seconds / (self.tokens / self.rt.world_size) if self.tokens else fallback_rate
+        return budget.estimate_unscaled(rate, self.full_run_tokens)
+
+
 def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, bos_id: int, budget=None,
                       record: bool = False) -> EvalResult:
-    """Legal score-first per-document LoRA TTT (spec 7.5, in original document order) on a frozen copy of model.
-    Ranks take contiguous runs of documents of about equal cost and follow lora_plan."""
+    """Legal score-first per-document LoRA TTT (spec 7.5, in original document order) on a frozen copy of model,
+    with TTT_PHASES' SGD of that copy between parts of the documents. Ranks take contiguous runs of each
+    part's documents of about equal cost and follow lora_plan."""
     t0 = time.perf_counter()
     L, C = s.eval_seq_len, s.ttt_chunk_size
     n_targets = len(val_tokens) - 1
     starts, lengths = document_spans(val_tokens, bos_id)
     cum = np.concatenate(([0], np.cumsum(lora_doc_cost(lengths, C, L))))
-    bounds = [int(np.searchsorted(cum, cum[-1] * r / rt.world_size)) for r in range(rt.world_size)] + [len(lengths)]
-    starts, lengths = starts[bounds[rt.rank]:bounds[rt.rank + 1]], lengths[bounds[rt.rank]:bounds[rt.rank + 1]]
     in_flight = max(s.ttt_docs_in_flight, s.ttt_batch_docs)
-    plan = lora_plan(lengths, C, L, s.ttt_batch_docs, in_flight)
     base = copy.deepcopy(model).eval().requires_grad_(False)
+    phased = PhasedSGD(base, s, rt, starts, n_targets) if s.ttt_phases else None
+    boundaries = phased.boundaries if phased else []
+    shares = [doc_share(cum, lo, hi, rt.rank, rt.world_size)
+              for lo, hi in zip([0] + boundaries, boundaries + [len(lengths)])]
+    plans = [[a + batch for batch in lora_plan(lengths[a:b], C, L, s.ttt_batch_docs, in_flight)] for a, b in shares]
+    rank_work = sum(int(cum[b] - cum[a]) for a, b in shares)
     layout = LoRALayout(base, s.ttt_lora_rank)
     row = layout.fresh_row(s.seed, rt.device)
 
     loss_fn = lora_losses(base, layout, s)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
+    steps = sum(len(plan) for plan in plans)
     rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} window:{L} "
            "context:document_only "
            f"order:original reset:per_document rank:{s.ttt_lora_rank} targets:q,k,v,o,mlp,head optimizer:adamw "
            f"lr:{s.ttt_lora_lr} betas:({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd:{s.ttt_lora_wd} steps_per_chunk:1 "
            f"last_chunk_trained:0 batch_docs:{s.ttt_batch_docs} docs_in_flight:{in_flight} "
-           f"adapter_params_per_doc:{layout.size} rank0_steps:{len(plan)}")
+           f"adapter_params_per_doc:{layout.size} rank0_steps:{steps}{phased.protocol() if phased else ' phases:0'}")
+    if phased and s.compile:
+        phased.warm_up(base.vocab_size)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with attention_without_cudnn():  # the batch shape changes almost every step
         if s.compile:
             warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size)
-        # The early estimate comes a tenth of the way into the shortest plan: every rank gets there.
-        check_at = -1
+        # The early estimate comes a tenth of the way into the first part's shortest plan: every rank gets
+        # there before any phase's SGD.
+        check_at, lora_estimate = -1, None
         if budget is not None:
-            shortest = rt.all_reduce(torch.tensor([len(plan)], device=rt.device), op=dist.ReduceOp.MIN)
+            shortest = rt.all_reduce(torch.tensor([len(plans[0])], device=rt.device), op=dist.ReduceOp.MIN)
             check_at = int(shortest.item()) // 10
         slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1)
         chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
-        done_work, marks = 0, {}
-        for i, batch in enumerate(plan):
-            fresh = batch[chunk[batch] == 0]
-            if len(fresh):
-                slot[fresh] = slots.open(len(fresh))
-            done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn,
-                                   tokens, s,
-                                   tables, scores)
-            chunk[batch] += 1
-            slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
-            if budget is not None and i in (0, check_at):
-                rt.sync()
-                marks[i] = (time.perf_counter() - t0, done_work)
-                if i == check_at and check_at >= 1:
-                    (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
-                    rate = (t_b - t_a) / max(w_b - w_a, 1)
-                    remaining = cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a
-                    budget.check("ttt_lora", budget.estimate(t_a, rate, remaining))
+        done_work, marks, i = 0, {}, 0
+        for phase, plan in enumerate(plans):
+            for batch in plan:
+                fresh = batch[chunk[batch] == 0]
+                if len(fresh):
+                    slot[fresh] = slots.open(len(fresh))
+                done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn,
+                                       tokens, s,
+                                       tables, scores)
+                chunk[batch] += 1
+                slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
+                if budget is not None and i in (0, check_at):
+                    rt.sync()
+                    marks[i] = (time.perf_counter() - t0, done_work)
+                    if i == check_at and check_at >= 1:
+                        (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
+                        rate = (t_b - t_a) / max(w_b - w_a, 1)
+                        lora_estimate = budget.estimate(t_a, rate, rank_work - w_a)
+                        budget.check("ttt_lora", lora_estimate + (phased.estimate(budget, rate) if phased else 0.0))
+                i += 1
+            if phase < len(boundaries):
+                phased.train(phase, tokens, scores)
+                if phase == 0 and lora_estimate is not None:  # again, with the SGD's own measured rate
+                    budget.check("ttt_lora", lora_estimate + phased.estimate(budget, rate))
     if s.compile:  # 1 unless a shape slipped past lora_losses: each extra graph is a full recompile
         rt.log(f"ttt:lora graphs_compiled:{torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before}")
     rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} "
@@ -3812,15 +3970,17 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     result = scores.result(rt, time.perf_counter() - t0, record)
     seconds = result.seconds
     first_seconds, first_work = marks.get(0, (0.0, 0))  # the first step carries the compile: rates leave it out
+    sgd_seconds = phased.seconds if phased else 0.0
     peak = ""
     if rt.device.type == "cuda":
         peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}"
-    rt.log(f"ttt:lora rank:0 steps:{len(plan)} window_tokens:{done_work} "
-           f"window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
-           f"window_tokens_per_s_after_first_step:"
-           f"{(done_work - first_work) / max(seconds - first_seconds, 1e-9):.0f}{peak}")
+    lora_tokens_per_s = (done_work - first_work) / max(seconds - first_seconds - sgd_seconds, 1e-9)
+    rt.log(f"ttt:lora rank:0 steps:{steps} window_tokens:{done_work} "
+           f"window_tokens_per_target:{done_work / max(sum(int(lengths[a:b].sum()) for a, b in shares), 1):.2f} "
+           f"window_tokens_per_s_after_first_step:{lora_tokens_per_s:.0f}{peak}")
     if budget is not None:
-        budget.finish("ttt_lora", seconds, first_seconds, result.targets)
+        unscaled = (sgd_seconds, phased.estimate(budget, 1 / max(lora_tokens_per_s, 1e-9))) if phased else (0.0, 0.0)
+        budget.finish("ttt_lora", seconds, first_seconds, result.targets, unscaled)
     return result
 
 

@@ -1,5 +1,6 @@
 """EVALUATION: exact bpb, the byte-table guard, sliding windows, TTT (chunk and LoRA), the eval budget,
 the pass runner and checkpoints. All on CPU with tiny models."""
+import copy
 import math
 import os
 import re
@@ -306,6 +307,128 @@ def test_lora_q_and_v_adapters_equal_a_change_of_the_projection_weights(tiny_dat
         assert torch.allclose(adapted, model.token_losses(x, y), atol=1e-5)
 
 
+# --- phased TTT (TTT_PHASES): global SGD of the base model on the scored prefix -------------------------
+
+PHASED = dict(TTT_MODE="lora", TTT_LORA_LR=0.01, TTT_PHASES=2, TTT_PHASE_PREFIX_DOCS=6, TTT_PHASE_LR=0.05,
+              TTT_PHASE_EPOCHS=2, TTT_CHUNK_TOKENS=128)
+
+
+def test_lora_ttt_without_phases_keeps_the_scores_it_had_before_them(tiny_data, tmp_path):
+    """The figures below were measured with the code before TTT_PHASES existed (commit f932bcc); phases that
+    would start after the last document change nothing either."""
+    s, rt = make(tiny_data, tmp_path, TTT_MODE="lora", TTT_LORA_LR=0.01)
+    _, tables = tables_for(s)
+    model = random_model(s)
+    for n, loss in ((1000, 5.625748096466064), (3000, 5.637520755678415)):
+        assert tg.evaluate_ttt_lora(model, s, rt, validation(s, n), tables, 1).loss == pytest.approx(loss, rel=1e-12)
+    s.ttt_phases, s.ttt_phase_prefix_docs = 2, 16  # boundaries 8 and 16: 1000 targets hold 8 documents
+    assert tg.evaluate_ttt_lora(model, s, rt, validation(s, 1000), tables, 1).loss == pytest.approx(5.625748096466064,
+                                                                                                   rel=1e-12)
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    assert "rank0_steps:21 phases:0\n" in log and "phases:2 phase_prefix_docs:16 phase_boundaries_docs:none " in log
+
+
+def explicit_phases(model, s, val, ends):
+    """Phase after phase, from the model's weights: a fresh heavy-ball momentum, chunks of TTT_CHUNK_TOKENS
+    targets 1..end but the last, learning rate lr (1 + cos(pi c / (chunks - 1))) / 2, TTT_PHASE_EPOCHS passes
+    over each chunk's sequences in steps of TTT_BATCH_SEQS, the mean token loss, the global norm clipped."""
+    weights, C, L = [p.detach().clone() for p in model.parameters()], s.ttt_chunk_tokens, s.eval_seq_len
+    after = []
+    for end in ends:
+        momentum, chunks = [torch.zeros_like(w) for w in weights], -(-end // C)
+        for c in range(chunks - 1):
+            lr = s.ttt_phase_lr * (1 + math.cos(math.pi * c / (chunks - 1))) / 2
+            sequences = val[c * C:c * C + C // L * L + 1]
+            for _ in range(s.ttt_phase_epochs):
+                for b in range(0, C // L, s.ttt_batch_seqs):
+                    span = sequences[b * L:min(b + s.ttt_batch_seqs, C // L) * L + 1]
+                    x, y = span[:-1].view(-1, L), span[1:].view(-1, L)
+                    with torch.no_grad():
+                        for p, w in zip(model.parameters(), weights):
+                            p.copy_(w)
+                    grads = torch.autograd.grad(model.token_losses(x, y).mean(), list(model.parameters()),
+                                                allow_unused=True)
+                    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+                    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+                    scale = min(1.0, s.ttt_grad_clip / (norm + 1e-6))
+                    for w, m, g in zip(weights, momentum, grads):
+                        m.mul_(s.ttt_momentum).add_(g * scale)
+                        w.sub_(lr * m)
+        after.append([w.clone() for w in weights])
+    return after
+
+
+def test_phased_sgd_equals_an_explicit_momentum_sgd_over_each_scored_prefix(tiny_data, tmp_path, monkeypatch):
+    """In float64: at these learning rates float32 rounding grows to ~1e-3 over the second phase's steps."""
+    s, rt = make(tiny_data, tmp_path, **PHASED)
+    _, tables = tables_for(s)
+    snapshots, train = [], tg.PhasedSGD.train
+
+    def spy(self, k, *args):
+        train(self, k, *args)
+        snapshots.append([p.detach().clone() for p in self.base.parameters()])
+    monkeypatch.setattr(tg.PhasedSGD, "train", spy)
+    monkeypatch.setattr(tg, "compute_dtype", tg.compute_dtype)  # restored after the test
+    try:
+        _in_float64()
+        val, model = validation(s, 1000), random_model(s)
+        result = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, record=True)
+        expected = explicit_phases(copy.deepcopy(model), s, val, (314, 711))  # documents 0-2, then 0-5
+        s.ttt_phases = 0
+        plain = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, record=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert len(snapshots) == 2
+    for got, want in zip(snapshots, expected):
+        assert all(torch.allclose(g, w, rtol=0, atol=1e-10) for g, w in zip(got, want))
+    assert not all(torch.equal(g, w) for g, w in zip(snapshots[0], model.parameters()))
+    # the prefix's first part is scored before any phase; the rest is scored on the trained base
+    assert torch.allclose(result.scores.loss[1:315], plain.scores.loss[1:315], rtol=0, atol=1e-10)
+    assert not torch.allclose(result.scores.loss[315:], plain.scores.loss[315:], atol=1e-3)
+
+
+def test_phase_settings_are_checked_in_one_line(tiny_data, tmp_path):
+    make(tiny_data, tmp_path, **PHASED)
+    for overrides, message in ((dict(TTT_MODE="chunk"), "TTT_PHASES=2 adds global SGD phases to the per-document LoRA "
+                                                        "TTT: set TTT_MODE=lora or TTT_PHASES=0"),
+                               (dict(TTT_PHASE_PREFIX_DOCS=1), "TTT_PHASES=2 needs a document per phase: raise "
+                                                               "TTT_PHASE_PREFIX_DOCS=1 or lower TTT_PHASES")):
+        with pytest.raises(tg.UserError, match=re.escape(message)):
+            make(tiny_data, tmp_path, **dict(PHASED, **overrides))
+
+
+def test_phased_budget_counts_the_full_runs_sgd_apart_from_the_scaled_lora_work(tiny_data, tmp_path):
+    """The phases train on a fixed number of documents, so their time does not grow with the validation's
+    length: it is estimated from the tokens the full run's phases train on, at the rate measured here."""
+    s, rt = make(tiny_data, tmp_path, **PHASED)
+    model = random_model(s)
+    sgd = tg.PhasedSGD(model, s, rt, np.arange(0, 1000, 100), 1000)  # 10 documents of 100 targets
+    assert sgd.boundaries == [3, 6] and sgd.ends == [300, 600]
+    # full run: documents of 100 targets, boundaries 3 and 6 again; chunks of 128: 2 + 4 trained, 2 epochs each
+    assert sgd.full_run_tokens == (2 + 4) * 128 * 2
+    budget = tg.EvalBudget(s, rt, tg.FULL_VAL_TARGETS // 64)
+    assert sgd.estimate(budget, 0.01) == pytest.approx(0.01 * 1536 / 8)  # before any phase: the fallback rate
+    sgd.seconds, sgd.tokens = 3.0, 1000
+    assert sgd.estimate(budget, 0.01) == pytest.approx(3.0 / 1000 * 1536 / 8)
+    # the scaled part leaves the phases' seconds out and adds their own estimate
+    assert budget.finish("ttt_lora", 10.0, 2.0, 10, (3.0, 0.5)) == pytest.approx(2.0 + 5.0 * 64 / 8 + 0.5)
+
+
+def test_phased_ttt_runs_as_an_evaluation_pass_and_logs_its_protocol(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path, **PHASED)
+    sp, tables = tables_for(s)
+    results = tg.run_evaluation_passes(random_model(s), s, rt, tg.EvalData(sp, tables, validation(s, 1000)),
+                                       passes=["ttt_lora"])
+    assert results["ttt_lora"].targets == 1000
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    assert ("phases:2 phase_prefix_docs:6 phase_boundaries_docs:3,6 phase_trains_on:scored_prefix phase_params:all "
+            "phase_optimizer:sgd phase_lr:0.05 phase_schedule:cosine_over_chunks phase_epochs:2 phase_chunk_tokens:128 "
+            "phase_momentum:0.9 phase_grad_clip:1.0 phase_batch_seqs:3") in log
+    assert "ttt:phase phase:1/2 docs_scored:3 trained_targets:1..314 chunks_trained:2 trained_tokens:512 " in log
+    assert "ttt:phase phase:2/2 docs_scored:6 trained_targets:1..711 chunks_trained:5 trained_tokens:1280 " in log
+    assert re.search(r"^eval_budget:pass pass:ttt_lora seconds:", log, re.M)
+
+
 def test_documents_split_at_bos_keep_the_next_bos_as_last_target():
     starts, lengths = tg.document_spans(torch.tensor([1, 5, 6, 1, 7, 1, 1, 8, 9]), 1)
     assert starts.tolist() == [0, 3, 5, 6] and lengths.tolist() == [3, 2, 1, 2] and lengths.sum() == 8
@@ -350,7 +473,9 @@ def _ttt_results(s, rt):
     val = validation(s, 1024)
     chunk = tg.evaluate_ttt_chunk(model, s, rt, val, tables)
     lora = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1)
-    return [chunk.loss, chunk.bpb, chunk.targets, lora.loss, lora.bpb, lora.targets]
+    s.ttt_phases, s.ttt_phase_prefix_docs, s.ttt_phase_lr, s.ttt_chunk_tokens = 2, 6, 0.05, 128
+    phased = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1)
+    return [chunk.loss, chunk.bpb, chunk.targets, lora.loss, lora.bpb, lora.targets, phased.loss, phased.bpb]
 
 
 def test_ttt_on_two_gloo_processes_equals_one_process(tiny_data, tmp_path, monkeypatch):

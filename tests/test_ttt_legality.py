@@ -2,6 +2,7 @@
 score depends only on earlier tokens (and on weights trained on earlier, already scored targets); every
 target is scored exactly once; training never sees a token before it is scored; no validation token
 reaches training."""
+import copy
 import inspect
 
 import numpy as np
@@ -13,8 +14,8 @@ from eval_helpers import losses_fn, make, random_model, tables_for, validation
 
 torch.set_num_threads(1)
 
-MODES = ("sliding", "ttt_chunk", "ttt_lora")
-N = 1000  # targets: 4 TTT chunks of 256, ~9 documents of which several outlive the 64-token LoRA window
+MODES = ("sliding", "ttt_chunk", "ttt_lora", "ttt_lora_phased")
+N = 1000  # targets: 4 TTT chunks of 256, 8 documents of which several outlive the 64-token LoRA window
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,13 @@ def setup(tiny_data, tmp_path_factory):
     return s, rt, random_model(s), validation(s, N), tables
 
 
+def phased(s):
+    """s with two phases of SGD after documents 3 and 6 (targets 314 and 711 of the stream), 128-target chunks."""
+    s = copy.copy(s)
+    s.ttt_mode, s.ttt_phases, s.ttt_phase_prefix_docs, s.ttt_phase_lr, s.ttt_chunk_tokens = "lora", 2, 6, 0.05, 128
+    return s
+
+
 def run(mode, setup, tokens=None):
     s, rt, model, val, tables = setup
     tokens = val if tokens is None else tokens
@@ -32,7 +40,7 @@ def run(mode, setup, tokens=None):
         return tg.evaluate_windows(losses_fn(model), tokens, tables, s.eval_seq_len, s.eval_stride, s.eval_batch_windows, rt, record=True)
     if mode == "ttt_chunk":
         return tg.evaluate_ttt_chunk(model, s, rt, tokens, tables, record=True)
-    return tg.evaluate_ttt_lora(model, s, rt, tokens, tables, 1, record=True)
+    return tg.evaluate_ttt_lora(model, phased(s) if mode == "ttt_lora_phased" else s, rt, tokens, tables, 1, record=True)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -99,12 +107,65 @@ def test_lora_ttt_scores_each_documents_first_chunk_with_a_fresh_adapter(setup):
     assert not torch.allclose(adapted[~first_chunks][1:], frozen[~first_chunks][1:])
 
 
-@pytest.mark.parametrize("mode", ("ttt_chunk", "ttt_lora"))
+@pytest.mark.parametrize("mode", ("ttt_chunk", "ttt_lora", "ttt_lora_phased"))
 def test_the_guard_stops_training_on_unscored_targets(mode, setup, monkeypatch):
     """With scoring sabotaged (nothing recorded as scored), the first TTT step must refuse to run."""
     monkeypatch.setattr(tg.Scores, "add", lambda self, *args: None)
     with pytest.raises(RuntimeError, match="score-first violated"):
         run(mode, setup)
+
+
+def test_phased_ttt_scores_the_whole_prefix_before_training_on_it_and_nothing_after_it(setup, monkeypatch):
+    """Every target scored and every target trained on, in order: a phase trains only once every document of
+    its prefix is scored, on exactly that prefix's whole chunks, and no later document is scored before it."""
+    s = phased(setup[0])
+    C, C_lora, L = s.ttt_chunk_tokens, s.ttt_chunk_size, s.eval_seq_len
+    events, step, train, phase = [], tg.lora_step, tg.ttt_train_chunk, tg.PhasedSGD.train
+
+    def step_spy(start, length, chunk, *args):
+        for a, n, j in zip(start.tolist(), length.tolist(), chunk.tolist()):
+            events.append(("score", a + C_lora * j + 1, a + min(C_lora * (j + 1), n)))
+        return step(start, length, chunk, *args)
+
+    def train_spy(train_fn, params, opt, tokens, first, last, *args):
+        events.append(("train", first, first + (last - first + 1) // L * L - 1))
+        return train(train_fn, params, opt, tokens, first, last, *args)
+
+    def phase_spy(self, k, *args):
+        events.append(("phase", k, self.ends[k]))
+        return phase(self, k, *args)
+    monkeypatch.setattr(tg, "lora_step", step_spy)
+    monkeypatch.setattr(tg, "ttt_train_chunk", train_spy)
+    monkeypatch.setattr(tg.PhasedSGD, "train", phase_spy)
+    run("ttt_lora_phased", setup)
+    starts, _ = tg.document_spans(setup[3], 1)
+    assert [e[1:] for e in events if e[0] == "phase"] == [(0, starts[3]), (1, starts[6])] == [(0, 314), (1, 711)]
+    scored, trained = np.zeros(N + 1, bool), {}
+    for kind, a, b in events:
+        if kind == "score":
+            assert not scored[a:b + 1].any()
+            scored[a:b + 1] = True
+        elif kind == "phase":
+            assert scored.nonzero()[0].tolist() == list(range(1, b + 1))  # the prefix, all of it, nothing more
+            trained[a] = np.zeros(N + 1, bool)
+            current = trained[a]
+        else:
+            assert scored[a:b + 1].all()
+            current[a:b + 1] = True
+    assert scored[1:].all()
+    for k, end in enumerate((314, 711)):  # every chunk of the prefix but the last, whose learning rate is 0
+        assert trained[k].nonzero()[0].tolist() == list(range(1, (-(-end // C) - 1) * C + 1))
+
+
+def test_a_phase_refuses_to_train_on_an_unscored_target(setup):
+    s, rt, model, val, tables = setup
+    sgd = tg.PhasedSGD(copy.deepcopy(model).requires_grad_(False), phased(s), rt, tg.document_spans(val, 1)[0], N)
+    scores = tg.Scores("cpu", n_targets=N)
+    scores.mark(2, sgd.ends[0])
+    with pytest.raises(RuntimeError, match="score-first violated"):
+        sgd.train(0, val.to(torch.int32), scores)
+    scores.mark(1, 1)
+    sgd.train(0, val.to(torch.int32), scores)
 
 
 def test_lora_documents_enter_in_original_order_and_advance_chunk_by_chunk(setup, monkeypatch):
@@ -150,7 +211,7 @@ def test_lora_plan_batches_more_short_windows_but_at_most_four_times_the_rows():
 
 def test_compile_warm_ups_see_random_tokens_only_and_keep_the_weights(setup):
     s, rt, model, val, tables = setup
-    for warm_up in (tg.warm_up_chunk_ttt, tg.warm_up_lora):
+    for warm_up in (tg.warm_up_chunk_ttt, tg.warm_up_sgd_steps, tg.warm_up_lora):
         assert not {"val_tokens", "tokens"} & set(inspect.signature(warm_up).parameters)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters()]
