@@ -355,7 +355,18 @@ class Settings:
         "chunk mode: hash-embedding buckets, indexed (prev*2039 + cur) mod size",
         group="evaluation", bounds="[1, inf)", role="score")
     ttt_lora_rank: int = setting(96,
-        "lora mode: adapter rank on Q, K, V, O, MLP and the head", group="evaluation", bounds="[1, inf)", role="score")
+        "lora mode: adapter rank of each target (TTT_LORA_TARGETS)", group="evaluation", bounds="[1, inf)",
+        role="score")
+    ttt_lora_targets: str = setting("q,k,v,o,mlp,head",
+        "lora mode: comma list of the outputs that get adapters, among q, k, v, o, mlp, head (PR #1953: k,o,mlp,head)",
+        group="evaluation", role="score")
+    ttt_lora_alpha: float = setting(0.0,
+        "lora mode: scale every adapter's output by TTT_LORA_ALPHA / TTT_LORA_RANK (PR #1767: 144); 0: unscaled",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_lora_reset: str = setting("all",
+        "lora mode: what a new document resets. all: fresh A and B; b_only: B zeroed, A kept from the finished "
+        "document that last held its adapter slot (PR #1767's warm-start A); AdamW state fresh either way",
+        choices=('all', 'b_only'), group="evaluation", role="score")
     ttt_lora_lr: float = setting(0.0001,
         "lora mode: AdamW learning rate", group="evaluation", bounds="[0, inf)", role="score")
     ttt_lora_wd: float = setting(0.5,
@@ -364,6 +375,13 @@ class Settings:
     ttt_lora_beta2: float = setting(0.999, "lora mode: AdamW beta2", group="evaluation", bounds="[0, 1)", role="score")
     ttt_chunk_size: int = setting(64,
         "lora mode: targets of a document scored before each adapter step",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ttt_short_doc_tokens: int = setting(0,
+        "lora mode: score the first N targets of every document (rounded up to whole chunks), so all of a shorter "
+        "one, TTT_SHORT_DOC_CHUNK_SIZE at a time (PR #2014's short-document chunks, by position: causal); 0: off",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_short_doc_chunk_size: int = setting(32,
+        "lora mode: the smaller score-before-update chunk of TTT_SHORT_DOC_TOKENS, at most TTT_CHUNK_SIZE",
         group="evaluation", bounds="[1, inf)", role="score")
     ttt_batch_docs: int = setting(32,
         "lora mode: documents per step at a full EVAL_SEQ_LEN window; shorter windows take more, up to 4x",
@@ -374,7 +392,7 @@ class Settings:
     ttt_phases: int = setting(0,
         "lora mode: phased TTT (PR #1610, #1626): cut the first TTT_PHASE_PREFIX_DOCS documents into N equal parts; "
         "once a part is fully scored, the base model takes an SGD pass over every document scored so far, and "
-        "the rest is scored (with fresh adapters) on the updated base (0: off)",
+        "the rest is scored (adapters reset per TTT_LORA_RESET) on the updated base (0: off)",
         group="evaluation", bounds="[0, inf)", role="score")
     ttt_phase_prefix_docs: int = setting(2500,
         "TTT_PHASES: documents, in original order, that the phases cover (PR #1855: 2500)",
@@ -1174,6 +1192,11 @@ def pick_attention(requested: str, device: torch.device, doc_mask: bool = False)
     return ("sdpa" if cuda else "sdpa-cpu"), bind_causal_sdpa
 
 
+def add_delta(t, delta):
+    """t plus an eval-time adapter's delta; a target without an adapter (TTT_LORA_TARGETS) gives None."""
+    return t if delta is None else t + delta
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
                  gate_dims: int = 0):
@@ -1195,7 +1218,7 @@ class Attention(nn.Module):
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if ctx.adapter is not None:
             dq, dk, dv, d_out = ctx.adapter.attn(x)
-            q, k, v = q + dq, k + dk, v + dv
+            q, k, v = add_delta(q, dq), add_delta(k, dk), add_delta(v, dv)
         if ctx.value is not None:  # value embedding of this layer (VALUE_EMBED_LAYERS)
             v = v + ctx.value
         q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
@@ -1212,7 +1235,7 @@ class Attention(nn.Module):
             y = y * gate[..., None]
         out = self.proj(y.reshape(B, T, -1))
         if ctx.adapter is not None:
-            out = out + d_out
+            out = add_delta(out, d_out)
         return out
 
 
@@ -1384,7 +1407,7 @@ class MLP(nn.Module):
         else:
             out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
         if adapter is not None:
-            out = out + adapter.mlp(x)
+            out = add_delta(out, adapter.mlp(x))
         return out
 
 
@@ -1884,8 +1907,9 @@ class GPT(nn.Module):
 
     def logits(self, hidden, lora=None):
         z = self.head(hidden).float()
-        if lora is not None:
-            z = z + lora.head(hidden).float()
+        delta = lora.head(hidden) if lora is not None else None
+        if delta is not None:
+            z = z + delta.float()
         c = self.settings.logit_softcap
         return c * torch.tanh(z / c)
 
@@ -3151,6 +3175,22 @@ def validate_eval_settings(s: Settings):
                                                    "per-document LoRA TTT: set TTT_MODE=lora or TTT_PHASES=0")
     need(s.ttt_phases <= s.ttt_phase_prefix_docs, f"TTT_PHASES={s.ttt_phases} needs a document per phase: raise "
                                                   f"TTT_PHASE_PREFIX_DOCS={s.ttt_phase_prefix_docs} or lower TTT_PHASES")
+    lora_targets(s)
+    need(s.ttt_short_doc_tokens == 0 or s.ttt_short_doc_chunk_size <= s.ttt_chunk_size,
+         f"TTT_SHORT_DOC_CHUNK_SIZE={s.ttt_short_doc_chunk_size} must be at most TTT_CHUNK_SIZE={s.ttt_chunk_size} "
+         "(short documents take the smaller chunk), or set TTT_SHORT_DOC_TOKENS=0")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the outputs LoRA TTT can adapt, in layout order
+
+
+def lora_targets(s) -> tuple:
+    """TTT_LORA_TARGETS as a tuple in the order of LORA_TARGETS."""
+    names = [t for t in s.ttt_lora_targets.replace(" ", "").split(",") if t]
+    need(names and len(set(names)) == len(names) and set(names) <= set(LORA_TARGETS),
+         f"TTT_LORA_TARGETS={s.ttt_lora_targets!r} must be a comma list of distinct names among "
+         f"{','.join(LORA_TARGETS)}, e.g. k,o,mlp,head")
+    return tuple(t for t in LORA_TARGETS if t in names)
 
 
 @dataclass
@@ -3576,9 +3616,24 @@ def warm_up_sgd_steps(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
 # Documents are split at BOS; each keeps the next document's BOS as its last target. A document is
 # scored TTT_CHUNK_SIZE targets at a time, in a window of its own tokens only (its own row, right-padded,
 # so causal attention never sees another document), the last EVAL_SEQ_LEN tokens ending at the chunk's
-# nominal end. After scoring a chunk, its document's LoRA adapters take one AdamW step on it. Adapters
-# and AdamW state start from the same fresh row for every document, so documents are independent and
-# batching cannot change any score; documents enter in their original order (lora_plan).
+# nominal end. After scoring a chunk, its document's LoRA adapters take one AdamW step on it (not after
+# its last chunk). Adapters and AdamW state start from the same fresh row for every document, so documents
+# are independent and batching cannot change any score; documents enter in their original order (lora_plan).
+#
+# Options from the later records, all off by default. TTT_LORA_TARGETS leaves some outputs unadapted (their
+# matrices are not in the row at all); TTT_LORA_ALPHA scales every adapter output by alpha / rank.
+# TTT_SHORT_DOC_TOKENS scores the first targets of every document in smaller chunks, so short documents
+# wholly (more score-then-update steps where a document gives few; by position, see LoRAChunks); a batch
+# still shares one window width, at least TTT_CHUNK_SIZE, a small chunk's window right-padded up to it.
+# TTT_LORA_RESET=b_only (warm-start A) zeroes only B when a document opens: A keeps the values the slot's
+# previous document ended with (the free slots are a stack, so that is the most recently finished
+# document; a slot never used holds the fresh row). Still score-first: a slot is freed only after its
+# document's last chunk is scored, and that chunk never trains, so an inherited A has learned only from
+# scored targets, of documents earlier in the stream (documents open in stream order). Documents are then
+# no longer independent: which earlier document hands its A on, and so the score, depends on the batching
+# (TTT_BATCH_DOCS, TTT_DOCS_IN_FLIGHT) and on how many ranks split the documents, as in the records; each
+# rank's first documents start from the fresh row. B = 0 still has a document's first chunk scored by
+# the unadapted model.
 #
 # Why a flat row per document: each document in flight owns one row of AdapterSlots.P holding all its
 # adapter matrices back to back (LoRALayout says where each sits). A step gathers the rows of the
@@ -3593,21 +3648,50 @@ def warm_up_sgd_steps(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
 
 class LoRALayout:
     """Where each adapter matrix of one document sits in its flat parameter row. Per virtual layer: one A
-    [dim, 4 rank] shared by Q, K, V and O (all four read the block's normed input, so their four A matrices
-    side by side make one matmul), then B_q, B_k, B_v, B_o [rank, out]; then A, B of the MLP; last A, B of
-    the head. Mathematically the same as separate rank-`rank` adapters, with 7 matmuls a layer, not 10."""
+    [dim, n rank] shared by the n adapted ones of Q, K, V and O (all read the block's normed input, so their
+    A matrices side by side make one matmul), then their B [rank, out] in that order; then A, B of the MLP;
+    last A, B of the head. A target left out (TTT_LORA_TARGETS) has no matrices. With all targets,
+    mathematically the same as separate rank-`rank` adapters, with 7 matmuls a layer, not 10. Every
+    adapter's output is multiplied by `scale`: alpha / rank with TTT_LORA_ALPHA, else 1."""
 
-    def __init__(self, model: GPT, rank: int):
+    def __init__(self, model: GPT, rank: int, targets: tuple = LORA_TARGETS, alpha: float = 0.0):
         s = model.settings
         dim, kv = model.dim, s.num_kv_heads * (s.model_dim // s.num_heads)
-        layer = [(dim, 4 * rank, True), (rank, dim, False), (rank, kv, False), (rank, kv, False), (rank, dim, False),
-                 (dim, rank, True), (rank, dim, False)]
+        width = {"q": dim, "k": kv, "v": kv, "o": dim}
+        self.attn_targets = tuple(t for t in ("q", "k", "v", "o") if t in targets)
+        self.has_mlp, self.has_head = "mlp" in targets, "head" in targets
+        layer = []
+        if self.attn_targets:
+            layer += [(dim, len(self.attn_targets) * rank, True)] + [(rank, width[t], False) for t in self.attn_targets]
+        if self.has_mlp:
+            layer += [(dim, rank, True), (rank, dim, False)]
+        head = [(dim, rank, True), (rank, model.vocab_size, False)] if self.has_head else []
         self.rank, self.per_layer = rank, len(layer)
+        self.scale = alpha / rank if alpha > 0 else 1.0
         self.mats, offset = [], 0  # (offset, rows, cols, is_A)
-        for rows, cols, is_a in layer * len(model.schedule()) + [(dim, rank, True), (rank, model.vocab_size, False)]:
+        for rows, cols, is_a in layer * len(model.schedule()) + head:
             self.mats.append((offset, rows, cols, is_a))
             offset += rows * cols
         self.size = offset
+
+    def scaled(self, h):
+        """h, the input's projection on A, times the output scale (skipped at 1: default scores stay bit-exact)."""
+        return h if self.scale == 1.0 else h * self.scale
+
+    def reset_spans(self, reset: str) -> list:
+        """(lo, hi) spans of the row a new document takes from the fresh row: all of it, or with b_only the
+        B matrices (adjacent ones merged), so that A keeps what the slot's previous document learned."""
+        if reset == "all":
+            return [(0, self.size)]
+        spans = []
+        for offset, rows, cols, is_a in self.mats:
+            if is_a:
+                continue
+            if spans and spans[-1][1] == offset:
+                spans[-1] = (spans[-1][0], offset + rows * cols)
+            else:
+                spans.append((offset, offset + rows * cols))
+        return spans
 
     def fresh_row(self, seed: int, device) -> torch.Tensor:
         """A uniform in +-1/sqrt(in), B zero: a fresh row leaves the model's outputs unchanged."""
@@ -3641,36 +3725,47 @@ class DocLoRA:
         self.layout, self.matrices = layout, matrices
 
     def adapter(self, pos: int):
-        return LayerAdapters(self.layout, self.matrices[pos * self.layout.per_layer:(pos + 1) * self.layout.per_layer])
+        """Virtual layer pos's adapters; None when no target sits inside the layers (TTT_LORA_TARGETS=head)."""
+        per = self.layout.per_layer
+        return LayerAdapters(self.layout, self.matrices[pos * per:(pos + 1) * per]) if per else None
 
     def head(self, hidden):
-        return torch.bmm(torch.bmm(hidden, self.matrices[-2]), self.matrices[-1])
+        if not self.layout.has_head:
+            return None
+        return torch.bmm(self.layout.scaled(torch.bmm(hidden, self.matrices[-2])), self.matrices[-1])
 
 
 class LayerAdapters:
-    """One virtual layer's adapters; inputs x [R, T, dim] in the matrices' dtype."""
+    """One virtual layer's adapters; inputs x [R, T, dim] in the matrices' dtype. A delta is None for a
+    target without an adapter."""
 
     def __init__(self, layout: LoRALayout, matrices: list):
-        self.rank, self.matrices = layout.rank, matrices
+        self.layout, self.matrices = layout, matrices
 
     def attn(self, x):
         """The Q, K, V and O deltas, all from the block's normed input x."""
-        a, b_q, b_k, b_v, b_o = self.matrices[:5]
-        h = torch.bmm(x, a)
-        r = self.rank
-        return tuple(torch.bmm(h[..., i * r:(i + 1) * r], b) for i, b in enumerate((b_q, b_k, b_v, b_o)))
+        targets, r = self.layout.attn_targets, self.layout.rank
+        if not targets:
+            return None, None, None, None
+        h = self.layout.scaled(torch.bmm(x, self.matrices[0]))
+        deltas = {t: torch.bmm(h[..., i * r:(i + 1) * r], b) for i, (t, b) in
+                  enumerate(zip(targets, self.matrices[1:1 + len(targets)]))}
+        return tuple(deltas.get(t) for t in ("q", "k", "v", "o"))
 
     def mlp(self, x):
-        return torch.bmm(torch.bmm(x, self.matrices[5]), self.matrices[6])
+        if not self.layout.has_mlp:
+            return None
+        return torch.bmm(self.layout.scaled(torch.bmm(x, self.matrices[-2])), self.matrices[-1])
 
 
 class AdapterSlots:
     """LoRA rows and their AdamW state for the documents in flight, one fixed slot per document. A step
-    gathers its rows, updates them and writes them back; a document's slot starts from the shared fresh
-    row with zero optimizer state, so every document starts from the same adapter."""
+    gathers its rows, updates them and writes them back; a document's slot starts with zero optimizer
+    state and the `reset` spans (LoRALayout.reset_spans) of the shared fresh row: all of it, so every
+    document starts from the same adapter, or (b_only) its B, keeping the A of the slot's previous document."""
 
-    def __init__(self, row: torch.Tensor, capacity: int, beta1: float):
-        self.row = row
+    def __init__(self, row: torch.Tensor, capacity: int, beta1: float, reset: list | None = None):
+        self.row, self.reset = row, [(0, row.numel())] if reset is None else reset
         self.P = row.expand(capacity + 1, -1).clone()
         self.v = torch.zeros_like(self.P)
         self.m = torch.zeros_like(self.P) if beta1 > 0 else None  # first moment, only with TTT_LORA_BETA1 > 0
@@ -3681,7 +3776,8 @@ class AdapterSlots:
     def open(self, n: int) -> np.ndarray:
         slots = np.array([self.free.pop() for _ in range(n)], dtype=np.int64)
         idx = to_device(slots, self.P.device)
-        self.P[idx] = self.row
+        for lo, hi in self.reset:
+            self.P[idx, lo:hi] = self.row[lo:hi]
         for state in (self.v, self.m, self.t):
             if state is not None:
                 state[idx] = 0
@@ -3709,24 +3805,68 @@ class AdapterSlots:
             self.v[i], self.t[i] = v, t
 
 
+class LoRAChunks:
+    """Where a document's score-before-update chunks end, by chunk index j alone: TTT_CHUNK_SIZE targets
+    at a time, after (with TTT_SHORT_DOC_TOKENS) a first stretch of smaller chunks covering that many
+    targets, rounded up to whole small chunks, so that a shorter document is scored wholly in small chunks
+    (PR #2014). By position, never by the document's length: that is known only at its end, and letting
+    it choose how the first tokens are chunked would make their scores depend on later tokens."""
+
+    def __init__(self, C: int, L: int, short_tokens: int = 0, short_size: int = 1):
+        self.C, self.L, self.short_size = C, L, short_size
+        self.n_short = -(-short_tokens // short_size) if short_tokens else 0
+        self.prefix = self.n_short * short_size  # targets scored in small chunks
+
+    @classmethod
+    def of(cls, s: Settings) -> "LoRAChunks":
+        return cls(s.ttt_chunk_size, s.eval_seq_len, s.ttt_short_doc_tokens, s.ttt_short_doc_chunk_size)
+
+    def size(self, j):
+        return np.where(j < self.n_short, self.short_size, self.C)
+
+    def end(self, j):
+        """Document-local index of chunk j's nominal last target."""
+        return np.where(j < self.n_short, self.short_size * (j + 1), self.prefix + self.C * (j + 1 - self.n_short))
+
+    def width(self, j):
+        """Chunk j's window: the last L tokens up to its end, and at least C (a small chunk's window is
+        right-padded), so every window holds the C target positions the loss function returns."""
+        return np.maximum(self.C, np.minimum(self.L, self.end(j)))
+
+    def count(self, lengths):
+        """Chunks of documents of `lengths` targets."""
+        beyond = np.maximum(lengths - self.prefix, 0)
+        return np.where(beyond > 0, self.n_short + -(-beyond // self.C), -(-lengths // self.short_size))
+
+    def first_full(self) -> int:
+        """The first chunk whose window is a full L."""
+        j = 0
+        while self.end(j) < self.L:
+            j += 1
+        return j
+
+
 def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayout, loss_fn, tokens, s: Settings,
               tables: ByteTables, scores: Scores) -> int:
     """Score chunk[i] of the document at stream offset start[i] (length[i] targets) for every row i, then
     one AdamW step on the rows with chunks left. Returns the window tokens processed."""
-    L, C = s.eval_seq_len, s.ttt_chunk_size
-    W = min(L, C * (int(chunk.max()) + 1))
+    L, C, chunks = s.eval_seq_len, s.ttt_chunk_size, LoRAChunks.of(s)
+    W = int(chunks.width(chunk[0]))
     # Each row's chunk must sit in the last C positions of the batch's W-wide window.
-    assert (np.minimum(C * (chunk + 1), L) == W).all(), "rows with different window widths in one batch"
+    assert (chunks.width(chunk) == W).all(), "rows with different window widths in one batch"
     work = len(start) * W
     if len(start) == 1:  # a padding row (empty document, scratch adapter): the compiled graph never sees one row
         start, length, chunk, slot = (np.append(a, v) for a, v in ((start, 0), (length, 0), (chunk, chunk[0]),
                                                                       (slot, slots.scratch)))
-    window_start = np.maximum(0, C * (chunk + 1) - L)  # document-local index of the window's first input
-    meta = np.stack((start, length, window_start, C * chunk + 1, np.minimum(C * (chunk + 1), length), slot), 1)
-    start_t, length_t, win, first, last, idx = to_device(meta, tokens.device).unbind(1)
+    chunk_end = chunks.end(chunk)  # document-local index of each chunk's nominal last target
+    window_start = np.maximum(0, chunk_end - L)  # document-local index of the window's first input
+    first_local, last_local = chunk_end - chunks.size(chunk) + 1, np.minimum(chunk_end, length)
+    meta = np.stack((start, window_start, first_local, last_local, slot), 1)
+    start_t, win, first, last, idx = to_device(meta, tokens.device).unbind(1)
     end = len(tokens) - 1
     local = win[:, None] + torch.arange(W, device=tokens.device)  # document-local index of each input
-    x = torch.where(local < length_t[:, None], tokens[(start_t[:, None] + local).clamp(max=end)], 0).long()
+    # inputs up to the chunk's last target only: a small chunk's padding hides the tokens after it
+    x = torch.where(local < last[:, None], tokens[(start_t[:, None] + local).clamp(max=end)], 0).long()
     target_local = local[:, W - C:] + 1
     mask = (target_local >= first[:, None]) & (target_local <= last[:, None])
     position = (start_t[:, None] + target_local).clamp(max=end)
@@ -3735,16 +3875,19 @@ def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayou
     matrices = layout.matrices(slots.P[idx], compute_dtype(tokens.device))
     nll = loss_fn(x, y, matrices)
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
-    first_target, last_target = start + C * chunk + 1, start + np.minimum(C * (chunk + 1), length)
+    first_target, last_target = start + first_local, start + last_local
     for a, b in zip(first_target.tolist(), last_target.tolist()):
         scores.mark(a, b)
-    if (C * (chunk + 1) < length).any():
+    trains = chunk_end < length  # a document's last chunk is never trained on
+    if trains.any():
         for a, b in zip(first_target.tolist(), last_target.tolist()):
             scores.require_range(a, b)
         if scores.hits is not None and not bool((scores.hits[position[mask]] > 0).all()):
             raise RuntimeError("score-first violated: the recorded scores miss targets TTT is about to train on")
         (torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
-        slots.adamw_(idx, layout.gradient(matrices), s)
+        # Rows on their last chunk are left as they are: their slot closes, and with b_only its A passes on.
+        training = to_device(trains, idx.device)
+        slots.adamw_(idx[training], layout.gradient(matrices)[training], s)
     return work
 
 
@@ -3759,39 +3902,39 @@ def document_spans(val_tokens, bos_id: int) -> tuple:
     return starts, np.diff(np.append(starts, n))
 
 
-def lora_doc_cost(lengths: np.ndarray, C: int, L: int) -> np.ndarray:
-    """Window tokens a document costs: sum over its chunks j of min(L, C(j+1))."""
-    chunks = -(-lengths // C)
-    short = np.minimum(chunks, L // C)  # chunks whose window is shorter than L
-    return C * short * (short + 1) // 2 + (chunks - short) * L
+def lora_doc_cost(lengths: np.ndarray, chunks: LoRAChunks) -> np.ndarray:
+    """Window tokens a document costs: the sum of its chunks' window widths."""
+    counts = chunks.count(lengths)
+    widths = chunks.width(np.arange(int(counts.max(initial=0))))
+    return np.concatenate(([0], np.cumsum(widths)))[counts]
 
 
-def lora_plan(lengths: np.ndarray, C: int, L: int, rows: int, in_flight: int) -> list:
+def lora_plan(lengths: np.ndarray, chunks: LoRAChunks, rows: int, in_flight: int) -> list:
     """The order in which one rank advances its documents, one chunk per document per step: a list of
     arrays of document indices. Documents enter in their original order whenever fewer than `in_flight`
-    are open. Each step takes the fullest chunk level (rows of one level share a window width: C(j+1)
-    below L, L from there on), at most rows * L / width rows and 4 * rows, so short windows batch more documents."""
-    chunks = (-(-lengths // C)).tolist()
-    full = -(-L // C) - 1  # first chunk whose window is a full L
-    levels, plan, done = {}, [], [0] * len(chunks)
+    are open. Each step takes the fullest level (the documents whose next chunk has one window width,
+    ties to the wider), at most rows * L / width rows and 4 * rows, so short windows batch more documents."""
+    counts = chunks.count(lengths).tolist()
+    width = chunks.width(np.arange(max(counts, default=0))).tolist()  # by chunk index
+    levels, plan, done = {}, [], [0] * len(counts)  # levels: window width -> documents waiting, in entry order
     entered = open_docs = 0
     while True:
-        if open_docs < in_flight and entered < len(chunks):
-            k = min(in_flight - open_docs, len(chunks) - entered)
-            levels.setdefault(0, []).extend(range(entered, entered + k))
+        if open_docs < in_flight and entered < len(counts):
+            k = min(in_flight - open_docs, len(counts) - entered)
+            levels.setdefault(width[0], []).extend(range(entered, entered + k))
             entered, open_docs = entered + k, open_docs + k
         if not levels:
             return plan
-        level = max(levels, key=lambda j: (len(levels[j]), j))
-        take = min(rows * L // min(L, C * (level + 1)), 4 * rows)  # rows cost memory too: ~6 bytes x adapter size each
-        batch, rest = levels[level][:take], levels.pop(level)[take:]
+        w = max(levels, key=lambda key: (len(levels[key]), key))
+        take = min(rows * chunks.L // w, 4 * rows)  # rows cost memory too: ~6 bytes x adapter size each
+        batch, rest = levels[w][:take], levels.pop(w)[take:]
         if rest:
-            levels[level] = rest
+            levels[w] = rest
         plan.append(np.array(batch, dtype=np.int64))
         for d in batch:
             done[d] += 1
-            if done[d] < chunks[d]:
-                levels.setdefault(min(level + 1, full), []).append(d)
+            if done[d] < counts[d]:
+                levels.setdefault(width[done[d]], []).append(d)
             else:
                 open_docs -= 1
 
@@ -3801,7 +3944,9 @@ def lora_plan(lengths: np.ndarray, C: int, L: int, rows: int, in_flight: int) ->
 # boundaries, prefix x k / N). The LoRA pass scores every document of part 1 (each rank its share), then
 # the base model takes a pass of SGD over every target scored so far, then part 2 is scored with fresh
 # adapters on the updated base, and so on; the documents after the prefix are scored on the base of the
-# last phase. Phase k trains on parts 1..k (#1626's multi-phase global SGD) with a fresh momentum, chunk by
+# last phase. The LoRA options apply in every part alike; with TTT_LORA_RESET=b_only "fresh" means B = 0,
+# and A passes on across a phase as within a part: a slot is freed only when its document is finished, so
+# an A entering part k+1 has learned from part k's scored targets only. Phase k trains on parts 1..k (#1626's multi-phase global SGD) with a fresh momentum, chunk by
 # chunk as chunk mode does (ttt_train_chunk, TTT_CHUNK_TOKENS chunks, cosine learning rate over them, so
 # the last chunk gets 0 and waits for the next phase). The records take the prefix in their length-sorted
 # queue order; here documents keep their original order, so a prefix is one range of targets,
@@ -3903,25 +4048,31 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     L, C = s.eval_seq_len, s.ttt_chunk_size
     n_targets = len(val_tokens) - 1
     starts, lengths = document_spans(val_tokens, bos_id)
-    cum = np.concatenate(([0], np.cumsum(lora_doc_cost(lengths, C, L))))
+    chunks = LoRAChunks.of(s)
+    cum = np.concatenate(([0], np.cumsum(lora_doc_cost(lengths, chunks))))
+    counts = chunks.count(lengths)
     in_flight = max(s.ttt_docs_in_flight, s.ttt_batch_docs)
     base = copy.deepcopy(model).eval().requires_grad_(False)
     phased = PhasedSGD(base, s, rt, starts, n_targets) if s.ttt_phases else None
     boundaries = phased.boundaries if phased else []
     shares = [doc_share(cum, lo, hi, rt.rank, rt.world_size)
               for lo, hi in zip([0] + boundaries, boundaries + [len(lengths)])]
-    plans = [[a + batch for batch in lora_plan(lengths[a:b], C, L, s.ttt_batch_docs, in_flight)] for a, b in shares]
+    plans = [[a + batch for batch in lora_plan(lengths[a:b], chunks, s.ttt_batch_docs, in_flight)] for a, b in shares]
     rank_work = sum(int(cum[b] - cum[a]) for a, b in shares)
-    layout = LoRALayout(base, s.ttt_lora_rank)
+    targets = lora_targets(s)
+    layout = LoRALayout(base, s.ttt_lora_rank, targets, s.ttt_lora_alpha)
     row = layout.fresh_row(s.seed, rt.device)
 
     loss_fn = lora_losses(base, layout, s)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
     steps = sum(len(plan) for plan in plans)
-    rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} window:{L} "
-           "context:document_only "
-           f"order:original reset:per_document rank:{s.ttt_lora_rank} targets:q,k,v,o,mlp,head optimizer:adamw "
+    reset = "per_document" if s.ttt_lora_reset == "all" else "b_only a_start:slot_predecessor"
+    rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} "
+           f"small_chunk:{chunks.short_size if chunks.n_short else C} small_chunked_targets:{chunks.prefix} "
+           f"window:{L} context:document_only "
+           f"order:original reset:{reset} rank:{s.ttt_lora_rank} targets:{','.join(targets)} "
+           f"alpha:{s.ttt_lora_alpha:g} scale:{layout.scale:g} optimizer:adamw "
            f"lr:{s.ttt_lora_lr} betas:({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd:{s.ttt_lora_wd} steps_per_chunk:1 "
            f"last_chunk_trained:0 batch_docs:{s.ttt_batch_docs} docs_in_flight:{in_flight} "
            f"adapter_params_per_doc:{layout.size} rank0_steps:{steps}{phased.protocol() if phased else ' phases:0'}")
@@ -3937,7 +4088,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
         if budget is not None:
             shortest = rt.all_reduce(torch.tensor([len(plans[0])], device=rt.device), op=dist.ReduceOp.MIN)
             check_at = int(shortest.item()) // 10
-        slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1)
+        slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1, layout.reset_spans(s.ttt_lora_reset))
         chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
         done_work, marks, i = 0, {}, 0
         for phase, plan in enumerate(plans):
@@ -3946,10 +4097,9 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                 if len(fresh):
                     slot[fresh] = slots.open(len(fresh))
                 done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn,
-                                       tokens, s,
-                                       tables, scores)
+                                       tokens, s, tables, scores)
                 chunk[batch] += 1
-                slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
+                slots.close(slot[batch[chunk[batch] >= counts[batch]]])
                 if budget is not None and i in (0, check_at):
                     rt.sync()
                     marks[i] = (time.perf_counter() - t0, done_work)
@@ -4021,14 +4171,15 @@ def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, voc
     """Compile the LoRA forward/backward on random tokens (no validation data), then run it on growing and
     full windows, two rows and one (padded), so that any shape the compile did not cover shows up here."""
     t0 = time.perf_counter()
-    L, C = s.eval_seq_len, s.ttt_chunk_size
-    full = -(-L // C) - 1  # first chunk whose window is a full L
-    tokens = random_tokens((C * (full + 2) + 1,), vocab, s, rt.device).to(torch.int32)
+    chunks = LoRAChunks.of(s)
+    full = chunks.first_full()
+    n = int(chunks.end(full + 1))  # the document's length: one chunk after the first full window
+    tokens = random_tokens((n + 1,), vocab, s, rt.device).to(torch.int32)
     tables = ByteTables(*(torch.zeros(vocab, dtype=d, device=rt.device) for d in (torch.int32, torch.bool, torch.bool)))
     slots = AdapterSlots(row, 2, s.ttt_lora_beta1)
-    for n in (2, 1):
+    for rows in (2, 1):
         for chunk in sorted({0, min(1, full), full}):
-            lora_step(np.zeros(n, np.int64), np.full(n, C * (full + 2)), np.full(n, chunk), np.arange(n), slots, layout,
+            lora_step(np.zeros(rows, np.int64), np.full(rows, n), np.full(rows, chunk), np.arange(rows), slots, layout,
                       loss_fn, tokens, s, tables, Scores(rt.device, n_targets=len(tokens) - 1))
     rt.sync()
     rt.log(f"ttt:warmup data:random_tokens seconds:{time.perf_counter() - t0:.1f}")
