@@ -403,6 +403,23 @@ class Settings:
     ttt_phase_epochs: int = setting(1,
         "TTT_PHASES: passes over each chunk of the scored prefix in each phase",
         group="evaluation", bounds="[1, inf)", role="score")
+    ngram_tilt: bool = setting(False,
+        "token n-gram tilt of the sliding-window and TTT passes (PR #1514/#2135): where the last NGRAM_TILT_ORDER "
+        "tokens occurred earlier in the validation stream, the token that followed them then gets "
+        "+NGRAM_TILT_BETA on its logit and the distribution is renormalised over the full vocabulary; only "
+        "earlier targets feed the statistics", group="evaluation", role="score")
+    ngram_tilt_order: int = setting(16,
+        "n-gram tilt: context tokens that must match (the records' order 16)",
+        group="evaluation", bounds="[1, 1024]", role="score")
+    ngram_tilt_beta: float = setting(2.0,
+        "n-gram tilt: logit added to the hinted token (PR #1514: 2.0)", group="evaluation", bounds="(0, inf)",
+        role="score")
+    ngram_tilt_min_count: int = setting(1,
+        "n-gram tilt: earlier times the hinted token must have followed the context",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ngram_tilt_threshold: float = setting(0.8,
+        "n-gram tilt: least share of the context's earlier occurrences that the hinted token must have followed",
+        group="evaluation", bounds="[0, 1]", role="score")
     save_checkpoint: str = setting("",
         "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation")
     load_checkpoint: str = setting("",
@@ -1524,6 +1541,20 @@ def pick_loss_kernel(requested: str) -> str:
     return "torch" if why or requested == "torch" else "triton"
 
 
+# --- the n-gram tilt of a scored distribution (NGRAM_TILT, PR #1514/#2135) --------------------------
+# The one place the tilt is applied: GPT.token_losses calls it for every pass that passes hints. The
+# hints themselves (which token, if any, each target's n-gram context predicts) come from ngram_hints
+# in the EVALUATION section and never from the target.
+
+
+def ngram_tilt(z: torch.Tensor, hints: torch.Tensor, beta: float) -> torch.Tensor:
+    """Tilted logits: z [..., V] plus beta on each position's hinted token (hints [...], -1 = no hint).
+    Softmax (the cross-entropy's log-softmax) of the result is the full-vocabulary distribution
+    p'(a) = p(a) exp(beta [a = hint]) / (1 + p(hint) (e^beta - 1)): properly normalised by construction."""
+    bonus = torch.where(hints >= 0, beta, 0.0).to(z.dtype)
+    return z.scatter_add(-1, hints.clamp_min(0).long().unsqueeze(-1), bonus.unsqueeze(-1))
+
+
 class LayerContext(NamedTuple):
     """What every block of one forward pass reads besides the residual stream: the RoPE tables, the
     attention kernel, this virtual layer's eval-time adapters (None outside LoRA TTT), the MLP of this
@@ -1913,15 +1944,19 @@ class GPT(nn.Module):
         c = self.settings.logit_softcap
         return c * torch.tanh(z / c)
 
-    def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None, one_document_per_row=False):
+    def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None, one_document_per_row=False,
+                     hints=None):
         """Per-position natural-log NLL (fp32) of target_ids [B, K] given input_ids [B, T]: the last K
-        positions only when K < T (sliding windows score a short tail, so the head skips the rest)."""
+        positions only when K < T (sliding windows score a short tail, so the head skips the rest).
+        hints [B, K] (NGRAM_TILT; -1 = none): the NLL under the n-gram-tilted distribution instead."""
         hidden = self.forward_hidden(input_ids, lora, extra_embedding, one_document_per_row)
         # The last K positions, gathered rather than sliced or branched on: a dynamic-T graph (LoRA TTT)
         # would otherwise guard on K < T, or on T == K through the slice's strides, and recompile.
         T, K = hidden.size(1), target_ids.size(1)
         hidden = hidden.index_select(1, torch.arange(T - K, T, device=hidden.device))
         z = self.logits(hidden, lora)
+        if hints is not None:
+            z = ngram_tilt(z, hints, self.settings.ngram_tilt_beta)
         return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1), reduction="none").view(target_ids.shape)
 
     def forward(self, input_ids, target_ids):
@@ -3179,6 +3214,9 @@ def validate_eval_settings(s: Settings):
     need(s.ttt_short_doc_tokens == 0 or s.ttt_short_doc_chunk_size <= s.ttt_chunk_size,
          f"TTT_SHORT_DOC_CHUNK_SIZE={s.ttt_short_doc_chunk_size} must be at most TTT_CHUNK_SIZE={s.ttt_chunk_size} "
          "(short documents take the smaller chunk), or set TTT_SHORT_DOC_TOKENS=0")
+    need(not s.ngram_tilt or s.sliding_window_enabled or s.ttt_enabled,
+         "NGRAM_TILT=1 tilts the sliding-window and TTT passes, but both are off: set SLIDING_WINDOW_ENABLED=1 or "
+         "TTT_ENABLED=1, or NGRAM_TILT=0")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the outputs LoRA TTT can adapt, in layout order
@@ -3308,6 +3346,105 @@ def allow_recompiles(limit: int = 32):
     setattr(cfg, name, max(getattr(cfg, name), limit))
 
 
+# --- the n-gram tilt's hints (NGRAM_TILT, PR #1514/#2135) -------------------------------------------
+# A token-only n-gram: target t (tokens[t], predicted from tokens[:t]) gets a hint when its context, the
+# NGRAM_TILT_ORDER tokens tokens[t-order:t], occurred before in the stream. The hint is the token that
+# followed the context's most recent earlier occurrence, kept when it followed the context at least
+# NGRAM_TILT_MIN_COUNT times and in at least NGRAM_TILT_THRESHOLD of its earlier occurrences. The hint
+# never reads the target: hints[t] is a function of tokens[:t] alone (tests/test_ngram_tilt.py changes
+# tokens[t:] and checks it). GPT.token_losses adds NGRAM_TILT_BETA to the hinted logit (ngram_tilt) and
+# the cross-entropy renormalises over the full vocabulary.
+#
+# The prefix is the validation stream itself. The statistics behind hints[t] are the targets 1..t-1 and
+# their contexts: what one left-to-right pass has scored before t. Each target enters them only after
+# its own hint is taken, and is scored once, with its own hint. Every rank computes the same hints for
+# the whole stream before its pass (as the records did), so a target's tilted score does not depend on
+# which rank scores it, in which order, or on how many ranks there are: the tilted scores are the same
+# on 1 or 8 GPUs, and the same target has the same hint in every pass.
+
+
+def dense_ids(keys: torch.Tensor) -> torch.Tensor:
+    """keys renumbered 0..(distinct - 1), equal where the keys are equal."""
+    return torch.unique(keys, return_inverse=True)[1]
+
+
+def context_ids(tokens: torch.Tensor, order: int) -> torch.Tensor:
+    """ids[j], j = 0..len(tokens) - order: equal exactly when the spans tokens[j:j + order] are equal.
+    Exact, with no hashing: ids of spans of `length` tokens pair up into ids of longer spans (the span at j
+    with the one at j + step), doubling the length until it reaches order."""
+    ids, length = dense_ids(tokens.long()), 1
+    while length < order:
+        step = min(length, order - length)
+        ids = dense_ids(ids[:-step] * (int(ids.max()) + 1) + ids[step:])  # < (stream length)^2: fits int64
+        length += step
+    return ids
+
+
+def earlier_same(keys: torch.Tensor) -> tuple:
+    """(previous, count) for every i: the last j < i with keys[j] == keys[i] (-1 if none), and how many
+    such j there are. A stable sort keeps each key's positions in stream order."""
+    order = torch.sort(keys, stable=True)[1]
+    ranked = keys[order]
+    i = torch.arange(len(keys), device=keys.device)
+    starts = torch.ones_like(ranked, dtype=torch.bool)
+    starts[1:] = ranked[1:] != ranked[:-1]
+    group_start = torch.cummax(torch.where(starts, i, 0), 0).values
+    previous, count = torch.empty_like(order), torch.empty_like(order)
+    previous[order] = torch.where(starts, -1, order.roll(1))
+    count[order] = i - group_start
+    return previous, count
+
+
+@torch.no_grad()
+def ngram_hints(tokens: torch.Tensor, order: int, min_count: int, threshold: float) -> torch.Tensor:
+    """hints [N + 1] (int32, -1 = none) for the N targets of the stream tokens [N + 1] (hints[0] = -1):
+    hints[t] is the token that followed the most recent earlier occurrence of tokens[t-order:t], if it
+    followed that context at least min_count times before t and in at least `threshold` of the context's
+    occurrences before t. Sorts over the stream, no per-token loop; the same on CPU and GPU."""
+    tokens = tokens.long()
+    n = len(tokens) - 1
+    hints = torch.full((n + 1,), -1, dtype=torch.int32, device=tokens.device)
+    if n <= order:
+        return hints
+    context = context_ids(tokens[:n], order)  # context[j]: tokens[j:j + order], the context of target j + order
+    follower = tokens[order:]                 # follower[j]: that target
+    previous, seen = earlier_same(context)
+    _, pair_seen = earlier_same(context * (int(follower.max()) + 1) + follower)
+    last = previous.clamp_min(0)
+    follows = pair_seen[last] + 1  # times the last follower came after this context before t (counting `last`)
+    keep = (previous >= 0) & (follows >= min_count) & (follows >= threshold * seen)
+    hints[order:] = torch.where(keep, follower[last], -1)
+    return hints
+
+
+def hint_args(hints, positions) -> tuple:
+    """The extra loss_fn argument for targets at stream positions: their hints when NGRAM_TILT is on."""
+    return () if hints is None else (hints[positions],)
+
+
+def prepare_ngram_hints(s: Settings, rt: Runtime, val_tokens, budget=None):
+    """The hints of the whole stream for the tilted passes (None with NGRAM_TILT=0), with the log line
+    that states the protocol. The hinted share and the share of hints equal to their target are read
+    after the fact for the log only."""
+    if not s.ngram_tilt:
+        return None
+    t0 = time.perf_counter()
+    tokens = val_tokens.to(rt.device)
+    hints = ngram_hints(tokens, s.ngram_tilt_order, s.ngram_tilt_min_count, s.ngram_tilt_threshold)
+    hinted = hints[1:] >= 0
+    n_hinted = int(hinted.sum())
+    agree = int((hints[1:] == tokens[1:].long()).sum())
+    seconds = time.perf_counter() - t0
+    rt.log(f"ngram_tilt: prefix:stream statistics:targets_before_t context:order_{s.ngram_tilt_order}_tokens "
+           f"feature:indicator beta:{s.ngram_tilt_beta} min_count:{s.ngram_tilt_min_count} "
+           f"threshold:{s.ngram_tilt_threshold} normalised:full_vocab_softmax passes:sliding,ttt ttt_trains_on:tilted "
+           f"ranks:same_hints hinted:{n_hinted / max(len(hinted), 1):.4f} "
+           f"diagnostic_hint_equals_target:{agree / max(n_hinted, 1):.4f} seconds:{seconds:.2f}")
+    if budget is not None:
+        budget.finish("ngram_hints", seconds, 0.0, len(hinted), split=False)
+    return hints
+
+
 # --- sliding windows ------------------------------------------------------------------------------
 # Targets are tokens[t] for t = 1..N, predicted from tokens[:t]. A window starting at w feeds
 # tokens[w:w + L] and can score targets w+1..w+L.
@@ -3331,12 +3468,13 @@ def window_segments(first: int, last: int, seq_len: int, stride: int) -> np.ndar
 
 
 def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: int, batch: int, tables: ByteTables,
-                  scores: Scores, on_batch=None):
+                  scores: Scores, on_batch=None, hints=None):
     """Score window segments (rows of window_segments) on tokens (the stream, on the device).
 
     The one window that scores more than `stride` targets runs on its own with losses for every position;
     the rest run `batch` at a time with losses for their last `stride` positions only, padded with empty
-    segments so compiled shapes never change. on_batch(i) is called after each batch of the rest."""
+    segments so compiled shapes never change. on_batch(i) is called after each batch of the rest. With
+    hints (NGRAM_TILT) loss_fn takes the targets' hints as a third argument."""
     device = tokens.device
     long = segments[:, 2] - segments[:, 1] + 1 > stride
     groups = [(segments[long], seq_len, 1), (segments[~long], stride, batch)]
@@ -3353,7 +3491,7 @@ def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: i
             target_pos = idx[:, seq_len - tail:] + 1
             y = tokens[target_pos].long()
             mask = (target_pos >= seg[:, 1:2]) & (target_pos <= seg[:, 2:3])
-            scores.add(loss_fn(x, y), x[:, seq_len - tail:], y, target_pos, mask, tables)
+            scores.add(loss_fn(x, y, *hint_args(hints, target_pos)), x[:, seq_len - tail:], y, target_pos, mask, tables)
             if on_batch is not None and tail == stride:
                 on_batch(i)
     for _, first, last in segments:
@@ -3362,9 +3500,9 @@ def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: i
 
 @torch.no_grad()
 def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stride: int, batch: int, rt: Runtime,
-                     budget=None, name: str = "sliding", record: bool = False) -> EvalResult:
+                     budget=None, name: str = "sliding", record: bool = False, hints=None) -> EvalResult:
     """Score every target once with windows of seq_len advancing by stride (stride = seq_len gives the
-    non-overlapping evaluation), the windows split contiguously across ranks."""
+    non-overlapping evaluation), the windows split contiguously across ranks; hints: see score_windows."""
     t0 = time.perf_counter()
     tokens = val_tokens.to(rt.device, torch.int32)
     n_targets = len(tokens) - 1
@@ -3386,7 +3524,7 @@ def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stri
             if i == check_at and check_at >= 1:
                 per_batch = (marks[check_at] - marks[0]) / check_at
                 budget.check(name, budget.estimate(marks[0], per_batch, batches[rt.rank] - 1))
-    score_windows(loss_fn, tokens, segments[lo:hi], seq_len, stride, batch, tables, scores, on_batch)
+    score_windows(loss_fn, tokens, segments[lo:hi], seq_len, stride, batch, tables, scores, on_batch, hints)
     result = scores.result(rt, time.perf_counter() - t0, record)
     if budget is not None:
         budget.finish(name, result.seconds, marks.get(0, 0.0), result.targets)
@@ -3444,9 +3582,12 @@ class EvalBudget:
                             "(TTT_EPOCHS, "
                             f"TTT_MODE, TTT_PHASES, EVAL_STRIDE) or set EVAL_FORCE=1 to run anyway")
 
-    def finish(self, name: str, seconds: float, fixed: float, targets: int, unscaled: tuple = (0.0, 0.0)) -> float:
-        """unscaled: (seconds here, 8-GPU estimate) of a part that does not scale with the validation's length."""
-        estimate = fixed + (seconds - fixed - unscaled[0]) * self.scale + unscaled[1]
+    def finish(self, name: str, seconds: float, fixed: float, targets: int, unscaled: tuple = (0.0, 0.0),
+               split: bool = True) -> float:
+        """unscaled: (seconds here, 8-GPU estimate) of a part that does not scale with the validation's length.
+        split=False: work every rank does for the whole stream, which more GPUs do not share."""
+        scale = self.scale if split else self.scale * BUDGET_GPUS / self.rt.world_size
+        estimate = fixed + (seconds - fixed - unscaled[0]) * scale + unscaled[1]
         self.done.append((name, seconds, estimate))
         self.rt.log(f"eval_budget:pass pass:{name} seconds:{seconds:.1f} scored_targets:{targets} "
                     f"seconds_per_mtok:{1e6 * seconds / targets:.2f} estimated_8gpu_full_val_seconds:{estimate:.0f}")
@@ -3488,13 +3629,14 @@ def sgd_step_sizes(s: Settings) -> set:
 
 
 def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, epochs: int, s: Settings,
-                    rt: Runtime, scores: Scores):
+                    rt: Runtime, scores: Scores, hints=None):
     """`epochs` passes of SGD on targets first..last, already scored by every rank.
 
     The chunk is cut into whole EVAL_SEQ_LEN sequences; each step takes the next TTT_BATCH_SEQS of them,
     shared contiguously by the ranks. The loss is the sum over this rank's tokens divided by the step's
     token count on all ranks, and gradients are summed, so the update equals one process's. A rank with
-    no sequence still joins the all-reduce with zero gradients."""
+    no sequence still joins the all-reduce with zero gradients. With hints (NGRAM_TILT) the loss is the
+    tilted one the targets were scored with."""
     L = s.eval_seq_len
     n = (last - first + 1) // L
     scores.require_range(first, first + n * L - 1)
@@ -3510,7 +3652,8 @@ def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: fl
             if hi > lo:
                 span = tokens[first - 1 + lo * L:first + hi * L].long()
                 x, y = span[:-1].view(hi - lo, L), span[1:].view(hi - lo, L)
-                (train_fn(x, y).sum() / (count * L)).backward()
+                positions = torch.arange(first + lo * L, first + hi * L, device=tokens.device).view(hi - lo, L)
+                (train_fn(x, y, *hint_args(hints, positions)).sum() / (count * L)).backward()
             if rt.world_size > 1:
                 all_reduce_sum_grads(params, rt)
             if s.ttt_grad_clip > 0:
@@ -3519,8 +3662,9 @@ def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: fl
 
 
 def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, budget=None,
-                       record: bool = False) -> EvalResult:
-    """Legal score-first TTT over chunks (spec 7.4) on a copy of model; returns the scores."""
+                       record: bool = False, hints=None) -> EvalResult:
+    """Legal score-first TTT over chunks (spec 7.4) on a copy of model; returns the scores. hints: the
+    n-gram tilt's (prepare_ngram_hints), which scoring and training then both use."""
     t0 = time.perf_counter()
     L, C, stride = s.eval_seq_len, s.ttt_chunk_tokens, s.eval_stride
     n_targets = len(val_tokens) - 1
@@ -3534,8 +3678,8 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
 
-    def losses(x, y):
-        return ttt.token_losses(x, y, extra_embedding=hash_emb)
+    def losses(x, y, hints=None):
+        return ttt.token_losses(x, y, extra_embedding=hash_emb, hints=hints)
     loss_fn = compiled(losses, s.compile)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
@@ -3544,24 +3688,25 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
            "order:original "
            f"epochs:{s.ttt_epochs} optimizer:sgd lr:{s.ttt_lr} schedule:cosine_over_chunks momentum:{s.ttt_momentum} "
            f"grad_clip:{s.ttt_grad_clip} batch_seqs:{s.ttt_batch_seqs} freeze_blocks:{s.ttt_freeze_blocks} "
-           f"hash_embed:{int(hash_emb is not None)} last_chunk_trained:0 "
+           f"hash_embed:{int(hash_emb is not None)} ngram_tilt:{int(hints is not None)} last_chunk_trained:0 "
            f"params_trained:{sum(p.numel() for p in params)} params_frozen:{frozen}")
     if s.compile:
-        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, sgd_step_sizes(s))
+        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, sgd_step_sizes(s), tilted=hints is not None)
     fixed, check_at, log_every = 0.0, min(3, n_chunks - 1), max(1, n_chunks // 10)
     for c in range(n_chunks):
         first, last = c * C + 1, min((c + 1) * C, n_targets)
         segments = window_segments(first, last, L, stride)
         lo, hi = share(len(segments), rt.rank, rt.world_size)
         with torch.no_grad():
-            score_windows(loss_fn, tokens, segments[lo:hi], L, stride, s.eval_batch_windows, tables, scores)
+            score_windows(loss_fn, tokens, segments[lo:hi], L, stride, s.eval_batch_windows, tables, scores,
+                          hints=hints)
         if rt.world_size > 1:
             # The other ranks score the rest of this chunk; none can finish the first TTT step (its
             # gradient all-reduce) before every rank has scored its share.
             scores.mark(first, last)
         if c < n_chunks - 1 and s.ttt_epochs > 0:
             ttt_train_chunk(loss_fn, params, opt, tokens, first, last, cosine_over_chunks(s.ttt_lr, c, n_chunks),
-                            s.ttt_epochs, s, rt, scores)
+                            s.ttt_epochs, s, rt, scores, hints)
         if c == 0 or (c == check_at and budget is not None) or (c + 1) % log_every == 0 or c == n_chunks - 1:
             rt.sync()
             elapsed = time.perf_counter() - t0
@@ -3586,26 +3731,35 @@ def random_tokens(shape, vocab: int, s: Settings, device):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(s.seed)).to(device)
 
 
-def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes):
+def random_losses(loss_fn, rows: int, width: int, targets: int, vocab: int, s: Settings, rt: Runtime,
+                  tilted: bool = False):
+    """loss_fn on random inputs [rows, width] and targets [rows, targets], with random hints (int32, as
+    ngram_hints gives them) when tilted: a warm-up call in the shapes and dtypes of the real ones."""
+    x, y = random_tokens((rows, width), vocab, s, rt.device), random_tokens((rows, targets), vocab, s, rt.device)
+    hints = (random_tokens((rows, targets), vocab, s, rt.device).to(torch.int32),) if tilted else ()
+    return loss_fn(x, y, *hints)
+
+
+def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes, tilted: bool = False):
     """Compile the scoring and training graphs (steps of each size in step_sizes, shared by the ranks) on
-    random tokens; no step is taken, so the weights are unchanged."""
+    random tokens (and random hints when tilted); no step is taken, so the weights are unchanged."""
     t0 = time.perf_counter()
     L, stride, batch = s.eval_seq_len, s.eval_stride, s.eval_batch_windows
     with torch.no_grad():
-        loss_fn(random_tokens((batch, L), vocab, s, rt.device), random_tokens((batch, stride), vocab, s, rt.device))
-        loss_fn(random_tokens((1, L), vocab, s, rt.device), random_tokens((1, L), vocab, s, rt.device))
-    warm_up_sgd_steps(loss_fn, params, s, rt, vocab, step_sizes, t0)
+        random_losses(loss_fn, batch, L, stride, vocab, s, rt, tilted)
+        random_losses(loss_fn, 1, L, L, vocab, s, rt, tilted)
+    warm_up_sgd_steps(loss_fn, params, s, rt, vocab, step_sizes, t0, tilted)
 
 
-def warm_up_sgd_steps(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes, t0: float):
-    """Compile the training graph for steps of each size in step_sizes (shared by the ranks) on random tokens,
-    forward and backward only: the gradients are zeroed and no step is taken."""
+def warm_up_sgd_steps(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes, t0: float,
+                      tilted: bool = False):
+    """Compile the training graph for steps of each size in step_sizes (shared by the ranks) on random tokens
+    (and random hints when tilted), forward and backward only: the gradients are zeroed and no step is taken."""
     L = s.eval_seq_len
     for size in step_sizes:
         lo, hi = share(size, rt.rank, rt.world_size)
         if hi > lo:
-            x, y = (random_tokens((hi - lo, L), vocab, s, rt.device) for _ in range(2))
-            loss_fn(x, y).sum().backward()
+            random_losses(loss_fn, hi - lo, L, L, vocab, s, rt, tilted).sum().backward()
     for p in params:
         p.grad.zero_()
     rt.sync()
@@ -3847,9 +4001,10 @@ class LoRAChunks:
 
 
 def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayout, loss_fn, tokens, s: Settings,
-              tables: ByteTables, scores: Scores) -> int:
+              tables: ByteTables, scores: Scores, hints=None) -> int:
     """Score chunk[i] of the document at stream offset start[i] (length[i] targets) for every row i, then
-    one AdamW step on the rows with chunks left. Returns the window tokens processed."""
+    one AdamW step on the rows with chunks left, on the loss just scored (tilted with hints, NGRAM_TILT).
+    Returns the window tokens processed."""
     L, C, chunks = s.eval_seq_len, s.ttt_chunk_size, LoRAChunks.of(s)
     W = int(chunks.width(chunk[0]))
     # Each row's chunk must sit in the last C positions of the batch's W-wide window.
@@ -3873,7 +4028,7 @@ def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayou
     y = tokens[position].long()
     # with grad even if no row trains: a graph without it would compile again
     matrices = layout.matrices(slots.P[idx], compute_dtype(tokens.device))
-    nll = loss_fn(x, y, matrices)
+    nll = loss_fn(x, y, matrices, *hint_args(hints, position))
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
     first_target, last_target = start + first_local, start + last_local
     for a, b in zip(first_target.tolist(), last_target.tolist()):
@@ -3944,13 +4099,16 @@ def lora_plan(lengths: np.ndarray, chunks: LoRAChunks, rows: int, in_flight: int
 # boundaries, prefix x k / N). The LoRA pass scores every document of part 1 (each rank its share), then
 # the base model takes a pass of SGD over every target scored so far, then part 2 is scored with fresh
 # adapters on the updated base, and so on; the documents after the prefix are scored on the base of the
-# last phase. The LoRA options apply in every part alike; with TTT_LORA_RESET=b_only "fresh" means B = 0,
-# and A passes on across a phase as within a part: a slot is freed only when its document is finished, so
-# an A entering part k+1 has learned from part k's scored targets only. Phase k trains on parts 1..k (#1626's multi-phase global SGD) with a fresh momentum, chunk by
+# last phase. Phase k trains on parts 1..k (#1626's multi-phase global SGD) with a fresh momentum, chunk by
 # chunk as chunk mode does (ttt_train_chunk, TTT_CHUNK_TOKENS chunks, cosine learning rate over them, so
 # the last chunk gets 0 and waits for the next phase). The records take the prefix in their length-sorted
 # queue order; here documents keep their original order, so a prefix is one range of targets,
 # 1..starts[boundary] (a document's last target is the next one's BOS).
+#
+# The LoRA options apply in every part alike. With TTT_LORA_RESET=b_only "fresh" means B = 0, and an A
+# passes on across a phase as within a part: a slot is freed only when its document is finished, so an A
+# entering part k+1 has learned from already scored targets only. With NGRAM_TILT the phases train on the
+# tilted loss, as chunk mode does: the targets' hints are those they were scored with.
 
 
 def phase_boundaries(n_docs: int, s: Settings) -> list:
@@ -3970,16 +4128,17 @@ def doc_share(cum: np.ndarray, lo: int, hi: int, rank: int, world_size: int) -> 
 class PhasedSGD:
     """TTT_PHASES' SGD on the LoRA pass's base model, in place (the adapters' forward reads it)."""
 
-    def __init__(self, base: GPT, s: Settings, rt: Runtime, starts: np.ndarray, n_targets: int):
+    def __init__(self, base: GPT, s: Settings, rt: Runtime, starts: np.ndarray, n_targets: int, hints=None):
         self.base, self.s, self.rt = base, s, rt
+        self.hints = hints  # NGRAM_TILT: the phases train on the tilted loss the targets were scored with
         self.boundaries = phase_boundaries(len(starts), s)
         self.ends = [int(starts[b]) for b in self.boundaries]  # phase k trains on targets 1..ends[k]
         self.params = list(base.parameters())
         for p in self.params:
             p.grad = torch.zeros_like(p)  # a rank with no sequence in a step still all-reduces them
 
-        def losses(x, y):
-            return base.token_losses(x, y)
+        def losses(x, y, hints=None):
+            return base.token_losses(x, y, hints=hints)
         self.loss_fn = compiled(losses, s.compile)
         # The full validation's phases, its documents taken to be as long on average as these ones.
         mean_doc = n_targets / len(starts)
@@ -4002,7 +4161,8 @@ class PhasedSGD:
 
     def warm_up(self, vocab: int):
         self.base.requires_grad_(True)
-        warm_up_sgd_steps(self.loss_fn, self.params, self.s, self.rt, vocab, sgd_step_sizes(self.s), time.perf_counter())
+        warm_up_sgd_steps(self.loss_fn, self.params, self.s, self.rt, vocab, sgd_step_sizes(self.s),
+                          time.perf_counter(), tilted=self.hints is not None)
         self.base.requires_grad_(False)
 
     def train(self, k: int, tokens, scores: Scores):
@@ -4024,7 +4184,8 @@ class PhasedSGD:
         self.base.requires_grad_(True)
         for c in range(n_chunks - 1):
             ttt_train_chunk(self.loss_fn, self.params, opt, tokens, c * C + 1, (c + 1) * C,
-                            cosine_over_chunks(s.ttt_phase_lr, c, n_chunks), s.ttt_phase_epochs, s, rt, scores)
+                            cosine_over_chunks(s.ttt_phase_lr, c, n_chunks), s.ttt_phase_epochs, s, rt, scores,
+                            self.hints)
         self.base.requires_grad_(False)
         rt.sync()
         seconds, tokens_trained = time.perf_counter() - t0, self.trained_tokens([end])
@@ -4040,10 +4201,11 @@ class PhasedSGD:
 
 
 def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, bos_id: int, budget=None,
-                      record: bool = False) -> EvalResult:
+                      record: bool = False, hints=None) -> EvalResult:
     """Legal score-first per-document LoRA TTT (spec 7.5, in original document order) on a frozen copy of model,
     with TTT_PHASES' SGD of that copy between parts of the documents. Ranks take contiguous runs of each
-    part's documents of about equal cost and follow lora_plan."""
+    part's documents of about equal cost and follow lora_plan. hints: the n-gram tilt's (prepare_ngram_hints),
+    which scoring, the adapter steps and the phases' SGD then all use."""
     t0 = time.perf_counter()
     L, C = s.eval_seq_len, s.ttt_chunk_size
     n_targets = len(val_tokens) - 1
@@ -4053,7 +4215,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     counts = chunks.count(lengths)
     in_flight = max(s.ttt_docs_in_flight, s.ttt_batch_docs)
     base = copy.deepcopy(model).eval().requires_grad_(False)
-    phased = PhasedSGD(base, s, rt, starts, n_targets) if s.ttt_phases else None
+    phased = PhasedSGD(base, s, rt, starts, n_targets, hints) if s.ttt_phases else None
     boundaries = phased.boundaries if phased else []
     shares = [doc_share(cum, lo, hi, rt.rank, rt.world_size)
               for lo, hi in zip([0] + boundaries, boundaries + [len(lengths)])]
@@ -4074,14 +4236,15 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
            f"order:original reset:{reset} rank:{s.ttt_lora_rank} targets:{','.join(targets)} "
            f"alpha:{s.ttt_lora_alpha:g} scale:{layout.scale:g} optimizer:adamw "
            f"lr:{s.ttt_lora_lr} betas:({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd:{s.ttt_lora_wd} steps_per_chunk:1 "
-           f"last_chunk_trained:0 batch_docs:{s.ttt_batch_docs} docs_in_flight:{in_flight} "
+           f"last_chunk_trained:0 ngram_tilt:{int(hints is not None)} batch_docs:{s.ttt_batch_docs} "
+           f"docs_in_flight:{in_flight} "
            f"adapter_params_per_doc:{layout.size} rank0_steps:{steps}{phased.protocol() if phased else ' phases:0'}")
     if phased and s.compile:
         phased.warm_up(base.vocab_size)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with attention_without_cudnn():  # the batch shape changes almost every step
         if s.compile:
-            warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size)
+            warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size, tilted=hints is not None)
         # The early estimate comes a tenth of the way into the first part's shortest plan: every rank gets
         # there before any phase's SGD.
         check_at, lora_estimate = -1, None
@@ -4097,7 +4260,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                 if len(fresh):
                     slot[fresh] = slots.open(len(fresh))
                 done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn,
-                                       tokens, s, tables, scores)
+                                       tokens, s, tables, scores, hints)
                 chunk[batch] += 1
                 slots.close(slot[batch[chunk[batch] >= counts[batch]]])
                 if budget is not None and i in (0, check_at):
@@ -4152,35 +4315,37 @@ def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
     Duck sizing is off while it traces: a first window exactly one chunk wide (W == C) would otherwise tie
     W to C, and every wider window would recompile the whole forward and backward. One row is never
     traced (lora_step pads it to two), as dynamo specialises a size of 1."""
-    def losses(x, y, matrices):
-        return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True)
+    def losses(x, y, matrices, hints=None):
+        return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True, hints=hints)
     if not s.compile:
         return losses
     graph = compiled(losses, s.compile, dynamic=None)
 
-    def compiled_losses(x, y, matrices):
+    def compiled_losses(x, y, matrices, *hints):
         torch._dynamo.mark_dynamic(x, (0, 1))
-        for t in [y] + matrices:
+        for t in [y, *hints] + matrices:
             torch._dynamo.mark_dynamic(t, 0)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return graph(x, y, matrices)
+            return graph(x, y, matrices, *hints)
     return compiled_losses
 
 
-def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, vocab: int):
-    """Compile the LoRA forward/backward on random tokens (no validation data), then run it on growing and
-    full windows, two rows and one (padded), so that any shape the compile did not cover shows up here."""
+def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, vocab: int, tilted: bool = False):
+    """Compile the LoRA forward/backward on random tokens (no validation data; random hints when tilted),
+    then run it on growing and full windows, two rows and one (padded), so that any shape the compile did
+    not cover shows up here."""
     t0 = time.perf_counter()
     chunks = LoRAChunks.of(s)
     full = chunks.first_full()
     n = int(chunks.end(full + 1))  # the document's length: one chunk after the first full window
     tokens = random_tokens((n + 1,), vocab, s, rt.device).to(torch.int32)
     tables = ByteTables(*(torch.zeros(vocab, dtype=d, device=rt.device) for d in (torch.int32, torch.bool, torch.bool)))
+    hints = random_tokens(tokens.shape, vocab, s, rt.device).to(torch.int32) if tilted else None  # as ngram_hints
     slots = AdapterSlots(row, 2, s.ttt_lora_beta1)
     for rows in (2, 1):
         for chunk in sorted({0, min(1, full), full}):
             lora_step(np.zeros(rows, np.int64), np.full(rows, n), np.full(rows, chunk), np.arange(rows), slots, layout,
-                      loss_fn, tokens, s, tables, Scores(rt.device, n_targets=len(tokens) - 1))
+                      loss_fn, tokens, s, tables, Scores(rt.device, n_targets=len(tokens) - 1), hints)
     rt.sync()
     rt.log(f"ttt:warmup data:random_tokens seconds:{time.perf_counter() - t0:.1f}")
 
@@ -4213,18 +4378,20 @@ def run_evaluation_passes(model: GPT, s: Settings, rt: Runtime, data: EvalData, 
               "ttt_chunk": f"{label_prefix}_ttt_chunk", "ttt_lora": f"{label_prefix}_ttt_lora"}
     results = {}
     t0 = time.perf_counter()
+    # the plain pass stays untilted: it is the round trip whose difference to pre-quantization is the tax
+    hints = prepare_ngram_hints(s, rt, tokens, budget) if set(passes) - {"plain"} else None
     for name in passes:
         if name in ("plain", "sliding"):
-            def losses(x, y):
-                return model.token_losses(x, y)
+            def losses(x, y, hints=None):
+                return model.token_losses(x, y, hints=hints)
             batch = val_batch_seqs(s, rt) if name == "plain" else s.eval_batch_windows
             stride = s.eval_seq_len if name == "plain" else s.eval_stride
             result = evaluate_windows(compiled(losses, s.compile), tokens, tables, s.eval_seq_len, stride, batch, rt, budget,
-                                      name)
+                                      name, hints=None if name == "plain" else hints)
         elif name == "ttt_chunk":
-            result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget)
+            result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget, hints=hints)
         elif name == "ttt_lora":
-            result = evaluate_ttt_lora(model, s, rt, tokens, tables, data.bos_id, budget)
+            result = evaluate_ttt_lora(model, s, rt, tokens, tables, data.bos_id, budget, hints=hints)
         else:
             raise ValueError(f"unknown evaluation pass {name}")
         if result.targets != n_targets:

@@ -241,6 +241,7 @@ def test_lora_ttt_learns_a_repeated_document(tiny_data, tmp_path):
     assert adapted.loss < frozen.loss - 0.5
 
 
+@pytest.mark.parametrize("tilt", (False, True))
 @pytest.mark.parametrize("options, n", [
     (dict(TTT_DOCS_IN_FLIGHT=6), 3000),
     # no Q/V matrices in the row, scaled deltas, warm-start A and right-padded small-chunk windows
@@ -248,21 +249,23 @@ def test_lora_ttt_learns_a_repeated_document(tiny_data, tmp_path):
           TTT_LORA_RESET="b_only", TTT_SHORT_DOC_TOKENS=40, TTT_SHORT_DOC_CHUNK_SIZE=6), 400),
 ], ids=["default", "every_option"])
 def test_compiled_lora_ttt_traces_one_graph_for_every_window_and_batch_size(tiny_data, tmp_path, monkeypatch,
-                                                                             options, n):
+                                                                             options, n, tilt):
     """Windows of every width (one chunk up to EVAL_SEQ_LEN), batches of 1 to 4 documents: one graph, no
-    recompile, and the same scores as eager. aot_eager keeps it fast; its guards are the ones inductor gets."""
+    recompile, and the same scores as eager; with the n-gram tilt's hints too. aot_eager keeps it fast;
+    its guards are the ones inductor gets."""
     eager_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, **dict(kw, backend="aot_eager")))
     s, rt = make(tiny_data, tmp_path, **options)
     sp, tables = tables_for(s)
     val = validation(s, n)
     model = random_model(s)
-    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id())
+    hints = tg.ngram_hints(val, 4, 1, 0.8) if tilt else None
+    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
     s.compile = True
     torch._dynamo.reset()
     stats = torch._dynamo.utils.counters["stats"]
     graphs = stats["unique_graphs"]
-    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id())
+    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
     assert stats["unique_graphs"] - graphs == 1
     assert compiled.targets == eager.targets == n
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
@@ -698,17 +701,20 @@ def _ttt_results(s, rt):
     model.looping = True
     _, tables = tables_for(s)
     val = validation(s, 1024)
-    chunk = tg.evaluate_ttt_chunk(model, s, rt, val, tables)
-    lora = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1)
+    hints = tg.prepare_ngram_hints(s, rt, val)  # None unless NGRAM_TILT=1
+    chunk = tg.evaluate_ttt_chunk(model, s, rt, val, tables, hints=hints)
+    lora = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, hints=hints)
     s.ttt_phases, s.ttt_phase_prefix_docs, s.ttt_phase_lr, s.ttt_chunk_tokens = 2, 6, 0.05, 128
-    phased = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1)
+    phased = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, hints=hints)
     return [chunk.loss, chunk.bpb, chunk.targets, lora.loss, lora.bpb, lora.targets, phased.loss, phased.bpb]
 
 
-def test_ttt_on_two_gloo_processes_equals_one_process(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tilt", ("0", "1"))
+def test_ttt_on_two_gloo_processes_equals_one_process(tilt, tiny_data, tmp_path, monkeypatch):
     """4 sequences per chunk in steps of 3 leave a step of one sequence: rank 0 then has none and must
-    still join the all-reduce (no deadlock), and the count-weighted average keeps the update exact."""
-    s, rt = make(tiny_data, tmp_path, TTT_LR=0.05)
+    still join the all-reduce (no deadlock), and the count-weighted average keeps the update exact. With
+    the n-gram tilt, each rank's hints are those of the whole stream, so 2 ranks still score as 1."""
+    s, rt = make(tiny_data, tmp_path, TTT_LR=0.05, NGRAM_TILT=tilt, NGRAM_TILT_ORDER=4)
     env = {name: str(value) for name, value in s.items()}
     monkeypatch.setattr(tg, "compute_dtype", tg.compute_dtype)  # restored after the test
     try:

@@ -40,14 +40,19 @@ def phased(s):
     return s
 
 
-def run(mode, setup, tokens=None):
+def run(mode, setup, tokens=None, tilt=False):
+    """One pass with recorded scores; tilt: with the n-gram tilt (order 4, so that this stream has hints)."""
     s, rt, model, val, tables = setup
     tokens = val if tokens is None else tokens
+    hints = tg.ngram_hints(tokens, 4, 1, 0.8) if tilt else None
     if mode == "sliding":
-        return tg.evaluate_windows(losses_fn(model), tokens, tables, s.eval_seq_len, s.eval_stride, s.eval_batch_windows, rt, record=True)
+        def loss_fn(x, y, *h):
+            return model.token_losses(x, y, hints=h[0] if h else None)
+        return tg.evaluate_windows(loss_fn, tokens, tables, s.eval_seq_len, s.eval_stride, s.eval_batch_windows, rt,
+                                   record=True, hints=hints)
     if mode == "ttt_chunk":
-        return tg.evaluate_ttt_chunk(model, s, rt, tokens, tables, record=True)
-    return tg.evaluate_ttt_lora(model, lora_settings(mode, s), rt, tokens, tables, 1, record=True)
+        return tg.evaluate_ttt_chunk(model, s, rt, tokens, tables, record=True, hints=hints)
+    return tg.evaluate_ttt_lora(model, lora_settings(mode, s), rt, tokens, tables, 1, record=True, hints=hints)
 
 
 def lora_settings(mode, s):
@@ -60,25 +65,30 @@ def lora_settings(mode, s):
     return s
 
 
+@pytest.mark.parametrize("tilt", (False, True))
 @pytest.mark.parametrize("mode", MODES)
-def test_every_target_is_scored_exactly_once(mode, setup):
-    r = run(mode, setup)
+def test_every_target_is_scored_exactly_once(mode, tilt, setup):
+    r = run(mode, setup, tilt=tilt)
     assert r.targets == N
     assert r.scores.hits[0] == 0 and bool((r.scores.hits[1:] == 1).all())
     assert not r.scores.loss[1:].isnan().any()
 
 
+@pytest.mark.parametrize("tilt", (False, True))
 @pytest.mark.parametrize("mode", MODES)
-def test_a_score_never_depends_on_later_tokens(mode, setup):
+def test_a_score_never_depends_on_later_tokens(mode, tilt, setup):
     """Alter every token after position p (mid-chunk, on a chunk edge, inside a long document; BOS
-    included, so document edges move too): the losses of targets 1..p must not change."""
-    base = run(mode, setup).scores.loss
+    included, so document edges move too): the losses of targets 1..p must not change. With the n-gram
+    tilt too: its hints (two targets in five have one here) come from earlier targets only."""
+    if tilt:
+        assert (tg.ngram_hints(setup[3], 4, 1, 0.8) >= 0).float().mean() > 0.2
+    base = run(mode, setup, tilt=tilt).scores.loss
     rng = np.random.default_rng(1)
     for p in (300, 512, 777):
         altered = setup[3].clone()
         altered[p + 1:] = torch.from_numpy(rng.integers(0, 384, N - p))
         altered[p + 1::37] = 1
-        loss = run(mode, setup, altered).scores.loss
+        loss = run(mode, setup, altered, tilt).scores.loss
         assert torch.allclose(loss[1:p + 1], base[1:p + 1], rtol=0, atol=1e-6), f"p={p}"
         assert not torch.allclose(loss[p + 1:], base[p + 1:])  # the alteration did reach the later scores
 
@@ -88,13 +98,13 @@ def test_chunk_ttt_scores_the_first_chunk_untrained_then_trains_only_on_scored_c
     events = []
     score, train = tg.score_windows, tg.ttt_train_chunk
 
-    def score_spy(loss_fn, tokens, segments, *args):
+    def score_spy(loss_fn, tokens, segments, *args, **kwargs):
         events.append(("score", int(segments[:, 1].min()), int(segments[:, 2].max())))
-        return score(loss_fn, tokens, segments, *args)
+        return score(loss_fn, tokens, segments, *args, **kwargs)
 
-    def train_spy(train_fn, params, opt, tokens, first, last, *args):
+    def train_spy(train_fn, params, opt, tokens, first, last, *args, **kwargs):
         events.append(("train", first, last))
-        return train(train_fn, params, opt, tokens, first, last, *args)
+        return train(train_fn, params, opt, tokens, first, last, *args, **kwargs)
     monkeypatch.setattr(tg, "score_windows", score_spy)
     monkeypatch.setattr(tg, "ttt_train_chunk", train_spy)
     trained = run("ttt_chunk", setup).scores.loss
