@@ -108,10 +108,17 @@ class Settings:
         "training steps between the ranks' clock and loss checks (the only host syncs of the loop; the "
         "wallclock stop stays exact, a NaN loss is caught within this many steps)", bounds="[1, inf)")
     warmup_steps: int = setting(20,
-        "untimed compile warm-up steps per graph (looping off, then on); state is rolled back", bounds="[0, inf)")
+        "untimed compile warm-up steps per graph (looping off, then on; each TRAIN_SEQ_SCHEDULE length in each); "
+        "state is rolled back", bounds="[0, inf)")
     train_batch_tokens: int = setting(786432,
         "global tokens per optimizer step, independent of the GPU count", bounds="[1, inf)")
-    train_seq_len: int = setting(2048, "training window length in tokens", bounds="[1, inf)", role="model")
+    train_seq_len: int = setting(2048,
+        "training window length in tokens; with TRAIN_SEQ_SCHEDULE, its final (longest) length, which the RoPE "
+        "stretch references", bounds="[1, inf)", role="model")
+    train_seq_schedule: str = setting("",
+        "progressive training context (PR #2014) as length@fraction pairs, e.g. 1024@0,2048@0.3,3072@0.6: each "
+        "length trains from its fraction of the budget (the LR schedule's measure) on, TRAIN_BATCH_TOKENS per step "
+        "kept (so fewer, longer windows); starts at 0, ends at TRAIN_SEQ_LEN; '' = off")
     train_log_every: int = setting(500, "log a train_loss line every N steps (and steps 1-5)", bounds="[1, inf)")
     val_loss_every: int = setting(4000,
         "validate every N steps during training (0: only at the end)", bounds="[0, inf)")
@@ -459,6 +466,7 @@ class Settings:
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
              f"8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
              f"(8 = world size x grad accumulation)")
+        seq_schedule(self)
         need(self.model_dim % self.num_heads == 0,
              f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -574,6 +582,41 @@ def layer_list(text: str, name: str, num_layers: int) -> tuple:
     need(all(0 <= i < num_layers for i in layers) and len(set(layers)) == len(layers),
          f"{name}={text} must name distinct layers between 0 and NUM_LAYERS-1={num_layers - 1}")
     return layers
+
+
+def seq_schedule(s) -> tuple:
+    """TRAIN_SEQ_SCHEDULE "1024@0,2048@0.3,3072@0.6" -> ((0.0, 1024), (0.3, 2048), (0.6, 3072)): (start
+    fraction, window length) per phase; off ('') -> ((0.0, TRAIN_SEQ_LEN),). One-line errors for anything else."""
+    text = s.train_seq_schedule
+    if not text.strip():
+        return ((0.0, s.train_seq_len),)
+    example = "e.g. TRAIN_SEQ_SCHEDULE=1024@0,2048@0.3,3072@0.6"
+    try:
+        pairs = [item.split("@") for item in text.split(",")]
+        phases = tuple((float(frac), int(length)) for length, frac in pairs)
+    except ValueError:
+        raise UserError(f"TRAIN_SEQ_SCHEDULE={text!r} must be comma-separated length@fraction pairs, "
+                        f"{example}") from None
+    fracs, lengths = [f for f, _ in phases], [n for _, n in phases]
+    need(fracs[0] == 0.0, f"TRAIN_SEQ_SCHEDULE={text} must start at fraction 0 (the length of the first steps), "
+                          f"{example}")
+    need(all(a < b for a, b in zip(fracs, fracs[1:])) and fracs[-1] < 1.0,
+         f"TRAIN_SEQ_SCHEDULE={text}: the fractions must increase and stay below 1, {example}")
+    need(lengths[0] >= 1 and all(a < b for a, b in zip(lengths, lengths[1:])),
+         f"TRAIN_SEQ_SCHEDULE={text}: the lengths must be positive and increase, {example}")
+    need(lengths[-1] == s.train_seq_len,
+         f"TRAIN_SEQ_SCHEDULE={text} ends at {lengths[-1]} but TRAIN_SEQ_LEN={s.train_seq_len}: set TRAIN_SEQ_LEN="
+         f"{lengths[-1]} (the final length is the one RoPE, calibration and evaluation reference)")
+    for length in lengths:
+        need(s.train_batch_tokens % (8 * length) == 0,
+             f"TRAIN_SEQ_SCHEDULE length {length}: TRAIN_BATCH_TOKENS={s.train_batch_tokens} must be a multiple of "
+             f"8*{length}={8 * length} (8 = world size x grad accumulation)")
+    return phases
+
+
+def schedule_phase(phases: tuple, frac: float) -> int:
+    """Index of the TRAIN_SEQ_SCHEDULE phase that training fraction `frac` falls in."""
+    return max(i for i, (start, _) in enumerate(phases) if start <= frac)
 
 
 class UserError(Exception):
@@ -1011,6 +1054,45 @@ class TrainLoader:
         self.starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         self.order = rng.permutation(len(self.starts))
         self.cursor = 0
+
+    def require_batch(self, seq_len: int, global_seqs: int):
+        """Stop unless every epoch at seq_len holds a batch of global_seqs windows, whatever its phases."""
+        fewest = sum((len(t) - 1 - min(seq_len, len(t) - seq_len - 1)) // seq_len
+                     for t in self.tokens if len(t) >= seq_len + 1)
+        if fewest < global_seqs:
+            raise UserError(f"training shards hold {fewest} windows of {seq_len + 1} tokens, fewer than one batch "
+                            f"of {global_seqs}: lower TRAIN_BATCH_TOKENS or the TRAIN_SEQ_SCHEDULE lengths, or add "
+                            "training shards")
+
+    def set_seq_len(self, seq_len: int, global_seqs: int, unread_steps: int = 0):
+        """From the next step on, hand out `global_seqs` windows of seq_len+1 tokens (TRAIN_SEQ_SCHEDULE).
+
+        The last `unread_steps` steps handed out were never trained on (a batch prefetched at the old
+        length): their windows count as unread. The rest of this epoch is cut from the unread text only:
+        every run of neighbouring unread windows (contiguous tokens of one shard) is re-cut into windows
+        of the new length, and those are permuted (seeded by SEED, the epoch and the length). So a switch
+        repeats no token of the epoch; the tail of each run shorter than a new window waits for the next
+        epoch, which starts from a fresh table at the new length."""
+        self.require_batch(seq_len, global_seqs)
+        self.cursor -= unread_steps * self.global_seqs
+        assert self.cursor >= 0, "unread_steps exceeds the steps of this epoch"
+        # Whole-table shifted comparisons, no gathers: this runs inside the timed loop.
+        unread = np.ones(len(self.starts), dtype=bool)  # the table is in text order: by shard, then by start
+        unread[self.order[:self.cursor]] = False
+        continues = np.zeros(len(self.starts) + 1, dtype=bool)  # unread window i continues unread window i-1
+        continues[1:-1] = unread[:-1] & unread[1:] & (self.shard_ids[1:] == self.shard_ids[:-1]) & \
+                          (self.starts[1:] == self.starts[:-1] + self.seq_len)
+        heads = np.flatnonzero(unread & ~continues[:-1])
+        tails = np.flatnonzero(unread & ~continues[1:])
+        new_per_run = (tails - heads + 1) * self.seq_len // seq_len
+        offsets = np.arange(new_per_run.sum()) - np.repeat(np.cumsum(new_per_run) - new_per_run, new_per_run)
+        self.shard_ids = np.repeat(self.shard_ids[heads], new_per_run)
+        self.starts = np.repeat(self.starts[heads], new_per_run) + seq_len * offsets
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, seq_len]))
+        self.order = rng.permutation(len(self.starts))
+        self.cursor = 0
+        self.seq_len, self.global_seqs = seq_len, global_seqs
+        self.micro_seqs = global_seqs // (self.world_size * self.grad_accum)
 
     def next_step(self) -> list[torch.Tensor]:
         """This rank's grad_accum micro-batches for the next step, each [micro_seqs, seq_len+1] int64."""
@@ -1915,6 +1997,9 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, input_ids, self.bos_id)
         x0 = x
+        # The stretch references TRAIN_SEQ_LEN, which with TRAIN_SEQ_SCHEDULE is the final, longest length:
+        # every scheduled length then gets the same unstretched tables (position p rotates alike in every
+        # phase), and evaluation stretches only beyond the longest context the model was trained on.
         rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
         values = self.value_embed.per_layer(input_ids, x.dtype) if self.value_embed is not None else {}
         schedule = self.schedule()
@@ -4490,11 +4575,14 @@ class Trainer:
         self.train_loss = compiled(self.model, s.compile, mode=s.compile_mode)
         self.eval_losses = compiled(self.model.token_losses, s.compile)
         self.global_seqs = s.train_batch_tokens // s.train_seq_len
+        self.seq_phases = seq_schedule(s)  # ((start fraction, length), ...); one phase at TRAIN_SEQ_LEN when off
         self.can_loop = s.num_loops > 0
         self.reserve = s.gptq_reserve_seconds  # train() replaces 0 (measured) by the measured reserve
 
-    def new_loader(self) -> TrainLoader:
-        return TrainLoader(self.train_files, self.s.train_seq_len, self.global_seqs, self.s.seed,
+    def new_loader(self, seq_len: int = 0) -> TrainLoader:
+        """A fresh loader of windows of seq_len (default TRAIN_SEQ_LEN), TRAIN_BATCH_TOKENS a step."""
+        seq_len = seq_len or self.s.train_seq_len
+        return TrainLoader(self.train_files, seq_len, self.s.train_batch_tokens // seq_len, self.s.seed,
                            self.rt.rank, self.rt.world_size, self.rt.grad_accum, self.s.vocab_size)
 
     def fetch(self, loader: TrainLoader):
@@ -4523,19 +4611,44 @@ class Trainer:
         return evaluate(self.model, self.eval_losses, data.val_tokens, data.tables, s.eval_seq_len,
                         val_batch_seqs(s, rt), rt)
 
+    def warmup_graphs(self) -> list:
+        """(looping, seq_len) of every training graph the timed loop can meet, the unlooped ones first.
+
+        The training step compiles with static shapes, so each window length is a graph of its own, in
+        each recurrence state. Both switches are one-way and read the same training fraction: at any step
+        the loop is in the TRAIN_SEQ_SCHEDULE phase i whose [start_i, start_i+1) holds the running maximum M
+        of the fraction so far, and loops once M >= ENABLE_LOOPING_AT. So phase i can run unlooped only if
+        start_i < ENABLE_LOOPING_AT, and looped only if it ends after ENABLE_LOOPING_AT (the last phase
+        never ends). ENABLE_LOOPING_AT_STEP switches by step count instead: every combination can run."""
+        s, phases = self.s, self.seq_phases
+        if not self.can_loop:
+            return [(False, length) for _, length in phases]
+        by_step = s.enable_looping_at_step > 0
+        ends = [start for start, _ in phases[1:]] + [math.inf]
+        unlooped = [(False, length) for start, length in phases if by_step or start < s.enable_looping_at]
+        looped = [(True, length) for (_, length), end in zip(phases, ends) if by_step or end > s.enable_looping_at]
+        return unlooped + looped
+
     def compile_warmup(self):
-        """Run WARMUP_STEPS real steps in each graph (looping off, then on) so nothing compiles in the
-        timed loop, then roll the weights back; the caller builds fresh optimizers and loader."""
+        """Run WARMUP_STEPS real steps in every graph of warmup_graphs (looping off, then on, each at every
+        TRAIN_SEQ_SCHEDULE length it can meet), then roll the weights back; the caller builds fresh optimizers
+        and loader. A compile inside the timed loop would spend the training budget (tens of seconds a graph
+        on the GPU), so a recurrence or length switch there must find its graph compiled already."""
         s, rt = self.s, self.rt
         if s.warmup_steps <= 0:
             return
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        optimizers, loader = Optimizers(self.model, s, rt), self.new_loader()
+        graphs = self.warmup_graphs()
+        optimizers, loader = Optimizers(self.model, s, rt), self.new_loader(graphs[0][1])
         t0 = time.perf_counter()
-        for looping in ((False, True) if self.can_loop else (False,)):
-            self.model.looping = looping
-            if looping:
+        for looping, seq_len in graphs:
+            if seq_len != loader.seq_len:
+                loader.set_seq_len(seq_len, s.train_batch_tokens // seq_len)
+            if len(self.seq_phases) > 1:
+                rt.log(f"warmup:graph looping:{int(looping)} seq_len:{seq_len} seqs_per_step:{loader.global_seqs}")
+            if looping and not self.model.looping:
                 rt.log(f"loop_warmup:enabled schedule:{schedule_text(self.model.schedule())}")
+            self.model.looping = looping
             for k in range(s.warmup_steps):
                 self.forward_backward(self.fetch(loader))
                 optimizers.step(k, 1.0)
@@ -4551,7 +4664,13 @@ class Trainer:
     def train(self) -> dict:
         s, rt, model = self.s, self.rt, self.model
         self.compile_warmup()
-        optimizers, loader = Optimizers(model, s, rt), self.new_loader()
+        phase, seq_len = 0, self.seq_phases[0][1]  # TRAIN_SEQ_SCHEDULE phase (TRAIN_SEQ_LEN throughout when off)
+        optimizers, loader = Optimizers(model, s, rt), self.new_loader(seq_len)
+        if len(self.seq_phases) > 1:
+            for _, length in self.seq_phases[1:]:  # before any training time is spent
+                loader.require_batch(length, s.train_batch_tokens // length)
+            rt.log(f"seq_len:schedule {s.train_seq_schedule} step:0 seq_len:{seq_len} "
+                   f"seqs_per_step:{loader.global_seqs}")
         ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
         cap_ms, reserve = math.inf, s.gptq_reserve_seconds
         if s.max_wallclock_seconds > 0 and reserve == 0:
@@ -4570,7 +4689,7 @@ class Trainer:
             rt.log(f"wallclock:budget seconds:{s.max_wallclock_seconds:.0f} "
                    f"gptq_reserve_seconds:{reserve:.0f} "
                    f"training_cap_ms:{cap_ms:.0f}")
-        tokens_per_step = self.global_seqs * s.train_seq_len
+        tokens_per_step = self.global_seqs * s.train_seq_len  # = TRAIN_BATCH_TOKENS at every scheduled length
         peak = peak_flops(rt.device)
         prefetch = ThreadPoolExecutor(max_workers=1)
         next_batches = prefetch.submit(self.fetch, loader)
@@ -4599,6 +4718,14 @@ class Trainer:
                     ema.restart(model.loop_mlps.parameters())
                 rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} train_time:{clock.estimate_ms(step):.0f}ms "
                        f"schedule:{schedule_text(model.schedule())}")
+            due = schedule_phase(self.seq_phases, frac)
+            if due > phase:  # one-way, like the recurrence switch; its graph was compiled in the warm-up
+                phase, seq_len = due, self.seq_phases[due][1]
+                next_batches.result()  # prefetched at the old length: let it finish, then give its windows back
+                loader.set_seq_len(seq_len, s.train_batch_tokens // seq_len, unread_steps=1)
+                next_batches = prefetch.submit(self.fetch, loader)
+                rt.log(f"seq_len:switched step:{step} frac:{frac:.3f} seq_len:{seq_len} "
+                       f"seqs_per_step:{loader.global_seqs}")
             batches = next_batches.result()
             next_batches = prefetch.submit(self.fetch, loader)
             loss = self.forward_backward(batches)
@@ -4618,11 +4745,12 @@ class Trainer:
                 tok_s = (step - last_log[0]) * tokens_per_step / max((elapsed_ms - last_log[1]) / 1000.0, 1e-9)
                 mfu = ""
                 if peak:
-                    flops = tok_s * model.matmul_flops_per_token(s.train_seq_len)
+                    flops = tok_s * model.matmul_flops_per_token(seq_len)
                     mfu = f" mfu:{100 * flops / (peak * rt.world_size):.1f}%"
                 rt.log(f"step:{step}/{s.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                        f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tok_s:.0f}{mfu} looping:{int(model.looping)}")
-                history.append({"step": step, "train_loss": mean_loss, "tok_s": tok_s, "looping": model.looping})
+                history.append({"step": step, "train_loss": mean_loss, "tok_s": tok_s, "looping": model.looping,
+                                "seq_len": seq_len})
                 last_log = (step, elapsed_ms)
         elapsed_ms = clock.agreed_ms
         rt.log(f"clock:checks count:{clock.checks} every:{s.clock_check_every} steps:{step}")
