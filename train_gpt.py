@@ -108,10 +108,17 @@ class Settings:
         "training steps between the ranks' clock and loss checks (the only host syncs of the loop; the "
         "wallclock stop stays exact, a NaN loss is caught within this many steps)", bounds="[1, inf)")
     warmup_steps: int = setting(20,
-        "untimed compile warm-up steps per graph (looping off, then on); state is rolled back", bounds="[0, inf)")
+        "untimed compile warm-up steps per graph (looping off, then on; each TRAIN_SEQ_SCHEDULE length in each); "
+        "state is rolled back", bounds="[0, inf)")
     train_batch_tokens: int = setting(786432,
         "global tokens per optimizer step, independent of the GPU count", bounds="[1, inf)")
-    train_seq_len: int = setting(2048, "training window length in tokens", bounds="[1, inf)", role="model")
+    train_seq_len: int = setting(2048,
+        "training window length in tokens; with TRAIN_SEQ_SCHEDULE, its final (longest) length, which the RoPE "
+        "stretch references", bounds="[1, inf)", role="model")
+    train_seq_schedule: str = setting("",
+        "progressive training context (PR #2014) as length@fraction pairs, e.g. 1024@0,2048@0.3,3072@0.6: each "
+        "length trains from its fraction of the budget (the LR schedule's measure) on, TRAIN_BATCH_TOKENS per step "
+        "kept (so fewer, longer windows); starts at 0, ends at TRAIN_SEQ_LEN; '' = off")
     train_log_every: int = setting(500, "log a train_loss line every N steps (and steps 1-5)", bounds="[1, inf)")
     val_loss_every: int = setting(4000,
         "validate every N steps during training (0: only at the end)", bounds="[0, inf)")
@@ -330,21 +337,23 @@ class Settings:
         "chunk: SGD on the whole model, chunk by chunk (PR #1529); lora: per-document LoRA (PR #1530)",
         choices=('chunk', 'lora'), group="evaluation", role="score")
     ttt_chunk_tokens: int = setting(32768,
-        "chunk mode: targets scored before each round of training", group="evaluation", bounds="[1, inf)", role="score")
+        "chunk mode: targets scored before each round of training; with TTT_PHASES also the chunks of each phase's SGD",
+        group="evaluation", bounds="[1, inf)", role="score")
     ttt_epochs: int = setting(3,
         "chunk mode: passes over each scored chunk", group="evaluation", bounds="[0, inf)", role="score")
     ttt_lr: float = setting(0.01,
         "chunk mode: SGD learning rate, cosine-decayed to 0 over the chunks",
         group="evaluation", bounds="[0, inf)", role="score")
     ttt_momentum: float = setting(0.9,
-        "chunk mode: SGD momentum (kept across chunks)", group="evaluation", bounds="[0, 1)", role="score")
+        "chunk mode: SGD momentum, kept across chunks; TTT_PHASES: the same, reset each phase",
+        group="evaluation", bounds="[0, 1)", role="score")
     ttt_grad_clip: float = setting(1.0,
-        "chunk mode: clip the global gradient norm to this (0: off)",
+        "chunk mode and TTT_PHASES: clip the global gradient norm to this (0: off)",
         group="evaluation", bounds="[0, inf)", role="score")
     ttt_freeze_blocks: int = setting(0,
         "chunk mode: leave the first N physical blocks untrained", group="evaluation", bounds="[0, inf)", role="score")
     ttt_batch_seqs: int = setting(32,
-        "chunk mode: EVAL_SEQ_LEN sequences per SGD step, summed over ranks",
+        "chunk mode and TTT_PHASES: EVAL_SEQ_LEN sequences per SGD step, summed over ranks",
         group="evaluation", bounds="[1, inf)", role="score")
     hash_embed_enabled: bool = setting(True,
         "chunk mode: add a zero-initialised bigram-hash embedding that only TTT trains",
@@ -353,7 +362,18 @@ class Settings:
         "chunk mode: hash-embedding buckets, indexed (prev*2039 + cur) mod size",
         group="evaluation", bounds="[1, inf)", role="score")
     ttt_lora_rank: int = setting(96,
-        "lora mode: adapter rank on Q, K, V, O, MLP and the head", group="evaluation", bounds="[1, inf)", role="score")
+        "lora mode: adapter rank of each target (TTT_LORA_TARGETS)", group="evaluation", bounds="[1, inf)",
+        role="score")
+    ttt_lora_targets: str = setting("q,k,v,o,mlp,head",
+        "lora mode: comma list of the outputs that get adapters, among q, k, v, o, mlp, head (PR #1953: k,o,mlp,head)",
+        group="evaluation", role="score")
+    ttt_lora_alpha: float = setting(0.0,
+        "lora mode: scale every adapter's output by TTT_LORA_ALPHA / TTT_LORA_RANK (PR #1767: 144); 0: unscaled",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_lora_reset: str = setting("all",
+        "lora mode: what a new document resets. all: fresh A and B; b_only: B zeroed, A kept from the finished "
+        "document that last held its adapter slot (PR #1767's warm-start A); AdamW state fresh either way",
+        choices=('all', 'b_only'), group="evaluation", role="score")
     ttt_lora_lr: float = setting(0.0001,
         "lora mode: AdamW learning rate", group="evaluation", bounds="[0, inf)", role="score")
     ttt_lora_wd: float = setting(0.5,
@@ -363,12 +383,50 @@ class Settings:
     ttt_chunk_size: int = setting(64,
         "lora mode: targets of a document scored before each adapter step",
         group="evaluation", bounds="[1, inf)", role="score")
+    ttt_short_doc_tokens: int = setting(0,
+        "lora mode: score the first N targets of every document (rounded up to whole chunks), so all of a shorter "
+        "one, TTT_SHORT_DOC_CHUNK_SIZE at a time (PR #2014's short-document chunks, by position: causal); 0: off",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_short_doc_chunk_size: int = setting(32,
+        "lora mode: the smaller score-before-update chunk of TTT_SHORT_DOC_TOKENS, at most TTT_CHUNK_SIZE",
+        group="evaluation", bounds="[1, inf)", role="score")
     ttt_batch_docs: int = setting(32,
         "lora mode: documents per step at a full EVAL_SEQ_LEN window; shorter windows take more, up to 4x",
         group="evaluation", bounds="[1, inf)", role="score")
     ttt_docs_in_flight: int = setting(256,
         "lora mode: documents holding adapters at once on each rank (memory: 8 bytes x adapter size, 67 MB, each)",
         group="evaluation", bounds="[1, inf)", role="score")
+    ttt_phases: int = setting(0,
+        "lora mode: phased TTT (PR #1610, #1626): cut the first TTT_PHASE_PREFIX_DOCS documents into N equal parts; "
+        "once a part is fully scored, the base model takes an SGD pass over every document scored so far, and "
+        "the rest is scored (adapters reset per TTT_LORA_RESET) on the updated base (0: off)",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_phase_prefix_docs: int = setting(2500,
+        "TTT_PHASES: documents, in original order, that the phases cover (PR #1855: 2500)",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ttt_phase_lr: float = setting(0.001,
+        "TTT_PHASES: SGD learning rate of each phase, cosine-decayed to 0 over its TTT_CHUNK_TOKENS chunks",
+        group="evaluation", bounds="[0, inf)", role="score")
+    ttt_phase_epochs: int = setting(1,
+        "TTT_PHASES: passes over each chunk of the scored prefix in each phase",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ngram_tilt: bool = setting(False,
+        "token n-gram tilt of the sliding-window and TTT passes (PR #1514/#2135): where the last NGRAM_TILT_ORDER "
+        "tokens occurred earlier in the validation stream, the token that followed them then gets "
+        "+NGRAM_TILT_BETA on its logit and the distribution is renormalised over the full vocabulary; only "
+        "earlier targets feed the statistics", group="evaluation", role="score")
+    ngram_tilt_order: int = setting(16,
+        "n-gram tilt: context tokens that must match (the records' order 16)",
+        group="evaluation", bounds="[1, 1024]", role="score")
+    ngram_tilt_beta: float = setting(2.0,
+        "n-gram tilt: logit added to the hinted token (PR #1514: 2.0)", group="evaluation", bounds="(0, inf)",
+        role="score")
+    ngram_tilt_min_count: int = setting(1,
+        "n-gram tilt: earlier times the hinted token must have followed the context",
+        group="evaluation", bounds="[1, inf)", role="score")
+    ngram_tilt_threshold: float = setting(0.8,
+        "n-gram tilt: least share of the context's earlier occurrences that the hinted token must have followed",
+        group="evaluation", bounds="[0, 1]", role="score")
     save_checkpoint: str = setting("",
         "after training, save the raw post-EMA state dict here (for tools/bench_eval.py)", group="evaluation")
     load_checkpoint: str = setting("",
@@ -408,6 +466,7 @@ class Settings:
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
              f"8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
              f"(8 = world size x grad accumulation)")
+        seq_schedule(self)
         need(self.model_dim % self.num_heads == 0,
              f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -523,6 +582,41 @@ def layer_list(text: str, name: str, num_layers: int) -> tuple:
     need(all(0 <= i < num_layers for i in layers) and len(set(layers)) == len(layers),
          f"{name}={text} must name distinct layers between 0 and NUM_LAYERS-1={num_layers - 1}")
     return layers
+
+
+def seq_schedule(s) -> tuple:
+    """TRAIN_SEQ_SCHEDULE "1024@0,2048@0.3,3072@0.6" -> ((0.0, 1024), (0.3, 2048), (0.6, 3072)): (start
+    fraction, window length) per phase; off ('') -> ((0.0, TRAIN_SEQ_LEN),). One-line errors for anything else."""
+    text = s.train_seq_schedule
+    if not text.strip():
+        return ((0.0, s.train_seq_len),)
+    example = "e.g. TRAIN_SEQ_SCHEDULE=1024@0,2048@0.3,3072@0.6"
+    try:
+        pairs = [item.split("@") for item in text.split(",")]
+        phases = tuple((float(frac), int(length)) for length, frac in pairs)
+    except ValueError:
+        raise UserError(f"TRAIN_SEQ_SCHEDULE={text!r} must be comma-separated length@fraction pairs, "
+                        f"{example}") from None
+    fracs, lengths = [f for f, _ in phases], [n for _, n in phases]
+    need(fracs[0] == 0.0, f"TRAIN_SEQ_SCHEDULE={text} must start at fraction 0 (the length of the first steps), "
+                          f"{example}")
+    need(all(a < b for a, b in zip(fracs, fracs[1:])) and fracs[-1] < 1.0,
+         f"TRAIN_SEQ_SCHEDULE={text}: the fractions must increase and stay below 1, {example}")
+    need(lengths[0] >= 1 and all(a < b for a, b in zip(lengths, lengths[1:])),
+         f"TRAIN_SEQ_SCHEDULE={text}: the lengths must be positive and increase, {example}")
+    need(lengths[-1] == s.train_seq_len,
+         f"TRAIN_SEQ_SCHEDULE={text} ends at {lengths[-1]} but TRAIN_SEQ_LEN={s.train_seq_len}: set TRAIN_SEQ_LEN="
+         f"{lengths[-1]} (the final length is the one RoPE, calibration and evaluation reference)")
+    for length in lengths:
+        need(s.train_batch_tokens % (8 * length) == 0,
+             f"TRAIN_SEQ_SCHEDULE length {length}: TRAIN_BATCH_TOKENS={s.train_batch_tokens} must be a multiple of "
+             f"8*{length}={8 * length} (8 = world size x grad accumulation)")
+    return phases
+
+
+def schedule_phase(phases: tuple, frac: float) -> int:
+    """Index of the TRAIN_SEQ_SCHEDULE phase that training fraction `frac` falls in."""
+    return max(i for i, (start, _) in enumerate(phases) if start <= frac)
 
 
 class UserError(Exception):
@@ -961,6 +1055,45 @@ class TrainLoader:
         self.order = rng.permutation(len(self.starts))
         self.cursor = 0
 
+    def require_batch(self, seq_len: int, global_seqs: int):
+        """Stop unless every epoch at seq_len holds a batch of global_seqs windows, whatever its phases."""
+        fewest = sum((len(t) - 1 - min(seq_len, len(t) - seq_len - 1)) // seq_len
+                     for t in self.tokens if len(t) >= seq_len + 1)
+        if fewest < global_seqs:
+            raise UserError(f"training shards hold {fewest} windows of {seq_len + 1} tokens, fewer than one batch "
+                            f"of {global_seqs}: lower TRAIN_BATCH_TOKENS or the TRAIN_SEQ_SCHEDULE lengths, or add "
+                            "training shards")
+
+    def set_seq_len(self, seq_len: int, global_seqs: int, unread_steps: int = 0):
+        """From the next step on, hand out `global_seqs` windows of seq_len+1 tokens (TRAIN_SEQ_SCHEDULE).
+
+        The last `unread_steps` steps handed out were never trained on (a batch prefetched at the old
+        length): their windows count as unread. The rest of this epoch is cut from the unread text only:
+        every run of neighbouring unread windows (contiguous tokens of one shard) is re-cut into windows
+        of the new length, and those are permuted (seeded by SEED, the epoch and the length). So a switch
+        repeats no token of the epoch; the tail of each run shorter than a new window waits for the next
+        epoch, which starts from a fresh table at the new length."""
+        self.require_batch(seq_len, global_seqs)
+        self.cursor -= unread_steps * self.global_seqs
+        assert self.cursor >= 0, "unread_steps exceeds the steps of this epoch"
+        # Whole-table shifted comparisons, no gathers: this runs inside the timed loop.
+        unread = np.ones(len(self.starts), dtype=bool)  # the table is in text order: by shard, then by start
+        unread[self.order[:self.cursor]] = False
+        continues = np.zeros(len(self.starts) + 1, dtype=bool)  # unread window i continues unread window i-1
+        continues[1:-1] = unread[:-1] & unread[1:] & (self.shard_ids[1:] == self.shard_ids[:-1]) & \
+                          (self.starts[1:] == self.starts[:-1] + self.seq_len)
+        heads = np.flatnonzero(unread & ~continues[:-1])
+        tails = np.flatnonzero(unread & ~continues[1:])
+        new_per_run = (tails - heads + 1) * self.seq_len // seq_len
+        offsets = np.arange(new_per_run.sum()) - np.repeat(np.cumsum(new_per_run) - new_per_run, new_per_run)
+        self.shard_ids = np.repeat(self.shard_ids[heads], new_per_run)
+        self.starts = np.repeat(self.starts[heads], new_per_run) + seq_len * offsets
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, seq_len]))
+        self.order = rng.permutation(len(self.starts))
+        self.cursor = 0
+        self.seq_len, self.global_seqs = seq_len, global_seqs
+        self.micro_seqs = global_seqs // (self.world_size * self.grad_accum)
+
     def next_step(self) -> list[torch.Tensor]:
         """This rank's grad_accum micro-batches for the next step, each [micro_seqs, seq_len+1] int64."""
         if self.cursor + self.global_seqs > len(self.order):
@@ -1158,6 +1291,11 @@ def pick_attention(requested: str, device: torch.device, doc_mask: bool = False)
     return ("sdpa" if cuda else "sdpa-cpu"), bind_causal_sdpa
 
 
+def add_delta(t, delta):
+    """t plus an eval-time adapter's delta; a target without an adapter (TTT_LORA_TARGETS) gives None."""
+    return t if delta is None else t + delta
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
                  gate_dims: int = 0):
@@ -1179,7 +1317,7 @@ class Attention(nn.Module):
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         if ctx.adapter is not None:
             dq, dk, dv, d_out = ctx.adapter.attn(x)
-            q, k, v = q + dq, k + dk, v + dv
+            q, k, v = add_delta(q, dq), add_delta(k, dk), add_delta(v, dv)
         if ctx.value is not None:  # value embedding of this layer (VALUE_EMBED_LAYERS)
             v = v + ctx.value
         q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
@@ -1196,7 +1334,7 @@ class Attention(nn.Module):
             y = y * gate[..., None]
         out = self.proj(y.reshape(B, T, -1))
         if ctx.adapter is not None:
-            out = out + d_out
+            out = add_delta(out, d_out)
         return out
 
 
@@ -1368,7 +1506,7 @@ class MLP(nn.Module):
         else:
             out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
         if adapter is not None:
-            out = out + adapter.mlp(x)
+            out = add_delta(out, adapter.mlp(x))
         return out
 
 
@@ -1483,6 +1621,20 @@ def pick_loss_kernel(requested: str) -> str:
     why = "no CUDA device" if not torch.cuda.is_available() else "" if triton_softcap_ce() else "Triton does not import"
     need(requested != "triton" or not why, f"LOSS_KERNEL=triton but {why}: set LOSS_KERNEL=auto or torch")
     return "torch" if why or requested == "torch" else "triton"
+
+
+# --- the n-gram tilt of a scored distribution (NGRAM_TILT, PR #1514/#2135) --------------------------
+# The one place the tilt is applied: GPT.token_losses calls it for every pass that passes hints. The
+# hints themselves (which token, if any, each target's n-gram context predicts) come from ngram_hints
+# in the EVALUATION section and never from the target.
+
+
+def ngram_tilt(z: torch.Tensor, hints: torch.Tensor, beta: float) -> torch.Tensor:
+    """Tilted logits: z [..., V] plus beta on each position's hinted token (hints [...], -1 = no hint).
+    Softmax (the cross-entropy's log-softmax) of the result is the full-vocabulary distribution
+    p'(a) = p(a) exp(beta [a = hint]) / (1 + p(hint) (e^beta - 1)): properly normalised by construction."""
+    bonus = torch.where(hints >= 0, beta, 0.0).to(z.dtype)
+    return z.scatter_add(-1, hints.clamp_min(0).long().unsqueeze(-1), bonus.unsqueeze(-1))
 
 
 class LayerContext(NamedTuple):
@@ -1845,6 +1997,9 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, input_ids, self.bos_id)
         x0 = x
+        # The stretch references TRAIN_SEQ_LEN, which with TRAIN_SEQ_SCHEDULE is the final, longest length:
+        # every scheduled length then gets the same unstretched tables (position p rotates alike in every
+        # phase), and evaluation stretches only beyond the longest context the model was trained on.
         rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
         values = self.value_embed.per_layer(input_ids, x.dtype) if self.value_embed is not None else {}
         schedule = self.schedule()
@@ -1868,20 +2023,25 @@ class GPT(nn.Module):
 
     def logits(self, hidden, lora=None):
         z = self.head(hidden).float()
-        if lora is not None:
-            z = z + lora.head(hidden).float()
+        delta = lora.head(hidden) if lora is not None else None
+        if delta is not None:
+            z = z + delta.float()
         c = self.settings.logit_softcap
         return c * torch.tanh(z / c)
 
-    def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None, one_document_per_row=False):
+    def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None, one_document_per_row=False,
+                     hints=None):
         """Per-position natural-log NLL (fp32) of target_ids [B, K] given input_ids [B, T]: the last K
-        positions only when K < T (sliding windows score a short tail, so the head skips the rest)."""
+        positions only when K < T (sliding windows score a short tail, so the head skips the rest).
+        hints [B, K] (NGRAM_TILT; -1 = none): the NLL under the n-gram-tilted distribution instead."""
         hidden = self.forward_hidden(input_ids, lora, extra_embedding, one_document_per_row)
         # The last K positions, gathered rather than sliced or branched on: a dynamic-T graph (LoRA TTT)
         # would otherwise guard on K < T, or on T == K through the slice's strides, and recompile.
         T, K = hidden.size(1), target_ids.size(1)
         hidden = hidden.index_select(1, torch.arange(T - K, T, device=hidden.device))
         z = self.logits(hidden, lora)
+        if hints is not None:
+            z = ngram_tilt(z, hints, self.settings.ngram_tilt_beta)
         return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1), reduction="none").view(target_ids.shape)
 
     def forward(self, input_ids, target_ids):
@@ -3131,6 +3291,29 @@ def validate_eval_settings(s: Settings):
     need(s.ttt_chunk_size <= s.eval_seq_len, f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be in "
                                              f"1..EVAL_SEQ_LEN={s.eval_seq_len}")
     need(s.ttt_freeze_blocks <= s.num_layers, f"TTT_FREEZE_BLOCKS={s.ttt_freeze_blocks} must be in 0..NUM_LAYERS")
+    need(s.ttt_phases == 0 or s.ttt_mode == "lora", f"TTT_PHASES={s.ttt_phases} adds global SGD phases to the "
+                                                   "per-document LoRA TTT: set TTT_MODE=lora or TTT_PHASES=0")
+    need(s.ttt_phases <= s.ttt_phase_prefix_docs, f"TTT_PHASES={s.ttt_phases} needs a document per phase: raise "
+                                                  f"TTT_PHASE_PREFIX_DOCS={s.ttt_phase_prefix_docs} or lower TTT_PHASES")
+    lora_targets(s)
+    need(s.ttt_short_doc_tokens == 0 or s.ttt_short_doc_chunk_size <= s.ttt_chunk_size,
+         f"TTT_SHORT_DOC_CHUNK_SIZE={s.ttt_short_doc_chunk_size} must be at most TTT_CHUNK_SIZE={s.ttt_chunk_size} "
+         "(short documents take the smaller chunk), or set TTT_SHORT_DOC_TOKENS=0")
+    need(not s.ngram_tilt or s.sliding_window_enabled or s.ttt_enabled,
+         "NGRAM_TILT=1 tilts the sliding-window and TTT passes, but both are off: set SLIDING_WINDOW_ENABLED=1 or "
+         "TTT_ENABLED=1, or NGRAM_TILT=0")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # the outputs LoRA TTT can adapt, in layout order
+
+
+def lora_targets(s) -> tuple:
+    """TTT_LORA_TARGETS as a tuple in the order of LORA_TARGETS."""
+    names = [t for t in s.ttt_lora_targets.replace(" ", "").split(",") if t]
+    need(names and len(set(names)) == len(names) and set(names) <= set(LORA_TARGETS),
+         f"TTT_LORA_TARGETS={s.ttt_lora_targets!r} must be a comma list of distinct names among "
+         f"{','.join(LORA_TARGETS)}, e.g. k,o,mlp,head")
+    return tuple(t for t in LORA_TARGETS if t in names)
 
 
 @dataclass
@@ -3248,6 +3431,105 @@ def allow_recompiles(limit: int = 32):
     setattr(cfg, name, max(getattr(cfg, name), limit))
 
 
+# --- the n-gram tilt's hints (NGRAM_TILT, PR #1514/#2135) -------------------------------------------
+# A token-only n-gram: target t (tokens[t], predicted from tokens[:t]) gets a hint when its context, the
+# NGRAM_TILT_ORDER tokens tokens[t-order:t], occurred before in the stream. The hint is the token that
+# followed the context's most recent earlier occurrence, kept when it followed the context at least
+# NGRAM_TILT_MIN_COUNT times and in at least NGRAM_TILT_THRESHOLD of its earlier occurrences. The hint
+# never reads the target: hints[t] is a function of tokens[:t] alone (tests/test_ngram_tilt.py changes
+# tokens[t:] and checks it). GPT.token_losses adds NGRAM_TILT_BETA to the hinted logit (ngram_tilt) and
+# the cross-entropy renormalises over the full vocabulary.
+#
+# The prefix is the validation stream itself. The statistics behind hints[t] are the targets 1..t-1 and
+# their contexts: what one left-to-right pass has scored before t. Each target enters them only after
+# its own hint is taken, and is scored once, with its own hint. Every rank computes the same hints for
+# the whole stream before its pass (as the records did), so a target's tilted score does not depend on
+# which rank scores it, in which order, or on how many ranks there are: the tilted scores are the same
+# on 1 or 8 GPUs, and the same target has the same hint in every pass.
+
+
+def dense_ids(keys: torch.Tensor) -> torch.Tensor:
+    """keys renumbered 0..(distinct - 1), equal where the keys are equal."""
+    return torch.unique(keys, return_inverse=True)[1]
+
+
+def context_ids(tokens: torch.Tensor, order: int) -> torch.Tensor:
+    """ids[j], j = 0..len(tokens) - order: equal exactly when the spans tokens[j:j + order] are equal.
+    Exact, with no hashing: ids of spans of `length` tokens pair up into ids of longer spans (the span at j
+    with the one at j + step), doubling the length until it reaches order."""
+    ids, length = dense_ids(tokens.long()), 1
+    while length < order:
+        step = min(length, order - length)
+        ids = dense_ids(ids[:-step] * (int(ids.max()) + 1) + ids[step:])  # < (stream length)^2: fits int64
+        length += step
+    return ids
+
+
+def earlier_same(keys: torch.Tensor) -> tuple:
+    """(previous, count) for every i: the last j < i with keys[j] == keys[i] (-1 if none), and how many
+    such j there are. A stable sort keeps each key's positions in stream order."""
+    order = torch.sort(keys, stable=True)[1]
+    ranked = keys[order]
+    i = torch.arange(len(keys), device=keys.device)
+    starts = torch.ones_like(ranked, dtype=torch.bool)
+    starts[1:] = ranked[1:] != ranked[:-1]
+    group_start = torch.cummax(torch.where(starts, i, 0), 0).values
+    previous, count = torch.empty_like(order), torch.empty_like(order)
+    previous[order] = torch.where(starts, -1, order.roll(1))
+    count[order] = i - group_start
+    return previous, count
+
+
+@torch.no_grad()
+def ngram_hints(tokens: torch.Tensor, order: int, min_count: int, threshold: float) -> torch.Tensor:
+    """hints [N + 1] (int32, -1 = none) for the N targets of the stream tokens [N + 1] (hints[0] = -1):
+    hints[t] is the token that followed the most recent earlier occurrence of tokens[t-order:t], if it
+    followed that context at least min_count times before t and in at least `threshold` of the context's
+    occurrences before t. Sorts over the stream, no per-token loop; the same on CPU and GPU."""
+    tokens = tokens.long()
+    n = len(tokens) - 1
+    hints = torch.full((n + 1,), -1, dtype=torch.int32, device=tokens.device)
+    if n <= order:
+        return hints
+    context = context_ids(tokens[:n], order)  # context[j]: tokens[j:j + order], the context of target j + order
+    follower = tokens[order:]                 # follower[j]: that target
+    previous, seen = earlier_same(context)
+    _, pair_seen = earlier_same(context * (int(follower.max()) + 1) + follower)
+    last = previous.clamp_min(0)
+    follows = pair_seen[last] + 1  # times the last follower came after this context before t (counting `last`)
+    keep = (previous >= 0) & (follows >= min_count) & (follows >= threshold * seen)
+    hints[order:] = torch.where(keep, follower[last], -1)
+    return hints
+
+
+def hint_args(hints, positions) -> tuple:
+    """The extra loss_fn argument for targets at stream positions: their hints when NGRAM_TILT is on."""
+    return () if hints is None else (hints[positions],)
+
+
+def prepare_ngram_hints(s: Settings, rt: Runtime, val_tokens, budget=None):
+    """The hints of the whole stream for the tilted passes (None with NGRAM_TILT=0), with the log line
+    that states the protocol. The hinted share and the share of hints equal to their target are read
+    after the fact for the log only."""
+    if not s.ngram_tilt:
+        return None
+    t0 = time.perf_counter()
+    tokens = val_tokens.to(rt.device)
+    hints = ngram_hints(tokens, s.ngram_tilt_order, s.ngram_tilt_min_count, s.ngram_tilt_threshold)
+    hinted = hints[1:] >= 0
+    n_hinted = int(hinted.sum())
+    agree = int((hints[1:] == tokens[1:].long()).sum())
+    seconds = time.perf_counter() - t0
+    rt.log(f"ngram_tilt: prefix:stream statistics:targets_before_t context:order_{s.ngram_tilt_order}_tokens "
+           f"feature:indicator beta:{s.ngram_tilt_beta} min_count:{s.ngram_tilt_min_count} "
+           f"threshold:{s.ngram_tilt_threshold} normalised:full_vocab_softmax passes:sliding,ttt ttt_trains_on:tilted "
+           f"ranks:same_hints hinted:{n_hinted / max(len(hinted), 1):.4f} "
+           f"diagnostic_hint_equals_target:{agree / max(n_hinted, 1):.4f} seconds:{seconds:.2f}")
+    if budget is not None:
+        budget.finish("ngram_hints", seconds, 0.0, len(hinted), split=False)
+    return hints
+
+
 # --- sliding windows ------------------------------------------------------------------------------
 # Targets are tokens[t] for t = 1..N, predicted from tokens[:t]. A window starting at w feeds
 # tokens[w:w + L] and can score targets w+1..w+L.
@@ -3271,12 +3553,13 @@ def window_segments(first: int, last: int, seq_len: int, stride: int) -> np.ndar
 
 
 def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: int, batch: int, tables: ByteTables,
-                  scores: Scores, on_batch=None):
+                  scores: Scores, on_batch=None, hints=None):
     """Score window segments (rows of window_segments) on tokens (the stream, on the device).
 
     The one window that scores more than `stride` targets runs on its own with losses for every position;
     the rest run `batch` at a time with losses for their last `stride` positions only, padded with empty
-    segments so compiled shapes never change. on_batch(i) is called after each batch of the rest."""
+    segments so compiled shapes never change. on_batch(i) is called after each batch of the rest. With
+    hints (NGRAM_TILT) loss_fn takes the targets' hints as a third argument."""
     device = tokens.device
     long = segments[:, 2] - segments[:, 1] + 1 > stride
     groups = [(segments[long], seq_len, 1), (segments[~long], stride, batch)]
@@ -3293,7 +3576,7 @@ def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: i
             target_pos = idx[:, seq_len - tail:] + 1
             y = tokens[target_pos].long()
             mask = (target_pos >= seg[:, 1:2]) & (target_pos <= seg[:, 2:3])
-            scores.add(loss_fn(x, y), x[:, seq_len - tail:], y, target_pos, mask, tables)
+            scores.add(loss_fn(x, y, *hint_args(hints, target_pos)), x[:, seq_len - tail:], y, target_pos, mask, tables)
             if on_batch is not None and tail == stride:
                 on_batch(i)
     for _, first, last in segments:
@@ -3302,9 +3585,9 @@ def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: i
 
 @torch.no_grad()
 def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stride: int, batch: int, rt: Runtime,
-                     budget=None, name: str = "sliding", record: bool = False) -> EvalResult:
+                     budget=None, name: str = "sliding", record: bool = False, hints=None) -> EvalResult:
     """Score every target once with windows of seq_len advancing by stride (stride = seq_len gives the
-    non-overlapping evaluation), the windows split contiguously across ranks."""
+    non-overlapping evaluation), the windows split contiguously across ranks; hints: see score_windows."""
     t0 = time.perf_counter()
     tokens = val_tokens.to(rt.device, torch.int32)
     n_targets = len(tokens) - 1
@@ -3326,7 +3609,7 @@ def evaluate_windows(loss_fn, val_tokens, tables: ByteTables, seq_len: int, stri
             if i == check_at and check_at >= 1:
                 per_batch = (marks[check_at] - marks[0]) / check_at
                 budget.check(name, budget.estimate(marks[0], per_batch, batches[rt.rank] - 1))
-    score_windows(loss_fn, tokens, segments[lo:hi], seq_len, stride, batch, tables, scores, on_batch)
+    score_windows(loss_fn, tokens, segments[lo:hi], seq_len, stride, batch, tables, scores, on_batch, hints)
     result = scores.result(rt, time.perf_counter() - t0, record)
     if budget is not None:
         budget.finish(name, result.seconds, marks.get(0, 0.0), result.targets)
@@ -3362,6 +3645,13 @@ class EvalBudget:
     def estimate(self, fixed: float, per_unit: float, units: float) -> float:
         return fixed + per_unit * units * self.scale
 
+    @staticmethod
+    def estimate_unscaled(per_unit: float, full_units: float) -> float:
+        """8-GPU seconds of work whose size does not follow the validation's length (TTT_PHASES' SGD over a
+        fixed number of documents): full_units units in the full run, shared by the 8 GPUs, at per_unit
+        seconds per unit on one GPU here."""
+        return per_unit * full_units / BUDGET_GPUS
+
     def check(self, name: str, estimate: float):
         """Collective: every rank calls it at the same point and all take the largest estimate."""
         estimate = torch.tensor([estimate], dtype=torch.float64, device=self.rt.device)
@@ -3375,10 +3665,14 @@ class EvalBudget:
                             f"({name}: "
                             f"{estimate:.0f}s), over EVAL_BUDGET_SECONDS={self.limit:.0f}: make TTT cheaper "
                             "(TTT_EPOCHS, "
-                            f"TTT_MODE, EVAL_STRIDE) or set EVAL_FORCE=1 to run anyway")
+                            f"TTT_MODE, TTT_PHASES, EVAL_STRIDE) or set EVAL_FORCE=1 to run anyway")
 
-    def finish(self, name: str, seconds: float, fixed: float, targets: int) -> float:
-        estimate = fixed + (seconds - fixed) * self.scale
+    def finish(self, name: str, seconds: float, fixed: float, targets: int, unscaled: tuple = (0.0, 0.0),
+               split: bool = True) -> float:
+        """unscaled: (seconds here, 8-GPU estimate) of a part that does not scale with the validation's length.
+        split=False: work every rank does for the whole stream, which more GPUs do not share."""
+        scale = self.scale if split else self.scale * BUDGET_GPUS / self.rt.world_size
+        estimate = fixed + (seconds - fixed - unscaled[0]) * scale + unscaled[1]
         self.done.append((name, seconds, estimate))
         self.rt.log(f"eval_budget:pass pass:{name} seconds:{seconds:.1f} scored_targets:{targets} "
                     f"seconds_per_mtok:{1e6 * seconds / targets:.2f} estimated_8gpu_full_val_seconds:{estimate:.0f}")
@@ -3407,14 +3701,27 @@ def all_reduce_sum_grads(params, rt: Runtime):
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, s: Settings, rt: Runtime,
-                    scores: Scores):
-    """TTT_EPOCHS of SGD on targets first..last, already scored by every rank.
+def cosine_over_chunks(lr: float, c: int, n_chunks: int) -> float:
+    """Chunk c's learning rate, cosine-decayed from lr at the first chunk to 0 at the last (n_chunks >= 2),
+    which is therefore never trained on."""
+    return lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+
+
+def sgd_step_sizes(s: Settings) -> set:
+    """The step sizes (sequences) of SGD over one full TTT_CHUNK_TOKENS chunk: the compile warm-up's shapes."""
+    per_chunk = s.ttt_chunk_tokens // s.eval_seq_len
+    return {min(s.ttt_batch_seqs, per_chunk - b) for b in range(0, per_chunk, s.ttt_batch_seqs)}
+
+
+def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: float, epochs: int, s: Settings,
+                    rt: Runtime, scores: Scores, hints=None):
+    """`epochs` passes of SGD on targets first..last, already scored by every rank.
 
     The chunk is cut into whole EVAL_SEQ_LEN sequences; each step takes the next TTT_BATCH_SEQS of them,
     shared contiguously by the ranks. The loss is the sum over this rank's tokens divided by the step's
     token count on all ranks, and gradients are summed, so the update equals one process's. A rank with
-    no sequence still joins the all-reduce with zero gradients."""
+    no sequence still joins the all-reduce with zero gradients. With hints (NGRAM_TILT) the loss is the
+    tilted one the targets were scored with."""
     L = s.eval_seq_len
     n = (last - first + 1) // L
     scores.require_range(first, first + n * L - 1)
@@ -3422,7 +3729,7 @@ def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: fl
         raise RuntimeError("score-first violated: the recorded scores miss targets TTT is about to train on")
     for group in opt.param_groups:
         group["lr"] = lr
-    for _ in range(s.ttt_epochs):
+    for _ in range(epochs):
         for b in range(0, n, s.ttt_batch_seqs):
             count = min(s.ttt_batch_seqs, n - b)
             lo, hi = (b + i for i in share(count, rt.rank, rt.world_size))
@@ -3430,7 +3737,8 @@ def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: fl
             if hi > lo:
                 span = tokens[first - 1 + lo * L:first + hi * L].long()
                 x, y = span[:-1].view(hi - lo, L), span[1:].view(hi - lo, L)
-                (train_fn(x, y).sum() / (count * L)).backward()
+                positions = torch.arange(first + lo * L, first + hi * L, device=tokens.device).view(hi - lo, L)
+                (train_fn(x, y, *hint_args(hints, positions)).sum() / (count * L)).backward()
             if rt.world_size > 1:
                 all_reduce_sum_grads(params, rt)
             if s.ttt_grad_clip > 0:
@@ -3439,8 +3747,9 @@ def ttt_train_chunk(train_fn, params, opt, tokens, first: int, last: int, lr: fl
 
 
 def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, budget=None,
-                       record: bool = False) -> EvalResult:
-    """Legal score-first TTT over chunks (spec 7.4) on a copy of model; returns the scores."""
+                       record: bool = False, hints=None) -> EvalResult:
+    """Legal score-first TTT over chunks (spec 7.4) on a copy of model; returns the scores. hints: the
+    n-gram tilt's (prepare_ngram_hints), which scoring and training then both use."""
     t0 = time.perf_counter()
     L, C, stride = s.eval_seq_len, s.ttt_chunk_tokens, s.eval_stride
     n_targets = len(val_tokens) - 1
@@ -3454,8 +3763,8 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
 
-    def losses(x, y):
-        return ttt.token_losses(x, y, extra_embedding=hash_emb)
+    def losses(x, y, hints=None):
+        return ttt.token_losses(x, y, extra_embedding=hash_emb, hints=hints)
     loss_fn = compiled(losses, s.compile)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
@@ -3464,25 +3773,25 @@ def evaluate_ttt_chunk(model: GPT, s: Settings, rt: Runtime, val_tokens, tables:
            "order:original "
            f"epochs:{s.ttt_epochs} optimizer:sgd lr:{s.ttt_lr} schedule:cosine_over_chunks momentum:{s.ttt_momentum} "
            f"grad_clip:{s.ttt_grad_clip} batch_seqs:{s.ttt_batch_seqs} freeze_blocks:{s.ttt_freeze_blocks} "
-           f"hash_embed:{int(hash_emb is not None)} last_chunk_trained:0 "
+           f"hash_embed:{int(hash_emb is not None)} ngram_tilt:{int(hints is not None)} last_chunk_trained:0 "
            f"params_trained:{sum(p.numel() for p in params)} params_frozen:{frozen}")
     if s.compile:
-        step_sizes = {min(s.ttt_batch_seqs, C // L - b) for b in range(0, C // L, s.ttt_batch_seqs)}
-        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, step_sizes)
+        warm_up_chunk_ttt(loss_fn, params, s, rt, ttt.vocab_size, sgd_step_sizes(s), tilted=hints is not None)
     fixed, check_at, log_every = 0.0, min(3, n_chunks - 1), max(1, n_chunks // 10)
     for c in range(n_chunks):
         first, last = c * C + 1, min((c + 1) * C, n_targets)
         segments = window_segments(first, last, L, stride)
         lo, hi = share(len(segments), rt.rank, rt.world_size)
         with torch.no_grad():
-            score_windows(loss_fn, tokens, segments[lo:hi], L, stride, s.eval_batch_windows, tables, scores)
+            score_windows(loss_fn, tokens, segments[lo:hi], L, stride, s.eval_batch_windows, tables, scores,
+                          hints=hints)
         if rt.world_size > 1:
             # The other ranks score the rest of this chunk; none can finish the first TTT step (its
             # gradient all-reduce) before every rank has scored its share.
             scores.mark(first, last)
         if c < n_chunks - 1 and s.ttt_epochs > 0:
-            lr = s.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
-            ttt_train_chunk(loss_fn, params, opt, tokens, first, last, lr, s, rt, scores)
+            ttt_train_chunk(loss_fn, params, opt, tokens, first, last, cosine_over_chunks(s.ttt_lr, c, n_chunks),
+                            s.ttt_epochs, s, rt, scores, hints)
         if c == 0 or (c == check_at and budget is not None) or (c + 1) % log_every == 0 or c == n_chunks - 1:
             rt.sync()
             elapsed = time.perf_counter() - t0
@@ -3507,19 +3816,35 @@ def random_tokens(shape, vocab: int, s: Settings, device):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(s.seed)).to(device)
 
 
-def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes):
+def random_losses(loss_fn, rows: int, width: int, targets: int, vocab: int, s: Settings, rt: Runtime,
+                  tilted: bool = False):
+    """loss_fn on random inputs [rows, width] and targets [rows, targets], with random hints (int32, as
+    ngram_hints gives them) when tilted: a warm-up call in the shapes and dtypes of the real ones."""
+    x, y = random_tokens((rows, width), vocab, s, rt.device), random_tokens((rows, targets), vocab, s, rt.device)
+    hints = (random_tokens((rows, targets), vocab, s, rt.device).to(torch.int32),) if tilted else ()
+    return loss_fn(x, y, *hints)
+
+
+def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes, tilted: bool = False):
     """Compile the scoring and training graphs (steps of each size in step_sizes, shared by the ranks) on
-    random tokens; no step is taken, so the weights are unchanged."""
+    random tokens (and random hints when tilted); no step is taken, so the weights are unchanged."""
     t0 = time.perf_counter()
     L, stride, batch = s.eval_seq_len, s.eval_stride, s.eval_batch_windows
     with torch.no_grad():
-        loss_fn(random_tokens((batch, L), vocab, s, rt.device), random_tokens((batch, stride), vocab, s, rt.device))
-        loss_fn(random_tokens((1, L), vocab, s, rt.device), random_tokens((1, L), vocab, s, rt.device))
+        random_losses(loss_fn, batch, L, stride, vocab, s, rt, tilted)
+        random_losses(loss_fn, 1, L, L, vocab, s, rt, tilted)
+    warm_up_sgd_steps(loss_fn, params, s, rt, vocab, step_sizes, t0, tilted)
+
+
+def warm_up_sgd_steps(loss_fn, params, s: Settings, rt: Runtime, vocab: int, step_sizes, t0: float,
+                      tilted: bool = False):
+    """Compile the training graph for steps of each size in step_sizes (shared by the ranks) on random tokens
+    (and random hints when tilted), forward and backward only: the gradients are zeroed and no step is taken."""
+    L = s.eval_seq_len
     for size in step_sizes:
         lo, hi = share(size, rt.rank, rt.world_size)
         if hi > lo:
-            x, y = (random_tokens((hi - lo, L), vocab, s, rt.device) for _ in range(2))
-            loss_fn(x, y).sum().backward()
+            random_losses(loss_fn, hi - lo, L, L, vocab, s, rt, tilted).sum().backward()
     for p in params:
         p.grad.zero_()
     rt.sync()
@@ -3530,9 +3855,24 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
 # Documents are split at BOS; each keeps the next document's BOS as its last target. A document is
 # scored TTT_CHUNK_SIZE targets at a time, in a window of its own tokens only (its own row, right-padded,
 # so causal attention never sees another document), the last EVAL_SEQ_LEN tokens ending at the chunk's
-# nominal end. After scoring a chunk, its document's LoRA adapters take one AdamW step on it. Adapters
-# and AdamW state start from the same fresh row for every document, so documents are independent and
-# batching cannot change any score; documents enter in their original order (lora_plan).
+# nominal end. After scoring a chunk, its document's LoRA adapters take one AdamW step on it (not after
+# its last chunk). Adapters and AdamW state start from the same fresh row for every document, so documents
+# are independent and batching cannot change any score; documents enter in their original order (lora_plan).
+#
+# Options from the later records, all off by default. TTT_LORA_TARGETS leaves some outputs unadapted (their
+# matrices are not in the row at all); TTT_LORA_ALPHA scales every adapter output by alpha / rank.
+# TTT_SHORT_DOC_TOKENS scores the first targets of every document in smaller chunks, so short documents
+# wholly (more score-then-update steps where a document gives few; by position, see LoRAChunks); a batch
+# still shares one window width, at least TTT_CHUNK_SIZE, a small chunk's window right-padded up to it.
+# TTT_LORA_RESET=b_only (warm-start A) zeroes only B when a document opens: A keeps the values the slot's
+# previous document ended with (the free slots are a stack, so that is the most recently finished
+# document; a slot never used holds the fresh row). Still score-first: a slot is freed only after its
+# document's last chunk is scored, and that chunk never trains, so an inherited A has learned only from
+# scored targets, of documents earlier in the stream (documents open in stream order). Documents are then
+# no longer independent: which earlier document hands its A on, and so the score, depends on the batching
+# (TTT_BATCH_DOCS, TTT_DOCS_IN_FLIGHT) and on how many ranks split the documents, as in the records; each
+# rank's first documents start from the fresh row. B = 0 still has a document's first chunk scored by
+# the unadapted model.
 #
 # Why a flat row per document: each document in flight owns one row of AdapterSlots.P holding all its
 # adapter matrices back to back (LoRALayout says where each sits). A step gathers the rows of the
@@ -3547,21 +3887,50 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
 
 class LoRALayout:
     """Where each adapter matrix of one document sits in its flat parameter row. Per virtual layer: one A
-    [dim, 4 rank] shared by Q, K, V and O (all four read the block's normed input, so their four A matrices
-    side by side make one matmul), then B_q, B_k, B_v, B_o [rank, out]; then A, B of the MLP; last A, B of
-    the head. Mathematically the same as separate rank-`rank` adapters, with 7 matmuls a layer, not 10."""
+    [dim, n rank] shared by the n adapted ones of Q, K, V and O (all read the block's normed input, so their
+    A matrices side by side make one matmul), then their B [rank, out] in that order; then A, B of the MLP;
+    last A, B of the head. A target left out (TTT_LORA_TARGETS) has no matrices. With all targets,
+    mathematically the same as separate rank-`rank` adapters, with 7 matmuls a layer, not 10. Every
+    adapter's output is multiplied by `scale`: alpha / rank with TTT_LORA_ALPHA, else 1."""
 
-    def __init__(self, model: GPT, rank: int):
+    def __init__(self, model: GPT, rank: int, targets: tuple = LORA_TARGETS, alpha: float = 0.0):
         s = model.settings
         dim, kv = model.dim, s.num_kv_heads * (s.model_dim // s.num_heads)
-        layer = [(dim, 4 * rank, True), (rank, dim, False), (rank, kv, False), (rank, kv, False), (rank, dim, False),
-                 (dim, rank, True), (rank, dim, False)]
+        width = {"q": dim, "k": kv, "v": kv, "o": dim}
+        self.attn_targets = tuple(t for t in ("q", "k", "v", "o") if t in targets)
+        self.has_mlp, self.has_head = "mlp" in targets, "head" in targets
+        layer = []
+        if self.attn_targets:
+            layer += [(dim, len(self.attn_targets) * rank, True)] + [(rank, width[t], False) for t in self.attn_targets]
+        if self.has_mlp:
+            layer += [(dim, rank, True), (rank, dim, False)]
+        head = [(dim, rank, True), (rank, model.vocab_size, False)] if self.has_head else []
         self.rank, self.per_layer = rank, len(layer)
+        self.scale = alpha / rank if alpha > 0 else 1.0
         self.mats, offset = [], 0  # (offset, rows, cols, is_A)
-        for rows, cols, is_a in layer * len(model.schedule()) + [(dim, rank, True), (rank, model.vocab_size, False)]:
+        for rows, cols, is_a in layer * len(model.schedule()) + head:
             self.mats.append((offset, rows, cols, is_a))
             offset += rows * cols
         self.size = offset
+
+    def scaled(self, h):
+        """h, the input's projection on A, times the output scale (skipped at 1: default scores stay bit-exact)."""
+        return h if self.scale == 1.0 else h * self.scale
+
+    def reset_spans(self, reset: str) -> list:
+        """(lo, hi) spans of the row a new document takes from the fresh row: all of it, or with b_only the
+        B matrices (adjacent ones merged), so that A keeps what the slot's previous document learned."""
+        if reset == "all":
+            return [(0, self.size)]
+        spans = []
+        for offset, rows, cols, is_a in self.mats:
+            if is_a:
+                continue
+            if spans and spans[-1][1] == offset:
+                spans[-1] = (spans[-1][0], offset + rows * cols)
+            else:
+                spans.append((offset, offset + rows * cols))
+        return spans
 
     def fresh_row(self, seed: int, device) -> torch.Tensor:
         """A uniform in +-1/sqrt(in), B zero: a fresh row leaves the model's outputs unchanged."""
@@ -3595,36 +3964,47 @@ class DocLoRA:
         self.layout, self.matrices = layout, matrices
 
     def adapter(self, pos: int):
-        return LayerAdapters(self.layout, self.matrices[pos * self.layout.per_layer:(pos + 1) * self.layout.per_layer])
+        """Virtual layer pos's adapters; None when no target sits inside the layers (TTT_LORA_TARGETS=head)."""
+        per = self.layout.per_layer
+        return LayerAdapters(self.layout, self.matrices[pos * per:(pos + 1) * per]) if per else None
 
     def head(self, hidden):
-        return torch.bmm(torch.bmm(hidden, self.matrices[-2]), self.matrices[-1])
+        if not self.layout.has_head:
+            return None
+        return torch.bmm(self.layout.scaled(torch.bmm(hidden, self.matrices[-2])), self.matrices[-1])
 
 
 class LayerAdapters:
-    """One virtual layer's adapters; inputs x [R, T, dim] in the matrices' dtype."""
+    """One virtual layer's adapters; inputs x [R, T, dim] in the matrices' dtype. A delta is None for a
+    target without an adapter."""
 
     def __init__(self, layout: LoRALayout, matrices: list):
-        self.rank, self.matrices = layout.rank, matrices
+        self.layout, self.matrices = layout, matrices
 
     def attn(self, x):
         """The Q, K, V and O deltas, all from the block's normed input x."""
-        a, b_q, b_k, b_v, b_o = self.matrices[:5]
-        h = torch.bmm(x, a)
-        r = self.rank
-        return tuple(torch.bmm(h[..., i * r:(i + 1) * r], b) for i, b in enumerate((b_q, b_k, b_v, b_o)))
+        targets, r = self.layout.attn_targets, self.layout.rank
+        if not targets:
+            return None, None, None, None
+        h = self.layout.scaled(torch.bmm(x, self.matrices[0]))
+        deltas = {t: torch.bmm(h[..., i * r:(i + 1) * r], b) for i, (t, b) in
+                  enumerate(zip(targets, self.matrices[1:1 + len(targets)]))}
+        return tuple(deltas.get(t) for t in ("q", "k", "v", "o"))
 
     def mlp(self, x):
-        return torch.bmm(torch.bmm(x, self.matrices[5]), self.matrices[6])
+        if not self.layout.has_mlp:
+            return None
+        return torch.bmm(self.layout.scaled(torch.bmm(x, self.matrices[-2])), self.matrices[-1])
 
 
 class AdapterSlots:
     """LoRA rows and their AdamW state for the documents in flight, one fixed slot per document. A step
-    gathers its rows, updates them and writes them back; a document's slot starts from the shared fresh
-    row with zero optimizer state, so every document starts from the same adapter."""
+    gathers its rows, updates them and writes them back; a document's slot starts with zero optimizer
+    state and the `reset` spans (LoRALayout.reset_spans) of the shared fresh row: all of it, so every
+    document starts from the same adapter, or (b_only) its B, keeping the A of the slot's previous document."""
 
-    def __init__(self, row: torch.Tensor, capacity: int, beta1: float):
-        self.row = row
+    def __init__(self, row: torch.Tensor, capacity: int, beta1: float, reset: list | None = None):
+        self.row, self.reset = row, [(0, row.numel())] if reset is None else reset
         self.P = row.expand(capacity + 1, -1).clone()
         self.v = torch.zeros_like(self.P)
         self.m = torch.zeros_like(self.P) if beta1 > 0 else None  # first moment, only with TTT_LORA_BETA1 > 0
@@ -3635,7 +4015,8 @@ class AdapterSlots:
     def open(self, n: int) -> np.ndarray:
         slots = np.array([self.free.pop() for _ in range(n)], dtype=np.int64)
         idx = to_device(slots, self.P.device)
-        self.P[idx] = self.row
+        for lo, hi in self.reset:
+            self.P[idx, lo:hi] = self.row[lo:hi]
         for state in (self.v, self.m, self.t):
             if state is not None:
                 state[idx] = 0
@@ -3663,42 +4044,90 @@ class AdapterSlots:
             self.v[i], self.t[i] = v, t
 
 
+class LoRAChunks:
+    """Where a document's score-before-update chunks end, by chunk index j alone: TTT_CHUNK_SIZE targets
+    at a time, after (with TTT_SHORT_DOC_TOKENS) a first stretch of smaller chunks covering that many
+    targets, rounded up to whole small chunks, so that a shorter document is scored wholly in small chunks
+    (PR #2014). By position, never by the document's length: that is known only at its end, and letting
+    it choose how the first tokens are chunked would make their scores depend on later tokens."""
+
+    def __init__(self, C: int, L: int, short_tokens: int = 0, short_size: int = 1):
+        self.C, self.L, self.short_size = C, L, short_size
+        self.n_short = -(-short_tokens // short_size) if short_tokens else 0
+        self.prefix = self.n_short * short_size  # targets scored in small chunks
+
+    @classmethod
+    def of(cls, s: Settings) -> "LoRAChunks":
+        return cls(s.ttt_chunk_size, s.eval_seq_len, s.ttt_short_doc_tokens, s.ttt_short_doc_chunk_size)
+
+    def size(self, j):
+        return np.where(j < self.n_short, self.short_size, self.C)
+
+    def end(self, j):
+        """Document-local index of chunk j's nominal last target."""
+        return np.where(j < self.n_short, self.short_size * (j + 1), self.prefix + self.C * (j + 1 - self.n_short))
+
+    def width(self, j):
+        """Chunk j's window: the last L tokens up to its end, and at least C (a small chunk's window is
+        right-padded), so every window holds the C target positions the loss function returns."""
+        return np.maximum(self.C, np.minimum(self.L, self.end(j)))
+
+    def count(self, lengths):
+        """Chunks of documents of `lengths` targets."""
+        beyond = np.maximum(lengths - self.prefix, 0)
+        return np.where(beyond > 0, self.n_short + -(-beyond // self.C), -(-lengths // self.short_size))
+
+    def first_full(self) -> int:
+        """The first chunk whose window is a full L."""
+        j = 0
+        while self.end(j) < self.L:
+            j += 1
+        return j
+
+
 def lora_step(start, length, chunk, slot, slots: AdapterSlots, layout: LoRALayout, loss_fn, tokens, s: Settings,
-              tables: ByteTables, scores: Scores) -> int:
+              tables: ByteTables, scores: Scores, hints=None) -> int:
     """Score chunk[i] of the document at stream offset start[i] (length[i] targets) for every row i, then
-    one AdamW step on the rows with chunks left. Returns the window tokens processed."""
-    L, C = s.eval_seq_len, s.ttt_chunk_size
-    W = min(L, C * (int(chunk.max()) + 1))
+    one AdamW step on the rows with chunks left, on the loss just scored (tilted with hints, NGRAM_TILT).
+    Returns the window tokens processed."""
+    L, C, chunks = s.eval_seq_len, s.ttt_chunk_size, LoRAChunks.of(s)
+    W = int(chunks.width(chunk[0]))
     # Each row's chunk must sit in the last C positions of the batch's W-wide window.
-    assert (np.minimum(C * (chunk + 1), L) == W).all(), "rows with different window widths in one batch"
+    assert (chunks.width(chunk) == W).all(), "rows with different window widths in one batch"
     work = len(start) * W
     if len(start) == 1:  # a padding row (empty document, scratch adapter): the compiled graph never sees one row
         start, length, chunk, slot = (np.append(a, v) for a, v in ((start, 0), (length, 0), (chunk, chunk[0]),
                                                                       (slot, slots.scratch)))
-    window_start = np.maximum(0, C * (chunk + 1) - L)  # document-local index of the window's first input
-    meta = np.stack((start, length, window_start, C * chunk + 1, np.minimum(C * (chunk + 1), length), slot), 1)
-    start_t, length_t, win, first, last, idx = to_device(meta, tokens.device).unbind(1)
+    chunk_end = chunks.end(chunk)  # document-local index of each chunk's nominal last target
+    window_start = np.maximum(0, chunk_end - L)  # document-local index of the window's first input
+    first_local, last_local = chunk_end - chunks.size(chunk) + 1, np.minimum(chunk_end, length)
+    meta = np.stack((start, window_start, first_local, last_local, slot), 1)
+    start_t, win, first, last, idx = to_device(meta, tokens.device).unbind(1)
     end = len(tokens) - 1
     local = win[:, None] + torch.arange(W, device=tokens.device)  # document-local index of each input
-    x = torch.where(local < length_t[:, None], tokens[(start_t[:, None] + local).clamp(max=end)], 0).long()
+    # inputs up to the chunk's last target only: a small chunk's padding hides the tokens after it
+    x = torch.where(local < last[:, None], tokens[(start_t[:, None] + local).clamp(max=end)], 0).long()
     target_local = local[:, W - C:] + 1
     mask = (target_local >= first[:, None]) & (target_local <= last[:, None])
     position = (start_t[:, None] + target_local).clamp(max=end)
     y = tokens[position].long()
     # with grad even if no row trains: a graph without it would compile again
     matrices = layout.matrices(slots.P[idx], compute_dtype(tokens.device))
-    nll = loss_fn(x, y, matrices)
+    nll = loss_fn(x, y, matrices, *hint_args(hints, position))
     scores.add(nll, x[:, W - C:], y, position, mask, tables)  # scored before the step below
-    first_target, last_target = start + C * chunk + 1, start + np.minimum(C * (chunk + 1), length)
+    first_target, last_target = start + first_local, start + last_local
     for a, b in zip(first_target.tolist(), last_target.tolist()):
         scores.mark(a, b)
-    if (C * (chunk + 1) < length).any():
+    trains = chunk_end < length  # a document's last chunk is never trained on
+    if trains.any():
         for a, b in zip(first_target.tolist(), last_target.tolist()):
             scores.require_range(a, b)
         if scores.hits is not None and not bool((scores.hits[position[mask]] > 0).all()):
             raise RuntimeError("score-first violated: the recorded scores miss targets TTT is about to train on")
         (torch.where(mask, nll, 0.0).sum(1) / mask.sum(1).clamp_min(1)).sum().backward()
-        slots.adamw_(idx, layout.gradient(matrices), s)
+        # Rows on their last chunk are left as they are: their slot closes, and with b_only its A passes on.
+        training = to_device(trains, idx.device)
+        slots.adamw_(idx[training], layout.gradient(matrices)[training], s)
     return work
 
 
@@ -3713,98 +4142,225 @@ def document_spans(val_tokens, bos_id: int) -> tuple:
     return starts, np.diff(np.append(starts, n))
 
 
-def lora_doc_cost(lengths: np.ndarray, C: int, L: int) -> np.ndarray:
-    """Window tokens a document costs: sum over its chunks j of min(L, C(j+1))."""
-    chunks = -(-lengths // C)
-    short = np.minimum(chunks, L // C)  # chunks whose window is shorter than L
-    return C * short * (short + 1) // 2 + (chunks - short) * L
+def lora_doc_cost(lengths: np.ndarray, chunks: LoRAChunks) -> np.ndarray:
+    """Window tokens a document costs: the sum of its chunks' window widths."""
+    counts = chunks.count(lengths)
+    widths = chunks.width(np.arange(int(counts.max(initial=0))))
+    return np.concatenate(([0], np.cumsum(widths)))[counts]
 
 
-def lora_plan(lengths: np.ndarray, C: int, L: int, rows: int, in_flight: int) -> list:
+def lora_plan(lengths: np.ndarray, chunks: LoRAChunks, rows: int, in_flight: int) -> list:
     """The order in which one rank advances its documents, one chunk per document per step: a list of
     arrays of document indices. Documents enter in their original order whenever fewer than `in_flight`
-    are open. Each step takes the fullest chunk level (rows of one level share a window width: C(j+1)
-    below L, L from there on), at most rows * L / width rows and 4 * rows, so short windows batch more documents."""
-    chunks = (-(-lengths // C)).tolist()
-    full = -(-L // C) - 1  # first chunk whose window is a full L
-    levels, plan, done = {}, [], [0] * len(chunks)
+    are open. Each step takes the fullest level (the documents whose next chunk has one window width,
+    ties to the wider), at most rows * L / width rows and 4 * rows, so short windows batch more documents."""
+    counts = chunks.count(lengths).tolist()
+    width = chunks.width(np.arange(max(counts, default=0))).tolist()  # by chunk index
+    levels, plan, done = {}, [], [0] * len(counts)  # levels: window width -> documents waiting, in entry order
     entered = open_docs = 0
     while True:
-        if open_docs < in_flight and entered < len(chunks):
-            k = min(in_flight - open_docs, len(chunks) - entered)
-            levels.setdefault(0, []).extend(range(entered, entered + k))
+        if open_docs < in_flight and entered < len(counts):
+            k = min(in_flight - open_docs, len(counts) - entered)
+            levels.setdefault(width[0], []).extend(range(entered, entered + k))
             entered, open_docs = entered + k, open_docs + k
         if not levels:
             return plan
-        level = max(levels, key=lambda j: (len(levels[j]), j))
-        take = min(rows * L // min(L, C * (level + 1)), 4 * rows)  # rows cost memory too: ~6 bytes x adapter size each
-        batch, rest = levels[level][:take], levels.pop(level)[take:]
+        w = max(levels, key=lambda key: (len(levels[key]), key))
+        take = min(rows * chunks.L // w, 4 * rows)  # rows cost memory too: ~6 bytes x adapter size each
+        batch, rest = levels[w][:take], levels.pop(w)[take:]
         if rest:
-            levels[level] = rest
+            levels[w] = rest
         plan.append(np.array(batch, dtype=np.int64))
         for d in batch:
             done[d] += 1
-            if done[d] < chunks[d]:
-                levels.setdefault(min(level + 1, full), []).append(d)
+            if done[d] < counts[d]:
+                levels.setdefault(width[done[d]], []).append(d)
             else:
                 open_docs -= 1
 
 
+# --- phased TTT: global SGD of the base model on the scored prefix (PR #1610, #1626) -----------------
+# With TTT_PHASES=N the first TTT_PHASE_PREFIX_DOCS documents are cut into N equal parts (the records'
+# boundaries, prefix x k / N). The LoRA pass scores every document of part 1 (each rank its share), then
+# the base model takes a pass of SGD over every target scored so far, then part 2 is scored with fresh
+# adapters on the updated base, and so on; the documents after the prefix are scored on the base of the
+# last phase. Phase k trains on parts 1..k (#1626's multi-phase global SGD) with a fresh momentum, chunk by
+# chunk as chunk mode does (ttt_train_chunk, TTT_CHUNK_TOKENS chunks, cosine learning rate over them, so
+# the last chunk gets 0 and waits for the next phase). The records take the prefix in their length-sorted
+# queue order; here documents keep their original order, so a prefix is one range of targets,
+# 1..starts[boundary] (a document's last target is the next one's BOS).
+#
+# The LoRA options apply in every part alike. With TTT_LORA_RESET=b_only "fresh" means B = 0, and an A
+# passes on across a phase as within a part: a slot is freed only when its document is finished, so an A
+# entering part k+1 has learned from already scored targets only. With NGRAM_TILT the phases train on the
+# tilted loss, as chunk mode does: the targets' hints are those they were scored with.
+
+
+def phase_boundaries(n_docs: int, s: Settings) -> list:
+    """Document counts after which a phase's SGD runs, increasing. They follow from the settings alone, not
+    from the number of documents, which later tokens decide (the records clamp the prefix to it); a boundary
+    with no document after it is left out, as its SGD could change no score."""
+    prefix = s.ttt_phase_prefix_docs
+    return sorted(b for b in {prefix * (k + 1) // s.ttt_phases for k in range(s.ttt_phases)} if b < n_docs)
+
+
+def doc_share(cum: np.ndarray, lo: int, hi: int, rank: int, world_size: int) -> tuple:
+    """Rank's contiguous run [a, b) of documents lo..hi-1, of about equal cost (cum: cumulative costs from 0)."""
+    a, b = (int(np.searchsorted(cum, cum[lo] + (cum[hi] - cum[lo]) * r / world_size)) for r in (rank, rank + 1))
+    return a, hi if rank == world_size - 1 else b
+
+
+class PhasedSGD:
+    """TTT_PHASES' SGD on the LoRA pass's base model, in place (the adapters' forward reads it)."""
+
+    def __init__(self, base: GPT, s: Settings, rt: Runtime, starts: np.ndarray, n_targets: int, hints=None):
+        self.base, self.s, self.rt = base, s, rt
+        self.hints = hints  # NGRAM_TILT: the phases train on the tilted loss the targets were scored with
+        self.boundaries = phase_boundaries(len(starts), s)
+        self.ends = [int(starts[b]) for b in self.boundaries]  # phase k trains on targets 1..ends[k]
+        self.params = list(base.parameters())
+        for p in self.params:
+            p.grad = torch.zeros_like(p)  # a rank with no sequence in a step still all-reduces them
+
+        def losses(x, y, hints=None):
+            return base.token_losses(x, y, hints=hints)
+        self.loss_fn = compiled(losses, s.compile)
+        # The full validation's phases, its documents taken to be as long on average as these ones.
+        mean_doc = n_targets / len(starts)
+        full_docs = round(FULL_VAL_TARGETS / mean_doc)
+        self.full_run_tokens = self.trained_tokens([round(b * mean_doc) for b in phase_boundaries(full_docs, s)])
+        self.seconds, self.tokens = 0.0, 0
+
+    def trained_tokens(self, ends) -> int:
+        """Tokens the phases ending at targets `ends` train on, over all ranks: every chunk but the last is whole."""
+        C, L = self.s.ttt_chunk_tokens, self.s.eval_seq_len
+        return sum(-(-end // C) - 1 for end in ends) * (C // L) * L * self.s.ttt_phase_epochs
+
+    def protocol(self) -> str:
+        s = self.s
+        return (f" phases:{s.ttt_phases} phase_prefix_docs:{s.ttt_phase_prefix_docs} "
+                f"phase_boundaries_docs:{','.join(map(str, self.boundaries)) or 'none'} phase_trains_on:scored_prefix "
+                f"phase_params:all phase_optimizer:sgd phase_lr:{s.ttt_phase_lr} phase_schedule:cosine_over_chunks "
+                f"phase_epochs:{s.ttt_phase_epochs} phase_chunk_tokens:{s.ttt_chunk_tokens} "
+                f"phase_momentum:{s.ttt_momentum} phase_grad_clip:{s.ttt_grad_clip} phase_batch_seqs:{s.ttt_batch_seqs}")
+
+    def warm_up(self, vocab: int):
+        self.base.requires_grad_(True)
+        warm_up_sgd_steps(self.loss_fn, self.params, self.s, self.rt, vocab, sgd_step_sizes(self.s),
+                          time.perf_counter(), tilted=self.hints is not None)
+        self.base.requires_grad_(False)
+
+    def train(self, k: int, tokens, scores: Scores):
+        """Phase k's SGD over targets 1..ends[k], once every rank has scored its share of them."""
+        s, rt = self.s, self.rt
+        t0 = time.perf_counter()
+        first, end = self.ends[k - 1] + 1 if k else 1, self.ends[k]
+        if rt.world_size > 1:
+            # Each rank marked only its own documents: count this part's scored targets over all ranks
+            # before taking the other ranks' share as scored too.
+            mine = torch.tensor([float(scores.scored[first:end + 1].sum())], dtype=torch.float64, device=rt.device)
+            if int(rt.all_reduce(mine).item()) != end - first + 1:
+                raise RuntimeError(f"score-first violated: phase {k + 1} is about to train on targets {first}..{end}, "
+                                   "not all of which are scored yet")
+            scores.mark(first, end)
+        C = s.ttt_chunk_tokens
+        n_chunks = -(-end // C)
+        opt = torch.optim.SGD(self.params, lr=s.ttt_phase_lr, momentum=s.ttt_momentum)
+        self.base.requires_grad_(True)
+        for c in range(n_chunks - 1):
+            ttt_train_chunk(self.loss_fn, self.params, opt, tokens, c * C + 1, (c + 1) * C,
+                            cosine_over_chunks(s.ttt_phase_lr, c, n_chunks), s.ttt_phase_epochs, s, rt, scores,
+                            self.hints)
+        self.base.requires_grad_(False)
+        rt.sync()
+        seconds, tokens_trained = time.perf_counter() - t0, self.trained_tokens([end])
+        self.seconds, self.tokens = self.seconds + seconds, self.tokens + tokens_trained
+        rt.log(f"ttt:phase phase:{k + 1}/{len(self.ends)} docs_scored:{self.boundaries[k]} trained_targets:1..{end} "
+               f"chunks_trained:{n_chunks - 1} trained_tokens:{tokens_trained} seconds:{seconds:.1f}")
+
+    def estimate(self, budget: EvalBudget, fallback_rate: float) -> float:
+        """8-GPU seconds of the full run's phases, at the rate measured so far (seconds per token on one
+        rank) or, before any phase, at fallback_rate (a LoRA window token: both a forward and a backward)."""
+        rate = self.seconds / (self.tokens / self.rt.world_size) if self.tokens else fallback_rate
+        return budget.estimate_unscaled(rate, self.full_run_tokens)
+
+
 def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: ByteTables, bos_id: int, budget=None,
-                      record: bool = False) -> EvalResult:
-    """Legal score-first per-document LoRA TTT (spec 7.5, in original document order) on a frozen copy of model.
-    Ranks take contiguous runs of documents of about equal cost and follow lora_plan."""
+                      record: bool = False, hints=None) -> EvalResult:
+    """Legal score-first per-document LoRA TTT (spec 7.5, in original document order) on a frozen copy of model,
+    with TTT_PHASES' SGD of that copy between parts of the documents. Ranks take contiguous runs of each
+    part's documents of about equal cost and follow lora_plan. hints: the n-gram tilt's (prepare_ngram_hints),
+    which scoring, the adapter steps and the phases' SGD then all use."""
     t0 = time.perf_counter()
     L, C = s.eval_seq_len, s.ttt_chunk_size
     n_targets = len(val_tokens) - 1
     starts, lengths = document_spans(val_tokens, bos_id)
-    cum = np.concatenate(([0], np.cumsum(lora_doc_cost(lengths, C, L))))
-    bounds = [int(np.searchsorted(cum, cum[-1] * r / rt.world_size)) for r in range(rt.world_size)] + [len(lengths)]
-    starts, lengths = starts[bounds[rt.rank]:bounds[rt.rank + 1]], lengths[bounds[rt.rank]:bounds[rt.rank + 1]]
+    chunks = LoRAChunks.of(s)
+    cum = np.concatenate(([0], np.cumsum(lora_doc_cost(lengths, chunks))))
+    counts = chunks.count(lengths)
     in_flight = max(s.ttt_docs_in_flight, s.ttt_batch_docs)
-    plan = lora_plan(lengths, C, L, s.ttt_batch_docs, in_flight)
     base = copy.deepcopy(model).eval().requires_grad_(False)
-    layout = LoRALayout(base, s.ttt_lora_rank)
+    phased = PhasedSGD(base, s, rt, starts, n_targets, hints) if s.ttt_phases else None
+    boundaries = phased.boundaries if phased else []
+    shares = [doc_share(cum, lo, hi, rt.rank, rt.world_size)
+              for lo, hi in zip([0] + boundaries, boundaries + [len(lengths)])]
+    plans = [[a + batch for batch in lora_plan(lengths[a:b], chunks, s.ttt_batch_docs, in_flight)] for a, b in shares]
+    rank_work = sum(int(cum[b] - cum[a]) for a, b in shares)
+    targets = lora_targets(s)
+    layout = LoRALayout(base, s.ttt_lora_rank, targets, s.ttt_lora_alpha)
     row = layout.fresh_row(s.seed, rt.device)
 
     loss_fn = lora_losses(base, layout, s)
     tokens = val_tokens.to(rt.device, torch.int32)
     scores = Scores(rt.device, n_targets + 1 if record else 0, n_targets)
-    rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} window:{L} "
-           "context:document_only "
-           f"order:original reset:per_document rank:{s.ttt_lora_rank} targets:q,k,v,o,mlp,head optimizer:adamw "
+    steps = sum(len(plan) for plan in plans)
+    reset = "per_document" if s.ttt_lora_reset == "all" else "b_only a_start:slot_predecessor"
+    rt.log(f"ttt:protocol rule:score-first mode:lora docs:{len(cum) - 1} split:bos chunk:{C} "
+           f"small_chunk:{chunks.short_size if chunks.n_short else C} small_chunked_targets:{chunks.prefix} "
+           f"window:{L} context:document_only "
+           f"order:original reset:{reset} rank:{s.ttt_lora_rank} targets:{','.join(targets)} "
+           f"alpha:{s.ttt_lora_alpha:g} scale:{layout.scale:g} optimizer:adamw "
            f"lr:{s.ttt_lora_lr} betas:({s.ttt_lora_beta1},{s.ttt_lora_beta2}) wd:{s.ttt_lora_wd} steps_per_chunk:1 "
-           f"last_chunk_trained:0 batch_docs:{s.ttt_batch_docs} docs_in_flight:{in_flight} "
-           f"adapter_params_per_doc:{layout.size} rank0_steps:{len(plan)}")
+           f"last_chunk_trained:0 ngram_tilt:{int(hints is not None)} batch_docs:{s.ttt_batch_docs} "
+           f"docs_in_flight:{in_flight} "
+           f"adapter_params_per_doc:{layout.size} rank0_steps:{steps}{phased.protocol() if phased else ' phases:0'}")
+    if phased and s.compile:
+        phased.warm_up(base.vocab_size)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with attention_without_cudnn():  # the batch shape changes almost every step
         if s.compile:
-            warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size)
-        # The early estimate comes a tenth of the way into the shortest plan: every rank gets there.
-        check_at = -1
+            warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size, tilted=hints is not None)
+        # The early estimate comes a tenth of the way into the first part's shortest plan: every rank gets
+        # there before any phase's SGD.
+        check_at, lora_estimate = -1, None
         if budget is not None:
-            shortest = rt.all_reduce(torch.tensor([len(plan)], device=rt.device), op=dist.ReduceOp.MIN)
+            shortest = rt.all_reduce(torch.tensor([len(plans[0])], device=rt.device), op=dist.ReduceOp.MIN)
             check_at = int(shortest.item()) // 10
-        slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1)
+        slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1, layout.reset_spans(s.ttt_lora_reset))
         chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
-        done_work, marks = 0, {}
-        for i, batch in enumerate(plan):
-            fresh = batch[chunk[batch] == 0]
-            if len(fresh):
-                slot[fresh] = slots.open(len(fresh))
-            done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn,
-                                   tokens, s,
-                                   tables, scores)
-            chunk[batch] += 1
-            slots.close(slot[batch[C * chunk[batch] >= lengths[batch]]])
-            if budget is not None and i in (0, check_at):
-                rt.sync()
-                marks[i] = (time.perf_counter() - t0, done_work)
-                if i == check_at and check_at >= 1:
-                    (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
-                    rate = (t_b - t_a) / max(w_b - w_a, 1)
-                    remaining = cum[bounds[rt.rank + 1]] - cum[bounds[rt.rank]] - w_a
-                    budget.check("ttt_lora", budget.estimate(t_a, rate, remaining))
+        done_work, marks, i = 0, {}, 0
+        for phase, plan in enumerate(plans):
+            for batch in plan:
+                fresh = batch[chunk[batch] == 0]
+                if len(fresh):
+                    slot[fresh] = slots.open(len(fresh))
+                done_work += lora_step(starts[batch], lengths[batch], chunk[batch], slot[batch], slots, layout, loss_fn,
+                                       tokens, s, tables, scores, hints)
+                chunk[batch] += 1
+                slots.close(slot[batch[chunk[batch] >= counts[batch]]])
+                if budget is not None and i in (0, check_at):
+                    rt.sync()
+                    marks[i] = (time.perf_counter() - t0, done_work)
+                    if i == check_at and check_at >= 1:
+                        (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
+                        rate = (t_b - t_a) / max(w_b - w_a, 1)
+                        lora_estimate = budget.estimate(t_a, rate, rank_work - w_a)
+                        budget.check("ttt_lora", lora_estimate + (phased.estimate(budget, rate) if phased else 0.0))
+                i += 1
+            if phase < len(boundaries):
+                phased.train(phase, tokens, scores)
+                if phase == 0 and lora_estimate is not None:  # again, with the SGD's own measured rate
+                    budget.check("ttt_lora", lora_estimate + phased.estimate(budget, rate))
     if s.compile:  # 1 unless a shape slipped past lora_losses: each extra graph is a full recompile
         rt.log(f"ttt:lora graphs_compiled:{torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before}")
     rt.log(f"ttt:score_first_guard status:active checks:{scores.guard_checks} "
@@ -3812,15 +4368,17 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     result = scores.result(rt, time.perf_counter() - t0, record)
     seconds = result.seconds
     first_seconds, first_work = marks.get(0, (0.0, 0))  # the first step carries the compile: rates leave it out
+    sgd_seconds = phased.seconds if phased else 0.0
     peak = ""
     if rt.device.type == "cuda":
         peak = f" peak_memory_gib:{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f}"
-    rt.log(f"ttt:lora rank:0 steps:{len(plan)} window_tokens:{done_work} "
-           f"window_tokens_per_target:{done_work / max(lengths.sum(), 1):.2f} "
-           f"window_tokens_per_s_after_first_step:"
-           f"{(done_work - first_work) / max(seconds - first_seconds, 1e-9):.0f}{peak}")
+    lora_tokens_per_s = (done_work - first_work) / max(seconds - first_seconds - sgd_seconds, 1e-9)
+    rt.log(f"ttt:lora rank:0 steps:{steps} window_tokens:{done_work} "
+           f"window_tokens_per_target:{done_work / max(sum(int(lengths[a:b].sum()) for a, b in shares), 1):.2f} "
+           f"window_tokens_per_s_after_first_step:{lora_tokens_per_s:.0f}{peak}")
     if budget is not None:
-        budget.finish("ttt_lora", seconds, first_seconds, result.targets)
+        unscaled = (sgd_seconds, phased.estimate(budget, 1 / max(lora_tokens_per_s, 1e-9))) if phased else (0.0, 0.0)
+        budget.finish("ttt_lora", seconds, first_seconds, result.targets, unscaled)
     return result
 
 
@@ -3842,34 +4400,37 @@ def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
     Duck sizing is off while it traces: a first window exactly one chunk wide (W == C) would otherwise tie
     W to C, and every wider window would recompile the whole forward and backward. One row is never
     traced (lora_step pads it to two), as dynamo specialises a size of 1."""
-    def losses(x, y, matrices):
-        return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True)
+    def losses(x, y, matrices, hints=None):
+        return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True, hints=hints)
     if not s.compile:
         return losses
     graph = compiled(losses, s.compile, dynamic=None)
 
-    def compiled_losses(x, y, matrices):
+    def compiled_losses(x, y, matrices, *hints):
         torch._dynamo.mark_dynamic(x, (0, 1))
-        for t in [y] + matrices:
+        for t in [y, *hints] + matrices:
             torch._dynamo.mark_dynamic(t, 0)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return graph(x, y, matrices)
+            return graph(x, y, matrices, *hints)
     return compiled_losses
 
 
-def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, vocab: int):
-    """Compile the LoRA forward/backward on random tokens (no validation data), then run it on growing and
-    full windows, two rows and one (padded), so that any shape the compile did not cover shows up here."""
+def warm_up_lora(loss_fn, layout: LoRALayout, row, s: Settings, rt: Runtime, vocab: int, tilted: bool = False):
+    """Compile the LoRA forward/backward on random tokens (no validation data; random hints when tilted),
+    then run it on growing and full windows, two rows and one (padded), so that any shape the compile did
+    not cover shows up here."""
     t0 = time.perf_counter()
-    L, C = s.eval_seq_len, s.ttt_chunk_size
-    full = -(-L // C) - 1  # first chunk whose window is a full L
-    tokens = random_tokens((C * (full + 2) + 1,), vocab, s, rt.device).to(torch.int32)
+    chunks = LoRAChunks.of(s)
+    full = chunks.first_full()
+    n = int(chunks.end(full + 1))  # the document's length: one chunk after the first full window
+    tokens = random_tokens((n + 1,), vocab, s, rt.device).to(torch.int32)
     tables = ByteTables(*(torch.zeros(vocab, dtype=d, device=rt.device) for d in (torch.int32, torch.bool, torch.bool)))
+    hints = random_tokens(tokens.shape, vocab, s, rt.device).to(torch.int32) if tilted else None  # as ngram_hints
     slots = AdapterSlots(row, 2, s.ttt_lora_beta1)
-    for n in (2, 1):
+    for rows in (2, 1):
         for chunk in sorted({0, min(1, full), full}):
-            lora_step(np.zeros(n, np.int64), np.full(n, C * (full + 2)), np.full(n, chunk), np.arange(n), slots, layout,
-                      loss_fn, tokens, s, tables, Scores(rt.device, n_targets=len(tokens) - 1))
+            lora_step(np.zeros(rows, np.int64), np.full(rows, n), np.full(rows, chunk), np.arange(rows), slots, layout,
+                      loss_fn, tokens, s, tables, Scores(rt.device, n_targets=len(tokens) - 1), hints)
     rt.sync()
     rt.log(f"ttt:warmup data:random_tokens seconds:{time.perf_counter() - t0:.1f}")
 
@@ -3902,18 +4463,20 @@ def run_evaluation_passes(model: GPT, s: Settings, rt: Runtime, data: EvalData, 
               "ttt_chunk": f"{label_prefix}_ttt_chunk", "ttt_lora": f"{label_prefix}_ttt_lora"}
     results = {}
     t0 = time.perf_counter()
+    # the plain pass stays untilted: it is the round trip whose difference to pre-quantization is the tax
+    hints = prepare_ngram_hints(s, rt, tokens, budget) if set(passes) - {"plain"} else None
     for name in passes:
         if name in ("plain", "sliding"):
-            def losses(x, y):
-                return model.token_losses(x, y)
+            def losses(x, y, hints=None):
+                return model.token_losses(x, y, hints=hints)
             batch = val_batch_seqs(s, rt) if name == "plain" else s.eval_batch_windows
             stride = s.eval_seq_len if name == "plain" else s.eval_stride
             result = evaluate_windows(compiled(losses, s.compile), tokens, tables, s.eval_seq_len, stride, batch, rt, budget,
-                                      name)
+                                      name, hints=None if name == "plain" else hints)
         elif name == "ttt_chunk":
-            result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget)
+            result = evaluate_ttt_chunk(model, s, rt, tokens, tables, budget, hints=hints)
         elif name == "ttt_lora":
-            result = evaluate_ttt_lora(model, s, rt, tokens, tables, data.bos_id, budget)
+            result = evaluate_ttt_lora(model, s, rt, tokens, tables, data.bos_id, budget, hints=hints)
         else:
             raise ValueError(f"unknown evaluation pass {name}")
         if result.targets != n_targets:
@@ -4012,11 +4575,14 @@ class Trainer:
         self.train_loss = compiled(self.model, s.compile, mode=s.compile_mode)
         self.eval_losses = compiled(self.model.token_losses, s.compile)
         self.global_seqs = s.train_batch_tokens // s.train_seq_len
+        self.seq_phases = seq_schedule(s)  # ((start fraction, length), ...); one phase at TRAIN_SEQ_LEN when off
         self.can_loop = s.num_loops > 0
         self.reserve = s.gptq_reserve_seconds  # train() replaces 0 (measured) by the measured reserve
 
-    def new_loader(self) -> TrainLoader:
-        return TrainLoader(self.train_files, self.s.train_seq_len, self.global_seqs, self.s.seed,
+    def new_loader(self, seq_len: int = 0) -> TrainLoader:
+        """A fresh loader of windows of seq_len (default TRAIN_SEQ_LEN), TRAIN_BATCH_TOKENS a step."""
+        seq_len = seq_len or self.s.train_seq_len
+        return TrainLoader(self.train_files, seq_len, self.s.train_batch_tokens // seq_len, self.s.seed,
                            self.rt.rank, self.rt.world_size, self.rt.grad_accum, self.s.vocab_size)
 
     def fetch(self, loader: TrainLoader):
@@ -4045,19 +4611,44 @@ class Trainer:
         return evaluate(self.model, self.eval_losses, data.val_tokens, data.tables, s.eval_seq_len,
                         val_batch_seqs(s, rt), rt)
 
+    def warmup_graphs(self) -> list:
+        """(looping, seq_len) of every training graph the timed loop can meet, the unlooped ones first.
+
+        The training step compiles with static shapes, so each window length is a graph of its own, in
+        each recurrence state. Both switches are one-way and read the same training fraction: at any step
+        the loop is in the TRAIN_SEQ_SCHEDULE phase i whose [start_i, start_i+1) holds the running maximum M
+        of the fraction so far, and loops once M >= ENABLE_LOOPING_AT. So phase i can run unlooped only if
+        start_i < ENABLE_LOOPING_AT, and looped only if it ends after ENABLE_LOOPING_AT (the last phase
+        never ends). ENABLE_LOOPING_AT_STEP switches by step count instead: every combination can run."""
+        s, phases = self.s, self.seq_phases
+        if not self.can_loop:
+            return [(False, length) for _, length in phases]
+        by_step = s.enable_looping_at_step > 0
+        ends = [start for start, _ in phases[1:]] + [math.inf]
+        unlooped = [(False, length) for start, length in phases if by_step or start < s.enable_looping_at]
+        looped = [(True, length) for (_, length), end in zip(phases, ends) if by_step or end > s.enable_looping_at]
+        return unlooped + looped
+
     def compile_warmup(self):
-        """Run WARMUP_STEPS real steps in each graph (looping off, then on) so nothing compiles in the
-        timed loop, then roll the weights back; the caller builds fresh optimizers and loader."""
+        """Run WARMUP_STEPS real steps in every graph of warmup_graphs (looping off, then on, each at every
+        TRAIN_SEQ_SCHEDULE length it can meet), then roll the weights back; the caller builds fresh optimizers
+        and loader. A compile inside the timed loop would spend the training budget (tens of seconds a graph
+        on the GPU), so a recurrence or length switch there must find its graph compiled already."""
         s, rt = self.s, self.rt
         if s.warmup_steps <= 0:
             return
         initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        optimizers, loader = Optimizers(self.model, s, rt), self.new_loader()
+        graphs = self.warmup_graphs()
+        optimizers, loader = Optimizers(self.model, s, rt), self.new_loader(graphs[0][1])
         t0 = time.perf_counter()
-        for looping in ((False, True) if self.can_loop else (False,)):
-            self.model.looping = looping
-            if looping:
+        for looping, seq_len in graphs:
+            if seq_len != loader.seq_len:
+                loader.set_seq_len(seq_len, s.train_batch_tokens // seq_len)
+            if len(self.seq_phases) > 1:
+                rt.log(f"warmup:graph looping:{int(looping)} seq_len:{seq_len} seqs_per_step:{loader.global_seqs}")
+            if looping and not self.model.looping:
                 rt.log(f"loop_warmup:enabled schedule:{schedule_text(self.model.schedule())}")
+            self.model.looping = looping
             for k in range(s.warmup_steps):
                 self.forward_backward(self.fetch(loader))
                 optimizers.step(k, 1.0)
@@ -4073,7 +4664,13 @@ class Trainer:
     def train(self) -> dict:
         s, rt, model = self.s, self.rt, self.model
         self.compile_warmup()
-        optimizers, loader = Optimizers(model, s, rt), self.new_loader()
+        phase, seq_len = 0, self.seq_phases[0][1]  # TRAIN_SEQ_SCHEDULE phase (TRAIN_SEQ_LEN throughout when off)
+        optimizers, loader = Optimizers(model, s, rt), self.new_loader(seq_len)
+        if len(self.seq_phases) > 1:
+            for _, length in self.seq_phases[1:]:  # before any training time is spent
+                loader.require_batch(length, s.train_batch_tokens // length)
+            rt.log(f"seq_len:schedule {s.train_seq_schedule} step:0 seq_len:{seq_len} "
+                   f"seqs_per_step:{loader.global_seqs}")
         ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
         cap_ms, reserve = math.inf, s.gptq_reserve_seconds
         if s.max_wallclock_seconds > 0 and reserve == 0:
@@ -4092,7 +4689,7 @@ class Trainer:
             rt.log(f"wallclock:budget seconds:{s.max_wallclock_seconds:.0f} "
                    f"gptq_reserve_seconds:{reserve:.0f} "
                    f"training_cap_ms:{cap_ms:.0f}")
-        tokens_per_step = self.global_seqs * s.train_seq_len
+        tokens_per_step = self.global_seqs * s.train_seq_len  # = TRAIN_BATCH_TOKENS at every scheduled length
         peak = peak_flops(rt.device)
         prefetch = ThreadPoolExecutor(max_workers=1)
         next_batches = prefetch.submit(self.fetch, loader)
@@ -4121,6 +4718,14 @@ class Trainer:
                     ema.restart(model.loop_mlps.parameters())
                 rt.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} train_time:{clock.estimate_ms(step):.0f}ms "
                        f"schedule:{schedule_text(model.schedule())}")
+            due = schedule_phase(self.seq_phases, frac)
+            if due > phase:  # one-way, like the recurrence switch; its graph was compiled in the warm-up
+                phase, seq_len = due, self.seq_phases[due][1]
+                next_batches.result()  # prefetched at the old length: let it finish, then give its windows back
+                loader.set_seq_len(seq_len, s.train_batch_tokens // seq_len, unread_steps=1)
+                next_batches = prefetch.submit(self.fetch, loader)
+                rt.log(f"seq_len:switched step:{step} frac:{frac:.3f} seq_len:{seq_len} "
+                       f"seqs_per_step:{loader.global_seqs}")
             batches = next_batches.result()
             next_batches = prefetch.submit(self.fetch, loader)
             loss = self.forward_backward(batches)
@@ -4140,11 +4745,12 @@ class Trainer:
                 tok_s = (step - last_log[0]) * tokens_per_step / max((elapsed_ms - last_log[1]) / 1000.0, 1e-9)
                 mfu = ""
                 if peak:
-                    flops = tok_s * model.matmul_flops_per_token(s.train_seq_len)
+                    flops = tok_s * model.matmul_flops_per_token(seq_len)
                     mfu = f" mfu:{100 * flops / (peak * rt.world_size):.1f}%"
                 rt.log(f"step:{step}/{s.iterations} train_loss:{mean_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                        f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tok_s:.0f}{mfu} looping:{int(model.looping)}")
-                history.append({"step": step, "train_loss": mean_loss, "tok_s": tok_s, "looping": model.looping})
+                history.append({"step": step, "train_loss": mean_loss, "tok_s": tok_s, "looping": model.looping,
+                                "seq_len": seq_len})
                 last_log = (step, elapsed_ms)
         elapsed_ms = clock.agreed_ms
         rt.log(f"clock:checks count:{clock.checks} every:{s.clock_check_every} steps:{step}")

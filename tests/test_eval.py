@@ -1,5 +1,6 @@
 """EVALUATION: exact bpb, the byte-table guard, sliding windows, TTT (chunk and LoRA), the eval budget,
 the pass runner and checkpoints. All on CPU with tiny models."""
+import copy
 import math
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import train_gpt as tg
 from eval_helpers import losses_fn, make, random_model, repeated_stream, tables_for, validation
@@ -239,23 +241,33 @@ def test_lora_ttt_learns_a_repeated_document(tiny_data, tmp_path):
     assert adapted.loss < frozen.loss - 0.5
 
 
-def test_compiled_lora_ttt_traces_one_graph_for_every_window_and_batch_size(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tilt", (False, True))
+@pytest.mark.parametrize("options, n", [
+    (dict(TTT_DOCS_IN_FLIGHT=6), 3000),
+    # no Q/V matrices in the row, scaled deltas, warm-start A and right-padded small-chunk windows
+    (dict(TTT_DOCS_IN_FLIGHT=3, TTT_LORA_LR=0.01, TTT_LORA_TARGETS="k,o,mlp,head", TTT_LORA_ALPHA=12,
+          TTT_LORA_RESET="b_only", TTT_SHORT_DOC_TOKENS=40, TTT_SHORT_DOC_CHUNK_SIZE=6), 400),
+], ids=["default", "every_option"])
+def test_compiled_lora_ttt_traces_one_graph_for_every_window_and_batch_size(tiny_data, tmp_path, monkeypatch,
+                                                                             options, n, tilt):
     """Windows of every width (one chunk up to EVAL_SEQ_LEN), batches of 1 to 4 documents: one graph, no
-    recompile, and the same scores as eager. aot_eager keeps it fast; its guards are the ones inductor gets."""
+    recompile, and the same scores as eager; with the n-gram tilt's hints too. aot_eager keeps it fast;
+    its guards are the ones inductor gets."""
     eager_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, **dict(kw, backend="aot_eager")))
-    s, rt = make(tiny_data, tmp_path, TTT_DOCS_IN_FLIGHT=6)
+    s, rt = make(tiny_data, tmp_path, **options)
     sp, tables = tables_for(s)
-    val = validation(s, 3000)
+    val = validation(s, n)
     model = random_model(s)
-    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id())
+    hints = tg.ngram_hints(val, 4, 1, 0.8) if tilt else None
+    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
     s.compile = True
     torch._dynamo.reset()
     stats = torch._dynamo.utils.counters["stats"]
     graphs = stats["unique_graphs"]
-    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id())
+    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
     assert stats["unique_graphs"] - graphs == 1
-    assert compiled.targets == eager.targets == 3000
+    assert compiled.targets == eager.targets == n
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
     log = (tmp_path / "logs" / "eval.txt").read_text()
     assert "ttt:lora graphs_compiled:1" in log
@@ -306,6 +318,347 @@ def test_lora_q_and_v_adapters_equal_a_change_of_the_projection_weights(tiny_dat
         assert torch.allclose(adapted, model.token_losses(x, y), atol=1e-5)
 
 
+# --- the later records' LoRA options (TTT_LORA_TARGETS, _ALPHA, _RESET, TTT_SHORT_DOC_TOKENS) ---------
+
+def first_layer_row(model, targets, alpha=0.0, seed=1):
+    """A one-document row of TTT_LORA_TARGETS=targets whose first virtual layer's B and the head's B are random."""
+    layout = tg.LoRALayout(model, 4, tuple(targets.split(",")), alpha)
+    torch.manual_seed(seed)
+    P = layout.fresh_row(0, "cpu")[None].clone()
+    for offset, rows, cols, is_a in layout.mats[:layout.per_layer] + (layout.mats[-1:] if layout.has_head else []):
+        if not is_a:
+            P[0, offset:offset + rows * cols] = torch.randn(rows * cols) * 0.3
+    return layout, P
+
+
+def matrix(P, mat):
+    offset, rows, cols, _ = mat
+    return P[0, offset:offset + rows * cols].view(rows, cols)
+
+
+@pytest.mark.parametrize("targets", ["q", "k", "v", "q,v", "v,k"])
+def test_selected_attention_adapters_equal_a_change_of_their_projections_scaled_by_alpha_over_rank(
+        tiny_data, tmp_path, targets):
+    """The first layer holds A [dim, n rank] and the B of the selected targets in q, k, v order, and nothing
+    else; each delta is x A_t B_t times alpha / rank, so it equals adding 3 (A_t B_t)^T to that projection."""
+    s, _ = make(tiny_data, tmp_path)
+    model = random_model(s)
+    layout, P = first_layer_row(model, targets, alpha=12.0)  # rank 4: scale 3
+    names = [t for t in ("q", "k", "v") if t in targets.split(",")]
+    dim, kv = s.model_dim, s.num_kv_heads * s.model_dim // s.num_heads
+    widths = {"q": dim, "k": kv, "v": kv}
+    assert [m[1:] for m in layout.mats[:layout.per_layer]] == [(dim, 4 * len(names), True)] + \
+        [(4, widths[t], False) for t in names]
+    x, y = torch.randint(0, 384, (1, 40)), torch.randint(0, 384, (1, 16))
+    block = model.schedule()[0]
+    with torch.no_grad():
+        plain, adapted = model.token_losses(x, y), lora_losses(model, layout, P, x, y)
+        assert not torch.allclose(adapted, plain, atol=1e-3)
+        A = matrix(P, layout.mats[0])
+        attn = model.blocks[block].attn
+        for i, t in enumerate(names):
+            getattr(attn, f"c_{t}").weight += 3.0 * (A[:, 4 * i:4 * (i + 1)] @ matrix(P, layout.mats[1 + i])).T
+        assert torch.allclose(adapted, model.token_losses(x, y), atol=1e-5)
+
+
+def test_the_head_adapter_alone_adds_alpha_over_rank_h_a_b_to_the_logits(tiny_data, tmp_path):
+    s, _ = make(tiny_data, tmp_path)
+    model = random_model(s)
+    layout, P = first_layer_row(model, "head", alpha=2.0)  # scale 0.5
+    assert layout.per_layer == 0 and len(layout.mats) == 2
+    x, y = torch.randint(0, 384, (1, 40)), torch.randint(0, 384, (1, 40))
+    with torch.no_grad():
+        hidden = model.forward_hidden(x)  # no layer adapters at all
+        z = hidden @ model.tok_emb.weight.T + 0.5 * hidden @ matrix(P, layout.mats[0]) @ matrix(P, layout.mats[1])
+        z = s.logit_softcap * torch.tanh(z / s.logit_softcap)
+        expected = F.cross_entropy(z[0], y[0], reduction="none")
+        assert torch.allclose(lora_losses(model, layout, P, x, y)[0], expected, atol=1e-5)
+
+
+def test_no_q_v_targets_leave_q_and_v_unadapted_and_shrink_the_row(tiny_data, tmp_path):
+    s, _ = make(tiny_data, tmp_path)
+    model = random_model(s)
+    full, _ = first_layer_row(model, "q,k,v,o,mlp,head")
+    layout, P = first_layer_row(model, "k,o,mlp,head")
+    dim, kv, layers = s.model_dim, s.num_kv_heads * s.model_dim // s.num_heads, len(model.schedule())
+    assert full.size - layout.size == layers * (2 * dim * 4 + 4 * dim + 4 * kv)  # Q's and V's A columns and B
+    x = torch.randn(1, 5, dim)
+    deltas = tg.DocLoRA(layout, layout.matrices(P, torch.float32)).adapter(0).attn(x)
+    assert deltas[0] is None and deltas[2] is None and deltas[1] is not None and deltas[3] is not None
+
+
+@pytest.mark.parametrize("bad", [",", "q,x", "q,q", "Q"])
+def test_bad_lora_targets_are_refused(tiny_data, tmp_path, bad):
+    with pytest.raises(tg.UserError, match="TTT_LORA_TARGETS=.* must be a comma list of distinct names"):
+        make(tiny_data, tmp_path, TTT_LORA_TARGETS=bad)
+
+
+def test_a_short_document_chunk_larger_than_ttt_chunk_size_is_refused(tiny_data, tmp_path):
+    with pytest.raises(tg.UserError, match="TTT_SHORT_DOC_CHUNK_SIZE=32 must be at most TTT_CHUNK_SIZE=16"):
+        make(tiny_data, tmp_path, TTT_SHORT_DOC_TOKENS=100, TTT_SHORT_DOC_CHUNK_SIZE=32)
+    make(tiny_data, tmp_path, TTT_SHORT_DOC_CHUNK_SIZE=32)  # off (TTT_SHORT_DOC_TOKENS=0): the size is not used
+
+
+# Each option with a value that leaves it off, and one that turns it on. In flight 2: slots get reused.
+LORA_OPTIONS = {
+    "alpha": (dict(TTT_LORA_ALPHA=4), dict(TTT_LORA_ALPHA=12)),  # rank 4: alpha 4 is scale 1
+    "targets": (dict(TTT_LORA_TARGETS="head,mlp,o,v,k,q"), dict(TTT_LORA_TARGETS="k,o,mlp,head")),
+    "reset": (dict(TTT_LORA_RESET="all", TTT_DOCS_IN_FLIGHT=2), dict(TTT_LORA_RESET="b_only", TTT_DOCS_IN_FLIGHT=2)),
+    "short_docs": (dict(TTT_SHORT_DOC_TOKENS=16, TTT_SHORT_DOC_CHUNK_SIZE=16),  # one small chunk of TTT_CHUNK_SIZE
+                   dict(TTT_SHORT_DOC_TOKENS=100, TTT_SHORT_DOC_CHUNK_SIZE=5)),
+}
+
+
+@pytest.mark.parametrize("option", LORA_OPTIONS)
+def test_each_lora_option_changes_the_score_when_on_and_not_when_off(tiny_data, tmp_path, option):
+    off, on = LORA_OPTIONS[option]
+    scores = []
+    for over in ({k: v for k, v in off.items() if k == "TTT_DOCS_IN_FLIGHT"}, off, on):
+        s, rt = make(tiny_data, tmp_path, TTT_LORA_LR=0.01, TTT_BATCH_DOCS=2, **over)
+        s.validate(world_size=1)
+        _, tables = tables_for(s)
+        scores.append(tg.evaluate_ttt_lora(random_model(s), s, rt, validation(s, 1000), tables, 1, record=True))
+    default, off_result, on_result = scores
+    assert torch.equal(off_result.scores.loss[1:], default.scores.loss[1:])
+    assert on_result.targets == 1000 and not math.isclose(on_result.loss, default.loss, rel_tol=1e-4)
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    line = [ln for ln in log.splitlines() if "ttt:protocol" in ln][-1]
+    assert {"alpha": "alpha:12 scale:3", "targets": "targets:k,o,mlp,head", "reset": "reset:b_only",
+            "short_docs": "small_chunk:5 small_chunked_targets:100"}[option] in line
+
+
+def test_b_only_is_reset_all_while_no_slot_is_reused(tiny_data, tmp_path):
+    """With every document in flight at once no slot passes an A on, so warm start changes nothing."""
+    results = []
+    for reset in ("all", "b_only"):
+        s, rt = make(tiny_data, tmp_path, TTT_LORA_LR=0.01, TTT_LORA_RESET=reset, TTT_DOCS_IN_FLIGHT=64)
+        _, tables = tables_for(s)
+        results.append(tg.evaluate_ttt_lora(random_model(s), s, rt, validation(s, 1000), tables, 1, record=True))
+    assert torch.equal(results[0].scores.loss[1:], results[1].scores.loss[1:])
+
+
+@pytest.mark.parametrize("reset", ["all", "b_only"])
+def test_an_opened_slot_takes_b_and_fresh_optimizer_state_and_with_b_only_keeps_a(tiny_data, tmp_path, reset):
+    s, _ = make(tiny_data, tmp_path, TTT_LORA_BETA1=0.9)
+    layout = tg.LoRALayout(random_model(s), 4)
+    row = layout.fresh_row(0, "cpu")
+    slots = tg.AdapterSlots(row, 3, 0.9, layout.reset_spans(reset))
+    first = slots.open(2)
+    assert first.tolist() == [0, 1] and torch.equal(slots.P[0], row) and torch.equal(slots.P[1], row)
+    for state in (slots.P, slots.v, slots.m, slots.t):
+        state[0] = torch.rand_like(state[0]) + 1  # what document 0 learned
+    learned = slots.P[0].clone()
+    slots.close(first[:1])
+    assert slots.open(1).tolist() == [0]  # the most recently freed slot
+    is_a = torch.zeros(layout.size, dtype=torch.bool)
+    for offset, rows, cols, a in layout.mats:
+        is_a[offset:offset + rows * cols] = a
+    expected = torch.where(is_a, learned, row) if reset == "b_only" else row
+    assert torch.equal(slots.P[0], expected)
+    assert not (slots.v[0].any() or slots.m[0].any() or slots.t[0].any())
+
+
+def test_small_chunks_cover_the_first_targets_then_ttt_chunk_size_takes_over():
+    chunks = tg.LoRAChunks(16, 64, 23, 5)  # 23 targets: 5 small chunks, the first 25 targets
+    j = np.arange(9)
+    assert chunks.end(j).tolist() == [5, 10, 15, 20, 25, 41, 57, 73, 89]
+    assert chunks.size(j).tolist() == [5] * 5 + [16] * 4
+    assert chunks.width(j).tolist() == [16, 16, 16, 20, 25, 41, 57, 64, 64]  # at least C, at most L
+    assert chunks.count(np.array([1, 5, 6, 25, 26, 41, 42])).tolist() == [1, 1, 2, 5, 6, 6, 7]
+    assert chunks.first_full() == 7
+    off = tg.LoRAChunks(16, 64)
+    assert off.end(j).tolist() == [16 * (i + 1) for i in range(9)] and off.first_full() == 3
+
+
+@pytest.mark.parametrize("short_tokens", [0, 23])
+def test_lora_doc_cost_and_plan_follow_the_chunk_schedule(short_tokens):
+    lengths = np.random.default_rng(0).integers(1, 400, 300)
+    chunks, L = tg.LoRAChunks(16, 64, short_tokens, 5), 64
+    ends = [int(chunks.end(j)) for j in range(400)]
+    counts = [next(j + 1 for j in range(400) if ends[j] >= n) for n in lengths]
+    assert chunks.count(lengths).tolist() == counts
+    assert tg.lora_doc_cost(lengths, chunks).tolist() == [sum(max(16, min(L, ends[j])) for j in range(c)) for c in counts]
+    done = np.zeros(300, int)
+    for batch in tg.lora_plan(lengths, chunks, 4, 10):
+        widths = {max(16, min(L, ends[done[d]])) for d in batch}
+        assert len(widths) == 1 and len(batch) <= min(4 * L // widths.pop(), 16)
+        done[batch] += 1
+    assert done.tolist() == counts
+
+
+def test_small_chunks_score_each_target_with_its_whole_document_prefix(tiny_data, tmp_path, monkeypatch):
+    """Every document's first 100 targets are scored 5 at a time, then 16. Untrained (lr 0), chunking
+    cannot change a score: a document within one window gets the losses of one plain forward over it,
+    though its small chunks' windows are right-padded."""
+    s, rt = make(tiny_data, tmp_path, TTT_LORA_LR=0.0, TTT_SHORT_DOC_TOKENS=100, TTT_SHORT_DOC_CHUNK_SIZE=5)
+    _, tables = tables_for(s)
+    model, val = random_model(s), validation(s, 1000)
+    marked, mark = [], tg.Scores.mark
+    monkeypatch.setattr(tg.Scores, "mark", lambda self, a, b: (marked.append((a, b)), mark(self, a, b)))
+    loss = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, record=True).scores.loss
+    starts, lengths = tg.document_spans(val, 1)
+    expected = []
+    for a, n in zip(starts.tolist(), lengths.tolist()):
+        bounds = list(range(0, min(n, 100), 5)) + list(range(100, n, 16)) + [n]
+        expected += [(a + lo + 1, a + hi) for lo, hi in zip(bounds, bounds[1:])]
+    assert sorted((a, b) for a, b in marked if a <= b) == expected  # a padding row marks an empty range
+    within_a_window = [(a, n) for a, n in zip(starts.tolist(), lengths.tolist()) if n <= s.eval_seq_len]
+    assert len(within_a_window) == 2
+    with torch.no_grad():
+        for a, n in within_a_window:
+            doc = val[a:a + n + 1][None].long()
+            assert torch.allclose(loss[a + 1:a + n + 1], model.token_losses(doc[:, :-1], doc[:, 1:])[0].double(),
+                                  atol=1e-5)
+
+
+# --- phased TTT (TTT_PHASES): global SGD of the base model on the scored prefix -------------------------
+
+PHASED = dict(TTT_MODE="lora", TTT_LORA_LR=0.01, TTT_PHASES=2, TTT_PHASE_PREFIX_DOCS=6, TTT_PHASE_LR=0.05,
+              TTT_PHASE_EPOCHS=2, TTT_CHUNK_TOKENS=128)
+
+
+def test_lora_ttt_without_phases_keeps_the_scores_it_had_before_them(tiny_data, tmp_path):
+    """The figures below were measured with the code before TTT_PHASES existed (commit f932bcc); phases that
+    would start after the last document change nothing either."""
+    s, rt = make(tiny_data, tmp_path, TTT_MODE="lora", TTT_LORA_LR=0.01)
+    _, tables = tables_for(s)
+    model = random_model(s)
+    for n, loss in ((1000, 5.625748096466064), (3000, 5.637520755678415)):
+        assert tg.evaluate_ttt_lora(model, s, rt, validation(s, n), tables, 1).loss == pytest.approx(loss, rel=1e-12)
+    s.ttt_phases, s.ttt_phase_prefix_docs = 2, 16  # boundaries 8 and 16: 1000 targets hold 8 documents
+    assert tg.evaluate_ttt_lora(model, s, rt, validation(s, 1000), tables, 1).loss == pytest.approx(5.625748096466064,
+                                                                                                   rel=1e-12)
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    assert "rank0_steps:21 phases:0\n" in log and "phases:2 phase_prefix_docs:16 phase_boundaries_docs:none " in log
+
+
+def explicit_phases(model, s, val, ends):
+    """Phase after phase, from the model's weights: a fresh heavy-ball momentum, chunks of TTT_CHUNK_TOKENS
+    targets 1..end but the last, learning rate lr (1 + cos(pi c / (chunks - 1))) / 2, TTT_PHASE_EPOCHS passes
+    over each chunk's sequences in steps of TTT_BATCH_SEQS, the mean token loss, the global norm clipped."""
+    weights, C, L = [p.detach().clone() for p in model.parameters()], s.ttt_chunk_tokens, s.eval_seq_len
+    after = []
+    for end in ends:
+        momentum, chunks = [torch.zeros_like(w) for w in weights], -(-end // C)
+        for c in range(chunks - 1):
+            lr = s.ttt_phase_lr * (1 + math.cos(math.pi * c / (chunks - 1))) / 2
+            sequences = val[c * C:c * C + C // L * L + 1]
+            for _ in range(s.ttt_phase_epochs):
+                for b in range(0, C // L, s.ttt_batch_seqs):
+                    span = sequences[b * L:min(b + s.ttt_batch_seqs, C // L) * L + 1]
+                    x, y = span[:-1].view(-1, L), span[1:].view(-1, L)
+                    with torch.no_grad():
+                        for p, w in zip(model.parameters(), weights):
+                            p.copy_(w)
+                    grads = torch.autograd.grad(model.token_losses(x, y).mean(), list(model.parameters()),
+                                                allow_unused=True)
+                    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+                    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+                    scale = min(1.0, s.ttt_grad_clip / (norm + 1e-6))
+                    for w, m, g in zip(weights, momentum, grads):
+                        m.mul_(s.ttt_momentum).add_(g * scale)
+                        w.sub_(lr * m)
+        after.append([w.clone() for w in weights])
+    return after
+
+
+def test_phased_sgd_equals_an_explicit_momentum_sgd_over_each_scored_prefix(tiny_data, tmp_path, monkeypatch):
+    """In float64: at these learning rates float32 rounding grows to ~1e-3 over the second phase's steps."""
+    s, rt = make(tiny_data, tmp_path, **PHASED)
+    _, tables = tables_for(s)
+    snapshots, train = [], tg.PhasedSGD.train
+
+    def spy(self, k, *args):
+        train(self, k, *args)
+        snapshots.append([p.detach().clone() for p in self.base.parameters()])
+    monkeypatch.setattr(tg.PhasedSGD, "train", spy)
+    monkeypatch.setattr(tg, "compute_dtype", tg.compute_dtype)  # restored after the test
+    try:
+        _in_float64()
+        val, model = validation(s, 1000), random_model(s)
+        result = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, record=True)
+        expected = explicit_phases(copy.deepcopy(model), s, val, (314, 711))  # documents 0-2, then 0-5
+        s.ttt_phases = 0
+        plain = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, record=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert len(snapshots) == 2
+    for got, want in zip(snapshots, expected):
+        assert all(torch.allclose(g, w, rtol=0, atol=1e-10) for g, w in zip(got, want))
+    assert not all(torch.equal(g, w) for g, w in zip(snapshots[0], model.parameters()))
+    # the prefix's first part is scored before any phase; the rest is scored on the trained base
+    assert torch.allclose(result.scores.loss[1:315], plain.scores.loss[1:315], rtol=0, atol=1e-10)
+    assert not torch.allclose(result.scores.loss[315:], plain.scores.loss[315:], atol=1e-3)
+
+
+def test_phase_settings_are_checked_in_one_line(tiny_data, tmp_path):
+    make(tiny_data, tmp_path, **PHASED)
+    for overrides, message in ((dict(TTT_MODE="chunk"), "TTT_PHASES=2 adds global SGD phases to the per-document LoRA "
+                                                        "TTT: set TTT_MODE=lora or TTT_PHASES=0"),
+                               (dict(TTT_PHASE_PREFIX_DOCS=1), "TTT_PHASES=2 needs a document per phase: raise "
+                                                               "TTT_PHASE_PREFIX_DOCS=1 or lower TTT_PHASES")):
+        with pytest.raises(tg.UserError, match=re.escape(message)):
+            make(tiny_data, tmp_path, **dict(PHASED, **overrides))
+
+
+def test_phased_budget_counts_the_full_runs_sgd_apart_from_the_scaled_lora_work(tiny_data, tmp_path):
+    """The phases train on a fixed number of documents, so their time does not grow with the validation's
+    length: it is estimated from the tokens the full run's phases train on, at the rate measured here."""
+    s, rt = make(tiny_data, tmp_path, **PHASED)
+    model = random_model(s)
+    sgd = tg.PhasedSGD(model, s, rt, np.arange(0, 1000, 100), 1000)  # 10 documents of 100 targets
+    assert sgd.boundaries == [3, 6] and sgd.ends == [300, 600]
+    # full run: documents of 100 targets, boundaries 3 and 6 again; chunks of 128: 2 + 4 trained, 2 epochs each
+    assert sgd.full_run_tokens == (2 + 4) * 128 * 2
+    budget = tg.EvalBudget(s, rt, tg.FULL_VAL_TARGETS // 64)
+    assert sgd.estimate(budget, 0.01) == pytest.approx(0.01 * 1536 / 8)  # before any phase: the fallback rate
+    sgd.seconds, sgd.tokens = 3.0, 1000
+    assert sgd.estimate(budget, 0.01) == pytest.approx(3.0 / 1000 * 1536 / 8)
+    # the scaled part leaves the phases' seconds out and adds their own estimate
+    assert budget.finish("ttt_lora", 10.0, 2.0, 10, (3.0, 0.5)) == pytest.approx(2.0 + 5.0 * 64 / 8 + 0.5)
+
+
+def test_phased_ttt_runs_as_an_evaluation_pass_and_logs_its_protocol(tiny_data, tmp_path):
+    s, rt = make(tiny_data, tmp_path, **PHASED)
+    sp, tables = tables_for(s)
+    results = tg.run_evaluation_passes(random_model(s), s, rt, tg.EvalData(sp, tables, validation(s, 1000)),
+                                       passes=["ttt_lora"])
+    assert results["ttt_lora"].targets == 1000
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    assert ("phases:2 phase_prefix_docs:6 phase_boundaries_docs:3,6 phase_trains_on:scored_prefix phase_params:all "
+            "phase_optimizer:sgd phase_lr:0.05 phase_schedule:cosine_over_chunks phase_epochs:2 phase_chunk_tokens:128 "
+            "phase_momentum:0.9 phase_grad_clip:1.0 phase_batch_seqs:3") in log
+    assert "ttt:phase phase:1/2 docs_scored:3 trained_targets:1..314 chunks_trained:2 trained_tokens:512 " in log
+    assert "ttt:phase phase:2/2 docs_scored:6 trained_targets:1..711 chunks_trained:5 trained_tokens:1280 " in log
+    assert re.search(r"^eval_budget:pass pass:ttt_lora seconds:", log, re.M)
+
+
+# Every LoRA option of the later records on; two documents in flight, so slots (and with b_only their A) pass on.
+EVERY_LORA_OPTION = dict(TTT_LORA_TARGETS="k,o,mlp,head", TTT_LORA_ALPHA=12, TTT_LORA_RESET="b_only",
+                         TTT_SHORT_DOC_TOKENS=100, TTT_SHORT_DOC_CHUNK_SIZE=5, TTT_DOCS_IN_FLIGHT=2, TTT_BATCH_DOCS=2)
+
+
+def test_phases_combine_with_every_lora_option(tiny_data, tmp_path):
+    """TTT_PHASES with TTT_LORA_TARGETS, TTT_LORA_ALPHA, TTT_LORA_RESET=b_only and short-document chunks: one
+    protocol line states both, the phases train, the first part is scored as without phases (no SGD has run
+    yet) and the documents after it on the trained base."""
+    results = []
+    for phases in (0, 2):
+        s, rt = make(tiny_data, tmp_path, **dict(PHASED, **EVERY_LORA_OPTION, TTT_PHASES=phases))
+        _, tables = tables_for(s)
+        results.append(tg.evaluate_ttt_lora(random_model(s), s, rt, validation(s, 1000), tables, 1, record=True))
+    plain, phased = results
+    assert phased.targets == 1000
+    assert torch.allclose(phased.scores.loss[1:315], plain.scores.loss[1:315], rtol=0, atol=1e-5)  # documents 0-2
+    assert not torch.allclose(phased.scores.loss[315:], plain.scores.loss[315:], atol=1e-3)
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    line = [ln for ln in log.splitlines() if "ttt:protocol" in ln][-1]
+    for field in ("small_chunk:5 small_chunked_targets:100", "reset:b_only", "targets:k,o,mlp,head",
+                  "alpha:12 scale:3", "phases:2 phase_prefix_docs:6 phase_boundaries_docs:3,6"):
+        assert field in line
+    assert "ttt:phase phase:2/2 docs_scored:6 trained_targets:1..711 " in log
+
+
 def test_documents_split_at_bos_keep_the_next_bos_as_last_target():
     starts, lengths = tg.document_spans(torch.tensor([1, 5, 6, 1, 7, 1, 1, 8, 9]), 1)
     assert starts.tolist() == [0, 3, 5, 6] and lengths.tolist() == [3, 2, 1, 2] and lengths.sum() == 8
@@ -348,15 +701,20 @@ def _ttt_results(s, rt):
     model.looping = True
     _, tables = tables_for(s)
     val = validation(s, 1024)
-    chunk = tg.evaluate_ttt_chunk(model, s, rt, val, tables)
-    lora = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1)
-    return [chunk.loss, chunk.bpb, chunk.targets, lora.loss, lora.bpb, lora.targets]
+    hints = tg.prepare_ngram_hints(s, rt, val)  # None unless NGRAM_TILT=1
+    chunk = tg.evaluate_ttt_chunk(model, s, rt, val, tables, hints=hints)
+    lora = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, hints=hints)
+    s.ttt_phases, s.ttt_phase_prefix_docs, s.ttt_phase_lr, s.ttt_chunk_tokens = 2, 6, 0.05, 128
+    phased = tg.evaluate_ttt_lora(model, s, rt, val, tables, 1, hints=hints)
+    return [chunk.loss, chunk.bpb, chunk.targets, lora.loss, lora.bpb, lora.targets, phased.loss, phased.bpb]
 
 
-def test_ttt_on_two_gloo_processes_equals_one_process(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tilt", ("0", "1"))
+def test_ttt_on_two_gloo_processes_equals_one_process(tilt, tiny_data, tmp_path, monkeypatch):
     """4 sequences per chunk in steps of 3 leave a step of one sequence: rank 0 then has none and must
-    still join the all-reduce (no deadlock), and the count-weighted average keeps the update exact."""
-    s, rt = make(tiny_data, tmp_path, TTT_LR=0.05)
+    still join the all-reduce (no deadlock), and the count-weighted average keeps the update exact. With
+    the n-gram tilt, each rank's hints are those of the whole stream, so 2 ranks still score as 1."""
+    s, rt = make(tiny_data, tmp_path, TTT_LR=0.05, NGRAM_TILT=tilt, NGRAM_TILT_ORDER=4)
     env = {name: str(value) for name, value in s.items()}
     monkeypatch.setattr(tg, "compute_dtype", tg.compute_dtype)  # restored after the test
     try:
