@@ -1,0 +1,131 @@
+"""tools/ablate.py: real tiny train_gpt.py runs on CPU (a baseline and two features for one seed, then
+the evaluation side on the baseline's artifact); every delta in its table is checked against the logs
+read independently here, and the resume, the budget stop and the refusals are exercised."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_MODEL, subprocess_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+import ablate  # noqa: E402
+
+TINY_TRAIN = ["ITERATIONS=4", "TRAIN_BATCH_TOKENS=2048"]  # after the regime's 300 x 98,304
+TINY_EVAL = ["TTT_CHUNK_TOKENS=1024", "TTT_BATCH_SEQS=3", "TTT_EPOCHS=1", "EVAL_STRIDE=16", "EVAL_BATCH_WINDOWS=8"]
+
+
+def score(path: Path, pattern: str) -> float:
+    return float(re.search(pattern, path.read_text().split("\nheader:end\n")[-1]).group(1))
+
+
+def quantized_bpb(path: Path) -> float:
+    return score(path, r"\nquantized val_loss:\S+ val_bpb:([0-9.]+)")
+
+
+def final_bpb(path: Path) -> float:
+    return score(path, r"\nfinal val_bpb:([0-9.]+)")
+
+
+def ablate_cmd(*args) -> list:
+    return [sys.executable, "tools/ablate.py", *args, "--nproc", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_data, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("ablate") / "logs"
+    env = subprocess_env(dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"]))
+    train = ablate_cmd("train", "--seeds", "3", "--only", "smear", "--feature", "lr5=MATRIX_LR=0.05",
+                       "--log-dir", str(logs), *TINY_TRAIN)
+    r = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    artifact = logs / "base_seed3.ptz"
+    evaluate = ablate_cmd("eval", "--artifact", str(artifact), "--only", "none", "--feature", "stride32=EVAL_STRIDE=32",
+                          "--log-dir", str(logs), *TINY_EVAL)
+    e = subprocess.run(evaluate, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
+    return {"logs": logs, "env": env, "train": train, "train_out": r.stdout, "eval": evaluate, "eval_out": e.stdout}
+
+
+def table_row(text: str, feature: str) -> list:
+    line = next(x for x in text.splitlines() if x.startswith(f"| {feature} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_training_rows_are_the_paired_differences_of_the_quantized_scores(plan):
+    logs = plan["logs"]
+    for name in ("base", "smear", "lr5"):
+        text = (logs / f"{name}_seed3.txt").read_text()
+        assert "ITERATIONS: 4" in text and "TTT_ENABLED: False" in text and "EMA_DECAY: 0.99" in text
+    assert "SMEAR_GATE: True" in (logs / "smear_seed3.txt").read_text()
+    base = quantized_bpb(logs / "base_seed3.txt")
+    for name in ("smear", "lr5"):
+        row = table_row(plan["train_out"], name)
+        delta = quantized_bpb(logs / f"{name}_seed3.txt") - base
+        assert row[2] == "base" and row[3] == "1" and float(row[4]) == pytest.approx(delta, abs=5e-5)
+        assert row[4] != "+0.0000"  # each feature changed the model
+    assert "Δ val_bpb (mean)" in plan["train_out"] and "stopped" not in plan["train_out"]
+
+
+def test_evaluation_rows_score_one_artifact_with_the_environments_evaluation(plan):
+    logs = plan["logs"]
+    base_log = (logs / "eval_base.txt").read_text()
+    # the artifact stores the training regime's evaluation (no sliding window, no TTT); the baseline pins the default's
+    assert "SLIDING_WINDOW_ENABLED: True" in base_log and "TTT_ENABLED: True" in base_log
+    assert "final_ttt" in base_log and "eval_only:overridden setting:TTT_ENABLED" in base_log
+    row = table_row(plan["eval_out"], "stride32")
+    delta = final_bpb(logs / "eval_stride32.txt") - final_bpb(logs / "eval_base.txt")
+    assert float(row[4]) == pytest.approx(delta, abs=5e-5) and row[6] == "-" and row[7] == "-"
+
+
+def test_a_rerun_resumes_and_the_table_comes_from_the_logs_alone(plan, tmp_path):
+    r = subprocess.run(plan["train"], cwd=ROOT, env=plan["env"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count(": done earlier") == 3 and "\n--- " not in r.stdout
+    out = tmp_path / "table.md"
+    t = subprocess.run([sys.executable, "tools/ablate.py", "table", "--log-dir", str(plan["logs"]), "--out", str(out)],
+                       cwd=ROOT, env=plan["env"], capture_output=True, text=True)
+    assert t.returncode == 0, t.stderr
+    for mode, feature, out_of_run in (("train", "lr5", plan["train_out"]), ("eval", "stride32", plan["eval_out"])):
+        assert table_row(t.stdout, feature) == table_row(out_of_run, feature)
+    # a row's settings are what its log differs in from its reference's
+    assert table_row(t.stdout, "lr5")[1] == "`MATRIX_LR=0.05`" and table_row(t.stdout, "smear")[1] == "`SMEAR_GATE=True`"
+    assert table_row(t.stdout, "stride32")[1] == "`EVAL_STRIDE=32`"
+    assert out.read_text().strip() == t.stdout.strip()
+
+
+def test_the_budget_stops_before_a_run_that_would_not_fit(plan):
+    cmd = plan["train"] + ["--feature", "lr3=MATRIX_LR=0.03", "--budget-seconds", "0"]
+    r = subprocess.run(cmd, cwd=ROOT, env=plan["env"], capture_output=True, text=True)
+    # the finished runs are reused whatever the budget; the new one would end past it, so it does not start
+    assert r.returncode == 0 and r.stdout.count(": done earlier") == 3 and "budget: 0 s would be exceeded by lr3_seed3" in r.stdout
+    assert "(partial" in r.stdout and not (plan["logs"] / "lr3_seed3.txt").exists()
+    budget = ablate.Budget(100.0)
+    assert budget.allows_another()  # nothing measured yet: the first run starts
+    budget.record(150.0)
+    assert not budget.allows_another()  # the longest run so far would end past the budget
+    assert ablate.Budget(None).allows_another()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--feature", "x=NOT_A_SETTING=1", "--only", "none"], "NOT_A_SETTING is not a train_gpt.py setting"),
+    (["train", "--only", "nonsense"], "no built-in feature nonsense"),
+    (["train", "--only", "none", "--feature", "x=MATRIX_LR=0.03@missing"], "compared with 'missing'"),
+    (["train", "--only", "none", "--feature", "base=MATRIX_LR=0.03"], "'base' names the baseline"),
+    (["train", "--only", "none", "--feature", "x=MATRIX_LR"], "is not KEY=VALUE"),
+    (["eval", "--artifact", "/nonexistent.ptz"], "eval needs --artifact"),
+    (["train", "--only", "none", "--feature", "x=MATRIX_LR=-1"], "MATRIX_LR"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ablate.main([*args, "--log-dir", str(tmp_path / "logs"), "--nproc", "0"])
+    assert message in str(e.value) and str(e.value).startswith("error: "), str(e.value)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_builtin_features_name_real_settings_and_references():
+    for builtin in (ablate.TRAIN_FEATURES, ablate.EVAL_FEATURES):
+        ablate.check_features(builtin, {"base"} | {f.name for f in builtin})
+    with_refs = ablate.plan_features(ablate.EVAL_FEATURES, "lora_b_only", [])
+    assert [f.name for f in with_refs] == ["base", "lora", "lora_b_only"]

@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""Ablation table: each feature switched on against one baseline, training-side features at equal steps
+over several seeds, evaluation-side features on one fixed artifact. Resumable, with a time budget per call.
+
+    # training side: 300 steps of 98,304 tokens (29.5M tokens, inside one epoch of the 32.8M-token proxy)
+    python3 tools/ablate.py train --seeds 1337,42 --nproc 1 --log-dir logs/ablate
+    # evaluation side: every evaluation feature on the baseline's artifact of one seed
+    python3 tools/ablate.py eval --artifact logs/ablate/base_seed1337.ptz --nproc 1 --log-dir logs/ablate
+    # the table, from the logs alone (markdown): each row's settings are what its log differs in from
+    # its reference's; a --feature's reference other than base is given again with --feature
+    python3 tools/ablate.py table --log-dir logs/ablate [--out docs/ablation.md]
+
+    --only smear,min_lr             a subset of the built-in features (the baseline always runs; none: only
+                                    the --feature ones)
+    --feature NAME=K=V,K=V[@REF]    a feature of your own (repeatable): its settings, and the row it is
+                                    compared with (default: base), e.g. --feature lr26=MATRIX_LR=0.026
+    --budget-seconds 540            start no run that would end after this many seconds of this call (the
+                                    estimate is the longest run so far in the call); rerun to continue
+    KEY=VALUE ...                   settings every run takes (after the regime, before the feature)
+
+Each run is train_gpt.py with RUN_ID=<feature>_seed<S> (train) or eval_<feature> (eval) in --log-dir; a
+finished log of the same settings and source is reused, so a command that stopped (budget, crash, a
+10-minute limit) resumes where it was. The baseline is run `base`. Training rows compare the quantized
+artifact's val_bpb (no sliding window, no TTT: the model, not the evaluation) of the same seed, so each
+row's delta is paired by seed; evaluation rows compare the final val_bpb of the same artifact, every
+evaluation setting pinned to this environment's (and preset's) value rather than the artifact's stored one.
+Columns: mean delta, each seed's delta, mean step time delta, artifact bytes delta, and the evaluation's
+8-GPU full-validation estimate delta (train_gpt.py's eval_budget line).
+
+Not a test: the figures depend on the machine and the data. Say which regime a figure comes from.
+"""
+import argparse
+import hashlib
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import runlog  # noqa: E402
+import seeds as seeds_tool  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+# Equal steps inside one epoch of the proxy: 300 x 98,304 = 29.5M of its 32.8M training tokens, so no
+# token is seen twice and every run sees the same ones. No wallclock stop (the schedule follows the
+# step count). EMA 0.99: at the default 0.997 the average of 300 steps still weighs the initial
+# weights by 0.997^300 = 0.41. The training runs skip the sliding and TTT passes: they measure the model.
+TRAIN_REGIME = dict(ITERATIONS="300", TRAIN_BATCH_TOKENS="98304", MAX_WALLCLOCK_SECONDS="0", EMA_DECAY="0.99",
+                    VAL_LOSS_EVERY="0", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="0")
+
+
+@dataclass
+class Feature:
+    name: str
+    settings: dict
+    reference: str = "base"
+    note: str = ""
+
+
+# Training-side features of the records after PR #1529 (../shared/spec/frontier.md section 1.4).
+TRAIN_FEATURES = [
+    Feature("smear", {"SMEAR_GATE": "1"}, note="SmearGate, BOS-masked (#1667, #1851)"),
+    Feature("attn_gate", {"ATTN_GATE_DIMS": "12"}, note="sparse attention output gate, 12 dims (#1787)"),
+    Feature("min_lr", {"MIN_LR": "0.1"}, note="LR floor at 10% of the peak (#1787)"),
+    Feature("polar_express", {"MUON_NS_COEFFS": "polar_express"}, note="Polar Express Newton-Schulz (#1787)"),
+    Feature("greedy_1855", {"WARMDOWN_FRAC": "0.85", "BETA2": "0.99", "EMBED_CLIP_SIGMAS": "14", "MLP_CLIP_SIGMAS": "11.5"},
+            note="#1855's greedy training and clip values"),
+    Feature("seq_schedule", {"TRAIN_SEQ_SCHEDULE": "1024@0,2048@0.1,3072@0.7", "TRAIN_SEQ_LEN": "3072"},
+            note="progressive context 1k -> 2k -> 3k (#2014)"),
+]
+
+# Evaluation-side features on one artifact. The LoRA refinements are compared with plain LoRA TTT.
+EVAL_FEATURES = [
+    Feature("ctx2560", {"EVAL_SEQ_LEN": "2560"}, note="evaluation and TTT context 2560 (#1953)"),
+    Feature("ngram_tilt", {"NGRAM_TILT": "1"}, note="token-only prefix n-gram tilt (#1514, #2135)"),
+    Feature("lora", {"TTT_MODE": "lora", "SLIDING_WINDOW_ENABLED": "0"}, note="per-document LoRA TTT (#1530)"),
+    Feature("lora_b_only", {"TTT_MODE": "lora", "SLIDING_WINDOW_ENABLED": "0", "TTT_LORA_RESET": "b_only"},
+            reference="lora", note="warm-start A, reset only B (#1767)"),
+    Feature("lora_1855", {"TTT_MODE": "lora", "SLIDING_WINDOW_ENABLED": "0", "TTT_LORA_ALPHA": "144",
+                          "TTT_LORA_RANK": "80", "TTT_LORA_WD": "1.0"}, reference="lora",
+            note="alpha 144, rank 80, WD 1.0 (#1767, #1855)"),
+    Feature("lora_no_qv", {"TTT_MODE": "lora", "SLIDING_WINDOW_ENABLED": "0", "TTT_LORA_TARGETS": "k,o,mlp,head"},
+            reference="lora", note="no Q/V adapters (#1953)"),
+    Feature("lora_short_docs", {"TTT_MODE": "lora", "SLIDING_WINDOW_ENABLED": "0", "TTT_SHORT_DOC_TOKENS": "256",
+                                "TTT_SHORT_DOC_CHUNK_SIZE": "8"}, reference="lora",
+            note="8-token score-first chunks over each document's first 256 targets (#2014)"),
+    Feature("lora_phased", {"TTT_MODE": "lora", "SLIDING_WINDOW_ENABLED": "0", "TTT_PHASES": "1"}, reference="lora",
+            note="one phase of global SGD over the scored prefix (#1610)"),
+]
+
+
+@dataclass
+class Row:
+    feature: Feature
+    deltas: dict = field(default_factory=dict)    # seed -> feature minus reference, val_bpb
+    step_ms: list = field(default_factory=list)   # per seed: feature minus reference
+    artifact_bytes: list = field(default_factory=list)
+    eval_seconds: list = field(default_factory=list)
+
+
+def parse_feature(text: str) -> Feature:
+    """NAME=K=V,K=V[@REF] -> Feature, every key a train_gpt.py setting."""
+    name, sep, rest = text.partition("=")
+    rest, _, reference = rest.partition("@")
+    if not sep or not name.replace("_", "").replace("-", "").isalnum():
+        sys.exit(f"error: --feature {text!r} must read NAME=KEY=VALUE[,KEY=VALUE...][@REFERENCE], e.g. lr26=MATRIX_LR=0.026")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            sys.exit(f"error: --feature {text!r}: {item!r} is not KEY=VALUE")
+        settings[key] = value
+    return Feature(name, settings, reference or "base", note="from the command line")
+
+
+def check_features(features: list, defined: set):
+    """Every setting exists and every reference is a run of the plan, before any run starts."""
+    for f in features:
+        unknown = [k for k in f.settings if k not in tg.SETTINGS_BY_NAME]
+        if unknown:
+            sys.exit(f"error: feature {f.name}: {', '.join(unknown)} is not a train_gpt.py setting (see README.md)")
+        if f.reference not in defined:
+            sys.exit(f"error: feature {f.name} is compared with {f.reference!r}, which is not a feature of this plan "
+                     f"(base or one of: {', '.join(sorted(defined - {'base'}))})")
+
+
+def plan_features(builtin: list, only: str | None, extra: list) -> list:
+    features = {f.name: f for f in builtin}
+    if only is not None:
+        wanted = [] if only == "none" else [n.strip() for n in only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in features]
+        if unknown:
+            sys.exit(f"error: --only {only!r}: no built-in feature {', '.join(unknown)} (known: {', '.join(features)})")
+        chosen = {n: features[n] for n in wanted}
+        # a chosen feature's reference runs too (lora_b_only needs lora)
+        for f in list(chosen.values()):
+            if f.reference != "base" and f.reference in features:
+                chosen.setdefault(f.reference, features[f.reference])
+        features = chosen
+    for f in extra:
+        features[f.name] = f
+    if "base" in features:
+        sys.exit("error: 'base' names the baseline run; give the feature another name")
+    ordered = sorted(features.values(), key=lambda f: f.reference != "base")  # references before what uses them
+    check_features(ordered, {"base"} | {f.name for f in ordered})
+    return [Feature("base", {}, note="the baseline")] + ordered
+
+
+def pin_score_settings(env: dict):
+    """Set every evaluation ("score") setting explicitly to this environment's value. EVAL_ONLY otherwise
+    adopts the values stored in the artifact, and an artifact from `ablate.py train` stores its regime's
+    (no sliding window, no TTT): the baseline must be the evaluation the environment and preset describe."""
+    settings = tg.Settings(environ=env)
+    for x in tg.SETTINGS:
+        if x.role == "score" and not env.get(x.name):
+            env[x.name] = str(getattr(settings, x.name.lower()))
+
+
+def run_id(mode: str, feature: str, seed: int | None) -> str:
+    return f"eval_{feature}" if mode == "eval" else f"{feature}_seed{seed}"
+
+
+class Budget:
+    """Starts no run that would end past the call's budget, by the longest run seen so far in this call."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start, self.longest = seconds, time.monotonic(), 0.0
+
+    def allows_another(self) -> bool:
+        return self.seconds is None or time.monotonic() - self.start + self.longest <= self.seconds
+
+    def record(self, seconds: float):
+        self.longest = max(self.longest, seconds)
+
+
+def run_plan(mode: str, features: list, seeds: list, base_env: dict, argv_run: list, log_dir: Path,
+             budget: Budget, quiet: bool) -> bool:
+    """Run every (feature, seed) not finished yet; False when the budget stopped it early."""
+    source_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+    for seed in seeds:
+        for f in features:
+            rid = run_id(mode, f.name, seed)
+            if (log_dir / f"{rid}.txt").exists() and runlog.read_log(log_dir / f"{rid}.txt").complete:
+                pass  # run_or_resume checks its configuration and reuses it without a budget check
+            elif not budget.allows_another():
+                print(f"budget: {budget.seconds:.0f} s would be exceeded by {rid} (the longest run so far took "
+                      f"{budget.longest:.0f} s): stopped; rerun the same command to continue", flush=True)
+                return False
+            env = dict(base_env, **f.settings)
+            if seed is not None:
+                env["SEED"] = str(seed)
+            started = time.monotonic()
+            _, status = seeds_tool.run_or_resume(f"{f.name} (seed {seed})" if seed is not None else f.name, rid, env,
+                                                 argv_run, log_dir, source_sha, quiet)
+            if status == "ran":
+                budget.record(time.monotonic() - started)
+            print(f"{rid}: {status}", flush=True)
+    return True
+
+
+def metric_of(log, mode: str) -> float | None:
+    """What a row compares: the final score for evaluation rows, the artifact's plain round-trip score for training rows."""
+    if mode == "eval":
+        return log.final_val_bpb
+    m = log.metrics.get("quantized")
+    return m.val_bpb if m else None
+
+
+def read_runs(log_dir: Path) -> dict:
+    """(mode, feature, seed) -> RunLog for every finished run in log_dir that this tool names."""
+    runs = {}
+    for path in sorted(log_dir.glob("*.txt")):
+        log = runlog.read_log(path)
+        if not log.complete or not log.run_id:
+            continue
+        if log.run_id.startswith("eval_") and log.eval_only:
+            runs[("eval", log.run_id[len("eval_"):], None)] = log
+        elif "_seed" in log.run_id and not log.eval_only:
+            name, _, seed = log.run_id.rpartition("_seed")
+            if seed.isdigit():
+                runs[("train", name, int(seed))] = log
+    return runs
+
+
+def features_of_runs(mode: str, runs: dict, known: list) -> list:
+    """The features the logs hold, each with its reference (a built-in's, a --feature's, else base) and,
+    as its settings, what its log's settings header differs in from its reference's (first seed)."""
+    by_name = {f.name: f for f in known}
+    names = sorted({name for (m, name, _) in runs if m == mode and name != "base"},
+                   key=lambda n: (n not in by_name, list(by_name).index(n) if n in by_name else 0, n))
+    features = []
+    for name in names:
+        reference = by_name[name].reference if name in by_name else "base"
+        seed = min((s for (m, n, s) in runs if m == mode and n == name), key=lambda s: (s is None, s))
+        mine, theirs = runs[(mode, name, seed)], runs.get((mode, reference, seed))
+        ignore = set(runlog.RUN_SPECIFIC_SETTINGS)
+        settings = {} if theirs is None else {
+            k: v for k, v in mine.settings.items() if k not in ignore and theirs.settings.get(k) != v}
+        features.append(Feature(name, settings, reference, note=by_name[name].note if name in by_name else ""))
+    return features
+
+
+def rows_of(mode: str, features: list, runs: dict) -> list:
+    """One Row per feature with each seed's paired deltas against its reference (seeds where both finished)."""
+    rows = []
+    seeds = sorted({s for (m, _, s) in runs if m == mode}, key=lambda s: (s is None, s))
+    for f in features:
+        if f.name == "base":
+            continue
+        row = Row(f)
+        for seed in seeds:
+            a, b = runs.get((mode, f.name, seed)), runs.get((mode, f.reference, seed))
+            if a is None or b is None or metric_of(a, mode) is None or metric_of(b, mode) is None:
+                continue
+            row.deltas[seed] = metric_of(a, mode) - metric_of(b, mode)
+            for out, value in ((row.step_ms, lambda x: x.step_avg_ms), (row.artifact_bytes, lambda x: x.artifact_bytes),
+                               (row.eval_seconds, lambda x: x.estimated_8gpu_eval_seconds)):
+                if value(a) is not None and value(b) is not None:
+                    out.append(value(a) - value(b))
+        if row.deltas:
+            rows.append(row)
+    return rows
+
+
+def mean(values: list):
+    return sum(values) / len(values) if values else None
+
+
+def markdown(mode: str, rows: list, runs: dict) -> str:
+    def fmt(v, spec, signed=True):
+        return "-" if v is None else format(v, ("+" if signed else "") + spec)
+    base_runs = [log for (m, name, _), log in runs.items() if m == mode and name == "base"]
+    base_scores = ", ".join(f"{metric_of(log, mode):.4f}" for log in base_runs if metric_of(log, mode) is not None)
+    what = "final val_bpb of one artifact" if mode == "eval" else "quantized val_bpb (no sliding window, no TTT), paired by seed"
+    lines = [f"{mode} side: {what}; base {base_scores or '-'}", "",
+             "| feature | settings | vs | seeds | Δ val_bpb (mean) | Δ per seed | Δ step ms | Δ artifact bytes | Δ eval s (8-GPU est.) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        settings = " ".join(f"{k}={v}" for k, v in r.feature.settings.items())
+        per_seed = ", ".join(f"{d:+.4f}" for d in r.deltas.values())
+        mean_bytes = mean(r.artifact_bytes)
+        lines.append(f"| {r.feature.name} | `{settings}` | {r.feature.reference} | {len(r.deltas)} | "
+                     f"{fmt(mean(list(r.deltas.values())), '.4f')} | {per_seed or '-'} | {fmt(mean(r.step_ms), '.1f')} | "
+                     f"{fmt(None if mean_bytes is None else round(mean_bytes), ',')} | {fmt(mean(r.eval_seconds), '.0f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("train", "eval", "table"))
+    parser.add_argument("--seeds", default="1337,42", help="train: comma-separated seeds (default 1337,42)")
+    parser.add_argument("--artifact", help="eval: the artifact every evaluation row scores")
+    parser.add_argument("--only", help="a comma-separated subset of the built-in features, or none")
+    parser.add_argument("--feature", action="append", default=[], help="NAME=KEY=VALUE[,KEY=VALUE...][@REFERENCE]")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per run through torchrun; 0: plain python3 (default 1)")
+    parser.add_argument("--log-dir", default="logs/ablate")
+    parser.add_argument("--budget-seconds", type=float, help="start no run that would end after this many seconds")
+    parser.add_argument("--out", help="table: also write the markdown here")
+    parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output (the logs have it)")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE settings of train_gpt.py for every run")
+    args = parser.parse_intermixed_args(argv)
+    log_dir = Path(args.log_dir)
+    extra = [parse_feature(t) for t in args.feature]
+
+    if args.mode == "table":
+        runs = read_runs(log_dir)
+        if not runs:
+            sys.exit(f"error: {log_dir} holds no finished run of this tool: run `ablate.py train` or `ablate.py eval` first")
+        known = TRAIN_FEATURES + EVAL_FEATURES + extra
+        text = "\n\n".join(markdown(mode, rows_of(mode, features_of_runs(mode, runs, known), runs), runs)
+                           for mode in ("train", "eval") if any(m == mode for (m, _, _) in runs))
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
+
+    if args.nproc < 0 or (args.nproc and 8 % args.nproc):
+        sys.exit(f"error: --nproc {args.nproc} must be 0 (plain python) or divide 8 (1, 2, 4, 8)")
+    features = plan_features(TRAIN_FEATURES if args.mode == "train" else EVAL_FEATURES, args.only, extra)
+    overrides = seeds_tool.parse_overrides(args.overrides)
+    base_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if args.mode == "train":
+        seeds = seeds_tool.parse_seeds(args.seeds)
+        base_env.update(TRAIN_REGIME)
+    else:
+        if not args.artifact or not Path(args.artifact).is_file():
+            sys.exit(f"error: eval needs --artifact PATH of an existing artifact (got {args.artifact!r}), e.g. "
+                     f"{log_dir}/base_seed1337.ptz from `ablate.py train`")
+        seeds = [None]
+        base_env["EVAL_ONLY"] = str(Path(args.artifact).resolve())
+    base_env.update(overrides)
+    if args.mode == "eval":
+        pin_score_settings(base_env)
+    for f in features:  # every run's settings are valid before the first one starts
+        env = dict(base_env, **f.settings, LOG_DIR=str(log_dir), RUN_ID=run_id(args.mode, f.name, seeds[0]))
+        seeds_tool.expected_settings(env)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argv_run, typed = seeds_tool.launcher(args.nproc)
+    shown = {k: v for k, v in base_env.items() if k in tg.SETTINGS_BY_NAME and k not in ("SEED", "RUN_ID")}
+    print("common settings: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items())) + f" {typed}", flush=True)
+    finished = run_plan(args.mode, features, seeds, base_env, argv_run, log_dir, Budget(args.budget_seconds), args.quiet)
+    runs = read_runs(log_dir)
+    print(markdown(args.mode, rows_of(args.mode, features_of_runs(args.mode, runs, features), runs), runs), flush=True)
+    if not finished:
+        print("(partial: the budget stopped the plan; rerun the same command to continue)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
