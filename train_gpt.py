@@ -316,6 +316,10 @@ class Settings:
     val_tokens_expected: int = setting(0,
         "stop unless validation has exactly this many scored targets (0: no check); the official SP8192 split at "
         "EVAL_SEQ_LEN 2048 gives 40540160", group="evaluation", bounds="[0, inf)")
+    val_docs: int = setting(0,
+        "score only the first N validation documents, cut to whole EVAL_SEQ_LEN windows as the full split is "
+        "(0: all): the same fixed prefix for quick comparisons, never a challenge score (the log warns)",
+        group="evaluation", bounds="[0, inf)")
     byte_check_docs: int = setting(1000,
         "validation documents decoded at start-up to cross-check the byte tables (0: skip)",
         group="evaluation", bounds="[0, inf)")
@@ -1114,14 +1118,20 @@ class TrainLoader:
         return batches
 
 
-def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int = 2**16) -> torch.Tensor:
+def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int = 2**16, max_docs: int = 0,
+                           bos_id: int = 1) -> torch.Tensor:
     """All validation shards in name order, cut to a whole number of seq_len windows (+1 for the last target),
-    every id checked against the vocabulary."""
+    every id checked against the vocabulary. max_docs > 0 keeps only the first max_docs documents (each
+    starts at a bos_id token) before that cut."""
     shards = []
     for f in shard_files(data_path, "val"):
         shards.append(read_shard(f, mmap=False))
         check_token_range(shards[-1], vocab_size, f"validation shard {f}")
     tokens = np.concatenate(shards)
+    if max_docs > 0:
+        starts = np.flatnonzero(tokens == bos_id)
+        if len(starts) > max_docs:
+            tokens = tokens[:starts[max_docs]]
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
         raise UserError(f"validation shards in DATA_PATH={data_path} hold {len(tokens)} tokens, fewer than one "
@@ -3285,6 +3295,9 @@ def check_byte_tables(sp, tables: ByteTables, val_tokens: torch.Tensor, max_docs
 def validate_eval_settings(s: Settings):
     """Cross-field checks of the evaluation settings (single-value ranges are declared in SETTINGS)."""
     need(s.eval_stride <= s.eval_seq_len, f"EVAL_STRIDE={s.eval_stride} must be in 1..EVAL_SEQ_LEN={s.eval_seq_len}")
+    need(not (s.val_docs and s.val_tokens_expected),
+         f"VAL_DOCS={s.val_docs} scores a prefix, so VAL_TOKENS_EXPECTED={s.val_tokens_expected} (the whole split's "
+         "count) cannot hold: set one of them to 0")
     need(s.ttt_chunk_tokens >= s.eval_seq_len,
          f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must hold at least one EVAL_SEQ_LEN={s.eval_seq_len} training "
          "sequence")
@@ -3332,7 +3345,7 @@ class EvalData:
 def load_eval_data(s: Settings, rt: Runtime) -> EvalData:
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
     return EvalData(sp, build_byte_tables(sp, s.vocab_size).to(rt.device),
-                    load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size))
+                    load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size, s.val_docs, sp.bos_id()))
 
 
 def check_evaluation_setup(s: Settings, rt: Runtime, data: EvalData) -> None:
@@ -3342,6 +3355,9 @@ def check_evaluation_setup(s: Settings, rt: Runtime, data: EvalData) -> None:
         raise UserError(f"validation has {n} scored targets but VAL_TOKENS_EXPECTED={s.val_tokens_expected}: a "
                         "fineweb_val_* "
                         f"shard is missing or truncated (re-download it), or EVAL_SEQ_LEN changed the count")
+    if s.val_docs:
+        rt.log(f"WARNING: VAL_DOCS={s.val_docs} scores the first {s.val_docs} validation documents ({n} targets), "
+               "not the whole split: a comparison on a fixed prefix, never a challenge score")
     if s.byte_check_docs > 0:
         rt.log(check_byte_tables(data.sp, data.tables, data.val_tokens, s.byte_check_docs, data.bos_id))
     need(not s.doc_mask or data.bos_id >= 0,

@@ -128,6 +128,24 @@ def test_validation_tokens_are_cut_to_whole_windows(tmp_path):
     assert val.tolist() == list(range(65))  # 64 targets = 4 windows of 16, +1 input token
 
 
+def test_val_docs_keeps_the_first_documents_then_whole_windows(tmp_path):
+    bos = 1
+    docs = [[bos] + list(range(10 + i, 10 + i + n)) for i, n in enumerate((20, 30, 25, 40))]
+    tg.write_shard(tmp_path / "fineweb_val_000000.bin", np.concatenate(docs))
+    stream = np.concatenate(docs)
+    for k in (1, 2, 3):
+        prefix = np.concatenate(docs[:k])
+        val = tg.load_validation_tokens(str(tmp_path), 16, max_docs=k, bos_id=bos)
+        usable = ((len(prefix) - 1) // 16) * 16
+        assert val.tolist() == prefix[:usable + 1].tolist() and len(val) < len(stream)
+    # more documents asked than there are, or 0: the whole split
+    whole = tg.load_validation_tokens(str(tmp_path), 16)
+    assert tg.load_validation_tokens(str(tmp_path), 16, max_docs=9, bos_id=bos).tolist() == whole.tolist()
+    assert tg.load_validation_tokens(str(tmp_path), 16, max_docs=0, bos_id=bos).tolist() == whole.tolist()
+    with pytest.raises(tg.UserError, match="VAL_DOCS=2 scores a prefix"):
+        tg.validate_eval_settings(tg.Settings(environ={"VAL_DOCS": "2", "VAL_TOKENS_EXPECTED": "40540160"}))
+
+
 def test_validation_shorter_than_one_window_is_an_error(tmp_path):
     tg.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(10))
     with pytest.raises(tg.UserError, match="fewer than one EVAL_SEQ_LEN=16 window"):
