@@ -279,18 +279,22 @@ def test_the_attention_output_gate_rides_any_preset_through_every_pass(name, tin
 @pytest.mark.parametrize("component", [{}, {"BIGRAM_HASH_BUCKETS": "64"}, {"SMEAR_GATE": "1"},
                                        {"VALUE_EMBED_LAYERS": "9"}, {"UNTIE_LOOP_MLP": "1"},
                                        {"ATTN_OFF_LAYERS": "0"}, {"PRESET": "pr1204"}])
-def test_pr1204_components_turn_off_the_inductor_fusion_that_crashed(component, monkeypatch):
+def test_pr1204_components_turn_off_the_inductor_fusion_that_crashed(component):
     """torch 2.11's mix-order reduction fusion crashed PRESET=pr1204's first compiled backward on the H200;
-    each of its components turns the fusion off (and says so), the default model keeps it."""
+    each of its components turns the fusion off (and says so), the default model keeps it. The config's
+    own patch() restores the flag afterwards (monkeypatch's restore left the config proxy broken for the
+    next test)."""
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
-    s = tg.Settings(environ={"COMPILE": "1", **component})
-    lines = []
-    rt = type("LogOnly", (), {"log": lambda self, msg="", console=True: lines.append(msg)})()
-    tg.inductor_workarounds(s, rt)
-    off = bool(component)
-    assert inductor_config.triton.mix_order_reduction is (not off)
-    assert lines == (["compile:workaround inductor.triton.mix_order_reduction:off reason:pr1204_components"]
-                     if off else [])
-    tg.inductor_workarounds(tg.Settings(environ={"COMPILE": "0", **component}), rt)  # nothing compiles
-    assert len(lines) == int(off)
+    before = inductor_config.triton.mix_order_reduction
+    with inductor_config.patch({"triton.mix_order_reduction": True}):
+        s = tg.Settings(environ={"COMPILE": "1", **component})
+        lines = []
+        rt = type("LogOnly", (), {"log": lambda self, msg="", console=True: lines.append(msg)})()
+        tg.inductor_workarounds(s, rt)
+        off = bool(component)
+        assert inductor_config.triton.mix_order_reduction is (not off)
+        assert lines == (["compile:workaround inductor.triton.mix_order_reduction:off reason:pr1204_components"]
+                         if off else [])
+        tg.inductor_workarounds(tg.Settings(environ={"COMPILE": "0", **component}), rt)  # nothing compiles
+        assert len(lines) == int(off)
+    assert inductor_config.triton.mix_order_reduction == before
