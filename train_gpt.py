@@ -3344,6 +3344,9 @@ class EvalData:
 
 def load_eval_data(s: Settings, rt: Runtime) -> EvalData:
     sp = load_tokenizer(s.tokenizer_path, s.vocab_size)
+    need(not s.val_docs or sp.bos_id() >= 0,
+         f"VAL_DOCS={s.val_docs} finds documents by their BOS token, but the tokenizer {s.tokenizer_path} has none: "
+         "set VAL_DOCS=0")
     return EvalData(sp, build_byte_tables(sp, s.vocab_size).to(rt.device),
                     load_validation_tokens(s.data_path, s.eval_seq_len, s.vocab_size, s.val_docs, sp.bos_id()))
 

@@ -128,7 +128,7 @@ def test_validation_tokens_are_cut_to_whole_windows(tmp_path):
     assert val.tolist() == list(range(65))  # 64 targets = 4 windows of 16, +1 input token
 
 
-def test_val_docs_keeps_the_first_documents_then_whole_windows(tmp_path):
+def test_val_docs_keeps_the_first_documents_then_whole_windows(tmp_path, monkeypatch):
     bos = 1
     docs = [[bos] + list(range(10 + i, 10 + i + n)) for i, n in enumerate((20, 30, 25, 40))]
     tg.write_shard(tmp_path / "fineweb_val_000000.bin", np.concatenate(docs))
@@ -142,6 +142,10 @@ def test_val_docs_keeps_the_first_documents_then_whole_windows(tmp_path):
     whole = tg.load_validation_tokens(str(tmp_path), 16)
     assert tg.load_validation_tokens(str(tmp_path), 16, max_docs=9, bos_id=bos).tolist() == whole.tolist()
     assert tg.load_validation_tokens(str(tmp_path), 16, max_docs=0, bos_id=bos).tolist() == whole.tolist()
+    no_bos = type("NoBos", (), {"bos_id": lambda self: -1, "vocab_size": lambda self: 16})()
+    monkeypatch.setattr(tg, "load_tokenizer", lambda path, vocab: no_bos)
+    with pytest.raises(tg.UserError, match="VAL_DOCS=2 finds documents by their BOS token"):
+        tg.load_eval_data(tg.Settings(environ={"VAL_DOCS": "2", "DATA_PATH": str(tmp_path)}), None)
     with pytest.raises(tg.UserError, match="VAL_DOCS=2 scores a prefix"):
         tg.validate_eval_settings(tg.Settings(environ={"VAL_DOCS": "2", "VAL_TOKENS_EXPECTED": "40540160"}))
 
