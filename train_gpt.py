@@ -2460,20 +2460,23 @@ def calibration_reserve(trainer, probe: int = 2) -> tuple:
     s, rt, model = trainer.s, trainer.rt, trainer.model
     looping, model.looping = model.looping, trainer.can_loop
     if s.gptq_calibration == "selfgen":
-        # Sampling runs a forward per new token over a growing prefix: ~seq_len forwards of half the window.
-        batch_size = min(8, s.gptq_calibration_batches)
-        x = torch.randint(0, s.vocab_size, (batch_size, max(1, s.train_seq_len // 2)), device=rt.device)
+        # Sampling runs one forward per new token at a few bucketed lengths (selfgen_forward_lengths): time one
+        # warm forward at each length and weight it by how many tokens are sampled at that length.
+        batch_size = min(SELFGEN_BATCH_SIZE, s.gptq_calibration_batches)
+        per_batch = 0.0
         with torch.no_grad():
             model.eval()
-            model.logits(model.forward_hidden(x)[:, -1:])
-            rt.sync()
-            t0 = time.perf_counter()
-            model.logits(model.forward_hidden(x)[:, -1:])
-            rt.sync()
+            for length, steps in selfgen_forward_lengths(s.train_seq_len).items():
+                x = torch.randint(0, s.vocab_size, (batch_size, length), device=rt.device)
+                model.logits(model.forward_hidden(x)[:, -1:])  # untimed: first call at a shape builds its plans
+                rt.sync()
+                t0 = time.perf_counter()
+                model.logits(model.forward_hidden(x)[:, -1:])
+                rt.sync()
+                per_batch += (time.perf_counter() - t0) * steps
             model.train()
-        per_batch = (time.perf_counter() - t0) * s.train_seq_len
         projected = per_batch * math.ceil(s.gptq_calibration_batches / batch_size)
-        how = f"selfgen batch_size:{batch_size} measured_forward_seconds:{per_batch / s.train_seq_len:.4f}"
+        how = f"selfgen batch_size:{batch_size} measured_batch_seconds:{per_batch:.2f}"
     else:
         # Two timed calls, of 1 and of 1 + probe batches: their difference is the per-batch cost, the rest the
         # fixed cost of a call (hooks, the Hessians' allocation and all-reduce), which one call pays once.
@@ -2494,21 +2497,48 @@ def calibration_reserve(trainer, probe: int = 2) -> tuple:
     return 1.25 * projected + 1.0, how
 
 
+SELFGEN_BATCH_SIZE = 8  # sequences sampled together
+SELFGEN_LENGTH_STEP = 256  # forward lengths are multiples of this: a handful of shapes, not one per token
+
+
+def selfgen_forward_length(known: int, seq_len: int) -> int:
+    """Length of the forward that samples the token after `known` ones: the prefix rounded up to
+    SELFGEN_LENGTH_STEP, at most seq_len."""
+    return min(-(-known // SELFGEN_LENGTH_STEP) * SELFGEN_LENGTH_STEP, seq_len)
+
+
+def selfgen_forward_lengths(seq_len: int) -> dict:
+    """{forward length: tokens sampled at it} for sampling seq_len tokens after a first one. The prefix lives
+    in a fixed buffer and each new token's forward runs over the prefix rounded up to SELFGEN_LENGTH_STEP:
+    the model is causal, so the padding after the prefix cannot change the last prefix position's logits,
+    and a handful of shapes replaces one new shape per token (which cost ~5x on the H200: every new length
+    rebuilt the attention kernels' plans; measured 2026-12-04, 152 s for 8 x 2048 tokens)."""
+    lengths = {}
+    for known in range(1, seq_len + 1):
+        length = selfgen_forward_length(known, seq_len)
+        lengths[length] = lengths.get(length, 0) + 1
+    return lengths
+
+
 @torch.no_grad()
-def selfgen_batches(model: GPT, n: int, seq_len: int, vocab_size: int, seed: int, device, batch_size: int = 8):
+def selfgen_batches(model: GPT, n: int, seq_len: int, vocab_size: int, seed: int, device,
+                    batch_size: int = SELFGEN_BATCH_SIZE):
     """n sequences of seq_len+1 tokens the model samples itself (temperature 0.8, a uniformly random
-    first token), in batches of batch_size. No KV cache, so it costs ~seq_len/2 forward passes per
-    token: far slower than training batches; for experiments where training data must not be read."""
+    first token), in batches of batch_size. No KV cache: each token costs a forward over its prefix, padded
+    to a bucketed length (selfgen_forward_lengths), so this is far slower than reading training batches;
+    for experiments where training data must not be read."""
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     out = []
     for b in range(0, n, batch_size):
-        seqs = torch.randint(0, vocab_size, (min(batch_size, n - b), 1), device=device, generator=gen)
-        for _ in range(seq_len):
-            logits = model.logits(model.forward_hidden(seqs)[:, -1:])[:, 0]
-            probs = torch.softmax(logits.float() / 0.8, dim=-1)
-            seqs = torch.cat((seqs, torch.multinomial(probs, 1, generator=gen)), dim=1)
+        rows = min(batch_size, n - b)
+        seqs = torch.zeros(rows, seq_len + 1, dtype=torch.int64, device=device)
+        seqs[:, 0] = torch.randint(0, vocab_size, (rows,), device=device, generator=gen)
+        for known in range(1, seq_len + 1):
+            hidden = model.forward_hidden(seqs[:, :selfgen_forward_length(known, seq_len)])[:, known - 1:known]
+            probs = torch.softmax(model.logits(hidden)[:, 0].float() / 0.8, dim=-1)
+            seqs[:, known] = torch.multinomial(probs, 1, generator=gen)[:, 0]
         out.append(seqs.cpu())
     model.train(was_training)
     return out

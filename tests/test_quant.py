@@ -120,6 +120,43 @@ def test_selfgen_calibration_samples_valid_tokens(tiny_env):
     assert all(((t >= 0) & (t < s.vocab_size)).all() for t in a)
 
 
+
+def test_selfgen_forward_lengths_are_few_and_cover_every_token(monkeypatch):
+    assert tg.selfgen_forward_lengths(2048) == {256 * k: 256 for k in range(1, 9)}
+    monkeypatch.setattr(tg, "SELFGEN_LENGTH_STEP", 5)
+    assert tg.selfgen_forward_lengths(12) == {5: 5, 10: 5, 12: 2}  # capped at seq_len, never past it
+    assert [tg.selfgen_forward_length(k, 12) for k in (1, 5, 6, 11, 12)] == [5, 5, 10, 12, 12]
+
+
+def test_selfgen_padding_after_the_prefix_leaves_its_logits_unchanged(tiny_env):
+    # Every PR #1204 component that looks at neighbouring tokens is on: the padded forward must still be causal.
+    env = dict(tiny_env, SMEAR_GATE="1", BIGRAM_HASH_BUCKETS="64", BIGRAM_HASH_DIM="16", VALUE_EMBED_LAYERS="4,5",
+               VALUE_EMBED_DIM="16", ATTN_OFF_LAYERS="0", DOC_MASK="1")
+    s = tg.Settings(environ=env)
+    torch.manual_seed(0)
+    model = tg.GPT(s).eval()
+    model.looping = True
+    g = torch.Generator().manual_seed(1)
+    seqs = torch.randint(0, s.vocab_size, (3, s.train_seq_len), generator=g)
+    with torch.no_grad():
+        for known in (1, 7, 33):
+            exact = model.logits(model.forward_hidden(seqs[:, :known])[:, -1:])
+            padded = model.logits(model.forward_hidden(seqs)[:, known - 1:known])
+            torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_selfgen_reserve_covers_the_sampling_it_projects(tiny_env, monkeypatch):
+    monkeypatch.setattr(tg, "SELFGEN_LENGTH_STEP", 16)  # 4 lengths for the tiny 64-token window
+    s = tg.Settings(environ=dict(tiny_env, MAX_WALLCLOCK_SECONDS="600", GPTQ_CALIBRATION="selfgen",
+                                 GPTQ_CALIBRATION_BATCHES="4"))
+    trainer = tg.Trainer(s, tg.Runtime(s))
+    reserve, how = tg.calibration_reserve(trainer)
+    per_batch = float(how.split("measured_batch_seconds:")[1].split()[0])
+    assert "selfgen batch_size:4 " in how and reserve == pytest.approx(1.25 * per_batch + 1.0, abs=0.01)
+    t0 = tg.time.perf_counter()
+    batches = tg.selfgen_batches(trainer.model, 4, s.train_seq_len, s.vocab_size, seed=3, device=torch.device("cpu"))
+    assert tg.time.perf_counter() - t0 < reserve and [b.shape for b in batches] == [(4, s.train_seq_len + 1)]
+
 # --- the artifact format --------------------------------------------------------------------------------
 
 
