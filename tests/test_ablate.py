@@ -108,6 +108,28 @@ def test_the_budget_stops_before_a_run_that_would_not_fit(plan):
     assert ablate.Budget(None).allows_another()
 
 
+def test_parallel_runs_reproduce_the_sequential_scores(plan, tmp_path):
+    # base and lr5 at once in a fresh directory: the same scores as the sequential plan's, bit for bit
+    logs = tmp_path / "parallel"
+    cmd = ablate_cmd("train", "--seeds", "3", "--only", "none", "--feature", "lr5=MATRIX_LR=0.05", "--parallel", "2",
+                     "--log-dir", str(logs), *TINY_TRAIN)
+    r = subprocess.run(cmd, cwd=ROOT, env=plan["env"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 runs at once share no GPU(s)" in r.stdout and r.stdout.count(": ran") == 2
+    for name in ("base", "lr5"):
+        assert quantized_bpb(logs / f"{name}_seed3.txt") == quantized_bpb(plan["logs"] / f"{name}_seed3.txt")
+
+
+def test_parallel_runs_get_disjoint_gpus_when_there_are_enough(monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert ablate.gpu_slots(8, 1) == [str(i) for i in range(8)]
+    assert ablate.gpu_slots(4, 2) == ["0,1", "2,3", "4,5", "6,7"]
+    assert ablate.gpu_slots(1, 8) == [None]  # one run at a time: torchrun sees every visible GPU
+    assert capsys.readouterr().out == ""
+    assert ablate.gpu_slots(3, 4) == [None, None, None]  # 12 GPUs needed: they share, and say so
+    assert "3 runs at once share 8 GPU(s)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,message", [
     (["train", "--feature", "x=NOT_A_SETTING=1", "--only", "none"], "NOT_A_SETTING is not a train_gpt.py setting"),
     (["train", "--only", "nonsense"], "no built-in feature nonsense"),
@@ -115,6 +137,7 @@ def test_the_budget_stops_before_a_run_that_would_not_fit(plan):
     (["train", "--only", "none", "--feature", "base=MATRIX_LR=0.03"], "'base' names the baseline"),
     (["train", "--only", "none", "--feature", "x=MATRIX_LR"], "is not KEY=VALUE"),
     (["eval", "--artifact", "/nonexistent.ptz"], "eval needs --artifact"),
+    (["train", "--only", "none", "--parallel", "0"], "--parallel 0 must be at least 1"),
     (["train", "--only", "none", "--feature", "x=MATRIX_LR=-1"], "MATRIX_LR"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, tmp_path):

@@ -16,6 +16,8 @@ over several seeds, evaluation-side features on one fixed artifact. Resumable, w
                                     compared with (default: base), e.g. --feature lr26=MATRIX_LR=0.026
     --budget-seconds 540            start no run that would end after this many seconds of this call (the
                                     estimate is the longest run so far in the call); rerun to continue
+    --parallel 8                    8 runs at once: on an 8-GPU box each gets its own GPU(s); where they
+                                    must share one, the scores hold but the step times do not
     KEY=VALUE ...                   settings every run takes (after the regime, before the feature)
 
 Each run is train_gpt.py with RUN_ID=<feature>_seed<S> (train) or eval_<feature> (eval) in --log-dir; a
@@ -32,9 +34,12 @@ Not a test: the figures depend on the machine and the data. Say which regime a f
 import argparse
 import hashlib
 import os
+import queue
 import shlex
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,28 +183,63 @@ class Budget:
 
 
 def run_plan(mode: str, features: list, seeds: list, base_env: dict, argv_run: list, log_dir: Path,
-             budget: Budget, quiet: bool) -> bool:
-    """Run every (feature, seed) not finished yet; False when the budget stopped it early."""
+             budget: Budget, quiet: bool, gpu_slots: list | None = None) -> bool:
+    """Run every (feature, seed) not finished yet, seeds outermost, as many at once as gpu_slots has entries
+    (each a CUDA_VISIBLE_DEVICES value, or None to share what is visible); False when the budget stopped it."""
     source_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
-    for seed in seeds:
-        for f in features:
-            rid = run_id(mode, f.name, seed)
-            if (log_dir / f"{rid}.txt").exists() and runlog.read_log(log_dir / f"{rid}.txt").complete:
-                pass  # run_or_resume checks its configuration and reuses it without a budget check
-            elif not budget.allows_another():
+    slots = queue.Queue()
+    for slot in gpu_slots or [None]:
+        slots.put(slot)
+    lock, stopped = threading.Lock(), threading.Event()
+
+    def one(f: Feature, seed):
+        rid = run_id(mode, f.name, seed)
+        done = (log_dir / f"{rid}.txt").exists() and runlog.read_log(log_dir / f"{rid}.txt").complete
+        with lock:  # run_or_resume checks a finished run's configuration and reuses it without a budget check
+            if stopped.is_set():
+                return
+            if not done and not budget.allows_another():
                 print(f"budget: {budget.seconds:.0f} s would be exceeded by {rid} (the longest run so far took "
                       f"{budget.longest:.0f} s): stopped; rerun the same command to continue", flush=True)
-                return False
+                stopped.set()
+                return
+        slot = slots.get()
+        try:
             env = dict(base_env, **f.settings)
             if seed is not None:
                 env["SEED"] = str(seed)
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
             started = time.monotonic()
             _, status = seeds_tool.run_or_resume(f"{f.name} (seed {seed})" if seed is not None else f.name, rid, env,
                                                  argv_run, log_dir, source_sha, quiet)
             if status == "ran":
-                budget.record(time.monotonic() - started)
+                with lock:
+                    budget.record(time.monotonic() - started)
             print(f"{rid}: {status}", flush=True)
-    return True
+        finally:
+            slots.put(slot)
+
+    jobs = [(f, seed) for seed in seeds for f in features]
+    with ThreadPoolExecutor(max_workers=slots.qsize()) as pool:
+        for future in [pool.submit(one, f, seed) for f, seed in jobs]:
+            future.result()  # a failed run's SystemExit surfaces here, after the runs already started finish
+    return not stopped.is_set()
+
+
+def gpu_slots(parallel: int, nproc: int) -> list:
+    """CUDA_VISIBLE_DEVICES for each of `parallel` concurrent runs: disjoint groups of max(nproc, 1) GPUs when the
+    visible ones suffice (8 one-GPU ablation runs on an 8-GPU box), else None for each (they share)."""
+    if parallel == 1:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(tg.torch.cuda.device_count())]
+    per_run = max(nproc, 1)
+    if len(gpus) >= parallel * per_run:
+        return [",".join(gpus[i * per_run:(i + 1) * per_run]) for i in range(parallel)]
+    print(f"note: {parallel} runs at once share {len(gpus) or 'no'} GPU(s): their step times (the Δ step ms column) "
+          f"measure contention, not the feature; compare step times from runs made with --parallel 1", flush=True)
+    return [None] * parallel
 
 
 def metric_of(log, mode: str) -> float | None:
@@ -297,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--only", help="a comma-separated subset of the built-in features, or none")
     parser.add_argument("--feature", action="append", default=[], help="NAME=KEY=VALUE[,KEY=VALUE...][@REFERENCE]")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run through torchrun; 0: plain python3 (default 1)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at once (default 1): each gets its own GPUs when enough are visible, else they share")
     parser.add_argument("--log-dir", default="logs/ablate")
     parser.add_argument("--budget-seconds", type=float, help="start no run that would end after this many seconds")
     parser.add_argument("--out", help="table: also write the markdown here")
@@ -320,6 +362,8 @@ def main(argv=None):
 
     if args.nproc < 0 or (args.nproc and 8 % args.nproc):
         sys.exit(f"error: --nproc {args.nproc} must be 0 (plain python) or divide 8 (1, 2, 4, 8)")
+    if args.parallel < 1:
+        sys.exit(f"error: --parallel {args.parallel} must be at least 1 (runs at once)")
     features = plan_features(TRAIN_FEATURES if args.mode == "train" else EVAL_FEATURES, args.only, extra)
     overrides = seeds_tool.parse_overrides(args.overrides)
     base_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -342,7 +386,8 @@ def main(argv=None):
     argv_run, typed = seeds_tool.launcher(args.nproc)
     shown = {k: v for k, v in base_env.items() if k in tg.SETTINGS_BY_NAME and k not in ("SEED", "RUN_ID")}
     print("common settings: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items())) + f" {typed}", flush=True)
-    finished = run_plan(args.mode, features, seeds, base_env, argv_run, log_dir, Budget(args.budget_seconds), args.quiet)
+    finished = run_plan(args.mode, features, seeds, base_env, argv_run, log_dir, Budget(args.budget_seconds), args.quiet,
+                        gpu_slots(args.parallel, args.nproc))
     runs = read_runs(log_dir)
     print(markdown(args.mode, rows_of(args.mode, features_of_runs(args.mode, runs, features), runs), runs), flush=True)
     if not finished:
