@@ -296,6 +296,15 @@ def test_frontier_tool_base_row_is_the_training_run_artifact(tiny_data, tmp_path
     assert float(rows["base"][5]) == pytest.approx(tax, abs=2e-6)
     assert int(rows["e7"][2].replace(",", "")) != model_bytes
     assert ("z" in rows) == HAVE_ZPAQ and ("skipped z" in r.stderr) != HAVE_ZPAQ
+    assert "partial" not in out.read_text()
+    # a budget that the first row already spends: that row is measured and written, the next one never starts
+    r = subprocess.run([sys.executable, "tools/artifact_frontier.py", "--checkpoint", str(tmp_path / "ck.pt"),
+                        "--combo", "base=", "--combo", "e7=EMBED_BITS=7", "--budget-seconds", "0.001",
+                        "--out", str(out)], cwd=ROOT, env=subprocess_env(tool_env), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "| base |" in text and "| e7 |" not in text and "budget: 0 s would be exceeded by e7" in text
 
 
 def test_frontier_tool_refuses_a_non_quantization_setting():

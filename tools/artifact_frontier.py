@@ -9,6 +9,9 @@
         --out docs/artifact_frontier.md
     # or chosen combinations: NAME=SETTING=value,SETTING=value (repeatable)
     python3 tools/artifact_frontier.py --checkpoint ckpt/proxy.pt --combo base= --combo e7=EMBED_BITS=7
+    # inside a time-limited call: --out is rewritten after every row, and no row starts past the budget
+    python3 tools/artifact_frontier.py --checkpoint ckpt/proxy.pt --only base,embed7,lqer8 --budget-seconds 200 \
+        --out frontier.md
 
 For each combination it collects the GPTQ Hessians on training batches (cached per calibration source and
 count), quantizes the checkpoint with train_gpt.py's own functions, packs the artifact exactly as a training
@@ -174,7 +177,10 @@ def main(argv=None):
                         help="NAME=SETTING=value,... (repeatable; default: the built-in issue-14 list)")
     parser.add_argument("--only", default="", help="comma-separated names of the built-in list to run")
     parser.add_argument("--val-tokens", type=int, default=1 << 22, help="validation targets scored (a prefix)")
-    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here (rewritten after every row)")
+    parser.add_argument("--budget-seconds", type=float,
+                        help="after the first row, start no combination that would end after this many seconds "
+                             "(estimate: the longest so far); the table holds the rows measured")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
         raise SystemExit(f"error: --checkpoint {args.checkpoint} does not exist: make one with SAVE_CHECKPOINT=path")
@@ -185,26 +191,37 @@ def main(argv=None):
             raise SystemExit(f"error: --only names {', '.join(sorted(unknown))} are not in the built-in list "
                              f"({', '.join(COMBOS)})")
         combos = {k: v for k, v in COMBOS.items() if k in args.only.split(",")}
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    started, longest, rows, stopped = time.monotonic(), 0.0, [], None
     try:
         frontier = Frontier(args.checkpoint, args.val_tokens)
-        rows = []
         for name, combo in combos.items():
+            # the first row always runs: it is the reference every other row's bytes are compared with
+            if rows and args.budget_seconds is not None and time.monotonic() - started + longest > args.budget_seconds:
+                stopped = (f"budget: {args.budget_seconds:.0f} s would be exceeded by {name} (the longest combination "
+                           f"so far took {longest:.0f} s): stopped before it")
+                print(stopped, flush=True)
+                break
+            t0 = time.monotonic()
             try:
                 rows.append(frontier.row(name, combo))
             except tg.UserError as e:  # e.g. an optional compressor that is not installed: say so, go on
                 print(f"artifact_frontier: skipped {name}: {e}", file=sys.stderr, flush=True)
                 continue
+            longest = max(longest, time.monotonic() - t0)
             r = rows[-1]
             print(f"artifact_frontier combo:{name} model_bytes:{r['model_bytes']} tax_bpb:{r['tax']:+.6f} "
                   f"encode_s:{r['encode_s']:.1f} decode_s:{r['decode_s']:.1f}", flush=True)
+            if args.out:  # rewritten after every row: a call cut short keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(table(rows, frontier, command) + "\n(partial: more combinations follow)\n")
     except tg.UserError as e:
         raise SystemExit(f"error: {e}") from None
     if not rows:
         raise SystemExit("error: no combination could be measured")
-    text = table(rows, frontier, " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
+    text = table(rows, frontier, command) + (f"\n(partial: {stopped})\n" if stopped else "")
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     frontier.rt.close()
     return rows
