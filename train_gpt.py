@@ -112,6 +112,10 @@ class Settings:
         "state is rolled back", bounds="[0, inf)")
     train_batch_tokens: int = setting(786432,
         "global tokens per optimizer step, independent of the GPU count", bounds="[1, inf)")
+    grad_accum_steps: int = setting(0,
+        "micro-batches per optimizer step on each rank; 0 = 8 / WORLD_SIZE (8 GPUs' micro-batch on any GPU count). "
+        "The step's windows and its mean gradient do not depend on it; 1 on one GPU with a small "
+        "TRAIN_BATCH_TOKENS (ablations) runs one large micro-batch instead of 8 small ones", bounds="[0, inf)")
     train_seq_len: int = setting(2048,
         "training window length in tokens; with TRAIN_SEQ_SCHEDULE, its final (longest) length, which the RoPE "
         "stretch references", bounds="[1, inf)", role="model")
@@ -248,8 +252,9 @@ class Settings:
         "budget); selfgen = sequences the model samples itself (much slower)",
         choices=('train', 'selfgen'), group="quantization")
     gptq_calibration_batches: int = setting(64,
-        "calibration micro-batches per rank (the same count and Hessian time on 1 or 8 GPUs; the Hessians are "
-        "all-reduced, so 8 GPUs see 8x the tokens); selfgen: sequences per rank",
+        "calibration micro-batches per rank, each TRAIN_BATCH_TOKENS / (WORLD_SIZE x GRAD_ACCUM_STEPS) tokens (at "
+        "the default accumulation the same count and Hessian time on 1 or 8 GPUs; the Hessians are all-reduced, "
+        "so 8 GPUs see 8x the tokens); selfgen: sequences per rank",
         group="quantization", bounds="[1, inf)")
     gptq_damp: float = setting(0.01,
         "GPTQ damping added to the Hessian diagonal, as a fraction of its mean",
@@ -469,8 +474,14 @@ class Settings:
         need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
              f"8*TRAIN_SEQ_LEN={8 * self.train_seq_len} "
-             f"(8 = world size x grad accumulation)")
-        seq_schedule(self)
+             f"(8 = the largest world size: the step's windows do not depend on the GPU count)")
+        grad_accum = self.grad_accum_steps or 8 // world_size
+        for _, length in seq_schedule(self):
+            windows = self.train_batch_tokens // length
+            need(windows % (world_size * grad_accum) == 0,
+                 f"GRAD_ACCUM_STEPS={grad_accum}: a step's {windows} windows of {length} tokens do not split into "
+                 f"WORLD_SIZE={world_size} x {grad_accum} equal micro-batches: choose GRAD_ACCUM_STEPS so that "
+                 f"{world_size} x it divides {windows}, or 0 (= {8 // world_size})")
         need(self.model_dim % self.num_heads == 0,
              f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -501,7 +512,7 @@ class Settings:
              "ATTN_BACKEND=flex needs DOC_MASK=1 (causal attention is fastest through SDPA): set one or the other")
         validate_eval_settings(self)
         validate_quantization_settings(self)
-        return 8 // world_size
+        return grad_accum
 
 
 def mixed_bits(s) -> tuple | None:
@@ -614,7 +625,8 @@ def seq_schedule(s) -> tuple:
     for length in lengths:
         need(s.train_batch_tokens % (8 * length) == 0,
              f"TRAIN_SEQ_SCHEDULE length {length}: TRAIN_BATCH_TOKENS={s.train_batch_tokens} must be a multiple of "
-             f"8*{length}={8 * length} (8 = world size x grad accumulation)")
+             f"8*{length}={8 * length} (8 = the largest world size: the step's windows do not depend on the GPU "
+             f"count)")
     return phases
 
 
@@ -3469,8 +3481,9 @@ def to_device(array: np.ndarray, device) -> torch.Tensor:
 
 
 def val_batch_seqs(s: Settings, rt: Runtime) -> int:
-    """Windows per forward pass on each rank of the non-overlapping evaluation: VAL_BATCH_TOKENS is global."""
-    return max(1, s.val_batch_tokens // (rt.world_size * rt.grad_accum * s.eval_seq_len))
+    """Windows per forward pass on each rank of the non-overlapping evaluation: VAL_BATCH_TOKENS is global,
+    split as 8 GPUs' micro-batches would be (whatever GRAD_ACCUM_STEPS, which is a training setting)."""
+    return max(1, s.val_batch_tokens // (max(8, rt.world_size) * s.eval_seq_len))
 
 
 def allow_recompiles(limit: int = 32):

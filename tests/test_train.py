@@ -103,6 +103,22 @@ def test_two_gloo_processes_match_one_process(tiny_env, comm, tol):
     assert final(one.stdout) == pytest.approx(final(two.stdout), abs=tol)
 
 
+def test_one_micro_batch_trains_like_eight(tiny_env):
+    """GRAD_ACCUM_STEPS=1 runs the step's 32 windows as one micro-batch instead of 8 of 4: the same windows and
+    the same mean gradient, so only the fp32 summation order differs (losses are printed to 1e-4)."""
+    env = dict(tiny_env, ITERATIONS="6", TRAIN_LOG_EVERY="1", WARMUP_STEPS="0", TTT_ENABLED="0",
+               SLIDING_WINDOW_ENABLED="0")
+    eight = run_script(env)
+    one = run_script(dict(env, RUN_ID="one", GRAD_ACCUM_STEPS="1"))
+    assert eight.returncode == 0 and one.returncode == 0, (eight.stderr + one.stderr)[-2000:]
+    assert "world_size: 1 grad_accum_steps: 8" in eight.stdout and "world_size: 1 grad_accum_steps: 1" in one.stdout
+    losses_eight = [float(v) for _, v in STEP.findall(eight.stdout)]
+    losses_one = [float(v) for _, v in STEP.findall(one.stdout)]
+    assert len(losses_one) == 6 and losses_one == pytest.approx(losses_eight, abs=2e-4)
+    final = lambda out: float(re.search(r"post-ema val_loss:(\S+)", out).group(1))  # noqa: E731
+    assert final(one.stdout) == pytest.approx(final(eight.stdout), abs=2e-4)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(PARALLEL_RESIDUAL_MODE="diagonal"), "PARALLEL_RESIDUAL_MODE='diagonal' is not one of full, split, sequential, off"),
     (dict(MATRIX_LR="fast"), "MATRIX_LR='fast' is not valid: set MATRIX_LR to a float"),
@@ -111,6 +127,7 @@ def test_two_gloo_processes_match_one_process(tiny_env, comm, tol):
     (dict(LOOP_END="9"), "LOOP_START=2 and LOOP_END=9 must satisfy"),
     (dict(NUM_HEADS="3"), "MODEL_DIM=64 must be divisible by NUM_HEADS=3"),
     (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000 must be a multiple of 8*TRAIN_SEQ_LEN=512"),
+    (dict(GRAD_ACCUM_STEPS="3"), "GRAD_ACCUM_STEPS=3: a step's 32 windows of 64 tokens do not split into WORLD_SIZE=1"),
     (dict(MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10"), "leaves no training time"),
     (dict(RANK="0", WORLD_SIZE="3"), "WORLD_SIZE=3 must divide 8"),
     (dict(VOCAB_SIZE="8192"), "has 384 pieces but VOCAB_SIZE=8192"),
