@@ -4640,6 +4640,7 @@ class Trainer:
         self.seq_phases = seq_schedule(s)  # ((start fraction, length), ...); one phase at TRAIN_SEQ_LEN when off
         self.can_loop = s.num_loops > 0
         self.reserve = s.gptq_reserve_seconds  # train() replaces 0 (measured) by the measured reserve
+        self.warmup_seconds = 0.0  # compile_warmup's wall time
 
     def new_loader(self, seq_len: int = 0) -> TrainLoader:
         """A fresh loader of windows of seq_len (default TRAIN_SEQ_LEN), TRAIN_BATCH_TOKENS a step."""
@@ -4721,7 +4722,8 @@ class Trainer:
             self.model.load_state_dict(initial)
         self.model.looping = False
         rt.sync()
-        rt.log(f"warmup:done seconds:{time.perf_counter() - t0:.1f} timed:0 weights:rolled_back")
+        self.warmup_seconds = time.perf_counter() - t0
+        rt.log(f"warmup:done seconds:{self.warmup_seconds:.1f} timed:0 weights:rolled_back")
 
     def train(self) -> dict:
         s, rt, model = self.s, self.rt, self.model
@@ -4787,7 +4789,7 @@ class Trainer:
                 loader.set_seq_len(seq_len, s.train_batch_tokens // seq_len, unread_steps=1)
                 next_batches = prefetch.submit(self.fetch, loader)
                 rt.log(f"seq_len:switched step:{step} frac:{frac:.3f} seq_len:{seq_len} "
-                       f"seqs_per_step:{loader.global_seqs}")
+                       f"seqs_per_step:{loader.global_seqs} train_time:{clock.estimate_ms(step):.0f}ms")
             batches = next_batches.result()
             next_batches = prefetch.submit(self.fetch, loader)
             loss = self.forward_backward(batches)
@@ -4827,7 +4829,7 @@ class Trainer:
             rt.log(f"ema:applied decay:{s.ema_decay}")
         for line in model.lane_report():
             rt.log(line)
-        return {"steps": step, "train_ms": elapsed_ms, "history": history}
+        return {"steps": step, "train_ms": elapsed_ms, "history": history, "warmup_seconds": self.warmup_seconds}
 
 
 # =================================================================================================
@@ -4972,7 +4974,16 @@ def inductor_workarounds(s: Settings, rt: Runtime):
 
 
 def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
-    """The whole run; returns the figures it logged (tests call this in-process)."""
+    """The whole run; returns the figures it logged (tests call this in-process). Its last line,
+    `run_phases`, says where the wall time went, untimed parts included (start-up, compile warm-up, the
+    passes after training), so a short experiment shows what besides training it pays for."""
+    phases, phase_start, run_start = {}, time.perf_counter(), time.perf_counter()
+
+    def phase_done(name: str):
+        nonlocal phase_start
+        now = time.perf_counter()
+        phases[name] = now - phase_start
+        phase_start = now
     log_header(s, rt)
     use_tf32(rt)
     inductor_workarounds(s, rt)
@@ -4988,6 +4999,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"parallel_residual mode:{s.parallel_residual_mode} start_layer:{s.parallel_residual_start}")
     rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} "
            f"enable_at:{s.enable_looping_at}")
+    phase_done("setup")
     # 1. train (or load a checkpoint)
     if s.load_checkpoint:
         load_checkpoint(model, s, rt, s.load_checkpoint)
@@ -5000,18 +5012,28 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
                    f"untied_mlps:{'copied' if model.loop_mlps is not None else 'none'}")
     if s.save_checkpoint:
         save_checkpoint(model, s, rt, s.save_checkpoint)
+    phase_done("train")  # the compile warm-up, the timed loop and the EMA
     model.looping = trainer.can_loop  # evaluation always runs the full recurrent schedule
     val = trainer.validate()
     rt.log(val.log_line("pre-quantization post-ema"))
     require_finite(val.bpb, "pre-quantization val_bpb", s)
     results.update(val_loss=val.loss, val_bpb=val.bpb, trainer=trainer)
+    phase_done("validate")
     # 2. calibrate inside the training budget, 3. quantize and pack
     hessians, figures = calibrate(trainer, results["train_ms"])
     results.update(figures)
+    phase_done("calibrate")
     results.update(quantize_and_pack(model, hessians, s, rt))
+    phase_done("pack")
     # 4. the score: every pass on the model rebuilt from the artifact alone
     results.update(score_artifact(results["artifact_path"], s, rt, data))
     rt.log(f"quantization_tax bpb:{results['quantized_val_bpb'] - val.bpb:+.8f}")
+    phase_done("score")
+    total = time.perf_counter() - run_start
+    rt.log("run_phases " + " ".join(f"{name}_s:{seconds:.1f}" for name, seconds in phases.items()) +
+           f" total_s:{total:.1f} warmup_s:{results.get('warmup_seconds', 0.0):.1f} "
+           f"loop_s:{results['train_ms'] / 1000:.1f}")
+    results["run_phases"] = dict(phases, total=total)
     return results
 
 

@@ -4,6 +4,7 @@ import hashlib
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ def logs(tiny_data, tmp_path_factory):
     out = {}
     for run_id, extra in (("full", {}), ("lora", dict(EVAL_ONLY=str(tmp / "full.ptz"), TTT_MODE="lora",
                                                       TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4", TTT_LORA_RANK="4"))):
+        started = time.perf_counter()
         proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, env=subprocess_env(dict(env, RUN_ID=run_id, **extra)),
                               capture_output=True, text=True, timeout=600)
+        out[f"{run_id}_wall_seconds"] = time.perf_counter() - started
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[run_id] = (tmp / f"{run_id}.txt").read_text()
     return out
@@ -76,3 +79,16 @@ def test_the_parser_reads_every_figure_of_both_runs(logs):
         assert m.scored_bytes > 0 and m.scored_targets == full.val_targets, m.name
     assert lora.complete and lora.ttt_protocols[0]["mode"] == "lora" and "eval_only" in "".join(lora.phases)
     assert lora.metrics["quantized"].val_bpb == full.metrics["quantized"].val_bpb  # EVAL_ONLY reproduces the round trip
+
+
+def test_run_phases_account_for_the_whole_run(logs):
+    """The last line splits the run's wall time into phases that add up to its total, which the process's own
+    wall time (measured here, from outside) bounds; warm-up and loop are parts of the train phase."""
+    phases = runlog.parse_log(logs["full"]).phases["run_phases"]
+    seconds = {k[:-2]: float(v) for k, v in phases.items() if k.endswith("_s")}
+    named = ("setup", "train", "validate", "calibrate", "pack", "score")
+    assert set(named) | {"total", "warmup", "loop"} == set(seconds)
+    assert sum(seconds[k] for k in named) == pytest.approx(seconds["total"], abs=0.35)  # 6 phases rounded to 0.1
+    assert 0 < seconds["total"] < logs["full_wall_seconds"]
+    assert seconds["warmup"] + seconds["loop"] <= seconds["train"] + 0.1 and seconds["loop"] > 0
+    assert events(logs["full"])[-1].startswith("run_phases ")

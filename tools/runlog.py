@@ -135,7 +135,7 @@ class RunLog:
     metrics: dict = field(default_factory=dict)       # Metric per scored pass, by name, in log order
     final_val_bpb: float | None = None
     artifact: dict = field(default_factory=dict)      # model_bytes, code_bytes, total, limit, margin, path, code_from
-    phases: dict = field(default_factory=dict)        # label -> fields: gptq:hessians, gptq:quantize, serialize, warmup:done, ...
+    phases: dict = field(default_factory=dict)        # label -> fields: gptq:hessians, gptq:quantize, serialize, warmup:done, run_phases, ...
     eval_budget: dict = field(default_factory=lambda: {"early": [], "passes": [], "summary": {}})
     eval_total: dict = field(default_factory=dict)    # eval_total_time line: ms, passes
     byte_check: dict | None = None                    # fields, plus ok: bool and skipped: bool
@@ -389,7 +389,8 @@ def _read_line(log: RunLog, line: Line):
     elif kind == "wallclock:budget":
         log.phases[kind] = dict(f, budget=f"{f.get('seconds')}s", gptq_reserve=f"{f.get('gptq_reserve_seconds')}s",
                                 training_cap=f"{f.get('training_cap_ms')}ms")
-    elif kind.startswith(("gptq:", "serialize", "warmup:", "ttt:", "checkpoint:", "eval_only", "layer_loop:")):
+    elif kind.startswith(("gptq:", "serialize", "warmup:", "ttt:", "checkpoint:", "eval_only", "layer_loop:",
+                          "run_phases")):
         log.phases[kind] = dict(f)
     elif kind == "data" or kind.partition(":")[0] in f:
         log.info.update(f)  # data train_shards:N val_tokens:N, model_params:N, attention_backend:sdpa, mlp_kernel ...
