@@ -2,6 +2,8 @@
 
 The in-process tests use small random matrices; the end-to-end tests share one tiny training run
 (module fixture) and run train_gpt.py, its packed form and EVAL_ONLY in subprocesses."""
+import ast
+import hashlib
 import math
 import os
 import re
@@ -247,15 +249,49 @@ def test_shape_mismatch_names_the_artifact(tiny_env):
 
 def test_packed_stub_runs_the_source_with_readable_tracebacks(tmp_path):
     source = '"""doc \u00e9"""\nimport sys\n\n\ndef fail(x):\n    return 1 / x  # the failing line\n\n\n' \
-             'print("name", __name__, "file", __file__)\nfail(0)\n'
+             'print("name", __name__, "file", __file__, "\u00e9")\nfail(0)\n'
     packed = tg.pack_script(source)
-    assert pack_submission.unpack_script(packed) == source
+    shipped = pack_submission.unpack_script(packed)
+    assert shipped == tg.shipping_source(source) and "doc" not in shipped and "failing" not in shipped
     path = tmp_path / "stub.py"
     path.write_bytes(packed)
     r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=subprocess_env({}))
     assert r.returncode == 1
-    assert f"name __main__ file {path}" in r.stdout
-    assert "return 1 / x  # the failing line" in r.stderr and "ZeroDivisionError" in r.stderr
+    assert f"name __main__ file {path} \u00e9" in r.stdout
+    assert "    return 1 / x\n" in r.stderr and "ZeroDivisionError" in r.stderr  # the shipped line, in the traceback
+
+
+def docstrings_removed(tree):
+    for owner, doc in tg.docstring_nodes(tree):
+        owner.body = owner.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def test_shipping_source_is_the_same_program_without_comments_and_docstrings():
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    shipped = tg.shipping_source(source)
+    assert docstrings_removed(ast.parse(source)) == ast.dump(ast.parse(shipped))  # the same program
+    assert tg.shipping_source(shipped) == shipped  # idempotent: a packed run counts the bytes it was shipped as
+    assert len(shipped) < 0.8 * len(source) and not any(x.strip().startswith("#") for x in shipped.splitlines())
+
+
+def test_shipping_source_leaves_every_other_string_alone():
+    source = ('"""module doc"""\n'
+              'def only_doc():\n    """nothing else"""\n\n'
+              'def f(x):  # a comment\n'
+              '    """doc\n\n    more doc"""\n'
+              '    s = """keep   \n\n# not a comment\n  """  # cut\n'
+              '    t = f"{x} # kept"  # cut too\n'
+              '    return s + t\n'
+              'class C: """shares its line"""; y = 1\n')
+    shipped = tg.shipping_source(source)
+    assert shipped == ('def only_doc():\n    pass\n'
+                       'def f(x):\n'
+                       '    s = """keep   \n\n# not a comment\n  """\n'
+                       '    t = f"{x} # kept"\n'
+                       '    return s + t\n'
+                       'class C: """shares its line"""; y = 1\n')
+    assert tg.shipping_source(shipped) == shipped
 
 
 OCTAL_DIGITS = {bytes([c]) for c in b"01234567"}
@@ -287,7 +323,7 @@ def test_pack_script_escapes_every_byte_value():
             break
     assert set(found) == wanted, f"no text's compressed bytes hold {wanted - set(found)}"
     for case, text in found.items():
-        packed = tg.pack_script(text)
+        packed = tg.stub_for(text)
         body = packed[len(tg.STUB_HEAD):-len(tg.STUB_TAIL)]
         assert b"\0" not in body and b"\r" not in body, case  # no raw NUL or CR reaches the literal
         if case == "NUL before an octal digit":
@@ -383,9 +419,13 @@ def test_packed_script_trains_identically(trained):
     assert loss_lines(log) == loss_lines(trained["log"]) and len(loss_lines(log)) > 10
     assert int(log_values(log, "artifact:")["code_bytes"]) == os.path.getsize(packed)
     assert (trained["tmp"] / "logs" / "packed.ptz").read_bytes() == (trained["tmp"] / "logs" / "source.ptz").read_bytes()
-    # the log hashes (and holds) the readable source, whichever form ran
-    sha = [x for x in log.splitlines() if x.startswith("source_sha256: ")]
-    assert sha and sha == [x for x in trained["log"].splitlines() if x.startswith("source_sha256: ")]
+    # the log hashes (and holds) the source that ran; the shipped code's hash is the same whichever form ran
+    def header(text, key):
+        return [x.split(": ")[1] for x in text.splitlines() if x.startswith(f"{key}: ")]
+    source = (ROOT / "train_gpt.py").read_text()
+    assert header(trained["log"], "source_sha256") == [hashlib.sha256(source.encode()).hexdigest()]
+    shipped = hashlib.sha256(tg.shipping_source(source).encode()).hexdigest()
+    assert header(log, "source_sha256") == [shipped] == header(log, "shipped_sha256") == header(trained["log"], "shipped_sha256")
 
 
 def test_eval_only_reproduces_the_quantized_score_without_training_data(trained, tiny_data, tmp_path):

@@ -363,7 +363,8 @@ def test_record_writes_the_whole_folder(runs, tmp_path, capsys):
     assert sub["compliance"]["artifact"] is True and sub["compliance"]["scored_targets"] is False
     assert sub["compliance"]["eval_time"] is None  # n.a. on a CPU run
     packed = (folder / "train_gpt.py").read_bytes()
-    assert len(packed) == logs[0].code_bytes and pack_submission.unpack_script(packed) == (ROOT / "train_gpt.py").read_text()
+    assert len(packed) == logs[0].code_bytes
+    assert pack_submission.unpack_script(packed) == pack_submission.tg.shipping_source((ROOT / "train_gpt.py").read_text())
     for seed, path in zip(SEEDS, runs["paths"]):
         assert (folder / f"train_seed{seed}.log").read_bytes() == path.read_bytes()
     readme = (folder / "README.md").read_text()

@@ -111,10 +111,11 @@ def packed_script(source: Path, logs) -> bytes:
     import pack_submission  # imports train_gpt (and torch): only needed here
     text = source.read_text(encoding="utf-8")
     packed = pack_submission.tg.pack_script(text)
-    if pack_submission.unpack_script(packed) != text:
-        raise Refusal("the packed stub does not decode to the source (a brotli or Python bug?)")
-    logged_sha = logs[0].source_sha256
-    if logged_sha not in (hashlib.sha256(source.read_bytes()).hexdigest(), hashlib.sha256(packed).hexdigest()):
+    shipped = pack_submission.tg.shipping_source(text)
+    if pack_submission.unpack_script(packed) != shipped:
+        raise Refusal("the packed stub does not decode to the shipped source (a brotli or Python bug?)")
+    logged_sha = logs[0].source_sha256  # of the readable file, or of the shipped code when the packed stub ran
+    if logged_sha not in (hashlib.sha256(source.read_bytes()).hexdigest(), hashlib.sha256(shipped.encode()).hexdigest()):
         raise Refusal(f"--source {source} is not the train_gpt.py the logs ran (source sha256 {logged_sha}): "
                       f"check out the commit that trained them, or pass that file as --source")
     counted = logs[0].code_bytes
