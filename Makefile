@@ -44,7 +44,7 @@ smoke: setup smoke-data ## the whole pipeline on CPU in a few minutes; prints va
 	rm -f $(SMOKE_LOG_DIR)/smoke.txt $(SMOKE_LOG_DIR)/smoke.ptz
 	env $(SMOKE_ENV) $(PY) train_gpt.py
 
-test: setup ## the test suite (CPU, about 18 minutes on 2 cores)
+test: setup ## the test suite (CPU, about 20 minutes on 2 cores)
 	$(PY) -m pytest -q tests
 
 data: ## download the official SP8192 shards and tokenizer (TRAIN_SHARDS=80)
