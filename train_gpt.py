@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import functools
 import glob
 import hashlib
 import importlib
@@ -296,10 +297,10 @@ class Settings:
         group="quantization", bounds="[0, inf)")
     lqer_rank: int = setting(4, "rank of the LQER correction", group="quantization", bounds="[1, 64]")
     compressor: str = setting("brotli",
-        "compressor of the artifact: brotli-11, lzma -9e, zpaq (level 5, one thread; optional pip package zpaq) "
-        "or ans (order-0 ANS per grid stream, brotli for the header; optional pip package constriction); an "
-        "optional package is needed at training and at evaluation", choices=('brotli', 'lzma', 'zpaq', 'ans'),
-        group="quantization")
+        "compressor of the artifact: brotli-11, lzma -9e, zpaq (level 5, one thread; optional pip package "
+        "zpaq>=0.3.7) or ans (order-0 ANS per grid stream, brotli for the header; optional pip package "
+        "constriction); an optional package is needed at training and at evaluation, and is checked by a round "
+        "trip at start-up", choices=('brotli', 'lzma', 'zpaq', 'ans'), group="quantization")
     row_order: str = setting("none",
         "rows of each quantized matrix before compression: none, or similarity (a greedy nearest-neighbour chain "
         "by L1 distance, PR #1855; the permutation ships as uint16 and is undone on load)",
@@ -533,6 +534,7 @@ def validate_quantization_settings(s):
     if mixed_bits(s) is not None:
         need(s.attn_bits == 0 and s.mlp_bits == 0,
              f"GPTQ_MIXED_BITS={s.gptq_mixed_bits} chooses every block matrix's bits: unset ATTN_BITS/MLP_BITS")
+    check_compressor(s.compressor)
 
 
 SETTINGS = [Setting(f.name.upper(), f.default, **f.metadata) for f in fields(Settings)]
@@ -3052,6 +3054,28 @@ def decompress(data: bytes, kind: str) -> bytes:
     if kind == "zpaq":
         return optional_package("zpaq", "COMPRESSOR=zpaq").decompress(data)
     return lzma.decompress(data, format=lzma.FORMAT_ALONE)
+
+
+# The optional compressors' packages, as pip should install them: zpaq before 0.3 has another API (no threads).
+COMPRESSOR_PACKAGES = {"zpaq": "'zpaq>=0.3.7'", "ans": "'constriction>=0.5'"}
+
+
+@functools.lru_cache(maxsize=None)
+def check_compressor(kind: str):
+    """Round-trip a few bytes at start-up: a missing or incompatible optional package fails before training,
+    not when the artifact is packed after 600 s (zpaq 0.0.x installs fine and then rejects threads=)."""
+    probe = bytes(range(256)) * 2
+    try:
+        ok = decompress(compress(probe, kind), kind) == probe
+    except UserError:
+        raise
+    except Exception as e:  # an incompatible version: its own error, first line only
+        raise UserError(f"COMPRESSOR={kind}: the installed package failed a test round trip ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); pip install -U "
+                        f"{COMPRESSOR_PACKAGES.get(kind, kind)}") from None
+    if not ok:
+        raise UserError(f"COMPRESSOR={kind}: a test round trip returned other bytes; pip install -U "
+                        f"{COMPRESSOR_PACKAGES.get(kind, kind)}")
 
 
 def stream_compressor(compressor: str, index: int) -> str:

@@ -7,12 +7,16 @@ import math
 import struct
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL, subprocess_env
 import train_gpt as tg
+
+sys.path.insert(0, str(ROOT / "tools"))
+import artifact_frontier as frontier  # noqa: E402
 
 try:
     import zpaq  # noqa: F401
@@ -311,3 +315,38 @@ def test_frontier_tool_refuses_a_non_quantization_setting():
     r = subprocess.run([sys.executable, "tools/artifact_frontier.py", "--checkpoint", __file__, "--combo",
                         "x=MODEL_DIM=128"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "not a quantization setting" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_incompatible_compressor_package_fails_before_training(monkeypatch, tiny_env):
+    # zpaq 0.0.x installs under the same name and has compress(data, level) only: the run must stop at
+    # validation with the version to install, not after training when the artifact is packed
+    old_zpaq = types.ModuleType("zpaq")
+    old_zpaq.compress = lambda data, level=5: bytes(data)
+    old_zpaq.decompress = lambda data: bytes(data)
+    monkeypatch.setitem(sys.modules, "zpaq", old_zpaq)
+    tg.check_compressor.cache_clear()
+    try:
+        s = tg.Settings(environ=dict(tiny_env, COMPRESSOR="zpaq"))
+        with pytest.raises(tg.UserError, match=r"COMPRESSOR=zpaq: the installed package failed a test round trip "
+                                               r"\(TypeError: .*\); pip install -U 'zpaq>=0.3.7'"):
+            s.validate(1)
+    finally:
+        tg.check_compressor.cache_clear()
+
+
+def test_a_missing_compressor_package_fails_at_validation(monkeypatch, tiny_env):
+    monkeypatch.setitem(sys.modules, "constriction", None)
+    tg.check_compressor.cache_clear()
+    try:
+        with pytest.raises(tg.UserError, match="COMPRESSOR=ans needs the Python package constriction"):
+            tg.Settings(environ=dict(tiny_env, COMPRESSOR="ans")).validate(1)
+    finally:
+        tg.check_compressor.cache_clear()
+
+
+def test_frontier_combo_values_may_hold_commas():
+    name, combo = frontier.parse_combo("m=GPTQ_MIXED_BITS=5,6,ROW_ORDER=similarity,GPTQ_MIXED_HIGH_FRAC=0.75")
+    assert name == "m" and combo == {"GPTQ_MIXED_BITS": "5,6", "ROW_ORDER": "similarity",
+                                     "GPTQ_MIXED_HIGH_FRAC": "0.75"}
+    with pytest.raises(SystemExit, match="not a quantization setting"):
+        frontier.parse_combo("m=5,6")

@@ -70,10 +70,15 @@ VARIABLE = {x.name for x in tg.SETTINGS if x.group == "quantization"} - {"ARTIFA
 
 
 def parse_combo(text: str) -> tuple:
-    """'name=SETTING=value,SETTING=value' -> (name, {SETTING: value}); 'name=' is the defaults."""
+    """'name=SETTING=value,SETTING=value' -> (name, {SETTING: value}); 'name=' is the defaults.
+
+    A value may hold commas itself (GPTQ_MIXED_BITS=5,6): an item without '=' continues the previous value."""
     name, _, rest = text.partition("=")
-    settings = {}
+    settings, key = {}, None
     for item in filter(None, rest.split(",")):
+        if "=" not in item and key is not None:
+            settings[key] += "," + item
+            continue
         key, eq, value = item.partition("=")
         if not eq or key not in VARIABLE:
             raise SystemExit(f"error: --combo {text!r}: {key!r} is not a quantization setting "
