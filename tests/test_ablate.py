@@ -152,3 +152,23 @@ def test_builtin_features_name_real_settings_and_references():
         ablate.check_features(builtin, {"base"} | {f.name for f in builtin})
     with_refs = ablate.plan_features(ablate.EVAL_FEATURES, "lora_b_only", [])
     assert [f.name for f in with_refs] == ["base", "lora", "lora_b_only"]
+
+
+def test_a_features_seeds_run_back_to_back(monkeypatch, tmp_path):
+    # the order is what lets the second seed reuse the first's compiled graphs; the runs themselves are
+    # exercised by the tests above, here only the order in which run_plan starts them is recorded
+    started = []
+    monkeypatch.setattr(ablate.seeds_tool, "run_or_resume",
+                        lambda label, rid, *args: started.append(rid) or (None, "ran"))
+    features = [ablate.Feature("base", {}), ablate.Feature("smear", {"SMEAR_GATE": "1"})]
+    assert ablate.run_plan("train", features, [1337, 42], {}, [], tmp_path, ablate.Budget(None), quiet=True)
+    assert started == ["base_seed1337", "base_seed42", "smear_seed1337", "smear_seed42"]
+
+
+def test_feature_values_may_hold_commas_and_at_signs():
+    f = ablate.parse_feature("seq=TRAIN_SEQ_SCHEDULE=1024@0,2048@0.5,TRAIN_SEQ_LEN=2048@lora")
+    assert f.settings == {"TRAIN_SEQ_SCHEDULE": "1024@0,2048@0.5", "TRAIN_SEQ_LEN": "2048"} and f.reference == "lora"
+    f = ablate.parse_feature("m=GPTQ_MIXED_BITS=5,6")
+    assert f.settings == {"GPTQ_MIXED_BITS": "5,6"} and f.reference == "base"
+    with pytest.raises(SystemExit, match="is not KEY=VALUE"):
+        ablate.parse_feature("m=5,6")

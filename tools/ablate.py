@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import os
 import queue
+import re
 import shlex
 import sys
 import threading
@@ -112,11 +113,19 @@ class Row:
 def parse_feature(text: str) -> Feature:
     """NAME=K=V,K=V[@REF] -> Feature, every key a train_gpt.py setting."""
     name, sep, rest = text.partition("=")
-    rest, _, reference = rest.partition("@")
+    # '@' also appears inside values (TRAIN_SEQ_SCHEDULE=1024@0,2048@0.5): only a trailing feature name
+    # (a letter first) is a reference
+    head, at, tail = rest.rpartition("@")
+    reference = ""
+    if at and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", tail):
+        rest, reference = head, tail
     if not sep or not name.replace("_", "").replace("-", "").isalnum():
         sys.exit(f"error: --feature {text!r} must read NAME=KEY=VALUE[,KEY=VALUE...][@REFERENCE], e.g. lr26=MATRIX_LR=0.026")
-    settings = {}
+    settings, key = {}, None
     for item in filter(None, rest.split(",")):
+        if "=" not in item and key is not None:  # a value with commas in it (TRAIN_SEQ_SCHEDULE, GPTQ_MIXED_BITS)
+            settings[key] += "," + item
+            continue
         key, eq, value = item.partition("=")
         if not eq:
             sys.exit(f"error: --feature {text!r}: {item!r} is not KEY=VALUE")
@@ -186,7 +195,7 @@ class Budget:
 
 def run_plan(mode: str, features: list, seeds: list, base_env: dict, argv_run: list, log_dir: Path,
              budget: Budget, quiet: bool, gpu_slots: list | None = None) -> bool:
-    """Run every (feature, seed) not finished yet, seeds outermost, as many at once as gpu_slots has entries
+    """Run every (feature, seed) not finished yet, a feature's seeds back to back, as many at once as gpu_slots has entries
     (each a CUDA_VISIBLE_DEVICES value, or None to share what is visible); False when the budget stopped it."""
     source_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
     slots = queue.Queue()
@@ -222,7 +231,9 @@ def run_plan(mode: str, features: list, seeds: list, base_env: dict, argv_run: l
         finally:
             slots.put(slot)
 
-    jobs = [(f, seed) for seed in seeds for f in features]
+    # Feature-major: a feature's seeds run back to back, so the second finds the first's compiled graphs in
+    # the inductor's on-disk cache (same shapes and code, only the seed differs) instead of compiling afresh.
+    jobs = [(f, seed) for f in features for seed in seeds]
     with ThreadPoolExecutor(max_workers=slots.qsize()) as pool:
         for future in [pool.submit(one, f, seed) for f, seed in jobs]:
             future.result()  # a failed run's SystemExit surfaces here, after the runs already started finish
