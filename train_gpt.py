@@ -2994,7 +2994,8 @@ def optional_package(name: str, setting: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise UserError(f"{setting} needs the Python package {name}: pip install {name} "
+        raise UserError(f"{setting} needs the Python package {name}: pip install "
+                        f"{COMPRESSOR_PACKAGES.get(setting.split('=')[-1], name)} "
                         f"(or choose another {setting.split('=')[0]})") from None
 
 

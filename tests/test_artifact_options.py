@@ -193,7 +193,8 @@ def test_similarity_order_is_a_permutation_that_brings_alike_rows_together():
 @pytest.mark.parametrize("compressor,package", [("zpaq", "zpaq"), ("ans", "constriction")])
 def test_missing_optional_compressor_is_a_one_line_error(monkeypatch, compressor, package):
     monkeypatch.setitem(sys.modules, package, None)  # importing it now raises ImportError
-    with pytest.raises(tg.UserError, match=f"COMPRESSOR={compressor} needs the Python package {package}: pip install"):
+    with pytest.raises(tg.UserError,
+                       match=f"COMPRESSOR={compressor} needs the Python package {package}: pip install '{package}>="):
         tg.compress(b"abc", compressor)
 
 
