@@ -885,7 +885,10 @@ def compiled(fn, enabled: bool, dynamic: bool | None = False, mode: str = "defau
         return fn
     options = {"coordinate": {"coordinate_descent_tuning": True},
                "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}.get(mode)
-    return torch.compile(fn, dynamic=dynamic, fullgraph=True, options=options)
+    graph = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=options)
+    if not isinstance(fn, nn.Module):  # (on a module it would register fn as a submodule of the wrapper)
+        graph.eager = fn  # for a shape met once, where compiling costs more than it saves (score_windows)
+    return graph
 
 
 class Timer:
@@ -3705,12 +3708,16 @@ def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: i
     The one window that scores more than `stride` targets runs on its own with losses for every position;
     the rest run `batch` at a time with losses for their last `stride` positions only, padded with empty
     segments so compiled shapes never change. on_batch(i) is called after each batch of the rest. With
-    hints (NGRAM_TILT) loss_fn takes the targets' hints as a third argument."""
+    hints (NGRAM_TILT) loss_fn takes the targets' hints as a third argument.
+
+    That one window (the stream's first seq_len targets) runs uncompiled (`loss_fn.eager`): it occurs once
+    in a pass, and a graph of its own shape would cost a compile of tens of seconds for milliseconds of work."""
     device = tokens.device
     long = segments[:, 2] - segments[:, 1] + 1 > stride
-    groups = [(segments[long], seq_len, 1), (segments[~long], stride, batch)]
+    groups = [(segments[long], seq_len, 1, getattr(loss_fn, "eager", loss_fn)),
+              (segments[~long], stride, batch, loss_fn)]
     positions = torch.arange(seq_len, device=device)
-    for segs, tail, size in groups:
+    for segs, tail, size, group_fn in groups:
         if not len(segs):
             continue
         padding = np.tile([[0, 1, 0]], ((-len(segs)) % size, 1))  # segment [0, 1, 0] scores nothing
@@ -3722,7 +3729,7 @@ def score_windows(loss_fn, tokens, segments: np.ndarray, seq_len: int, stride: i
             target_pos = idx[:, seq_len - tail:] + 1
             y = tokens[target_pos].long()
             mask = (target_pos >= seg[:, 1:2]) & (target_pos <= seg[:, 2:3])
-            scores.add(loss_fn(x, y, *hint_args(hints, target_pos)), x[:, seq_len - tail:], y, target_pos, mask, tables)
+            scores.add(group_fn(x, y, *hint_args(hints, target_pos)), x[:, seq_len - tail:], y, target_pos, mask, tables)
             if on_batch is not None and tail == stride:
                 on_batch(i)
     for _, first, last in segments:
@@ -3976,9 +3983,8 @@ def warm_up_chunk_ttt(loss_fn, params, s: Settings, rt: Runtime, vocab: int, ste
     random tokens (and random hints when tilted); no step is taken, so the weights are unchanged."""
     t0 = time.perf_counter()
     L, stride, batch = s.eval_seq_len, s.eval_stride, s.eval_batch_windows
-    with torch.no_grad():
+    with torch.no_grad():  # the stream's first window runs uncompiled (score_windows): no [1, L] graph
         random_losses(loss_fn, batch, L, stride, vocab, s, rt, tilted)
-        random_losses(loss_fn, 1, L, L, vocab, s, rt, tilted)
     warm_up_sgd_steps(loss_fn, params, s, rt, vocab, step_sizes, t0, tilted)
 
 

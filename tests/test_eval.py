@@ -796,3 +796,29 @@ def test_a_run_saves_then_reloads_and_runs_every_pass(tiny_data, tmp_path):
     for line in ("checkpoint:loaded", "byte_check: docs:", "quantized_sliding_window val_loss:", "ttt:protocol rule:score-first mode:chunk",
                  "final_ttt val_loss:", "eval_budget: passes:plain=", "final val_bpb:"):
         assert line in log, line
+
+
+def test_compiled_passes_run_the_streams_first_window_uncompiled(tiny_data, tmp_path, monkeypatch):
+    """COMPILE=1 (aot_eager: dynamo's graphs and guards without inductor's codegen): the sliding window compiles
+    one graph (its batches) and chunk TTT three (its scoring batches and SGD steps of 3 and 1 sequences), all in
+    the warm-up; the first window, which scores every position and occurs once, runs uncompiled. The scores are
+    those of the uncompiled passes."""
+    eager_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, **dict(kw, backend="aot_eager")))
+    stats = torch._dynamo.utils.counters["stats"]
+    s, rt = make(tiny_data, tmp_path, COMPILE="1")
+    _, tables = tables_for(s)
+    val = validation(s, 1000)
+    model = random_model(s)
+    torch._dynamo.reset()
+    before = stats["unique_graphs"]
+    sliding = tg.evaluate_windows(tg.compiled(model.token_losses, True), val, tables, 64, 16, 8, rt)
+    assert stats["unique_graphs"] - before == 1
+    reference = tg.evaluate_windows(losses_fn(model), val, tables, 64, 16, 8, rt)
+    assert sliding.loss == pytest.approx(reference.loss, rel=1e-5)
+    torch._dynamo.reset()
+    before = stats["unique_graphs"]
+    ttt = tg.evaluate_ttt_chunk(model, s, rt, val, tables)
+    assert stats["unique_graphs"] - before == 3
+    s0, rt0 = make(tiny_data, tmp_path, COMPILE="0")
+    assert ttt.loss == pytest.approx(tg.evaluate_ttt_chunk(model, s0, rt0, val, tables).loss, rel=1e-4)
