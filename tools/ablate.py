@@ -121,14 +121,10 @@ def parse_feature(text: str) -> Feature:
         rest, reference = head, tail
     if not sep or not name.replace("_", "").replace("-", "").isalnum():
         sys.exit(f"error: --feature {text!r} must read NAME=KEY=VALUE[,KEY=VALUE...][@REFERENCE], e.g. lr26=MATRIX_LR=0.026")
-    settings, key = {}, None
-    for item in filter(None, rest.split(",")):
-        if "=" not in item and key is not None:  # a value with commas in it (TRAIN_SEQ_SCHEDULE, GPTQ_MIXED_BITS)
-            settings[key] += "," + item
-            continue
-        key, eq, value = item.partition("=")
-        if not eq:
-            sys.exit(f"error: --feature {text!r}: {item!r} is not KEY=VALUE")
+    settings = {}
+    for key, value in runlog.settings_items(rest):
+        if value is None:
+            sys.exit(f"error: --feature {text!r}: {key!r} is not KEY=VALUE")
         settings[key] = value
     return Feature(name, settings, reference or "base", note="from the command line")
 
@@ -195,8 +191,9 @@ class Budget:
 
 def run_plan(mode: str, features: list, seeds: list, base_env: dict, argv_run: list, log_dir: Path,
              budget: Budget, quiet: bool, gpu_slots: list | None = None) -> bool:
-    """Run every (feature, seed) not finished yet, a feature's seeds back to back, as many at once as gpu_slots has entries
-    (each a CUDA_VISIBLE_DEVICES value, or None to share what is visible); False when the budget stopped it."""
+    """Run every (feature, seed) not finished yet, a feature's seeds back to back, as many at once as gpu_slots
+    has entries (each a CUDA_VISIBLE_DEVICES value, or None to share what is visible); False when the budget
+    stopped it."""
     source_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
     slots = queue.Queue()
     for slot in gpu_slots or [None]:

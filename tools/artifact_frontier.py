@@ -33,8 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 import torch  # noqa: E402
 
+import runlog  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # The issue-14 list: today's default first (the reference row), each option alone, then the calibration sweep
@@ -72,15 +74,11 @@ VARIABLE = {x.name for x in tg.SETTINGS if x.group == "quantization"} - {"ARTIFA
 def parse_combo(text: str) -> tuple:
     """'name=SETTING=value,SETTING=value' -> (name, {SETTING: value}); 'name=' is the defaults.
 
-    A value may hold commas itself (GPTQ_MIXED_BITS=5,6): an item without '=' continues the previous value."""
+    A value may hold commas itself (GPTQ_MIXED_BITS=5,6): see runlog.settings_items."""
     name, _, rest = text.partition("=")
-    settings, key = {}, None
-    for item in filter(None, rest.split(",")):
-        if "=" not in item and key is not None:
-            settings[key] += "," + item
-            continue
-        key, eq, value = item.partition("=")
-        if not eq or key not in VARIABLE:
+    settings = {}
+    for key, value in runlog.settings_items(rest):
+        if value is None or key not in VARIABLE:
             raise SystemExit(f"error: --combo {text!r}: {key!r} is not a quantization setting "
                              f"({', '.join(sorted(VARIABLE))}); write NAME=SETTING=value,SETTING=value")
         settings[key] = value

@@ -64,6 +64,20 @@ class Line:
         return normalise(self.label)
 
 
+def settings_items(text: str) -> list:
+    """'KEY=VALUE,KEY=VALUE' (the tools' --feature/--combo lists) as [(key, value)]. A value may hold commas
+    (GPTQ_MIXED_BITS=5,6): an item without '=' continues the previous value; one with nothing to continue
+    comes back as (item, None), for the caller to refuse."""
+    items = []
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq and items and items[-1][1] is not None:
+            items[-1] = (items[-1][0], items[-1][1] + "," + item)
+        else:
+            items.append((key, value if eq else None))
+    return items
+
+
 def normalise(label: str) -> str:
     return re.sub(r"[\s\-]+", "_", label.strip().rstrip(":").lower())
 
