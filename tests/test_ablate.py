@@ -139,6 +139,7 @@ def test_parallel_runs_get_disjoint_gpus_when_there_are_enough(monkeypatch, caps
     (["eval", "--artifact", "/nonexistent.ptz"], "eval needs --artifact"),
     (["train", "--only", "none", "--parallel", "0"], "--parallel 0 must be at least 1"),
     (["train", "--only", "none", "--feature", "x=MATRIX_LR=-1"], "MATRIX_LR"),
+    (["train", "--only", "none", "--script", "/nonexistent.py"], "--script /nonexistent.py: no such file"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -172,3 +173,23 @@ def test_feature_values_may_hold_commas_and_at_signs():
     assert f.settings == {"GPTQ_MIXED_BITS": "5,6"} and f.reference == "base"
     with pytest.raises(SystemExit, match="is not KEY=VALUE"):
         ablate.parse_feature("m=5,6")
+
+
+def test_a_pinned_script_runs_and_keeps_its_logs_apart_from_the_checkouts(plan, tmp_path):
+    # a study spread over sessions pins its source with --script while train_gpt.py moves on: the pinned
+    # copy is what runs (its hash is in the log), and the checkout's train_gpt.py cannot reuse that log
+    import hashlib
+    pinned = tmp_path / "pinned.py"
+    pinned.write_bytes((ROOT / "train_gpt.py").read_bytes() + b"\n# pinned for a study\n")
+    logs = tmp_path / "logs"
+    cmd = ablate_cmd("train", "--seeds", "3", "--only", "none", "--log-dir", str(logs), *TINY_TRAIN)
+    r = subprocess.run(cmd + ["--script", str(pinned)], cwd=ROOT, env=plan["env"], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"python3 {pinned}" in r.stdout
+    logged = re.search(r"\nsource_sha256: (\w+)", (logs / "base_seed3.txt").read_text()).group(1)
+    assert logged == hashlib.sha256(pinned.read_bytes()).hexdigest()
+    again = subprocess.run(cmd + ["--script", str(pinned)], cwd=ROOT, env=plan["env"], capture_output=True, text=True)
+    assert again.returncode == 0 and "base_seed3: done earlier" in again.stdout
+    checkout = subprocess.run(cmd, cwd=ROOT, env=plan["env"], capture_output=True, text=True)
+    assert checkout.returncode != 0 and "it ran another train_gpt.py" in checkout.stderr, checkout.stderr[-2000:]

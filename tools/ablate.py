@@ -16,6 +16,8 @@ over several seeds, evaluation-side features on one fixed artifact. Resumable, w
                                     compared with (default: base), e.g. --feature lr26=MATRIX_LR=0.026
     --budget-seconds 540            start no run that would end after this many seconds of this call (the
                                     estimate is the longest run so far in the call); rerun to continue
+    --script pinned.py              run this copy of train_gpt.py (a study spread over sessions keeps one
+                                    source while the checkout moves on; finished logs count only for it)
     --parallel 8                    8 runs at once: on an 8-GPU box each gets its own GPU(s); where they
                                     must share one, the scores hold but the step times do not
     KEY=VALUE ...                   settings every run takes (after the regime, before the feature)
@@ -32,7 +34,6 @@ Columns: mean delta, each seed's delta, mean step time delta, artifact bytes del
 Not a test: the figures depend on the machine and the data. Say which regime a figure comes from.
 """
 import argparse
-import hashlib
 import os
 import queue
 import re
@@ -194,7 +195,7 @@ def run_plan(mode: str, features: list, seeds: list, base_env: dict, argv_run: l
     """Run every (feature, seed) not finished yet, a feature's seeds back to back, as many at once as gpu_slots
     has entries (each a CUDA_VISIBLE_DEVICES value, or None to share what is visible); False when the budget
     stopped it."""
-    source_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+    source_sha = seeds_tool.script_sha256()
     slots = queue.Queue()
     for slot in gpu_slots or [None]:
         slots.put(slot)
@@ -353,8 +354,13 @@ def main(argv=None):
     parser.add_argument("--budget-seconds", type=float, help="start no run that would end after this many seconds")
     parser.add_argument("--out", help="table: also write the markdown here")
     parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output (the logs have it)")
+    parser.add_argument("--script", help="run this copy of train_gpt.py instead of the checkout's: pins the source "
+                        "of a study spread over sessions (`git show REV:train_gpt.py > pinned.py`)")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE settings of train_gpt.py for every run")
     args = parser.parse_intermixed_args(argv)
+    global tg
+    seeds_tool.use_script(args.script)
+    tg = seeds_tool.tg  # the settings the runs take are the script's
     log_dir = Path(args.log_dir)
     extra = [parse_feature(t) for t in args.feature]
 

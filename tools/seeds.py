@@ -18,6 +18,7 @@ Then: `python3 tools/significance.py --new LOG_DIR/<name>_seed*.txt --baseline .
 """
 import argparse
 import hashlib
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -32,6 +33,42 @@ import significance  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 SET_BY_THIS_TOOL = ("SEED", "RUN_ID")
+SCRIPT = ROOT / "train_gpt.py"  # what runs; --script replaces it (use_script)
+
+
+def use_script(path: str | None):
+    """Run another copy of train_gpt.py (--script), and read the settings it takes from that copy. A study
+    spread over sessions pins its source this way (`git show REV:train_gpt.py > pinned.py`) while the
+    checkout moves on: a finished log counts only for the source that wrote it."""
+    global tg, SCRIPT
+    if path is None:
+        return
+    script = Path(path).resolve()
+    if not script.is_file():
+        sys.exit(f"error: --script {path}: no such file; give a copy of train_gpt.py, e.g. from "
+                 f"`git show <revision>:train_gpt.py > {path}`")
+    spec = importlib.util.spec_from_file_location(f"train_gpt_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.exit(f"error: --script {path} is not a loadable train_gpt.py: {type(e).__name__}: {e}")
+    if not hasattr(module, "Settings") or not hasattr(module, "SETTINGS_BY_NAME"):
+        sys.exit(f"error: --script {path} defines no Settings: it is not a copy of train_gpt.py")
+    tg, SCRIPT = module, script
+
+
+def script_sha256() -> str:
+    """The source hash a run of SCRIPT logs (train_gpt.py hashes the file it runs from)."""
+    return hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
+
+
+def shown_script() -> str:
+    try:
+        return str(SCRIPT.relative_to(Path.cwd()))
+    except ValueError:
+        return str(SCRIPT)
 
 
 def parse_seeds(text: str) -> list:
@@ -58,11 +95,11 @@ def parse_overrides(items: list) -> dict:
 
 def launcher(nproc: int) -> tuple:
     """(argv, the same as it would be typed): plain python for --nproc 0, torchrun otherwise."""
-    script = str(ROOT / "train_gpt.py")
+    script, shown = str(SCRIPT), shown_script()
     if nproc == 0:
-        return [sys.executable, script], "python3 train_gpt.py"
+        return [sys.executable, script], f"python3 {shown}"
     return ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script],
-            f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py")
+            f"torchrun --standalone --nproc_per_node={nproc} {shown}")
 
 
 def expected_settings(env: dict) -> dict:
@@ -147,8 +184,10 @@ def main(argv=None):
     parser.add_argument("--nproc", type=int, default=8, help="processes per run through torchrun; 0: plain python3 (default 8)")
     parser.add_argument("--log-dir", help="where logs and artifacts go (default: $LOG_DIR or logs)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output (the logs have it)")
+    parser.add_argument("--script", help="run this copy of train_gpt.py instead of the checkout's (a pinned source)")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE settings of train_gpt.py")
     args = parser.parse_args(argv)
+    use_script(args.script)
     if not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         sys.exit(f"error: --name {args.name!r} must be letters, digits, '-', '_' or '.' (it names files)")
     if args.nproc < 0 or (args.nproc and 8 % args.nproc):
@@ -165,7 +204,7 @@ def main(argv=None):
     shown = {k: v for k, v in base.items() if k in tg.SETTINGS_BY_NAME and k not in SET_BY_THIS_TOOL}
     print("command per seed: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items()))
           + f" SEED=<S> RUN_ID={args.name}_seed<S> {typed}", flush=True)
-    source_sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+    source_sha = script_sha256()
 
     rows = []
     for seed in seeds:
