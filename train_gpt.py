@@ -311,7 +311,8 @@ class Settings:
     artifact_path: str = setting("",
         "where the compressed model goes (default LOG_DIR/<RUN_ID>.ptz)", group="quantization")
     artifact_limit_bytes: int = setting(16000000,
-        "limit on model bytes + code bytes; the run fails before evaluation above it",
+        "limit on model bytes + code bytes; the run fails before evaluation above it, and before training "
+        "when the shape-based estimate (artifact_estimate) is more than 5% above it",
         group="quantization", bounds="[1, inf)")
     code_bytes_from: str = setting("packed",
         "code bytes counted: packed = the shipped form tools/pack_submission.py writes, computed from the running "
@@ -2819,6 +2820,75 @@ def add_lqer(qstate: dict, state: dict, top_k: int, rank: int):
         qstate[name].lqer = lqer_factors(errors[name], rank)
 
 
+# --- the artifact's size, estimated before training -----------------------------------------------------
+# Once compressed, a grid value costs about the entropy of a Gaussian on its grid: step = clip * sigma / q_max,
+# so log2(sqrt(2 pi e) * q_max / clip) bits. Measured on trained weights (brotli-11; the H200 240 s checkpoints
+# and the 2aa73bf ablation artifact, 2026-12-04): int6 block matrices at 12.85 sigma take 3.36-3.37 bits
+# (Gaussian: 3.32), the int8 embedding at 20 sigma 4.63 (Gaussian: 4.71; its rows are peakier). The offsets
+# are those differences. Stream 0 (fp16 row scales and passthrough tensors, byte-shuffled) compressed to 0.63
+# of its raw size there. The check refuses only a clear overshoot: ARTIFACT_ESTIMATE_MARGIN above the limit.
+GRID_BITS_OFFSET = {"embed": -0.085, "block": 0.05}
+STREAM0_RATIO = 0.63
+ARTIFACT_ESTIMATE_MARGIN = 0.05
+
+
+def grid_value_bits(bits: int, clip_sigmas: float, role: str) -> float:
+    q_max = 2 ** (bits - 1) - 1
+    gaussian = math.log2(math.sqrt(2 * math.pi * math.e) * q_max / clip_sigmas)
+    return max(0.05, gaussian + GRID_BITS_OFFSET["embed" if role == "embed" else "block"])
+
+
+def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
+    """The artifact's model bytes for a state dict of this shape under these quantization settings, from the
+    grid-value costs above (not from the weights' values): within about 1% of the measured artifacts for the
+    default and 3% for the role, mixed-bit and AWQ options (tests/test_quant.py). GPTQ_MIXED_BITS counts the
+    high-bit fraction of the block matrices by number; LQER adds its int2 A and int4 B at full size."""
+    stream0, grids = 0.0, 0.0
+    mixed = mixed_bits(s)
+    rows_of_ints = []
+    for name, t in state.items():
+        kind, bits, clip = quantization_plan(name, t, s, name in hessian_names)
+        if kind != "int":
+            stream0 += t.numel() * (2 if kind == "fp16" else t.element_size())
+            continue
+        rows, cols = t.shape
+        role = tensor_role(name)
+        widths = [(1.0, bits)]
+        if mixed is not None and role != "embed":
+            widths = [(s.gptq_mixed_high_frac, mixed[1]), (1 - s.gptq_mixed_high_frac, mixed[0])]
+        for weight, width in widths:
+            awq_cols = s.awq_group if s.awq_group > 0 and s.awq_bits > width and cols >= s.awq_group else 0
+            awq_extra = math.log2((2 ** (s.awq_bits - 1) - 1) / (2 ** (width - 1) - 1)) if awq_cols else 0.0
+            grids += weight * rows * (cols * grid_value_bits(width, clip, role) + awq_cols * awq_extra) / 8
+        stream0 += 2 * rows  # the fp16 row scale
+        rows_of_ints.append((rows, cols))
+    lqer = 0.0
+    if s.lqer_top_k > 0:  # the largest tensors stand in for the top-k by error
+        for rows, cols in sorted(rows_of_ints, key=lambda rc: -rc[0] * rc[1])[:s.lqer_top_k]:
+            r = s.lqer_rank
+            lqer += r * (rows * 2 + cols * 4) / 8 + 2 * (1 + r * -(-cols // LQER_B_GROUP))
+    return int(grids + lqer + STREAM0_RATIO * stream0)
+
+
+def check_artifact_estimate(model: nn.Module, s: Settings, rt: Runtime) -> int:
+    """Before training: log the estimated artifact size, and refuse a configuration whose estimate is over
+    ARTIFACT_LIMIT_BYTES by more than the estimate's margin (a model grown past the limit would otherwise
+    train for 600 s and then fail when packed). Returns the estimated total."""
+    hessian_names = set(quantized_linears(model)) | {"tok_emb.weight"}
+    model_bytes = estimate_model_bytes(model.state_dict(), hessian_names, s)
+    code = code_bytes(s)
+    total = model_bytes + code
+    rt.log(f"artifact_estimate: model_bytes:{model_bytes} code_bytes:{code} total:{total} "
+           f"limit:{s.artifact_limit_bytes} margin:{s.artifact_limit_bytes - total} (before training, "
+           f"+-{ARTIFACT_ESTIMATE_MARGIN:.0%})")
+    if total > s.artifact_limit_bytes * (1 + ARTIFACT_ESTIMATE_MARGIN):
+        raise UserError(f"the artifact is estimated at {total:,} bytes ({model_bytes:,} model + {code:,} code), "
+                        f"over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes:,} by more than the estimate's "
+                        f"{ARTIFACT_ESTIMATE_MARGIN:.0%} margin: lower MATRIX_BITS/MLP_BITS/ATTN_BITS/EMBED_BITS "
+                        f"or the model's size before training")
+    return total
+
+
 def dequantize_state(qstate: dict) -> dict:
     """{name: tensor} in each tensor's original dtype, ready for load_state_dict."""
     state = {}
@@ -3254,6 +3324,12 @@ def running_source() -> str:
 def code_bytes(s: Settings) -> int:
     if s.code_bytes_from == "file":
         return Path(__file__).stat().st_size
+    return packed_source_bytes()
+
+
+@functools.lru_cache(maxsize=None)
+def packed_source_bytes() -> int:
+    """Packing takes ~0.5 s; the source does not change during a run (start-up estimate and final count)."""
     return len(pack_script(running_source()))
 
 
@@ -5083,6 +5159,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"data train_shards:{len(trainer.train_files)} val_tokens:{len(data.val_tokens) - 1}")
     check_evaluation_setup(s, rt, data)
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    check_artifact_estimate(model, s, rt)
     rt.log(f"attention_backend:{trainer.attention_backend}")
     rt.log(f"mlp_kernel:{model.mlp_kernel}")
     rt.log(f"loss_kernel:{model.loss_kernel}")
@@ -5160,6 +5237,7 @@ def check_run(s: Settings, rt: Runtime):
     else:
         trainer = Trainer(s, rt)
         check_evaluation_setup(s, rt, trainer.data)
+        check_artifact_estimate(trainer.model, s, rt)
         if s.load_checkpoint:
             load_checkpoint(trainer.model, s, rt, s.load_checkpoint)
     rt.log(f"check:ok run_id:{s.run_id} checked:settings,paths,tokenizer,shards,evaluation written:nothing")

@@ -334,8 +334,8 @@ def test_pack_script_escapes_every_byte_value():
 # --- end to end: one tiny training run, its packed twin, EVAL_ONLY ----------------------------------------
 
 
-def run_script(script, env: dict, check=True):
-    r = subprocess.run([sys.executable, str(script)], env=subprocess_env(env), capture_output=True, text=True, cwd=ROOT)
+def run_script(script, env: dict, check=True, args=()):
+    r = subprocess.run([sys.executable, str(script), *args], env=subprocess_env(env), capture_output=True, text=True, cwd=ROOT)
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -459,9 +459,60 @@ def test_eval_only_of_a_bad_file_is_one_line_and_exit_1(trained, tmp_path):
 
 
 def test_over_the_limit_fails_before_evaluation(trained):
-    env = dict(trained["env"], ITERATIONS="1", RUN_ID="over", ARTIFACT_LIMIT_BYTES="50000")
+    # a limit just under the real artifact: inside the early estimate's margin, so training runs and the
+    # packed artifact's exact size is what refuses it
+    actual = int(log_values(trained["log"], "artifact:")["total"])
+    estimate = int(log_values(trained["log"], "artifact_estimate:")["total"])
+    limit = actual - 1000
+    assert estimate <= limit * (1 + tg.ARTIFACT_ESTIMATE_MARGIN)
+    env = dict(trained["env"], ITERATIONS="1", RUN_ID="over", ARTIFACT_LIMIT_BYTES=str(limit))
     r = run_script(ROOT / "train_gpt.py", env, check=False)
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and "over ARTIFACT_LIMIT_BYTES=50000" in err[0] and "tok_emb.weight" in err[0]
+    assert len(err) == 1 and f"over ARTIFACT_LIMIT_BYTES={limit}" in err[0] and "tok_emb.weight" in err[0]
     assert "quantized val_loss" not in r.stdout
+
+
+def test_a_configuration_estimated_far_over_the_limit_stops_before_training(trained, tmp_path):
+    env = dict(trained["env"], RUN_ID="far_over", ARTIFACT_LIMIT_BYTES="50000", LOG_DIR=str(tmp_path))
+    r = run_script(ROOT / "train_gpt.py", env, check=False)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
+    assert "estimated at" in err[0] and "ARTIFACT_LIMIT_BYTES=50,000" in err[0] and "MLP_BITS" in err[0]
+    assert "step:1/" not in r.stdout and not list(tmp_path.glob("*.ptz"))
+    check = run_script(ROOT / "train_gpt.py", dict(env, RUN_ID="far_over_check"), check=False, args=["--check"])
+    assert check.returncode == 1 and "estimated at" in check.stderr
+
+
+def test_the_logged_estimate_is_close_to_the_artifact(trained):
+    actual = int(log_values(trained["log"], "artifact:")["model_bytes"])
+    estimate = int(log_values(trained["log"], "artifact_estimate:")["model_bytes"])
+    assert abs(estimate - actual) <= 0.05 * actual, (estimate, actual)
+
+
+# Model bytes of real artifacts: the default (PR #1529 system) trained 240 s on the proxy on one H200 with EMA
+# 0.99, then quantized by tools/artifact_frontier.py (docs/artifact_frontier.md, 2026-12-04), brotli-11.
+MEASURED_H200_MODEL_BYTES = {
+    "": 15_876_379,
+    "MLP_BITS=5": 13_034_080,
+    "ATTN_BITS=7": 16_961_257,
+    "EMBED_BITS=7": 15_353_639,
+    "EMBED_BITS=7 EMBED_CLIP_SIGMAS=15": 15_570_891,
+    "ATTN_CLIP_SIGMAS=13 MLP_CLIP_SIGMAS=12 EMBED_CLIP_SIGMAS=15 EMBED_BITS=7": 15_811_331,
+    "AWQ_GROUP=64": 16_626_800,
+    "GPTQ_MIXED_BITS=5,6": 13_911_443,
+    "LQER_TOP_K=8 LQER_RANK=4": 15_899_951,
+    "LQER_TOP_K=32": 15_942_807,
+}
+
+
+@pytest.mark.parametrize("settings", list(MEASURED_H200_MODEL_BYTES))
+def test_the_estimate_matches_the_measured_full_size_artifacts(settings):
+    env = dict(kv.split("=", 1) for kv in settings.split())
+    s = tg.Settings(environ=env)
+    with torch.device("meta"):  # shapes only: the estimate never reads a weight
+        model = tg.GPT(s)
+    names = set(tg.quantized_linears(model)) | {"tok_emb.weight"}
+    estimate = tg.estimate_model_bytes(model.state_dict(), names, s)
+    measured = MEASURED_H200_MODEL_BYTES[settings]
+    assert abs(estimate - measured) <= 0.02 * measured, (settings, estimate, measured)
