@@ -790,6 +790,7 @@ class Runtime:
             dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
         self.master = self.rank == 0
         self.log_path = None
+        self.past_setup = False  # set once the checks are done and training (or scoring) begins
         if self.master:
             log_path = prepare_outputs(settings, dry_run)
             self.log_path = None if dry_run else log_path  # a dry run (--check) only prints
@@ -807,6 +808,12 @@ class Runtime:
         except OSError as e:
             raise UserError(f"cannot append to the log {self.log_path} ({e.strerror}): free space on that disk "
                             f"or set LOG_DIR to another one") from None
+
+    def discard_log_of_a_run_that_never_started(self):
+        """A run refused by a start-up check trained nothing: its log (the header and the error) goes, so
+        that the same command, corrected, can run under the same RUN_ID without OVERWRITE=1."""
+        if self.master and self.log_path is not None and not self.past_setup:
+            self.log_path.unlink(missing_ok=True)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -5167,6 +5174,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} "
            f"enable_at:{s.enable_looping_at}")
     phase_done("setup")
+    rt.past_setup = True
     # 1. train (or load a checkpoint)
     if s.load_checkpoint:
         load_checkpoint(model, s, rt, s.load_checkpoint)
@@ -5225,6 +5233,7 @@ def evaluate_artifact(s: Settings, rt: Runtime) -> dict:
     inductor_workarounds(s, rt)
     data = load_eval_data(s, rt)
     check_evaluation_setup(s, rt, data)
+    rt.past_setup = True
     return score_artifact(s.eval_only, s, rt, data, qstate)
 
 
@@ -5263,6 +5272,8 @@ def main():
         # Rank 0 speaks for errors every rank finds the same way, so torchrun users read it once.
         if e.rank_local or (rt.master if rt is not None else os.environ.get("RANK", "0") == "0"):
             print(f"error: {e}", file=sys.stderr, flush=True)
+        if rt is not None:
+            rt.discard_log_of_a_run_that_never_started()
         sys.exit(1)
     finally:
         if rt is not None:

@@ -479,9 +479,13 @@ def test_a_configuration_estimated_far_over_the_limit_stops_before_training(trai
     err = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
     assert "estimated at" in err[0] and "ARTIFACT_LIMIT_BYTES=50,000" in err[0] and "MLP_BITS" in err[0]
-    assert "step:1/" not in r.stdout and not list(tmp_path.glob("*.ptz"))
-    check = run_script(ROOT / "train_gpt.py", dict(env, RUN_ID="far_over_check"), check=False, args=["--check"])
+    # nothing trained, nothing left behind: the corrected command runs under the same RUN_ID
+    assert "step:1/" not in r.stdout and not list(tmp_path.iterdir())
+    check = run_script(ROOT / "train_gpt.py", env, check=False, args=["--check"])
     assert check.returncode == 1 and "estimated at" in check.stderr
+    fixed = run_script(ROOT / "train_gpt.py", dict(env, ARTIFACT_LIMIT_BYTES="16000000"), check=False,
+                       args=["--check"])
+    assert fixed.returncode == 0 and "check:ok run_id:far_over" in fixed.stdout, fixed.stderr[-2000:]
 
 
 def test_the_logged_estimate_is_close_to_the_artifact(trained):

@@ -150,8 +150,9 @@ def run_or_resume(label: str, run_id: str, env: dict, argv_run: list, log_dir: P
     print(f"--- {label}: {run_id}", flush=True)
     result = subprocess.run(argv_run, env=env, stdout=subprocess.DEVNULL if quiet else None)
     if result.returncode != 0:
-        sys.exit(f"error: {label} failed (exit {result.returncode}): see {path} and the output above; "
-                 f"rerun the same command to resume from it")
+        where = f"see {path} and the output above" if path.exists() else \
+            "a start-up check refused it (its error is above; such a run leaves no log)"
+        sys.exit(f"error: {label} failed (exit {result.returncode}): {where}; rerun the same command to resume from it")
     log = runlog.read_log(path)
     if not log.complete:
         sys.exit(f"error: {label} exited 0 but {path} is incomplete: {log.incomplete_reason}")
