@@ -149,9 +149,10 @@ class Settings:
         "training and in every evaluation pass", role="model")
     mlp_kernel: str = setting("torch",
         "MLP training kernels on CUDA: torch = plain PyTorch (compiled: as fast as the fused paths end to end on "
-        "the H200, 2026-12-02); cutlass = Triton forward + CUTLASS EVT backward; triton = Triton forward; auto = "
-        "cutlass if cutlass_evt_fusion is built, else triton if Triton imports, else torch",
-        choices=("auto", "cutlass", "triton", "torch"))
+        "the H200, 2026-12-02); cutlass = Triton forward + CUTLASS EVT backward; triton = Triton forward; fp8 = "
+        "the four MLP GEMMs in FP8 (e4m3 values, e5m2 gradients, per-tensor scales; SM 8.9+; evaluation stays "
+        "bf16); auto = cutlass if cutlass_evt_fusion is built, else triton if Triton imports, else torch",
+        choices=("auto", "cutlass", "triton", "fp8", "torch"))
     # --- model ---
     num_layers: int = setting(11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model")
     model_dim: int = setting(512, "residual stream width", group="model", bounds="[1, inf)", role="model")
@@ -1385,6 +1386,8 @@ class Attention(nn.Module):
 #   cutlass  triton's forward; the backward's dpre = (g W_down) * phi'(pre) is one CUTLASS GEMM with phi'
 #            applied in its epilogue (the optional cutlass_evt_fusion/ extension, built with
 #            pip install --no-build-isolation ./cutlass_evt_fusion)
+#   fp8      FP8MLPFunction: all four GEMMs (two forward, dX and dW of each backward) through torch._scaled_mm,
+#            which runs at about twice the bf16 rate on H100/H200 tensor cores (issue 11, optional 6)
 # The forward keeps pre rather than phi'(pre): as many bytes, and phi' = 2u or 0.5u is a power-of-two scaling,
 # so phi' of the bf16 pre is exactly the bf16 rounding of phi' of the fp32 pre.
 
@@ -1488,6 +1491,14 @@ def pick_mlp_kernel(requested: str) -> str:
                         f"./cutlass_evt_fusion) on an H100/H200 with Triton, or set MLP_KERNEL=auto")
     if requested == "triton" and why:
         raise UserError(f"MLP_KERNEL=triton but {why}: set MLP_KERNEL=auto or torch")
+    if requested == "fp8":
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        if capability is None or capability < (8, 9):
+            raise UserError(f"MLP_KERNEL=fp8 needs FP8 tensor cores (an SM 8.9+ GPU such as the H100/H200), "
+                            f"{'but there is no CUDA device' if capability is None else f'not SM {capability}'}: "
+                            f"set MLP_KERNEL=torch")
+        _MLP_KERNEL_CHOICES[requested] = "fp8"
+        return "fp8"
     choice = requested if requested != "auto" else "cutlass" if not cutlass_why else "triton" if not why else "torch"
     _MLP_KERNEL_CHOICES[requested] = choice
     return choice
@@ -1522,6 +1533,59 @@ class FusedMLPFunction(torch.autograd.Function):
         return d_pre @ w_up, d_pre.t() @ x, grad.t() @ post, None
 
 
+# FP8 (issue 11, optional): values and weights in e4m3 (3 mantissa bits, max 448), gradients in e5m2 (2 bits,
+# max 57344: the wider range they need). Each tensor gets one fp32 scale per call, amax / format max, computed on
+# the device (no host sync) and handed to _scaled_mm, which multiplies it back in. _scaled_mm wants its first
+# operand row-major and its second column-major, and never two e5m2 operands.
+FP8_VALUES, FP8_VALUES_MAX = torch.float8_e4m3fn, 448.0
+FP8_GRADS, FP8_GRADS_MAX = torch.float8_e5m2, 57344.0
+
+
+def to_fp8(t: torch.Tensor, dtype, max_value: float) -> tuple:
+    """(t scaled into the format's range and rounded to it, the fp32 scale that undoes the scaling)."""
+    scale = (t.detach().abs().amax().float() / max_value).clamp_min(1e-30)
+    # clamped: e4m3fn has no infinity, an out-of-range value would round to NaN (only a tiny amax can do it)
+    return (t.float() / scale).clamp(-max_value, max_value).to(dtype), scale
+
+
+def fp8_mm(a: tuple, b_t: tuple) -> torch.Tensor:
+    """a [M, K] @ b_t [K, N] in bf16 from fp8 operands (tensor, scale); b_t made column-major as required."""
+    (a8, a_scale), (b8, b_scale) = a, b_t
+    if b8.stride(0) != 1:  # column-major: the transpose of a contiguous [N, K]
+        b8 = b8.t().contiguous().t()
+    return torch._scaled_mm(a8.contiguous(), b8, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.bfloat16)
+
+
+def fp8_t(pair: tuple) -> tuple:
+    return pair[0].t(), pair[1]
+
+
+class FP8MLPFunction(torch.autograd.Function):
+    """LeakyReLU_0.5(x W_up^T)^2 W_down^T for x [M, dim] with every GEMM in FP8: the forward's two on e4m3
+    values, the backward's four on an e5m2 gradient times an e4m3 value. pre stays bf16 for phi'. The plain
+    MLP is the reference (tests/test_mlp_kernels.py: the same result as the dequantized operands give, and
+    within FP8's error of bf16)."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down):
+        x8, w_up8, w_down8 = (to_fp8(t, FP8_VALUES, FP8_VALUES_MAX) for t in (x, w_up, w_down))
+        pre = fp8_mm(x8, fp8_t(w_up8))                       # [M, hidden]
+        post8 = to_fp8(F.leaky_relu(pre, 0.5).square(), FP8_VALUES, FP8_VALUES_MAX)
+        ctx.save_for_backward(x8[0], x8[1], w_up8[0], w_up8[1], w_down8[0], w_down8[1], pre, post8[0], post8[1])
+        return fp8_mm(post8, fp8_t(w_down8))                 # [M, dim]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, x_s, w_up8, w_up_s, w_down8, w_down_s, pre, post8, post_s = ctx.saved_tensors
+        g8 = to_fp8(grad, FP8_GRADS, FP8_GRADS_MAX)
+        d_pre = fp8_mm(g8, (w_down8, w_down_s)) * torch.where(pre > 0, 2.0 * pre, 0.5 * pre)
+        d_pre8 = to_fp8(d_pre, FP8_GRADS, FP8_GRADS_MAX)
+        d_x = fp8_mm(d_pre8, (w_up8, w_up_s))                # [M, hidden] @ [hidden, dim]
+        d_w_up = fp8_mm(fp8_t(d_pre8), (x8, x_s))            # [hidden, M] @ [M, dim]
+        d_w_down = fp8_mm(fp8_t(g8), (post8, post_s))        # [dim, M] @ [M, hidden]
+        return d_x, d_w_up, d_w_down
+
+
 def mlp_hidden(s) -> int:
     return int(s.mlp_mult * s.model_dim)
 
@@ -1538,9 +1602,12 @@ class MLP(nn.Module):
     def forward(self, x, adapter=None):
         if (self.kernel != "torch" and adapter is None and self.training and torch.is_grad_enabled()
                 and x.is_cuda and x.dtype == torch.bfloat16):
-            shape = x.shape
-            out = FusedMLPFunction.apply(x.reshape(-1, shape[-1]), self.fc.weight.to(x.dtype),
-                                         self.proj.weight.to(x.dtype), self.kernel).view(*shape[:-1], -1)
+            shape, w_up, w_down = x.shape, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype)
+            if self.kernel == "fp8":
+                out = FP8MLPFunction.apply(x.reshape(-1, shape[-1]), w_up, w_down)
+            else:
+                out = FusedMLPFunction.apply(x.reshape(-1, shape[-1]), w_up, w_down, self.kernel)
+            out = out.view(*shape[:-1], -1)
         else:
             out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
         if adapter is not None:
@@ -1935,7 +2002,7 @@ class GPT(nn.Module):
         segment = s.loop_end - s.loop_start + 1
         self.loop_mlps = nn.ModuleList(MLP(s.model_dim, mlp_hidden(s), self.blocks[0].mlp.kernel)
                                        for _ in range(s.num_loops * segment)) if s.untie_loop_mlp else None
-        self.mlp_kernel = self.blocks[0].mlp.kernel  # MLP_KERNEL as resolved: cutlass, triton or torch
+        self.mlp_kernel = self.blocks[0].mlp.kernel  # MLP_KERNEL as resolved: cutlass, triton, fp8 or torch
         self.loss_kernel = pick_loss_kernel(s.loss_kernel)  # LOSS_KERNEL as resolved: triton or torch
         self.residual = RESIDUAL_FORMS[s.parallel_residual_mode]
         self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value

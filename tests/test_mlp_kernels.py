@@ -137,6 +137,8 @@ def test_pick_mlp_kernel_without_cuda():
     for path in ("cutlass", "triton"):
         with pytest.raises(tg.UserError, match=f"MLP_KERNEL={path} but no CUDA device"):
             tg.pick_mlp_kernel(path)
+    with pytest.raises(tg.UserError, match="MLP_KERNEL=fp8 needs FP8 tensor cores .* no CUDA device"):
+        tg.pick_mlp_kernel("fp8")
     model = tg.GPT(tg.Settings(environ=dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
                                             ROPE_DIMS="4", XSA_LAST_N="2", NUM_LOOPS="0", VOCAB_SIZE="64")))
     assert model.mlp_kernel == "torch" and all(b.mlp.kernel == "torch" for b in model.blocks)
@@ -144,7 +146,7 @@ def test_pick_mlp_kernel_without_cuda():
 
 def test_mlp_kernel_setting_is_validated():
     assert tg.Settings(environ={}).mlp_kernel == "torch"
-    with pytest.raises(tg.UserError, match="MLP_KERNEL='fast' is not one of auto, cutlass, triton, torch"):
+    with pytest.raises(tg.UserError, match="MLP_KERNEL='fast' is not one of auto, cutlass, triton, fp8, torch"):
         tg.Settings(environ={"MLP_KERNEL": "fast"})
 
 
@@ -426,6 +428,8 @@ def fused_vs_plain(kernel, m=2048, dim=512, hidden=2048, compile_it=False):
         fused = run(fused_fn, x, grad)
     ops = {e.name for e in prof.events()}
     expected = {"pgolf::mlp_up_act"} | ({"cutlass_evt_fusion::mlp_down_backward"} if kernel == "cutlass" else set())
+    if kernel == "fp8":  # compiled, inductor calls the cuBLASLt kernel itself
+        expected = set() if compile_it else {"aten::_scaled_mm"}
     assert expected <= ops, f"{kernel}: {sorted(expected - ops)} never ran"
     plain_module = tg.MLP(dim, hidden, kernel="torch").cuda()
     plain_module.load_state_dict(mlp.state_dict())
@@ -462,3 +466,75 @@ def test_compiled_fused_mlp_has_no_graph_breaks(triton_op):
 def test_auto_picks_the_fastest_path_that_loads():
     expected = "cutlass" if cef.available() and tg.triton_mlp_up_act() else "triton" if tg.triton_mlp_up_act() else "torch"
     assert tg.pick_mlp_kernel("auto") == expected
+
+
+# --- FP8 (MLP_KERNEL=fp8): torch._scaled_mm runs on CPU too, so its wiring is checked here ------------
+
+def fp8_case(seed=0, m=64, dim=32, hidden=128):
+    torch.manual_seed(seed)
+    x = torch.randn(m, dim, dtype=torch.bfloat16)
+    w_up = (torch.randn(hidden, dim) * dim ** -0.5).to(torch.bfloat16)
+    w_down = (torch.randn(dim, hidden) * hidden ** -0.5).to(torch.bfloat16)
+    grad = torch.randn(m, dim, dtype=torch.bfloat16)
+    return x, w_up, w_down, grad
+
+
+def fp8_run(x, w_up, w_down, grad):
+    leaves = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
+    out = tg.FP8MLPFunction.apply(*leaves)
+    out.backward(grad)
+    return [out.detach().float()] + [t.grad.float() for t in leaves]
+
+
+def test_fp8_mlp_computes_with_its_rounded_operands():
+    # the same dataflow in fp32 on the operands as rounded to fp8 and scaled back: a wrong scale, transpose
+    # or format would miss this by far more than the bf16 outputs' rounding
+    x, w_up, w_down, grad = fp8_case()
+    out, d_x, d_w_up, d_w_down = fp8_run(x, w_up, w_down, grad)
+
+    def rounded(t, fmt, top):
+        t8, scale = tg.to_fp8(t, fmt, top)
+        return t8.float() * scale
+    values = lambda t: rounded(t, tg.FP8_VALUES, tg.FP8_VALUES_MAX)  # noqa: E731
+    grads = lambda t: rounded(t, tg.FP8_GRADS, tg.FP8_GRADS_MAX)  # noqa: E731
+    pre = (values(x) @ values(w_up).T).to(torch.bfloat16).float()
+    post = values(torch.nn.functional.leaky_relu(pre, 0.5).square().to(torch.bfloat16))
+    d_pre = ((grads(grad) @ values(w_down)).to(torch.bfloat16).float()
+             * torch.where(pre > 0, 2.0 * pre, 0.5 * pre)).to(torch.bfloat16)
+    expected = [post @ values(w_down).T, grads(d_pre) @ values(w_up), grads(d_pre).T @ values(x),
+                grads(grad).T @ post]
+    for name, got, want in zip(("out", "d_x", "d_w_up", "d_w_down"), (out, d_x, d_w_up, d_w_down), expected):
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3 * float(want.abs().max()), msg=name)
+
+
+def test_fp8_mlp_is_within_fp8_error_of_the_plain_mlp():
+    x, w_up, w_down, grad = fp8_case(seed=1)
+    fp8 = fp8_run(x, w_up, w_down, grad)
+    leaves = [t.float().requires_grad_() for t in (x, w_up, w_down)]
+    out = plain_mlp(*leaves)
+    out.backward(grad.float())
+    plain = [out.detach()] + [t.grad for t in leaves]
+    # Rounding to e4m3 (3 mantissa bits) errs by 3.6% rms, to e5m2 (2 bits) by 7.2%. Each output goes through
+    # four rounded operands (the square doubles x's and W_up's share in the forward): by the root sum of
+    # squares, 11-13% at most. A wrong scale, transpose or derivative errs by 100% or more.
+    for name, got, want in zip(("out", "d_x", "d_w_up", "d_w_down"), fp8, plain):
+        error = float((got - want.detach()).norm() / want.detach().norm())
+        assert error < 0.15, (name, error)
+
+
+def test_fp8_mlp_of_zero_weights_is_finite():
+    x, w_up, w_down, grad = fp8_case(seed=2)
+    out, d_x, d_w_up, d_w_down = fp8_run(x, w_up, torch.zeros_like(w_down), grad)  # proj starts at zero
+    assert float(out.abs().max()) == 0.0 and float(d_x.abs().max()) == 0.0
+    assert torch.isfinite(d_w_down).all() and float(d_w_down.abs().max()) > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile_it", [False, True])
+def test_fp8_mlp_on_the_gpu_is_within_fp8_error(compile_it):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need SM 8.9+")
+    torch._dynamo.reset()
+    for name, fp8, plain in fused_vs_plain("fp8", compile_it=compile_it):
+        print(f"fp8 {'compiled' if compile_it else 'eager'} {name}: rel err {fp8:.2e} (plain bf16 {plain:.2e})")
+        assert fp8 < 0.15, (name, fp8)  # the CPU test's bound, from the formats' rounding

@@ -28,6 +28,7 @@ import runlog  # noqa: E402
 SPEED_FEATURES = {
     "lean": ("the step without host syncs, off: the ranks check the clock every step", {"CLOCK_CHECK_EVERY": "1"}),
     "mlp": ("fused MLP: Triton forward + CUTLASS EVT backward instead of the plain path", {"MLP_KERNEL": "cutlass"}),
+    "fp8": ("the MLP's four GEMMs in FP8 (e4m3 values, e5m2 gradients) instead of bf16", {"MLP_KERNEL": "fp8"}),
     "loss": ("fused softcapped cross-entropy off: the plain loss", {"LOSS_KERNEL": "torch"}),
     "coordinate": ("inductor coordinate-descent tuning of the fused kernels", {"COMPILE_MODE": "coordinate"}),
     "autotune": ("max-autotune: Triton GEMM templates with fused epilogues", {"COMPILE_MODE": "max-autotune"}),

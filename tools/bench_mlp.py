@@ -49,6 +49,10 @@ def paths_available() -> list:
             print(f"cutlass path skipped: {e}")
     else:
         print("triton and cutlass paths skipped: Triton does not import")
+    try:
+        paths.append(tg.pick_mlp_kernel("fp8"))
+    except tg.UserError as e:
+        print(f"fp8 path skipped: {e}")
     return paths
 
 
