@@ -2952,9 +2952,9 @@ def check_artifact_estimate(model: nn.Module, s: Settings, rt: Runtime) -> int:
     model_bytes = estimate_model_bytes(model.state_dict(), hessian_names, s)
     code = code_bytes(s)
     total = model_bytes + code
-    rt.log(f"artifact_estimate: model_bytes:{model_bytes} code_bytes:{code} total:{total} "
-           f"limit:{s.artifact_limit_bytes} margin:{s.artifact_limit_bytes - total} (before training, "
-           f"+-{ARTIFACT_ESTIMATE_MARGIN:.0%})")
+    # field names unlike the artifact: line's, so that a search for "total:" or "code_bytes:" finds that one
+    rt.log(f"artifact_estimate: model_bytes_est:{model_bytes} code_bytes_packed:{code} total_est:{total} "
+           f"limit_bytes:{s.artifact_limit_bytes} refused_above:{int(s.artifact_limit_bytes * (1 + ARTIFACT_ESTIMATE_MARGIN))}")
     if total > s.artifact_limit_bytes * (1 + ARTIFACT_ESTIMATE_MARGIN):
         raise UserError(f"the artifact is estimated at {total:,} bytes ({model_bytes:,} model + {code:,} code), "
                         f"over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes:,} by more than the estimate's "

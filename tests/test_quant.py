@@ -462,7 +462,7 @@ def test_over_the_limit_fails_before_evaluation(trained):
     # a limit just under the real artifact: inside the early estimate's margin, so training runs and the
     # packed artifact's exact size is what refuses it
     actual = int(log_values(trained["log"], "artifact:")["total"])
-    estimate = int(log_values(trained["log"], "artifact_estimate:")["total"])
+    estimate = int(log_values(trained["log"], "artifact_estimate:")["total_est"])
     limit = actual - 1000
     assert estimate <= limit * (1 + tg.ARTIFACT_ESTIMATE_MARGIN)
     env = dict(trained["env"], ITERATIONS="1", RUN_ID="over", ARTIFACT_LIMIT_BYTES=str(limit))
@@ -490,7 +490,7 @@ def test_a_configuration_estimated_far_over_the_limit_stops_before_training(trai
 
 def test_the_logged_estimate_is_close_to_the_artifact(trained):
     actual = int(log_values(trained["log"], "artifact:")["model_bytes"])
-    estimate = int(log_values(trained["log"], "artifact_estimate:")["model_bytes"])
+    estimate = int(log_values(trained["log"], "artifact_estimate:")["model_bytes_est"])
     assert abs(estimate - actual) <= 0.05 * actual, (estimate, actual)
 
 
