@@ -300,6 +300,10 @@ def test_frontier_tool_base_row_is_the_training_run_artifact(tiny_data, tmp_path
     assert int(rows["base"][2].replace(",", "")) == model_bytes
     assert float(rows["base"][5]) == pytest.approx(tax, abs=2e-6)
     assert int(rows["e7"][2].replace(",", "")) != model_bytes
+    for row in rows.values():  # the last column: train_gpt.py's estimate, and how far it is from the bytes
+        estimate, miss = row[10].strip("| ").split()
+        assert abs(int(estimate.replace(",", "")) / int(row[2].replace(",", "")) - 1) < 0.10, row
+        assert miss.startswith("(") and miss.endswith("%)")
     assert ("z" in rows) == HAVE_ZPAQ and ("skipped z" in r.stderr) != HAVE_ZPAQ
     assert "partial" not in out.read_text()
     # a budget that the first row already spends: that row is measured and written, the next one never starts
