@@ -2944,12 +2944,17 @@ def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
     return int(grids + lqer + STREAM0_RATIO * stream0)
 
 
+def estimate_model_bytes_of(model: nn.Module, s: Settings) -> int:
+    """estimate_model_bytes for a built model (its weights may live on the meta device: only shapes are read);
+    the matrices GPTQ calibrates are the ones collect_hessians hooks, and the tied embedding."""
+    return estimate_model_bytes(model.state_dict(), set(quantized_linears(model)) | {"tok_emb.weight"}, s)
+
+
 def check_artifact_estimate(model: nn.Module, s: Settings, rt: Runtime) -> int:
     """Before training: log the estimated artifact size, and refuse a configuration whose estimate is over
     ARTIFACT_LIMIT_BYTES by more than the estimate's margin (a model grown past the limit would otherwise
     train for 600 s and then fail when packed). Returns the estimated total."""
-    hessian_names = set(quantized_linears(model)) | {"tok_emb.weight"}
-    model_bytes = estimate_model_bytes(model.state_dict(), hessian_names, s)
+    model_bytes = estimate_model_bytes_of(model, s)
     code = code_bytes(s)
     total = model_bytes + code
     # field names unlike the artifact: line's, so that a search for "total:" or "code_bytes:" finds that one

@@ -520,3 +520,24 @@ def test_the_estimate_matches_the_measured_full_size_artifacts(settings):
     estimate = tg.estimate_model_bytes(model.state_dict(), names, s)
     measured = MEASURED_H200_MODEL_BYTES[settings]
     assert abs(estimate - measured) <= 0.02 * measured, (settings, estimate, measured)
+
+
+def test_size_sweep_tool_reports_the_estimate_of_each_value():
+    cmd = [sys.executable, "tools/size_sweep.py", "--sweep", "MLP_MULT=4,6", "MLP_BITS=5"]
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env({}), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()}
+    code = len(tg.pack_script((ROOT / "train_gpt.py").read_text(encoding="utf-8")))
+    for value, fits in (("4", "yes"), ("6", "no")):
+        s = tg.Settings(environ={"MLP_MULT": value, "MLP_BITS": "5"})
+        with torch.device("meta"):
+            model = tg.GPT(s)
+        params = sum(p.numel() for p in model.parameters())
+        expected = tg.estimate_model_bytes(model.state_dict(), set(tg.quantized_linears(model)) | {"tok_emb.weight"}, s)
+        got = [int(c.replace(",", "").replace("+", "")) for c in rows[value][:4]]
+        assert got == [params, expected, expected + code, s.artifact_limit_bytes - expected - code], (value, got)
+        assert rows[value][4].startswith(fits)
+    bad = subprocess.run(cmd[:3] + ["NUM_HEADS=3,5"], cwd=ROOT, env=subprocess_env({}), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
