@@ -1470,10 +1470,18 @@ def triton_mlp_up_act():
 
 
 def pick_mlp_kernel(requested: str) -> str:
-    """MLP_KERNEL -> the path that runs: cutlass, triton or torch (auto = the fastest that loads on CUDA)."""
+    """MLP_KERNEL -> the path that runs: cutlass, triton, fp8 or torch (auto = the fastest that loads on CUDA)."""
     global _CUTLASS_TILE
     if requested in _MLP_KERNEL_CHOICES:
         return _MLP_KERNEL_CHOICES[requested]
+    if requested == "fp8":  # needs neither Triton nor the extension: decided before probing them
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        if capability is None or capability < (8, 9):
+            raise UserError(f"MLP_KERNEL=fp8 needs FP8 tensor cores (an SM 8.9+ GPU such as the H100/H200), "
+                            f"{'but there is no CUDA device' if capability is None else f'not SM {capability}'}: "
+                            f"set MLP_KERNEL=torch")
+        _MLP_KERNEL_CHOICES[requested] = "fp8"
+        return "fp8"
     why = "no CUDA device" if not torch.cuda.is_available() else ""
     if not why and not triton_mlp_up_act():
         why = "Triton does not import"
@@ -1491,14 +1499,6 @@ def pick_mlp_kernel(requested: str) -> str:
                         f"./cutlass_evt_fusion) on an H100/H200 with Triton, or set MLP_KERNEL=auto")
     if requested == "triton" and why:
         raise UserError(f"MLP_KERNEL=triton but {why}: set MLP_KERNEL=auto or torch")
-    if requested == "fp8":
-        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-        if capability is None or capability < (8, 9):
-            raise UserError(f"MLP_KERNEL=fp8 needs FP8 tensor cores (an SM 8.9+ GPU such as the H100/H200), "
-                            f"{'but there is no CUDA device' if capability is None else f'not SM {capability}'}: "
-                            f"set MLP_KERNEL=torch")
-        _MLP_KERNEL_CHOICES[requested] = "fp8"
-        return "fp8"
     choice = requested if requested != "auto" else "cutlass" if not cutlass_why else "triton" if not why else "torch"
     _MLP_KERNEL_CHOICES[requested] = choice
     return choice
@@ -2791,6 +2791,11 @@ def mixed_bit_plan(names: list, hessians: dict, s: Settings) -> dict:
     return {n: high if i < n_high else low for i, n in enumerate(ranked)}
 
 
+def awq_applies(s: Settings, bits: int, cols: int) -> bool:
+    """AWQ_GROUP keeps a column group at AWQ_BITS only where that is more than the tensor's bits and fits."""
+    return s.awq_group > 0 and s.awq_bits > bits and cols >= s.awq_group
+
+
 def awq_salient_group(W: torch.Tensor, H: torch.Tensor, group: int) -> int:
     """First column of the aligned group of `group` input columns with the largest activation RMS x mean
     |weight| (AWQ's salience; RMS = sqrt of the Hessian diagonal, which holds mean x^2: free)."""
@@ -2863,7 +2868,7 @@ def quantize_model(state: dict, hessians: dict, s: Settings) -> dict:
     if mixed_bits(s) is not None:
         plans.update({n: (bits, plans[n][1]) for n, bits in mixed_bit_plan(list(plans), hessians, s).items()})
     for name, (bits, clip) in plans.items():
-        awq = s.awq_group > 0 and s.awq_bits > bits and state[name].shape[1] >= s.awq_group
+        awq = awq_applies(s, bits, state[name].shape[1])
         groups.setdefault((tuple(state[name].shape), bits, clip, awq), []).append(name)
     for (shape, bits, clip, awq), names in groups.items():
         W = torch.stack([state[n].detach().float() for n in names])
@@ -2914,8 +2919,8 @@ def grid_value_bits(bits: int, clip_sigmas: float, role: str) -> float:
 
 def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
     """The artifact's model bytes for a state dict of this shape under these quantization settings, from the
-    grid-value costs above (not from the weights' values): within about 1% of the measured artifacts for the
-    default and 3% for the role, mixed-bit and AWQ options (tests/test_quant.py). GPTQ_MIXED_BITS counts the
+    grid-value costs above (not from the weights' values): within 0.1% of the measured H200 artifact for the
+    default and 1.4% for the role, mixed-bit, AWQ and LQER options (tests/test_quant.py). GPTQ_MIXED_BITS counts the
     high-bit fraction of the block matrices by number; LQER adds its int2 A and int4 B at full size."""
     stream0, grids = 0.0, 0.0
     mixed = mixed_bits(s)
@@ -2931,7 +2936,7 @@ def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
         if mixed is not None and role != "embed":
             widths = [(s.gptq_mixed_high_frac, mixed[1]), (1 - s.gptq_mixed_high_frac, mixed[0])]
         for weight, width in widths:
-            awq_cols = s.awq_group if s.awq_group > 0 and s.awq_bits > width and cols >= s.awq_group else 0
+            awq_cols = s.awq_group if awq_applies(s, width, cols) else 0
             awq_extra = math.log2((2 ** (s.awq_bits - 1) - 1) / (2 ** (width - 1) - 1)) if awq_cols else 0.0
             grids += weight * rows * (cols * grid_value_bits(width, clip, role) + awq_cols * awq_extra) / 8
         stream0 += 2 * rows  # the fp16 row scale
@@ -2958,9 +2963,10 @@ def check_artifact_estimate(model: nn.Module, s: Settings, rt: Runtime) -> int:
     code = code_bytes(s)
     total = model_bytes + code
     # field names unlike the artifact: line's, so that a search for "total:" or "code_bytes:" finds that one
+    refused_above = int(s.artifact_limit_bytes * (1 + ARTIFACT_ESTIMATE_MARGIN))
     rt.log(f"artifact_estimate: model_bytes_est:{model_bytes} code_bytes_packed:{code} total_est:{total} "
-           f"limit_bytes:{s.artifact_limit_bytes} refused_above:{int(s.artifact_limit_bytes * (1 + ARTIFACT_ESTIMATE_MARGIN))}")
-    if total > s.artifact_limit_bytes * (1 + ARTIFACT_ESTIMATE_MARGIN):
+           f"limit_bytes:{s.artifact_limit_bytes} refused_above:{refused_above}")
+    if total > refused_above:
         raise UserError(f"the artifact is estimated at {total:,} bytes ({model_bytes:,} model + {code:,} code), "
                         f"over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes:,} by more than the estimate's "
                         f"{ARTIFACT_ESTIMATE_MARGIN:.0%} margin: lower MATRIX_BITS/MLP_BITS/ATTN_BITS/EMBED_BITS "
