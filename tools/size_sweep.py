@@ -57,7 +57,7 @@ def main(argv=None):
     if key in fixed:
         sys.exit(f"error: {key} is both swept and fixed: give it once")
     rows = [estimate(dict(fixed, **{key: value})) for value in values]  # every value valid before any output
-    code = len(tg.pack_script((ROOT / "train_gpt.py").read_text(encoding="utf-8")))
+    code = tg.packed_source_bytes()  # what a run counts as its code bytes (CODE_BYTES_FROM=packed)
     shown = " ".join(f"{k}={v}" for k, v in fixed.items()) or "(defaults)"
     print(f"settings: {shown}; code bytes (packed train_gpt.py): {code:,}")
     print(f"| {key} | parameters | estimated model bytes | estimated total | vs limit | fits |")
