@@ -139,7 +139,8 @@ def test_lqer_lowers_the_error_of_the_top_k_tensors_only():
 
 OPTIONS = [dict(), dict(attn_bits=5, mlp_bits=7, embed_bits=7, attn_clip_sigmas=13, mlp_clip_sigmas=12),
            dict(gptq_mixed_bits="5,6"), dict(awq_group=16), dict(lqer_top_k=3, lqer_rank=3),
-           dict(row_order="similarity"), dict(awq_group=16, lqer_top_k=5, row_order="similarity", embed_bits=7)]
+           dict(row_order="similarity"), dict(awq_group=16, lqer_top_k=5, row_order="similarity", embed_bits=7),
+           dict(gptq_tcq=1), dict(gptq_tcq=1, gptq_tcq_step=0.5, lqer_top_k=3, row_order="similarity", mlp_bits=5)]
 
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma", "zpaq", "ans"])
@@ -158,7 +159,9 @@ def test_every_option_round_trips_exactly(options, compressor):
         other = back[name]
         assert (qt.kind, qt.bits, qt.awq, qt.dtype) == (other.kind, other.bits, other.awq, other.dtype)
         assert torch.equal(qt.data, other.data)
-        assert (qt.lqer is None) == (other.lqer is None)
+        assert (qt.lqer is None) == (other.lqer is None) and (qt.tcq is None) == (other.tcq is None)
+        if qt.tcq is not None:
+            assert torch.equal(qt.tcq[0], other.tcq[0]) and qt.tcq[1] == other.tcq[1]
         if qt.lqer is not None:
             assert all(torch.equal(a, b) for a, b in zip(qt.lqer, other.lqer))
     ours, theirs = tg.dequantize_state(qstate), tg.dequantize_state(back)
@@ -252,15 +255,23 @@ def run(env: dict):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_eval_only_reproduces_a_run_with_every_option(tiny_data, tmp_path):
-    options = dict(ATTN_BITS="5", EMBED_BITS="7", MLP_CLIP_SIGMAS="11", AWQ_GROUP="16", LQER_TOP_K="3",
-                   ROW_ORDER="similarity", COMPRESSOR="ans" if HAVE_CONSTRICTION else "lzma")
+EVAL_ONLY_OPTIONS = {
+    "awq": (dict(ATTN_BITS="5", EMBED_BITS="7", MLP_CLIP_SIGMAS="11", AWQ_GROUP="16", LQER_TOP_K="3",
+                 ROW_ORDER="similarity", COMPRESSOR="ans" if HAVE_CONSTRICTION else "lzma"), ["int5x", "int7x1"]),
+    "tcq": (dict(GPTQ_TCQ="1", GPTQ_TCQ_STEP="0.5", ATTN_BITS="5", EMBED_BITS="7", LQER_TOP_K="3",
+                 ROW_ORDER="similarity"), ["int5x", "int7x1", "tcq_step:0.5"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_ONLY_OPTIONS))
+def test_eval_only_reproduces_a_run_with_every_option(case, tiny_data, tmp_path):
+    options, expected = EVAL_ONLY_OPTIONS[case]
     env = dict(TINY_MODEL, **options, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path), ITERATIONS="3", RUN_ID="opts", TTT_ENABLED="0", SLIDING_WINDOW_ENABLED="0",
                SAVE_CHECKPOINT=str(tmp_path / "ck.pt"))
     run(env)
     log = (tmp_path / "opts.txt").read_text()
-    assert "int5x" in log and "int7x1" in log
+    assert all(x in log for x in expected), expected
     eval_env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                     LOG_DIR=str(tmp_path), RUN_ID="again", EVAL_ONLY=str(tmp_path / "opts.ptz"))
     run(eval_env)

@@ -541,3 +541,24 @@ def test_size_sweep_tool_reports_the_estimate_of_each_value():
     bad = subprocess.run(cmd[:3] + ["NUM_HEADS=3,5"], cwd=ROOT, env=subprocess_env({}), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode != 0 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_checkpoint_from_artifact_is_the_dequantized_model_plus_the_asked_noise(trained, tmp_path):
+    import checkpoint_from_artifact as stand_in
+    artifact = trained["tmp"] / "logs" / "source.ptz"
+    qstate, _, _ = tg.read_artifact(artifact)
+    exact = tg.dequantize_state(qstate)
+    stand_in.main([str(artifact), str(tmp_path / "exact.pt"), "--noise", "0"])
+    stand_in.main([str(artifact), str(tmp_path / "noisy.pt")])
+    got = torch.load(tmp_path / "exact.pt", weights_only=True)
+    assert all(torch.equal(got["state_dict"][n], exact[n].to(got["state_dict"][n].dtype)) for n in exact)
+    noisy = torch.load(tmp_path / "noisy.pt", weights_only=True)["state_dict"]
+    name = max((n for n, qt in qstate.items() if qt.kind == "int"), key=lambda n: qstate[n].data.numel())
+    steps = (noisy[name].float() - exact[name].float()) / qstate[name].scale.float()[:, None]
+    assert abs(float(steps.std()) - 0.5) < 0.05 and abs(float(steps.mean())) < 0.05
+    # what SAVE_CHECKPOINT writes: the run's model settings, so LOAD_CHECKPOINT takes it
+    s = tg.Settings(environ=dict(trained["env"], LOG_DIR=str(tmp_path / "logs")))
+    model = tg.GPT(s)
+    tg.load_checkpoint(model, s, tg.Runtime(s), str(tmp_path / "noisy.pt"))
+    with pytest.raises(SystemExit, match="exists: choose another path"):
+        stand_in.main([str(artifact), str(tmp_path / "noisy.pt")])

@@ -40,7 +40,8 @@ import runlog  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # The issue-14 list: today's default first (the reference row), each option alone, then the calibration sweep
-# and the frontier records' stacks (#1626/#1769 clips with int7 embedding; #1797 LQER; #1908 AWQ; #1855 rows+ZPAQ).
+# and the frontier records' stacks (#1626/#1769 clips with int7 embedding; #1797 LQER; #1908 AWQ; #1855 rows+ZPAQ);
+# GPTQ_TCQ (trellis-coded GPTQ) at three fine steps.
 COMBOS = {
     "base": {},
     "lzma": {"COMPRESSOR": "lzma"},
@@ -56,6 +57,10 @@ COMBOS = {
     "attn7": {"ATTN_BITS": "7"},
     "lqer8": {"LQER_TOP_K": "8", "LQER_RANK": "4"},
     "awq64": {"AWQ_GROUP": "64"},
+    "tcq": {"GPTQ_TCQ": "1"},
+    "tcq_step50": {"GPTQ_TCQ": "1", "GPTQ_TCQ_STEP": "0.5"},
+    "tcq_step64": {"GPTQ_TCQ": "1", "GPTQ_TCQ_STEP": "0.64"},
+    "tcq+rows+zpaq": {"GPTQ_TCQ": "1", "ROW_ORDER": "similarity", "COMPRESSOR": "zpaq"},
     "calib8": {"GPTQ_CALIBRATION_BATCHES": "8"},
     "calib16": {"GPTQ_CALIBRATION_BATCHES": "16"},
     "calib32": {"GPTQ_CALIBRATION_BATCHES": "32"},
