@@ -2773,7 +2773,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
 # grid of step 2d, and the subset it used moves the state on (TCQ_NEXT). The encoder searches, for each row,
 # the path through the trellis with the least GPTQ error (Viterbi, one survivor per state, each survivor with
 # its own GPTQ error feedback), along GPTQ's act-order column order, which the artifact stores (2 bytes a
-# column). The decoder only follows the trellis: one step per column, vectorised over rows.
+# column, once for tensors that share it). The decoder only follows the trellis: one step per column,
+# vectorised over rows.
 TCQ_STATES = 8
 # TCQ_NEXT[state][v mod 4]: the next state after a value of that subset; -1 where the state does not allow it.
 # Every state is entered by exactly two branches, and those carry subsets of one parity.
@@ -3063,10 +3064,10 @@ def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
     grid-value costs above (not from the weights' values): within 0.1% of the measured H200 artifact for the
     default and 1.4% for the role, mixed-bit, AWQ and LQER options (tests/test_quant.py). GPTQ_MIXED_BITS counts the
     high-bit fraction of the block matrices by number; LQER adds its int2 A and int4 B at full size; GPTQ_TCQ
-    its column order at 2 bytes a column."""
+    its column order at 2 bytes a column, once per Hessian."""
     stream0, grids = 0.0, 0.0
     mixed = mixed_bits(s)
-    rows_of_ints = []
+    rows_of_ints, order_sources = [], set()
     for name, t in state.items():
         kind, bits, clip = quantization_plan(name, t, s, name in hessian_names)
         if kind != "int":
@@ -3083,7 +3084,9 @@ def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
             value_bits = grid_value_bits(width, clip, role, s.gptq_tcq_step if s.gptq_tcq else 0.0)
             grids += weight * rows * (cols * value_bits + awq_cols * awq_extra) / 8
         stream0 += 2 * rows  # the fp16 row scale
-        grids += 2 * cols if s.gptq_tcq else 0
+        if s.gptq_tcq and hessian_source(name) not in order_sources:  # one act-order per Hessian
+            order_sources.add(hessian_source(name))
+            grids += 2 * cols
         rows_of_ints.append((rows, cols))
     lqer = 0.0
     if s.lqer_top_k > 0:  # the largest tensors stand in for the top-k by error
@@ -3203,6 +3206,7 @@ def similarity_order(q: torch.Tensor) -> torch.Tensor:
 def serialize_quantized(qstate: dict, settings: dict, row_order: str = "none") -> list:
     """The quantized state as uncompressed streams (see the format above)."""
     entries, fp16_parts, raw_parts, streams = [], [], [], []
+    tcq_orders = []  # (name, order) of each trellis column order written so far
     for name, qt in qstate.items():
         entry = [name, qt.kind, str(qt.dtype).removeprefix("torch."), list(qt.data.shape), qt.bits]
         extras = qt.extras()
@@ -3211,8 +3215,13 @@ def serialize_quantized(qstate: dict, settings: dict, row_order: str = "none") -
             if row_order == "similarity" and qt.data.shape[0] <= 65536:
                 perm = similarity_order(qt.data)
                 grid, prefix, extras["rows"] = qt.data[perm], tensor_bytes(perm.to(torch.int32).to(torch.uint16)), 1
-            if qt.tcq is not None:  # the trellis' column order, 2 bytes a column
-                prefix += tensor_bytes(qt.tcq[0].to(torch.int32).to(torch.uint16))
+            if qt.tcq is not None:  # the trellis' column order, 2 bytes a column, or the earlier tensor with it
+                same = next((other for other, order in tcq_orders if torch.equal(order, qt.tcq[0])), None)
+                if same is None:  # (c_q, c_k and c_v share one Hessian, so one act-order: written once)
+                    prefix += tensor_bytes(qt.tcq[0].to(torch.int32).to(torch.uint16))
+                    tcq_orders.append((name, qt.tcq[0]))
+                else:
+                    extras["tcq_order_of"] = same
             parts = [prefix, tensor_bytes(grid.T)]
             fp16_parts.append(tensor_bytes(qt.scale))
             if qt.lqer is not None:
@@ -3236,7 +3245,8 @@ def int_layout(shape, extras: dict) -> tuple:
     rows, cols = shape
     rank = extras.get("lqer", 0)
     groups = -(-cols // LQER_B_GROUP)
-    perm = (2 * rows if extras.get("rows") else 0) + (2 * cols if "tcq" in extras else 0)
+    perm = (2 * rows if extras.get("rows") else 0) + (2 * cols if "tcq" in extras and "tcq_order_of" not in extras
+                                                     else 0)
     return rows * cols, rows + (1 + rank * groups if rank else 0), perm, rows * rank, rank * cols
 
 
@@ -3273,7 +3283,13 @@ def deserialize_quantized(streams: list):
                 q = q[torch.argsort(perm)]
             qt = QTensor("int", q, dtypes[name], fp16[f:f + rows].clone(), bits,
                          tuple(extras["awq"]) if "awq" in extras else None)
-            if "tcq" in extras:
+            if "tcq_order_of" in extras:
+                source = qstate.get(extras["tcq_order_of"])
+                if source is None or source.tcq is None or source.tcq[0].numel() != cols:
+                    raise ValueError(f"{name} takes its trellis column order from {extras['tcq_order_of']!r}, "
+                                     f"which is not an earlier trellis tensor of {cols} columns")
+                qt.tcq = (source.tcq[0], float(extras["tcq"]))
+            elif "tcq" in extras:
                 order = tensor_from_bytes(data[n_perm - 2 * cols:n_perm], torch.uint16, (cols,)).to(torch.int64)
                 if not torch.equal(order.sort().values, torch.arange(cols)):
                     raise ValueError(f"the trellis column order of {name} is not a permutation")

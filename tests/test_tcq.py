@@ -2,6 +2,8 @@
 brute force), the decoder follows the path the encoder chose, and on a synthetic layer the trellis needs
 fewer bits than scalar GPTQ at no more GPTQ error."""
 import itertools
+import json
+import struct
 import math
 
 import brotli
@@ -155,3 +157,38 @@ def test_estimate_counts_the_coarser_symbol_grid_and_the_order():
     tcq = tg.estimate_model_bytes(state, set(state), s_tcq)
     expected_saving = 512 * 256 * math.log2(2 * 0.57) / 8 - 2 * 256
     assert abs((plain - tcq) - expected_saving) <= 2
+
+
+def test_tensors_with_one_hessian_store_their_column_order_once():
+    # c_q, c_k and c_v read one input, so they share one Hessian and one act-order
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(500, 64, generator=g) * torch.linspace(0.2, 3.0, 64)
+    H = X.T @ X / 500
+    names = ["blocks.0.attn.c_q.weight", "blocks.0.attn.c_k.weight", "blocks.0.mlp.fc.weight"]
+    state = {n: 0.02 * torch.randn(rows, 64, generator=g) for n, rows in zip(names, (64, 32, 96))}
+    other = torch.randn(500, 64, generator=g)
+    hessians = {names[0]: H, names[1]: H, names[2]: other.T @ other / 500}
+    qstate = tg.quantize_model(state, hessians, settings(GPTQ_TCQ="1"))
+    assert torch.equal(qstate[names[0]].tcq[0], qstate[names[1]].tcq[0])
+    streams = tg.serialize_quantized(qstate, {})
+    (n,) = struct.unpack_from("<I", streams[0])
+    extras = {e[0]: e[5] for e in json.loads(streams[0][4:4 + n])["tensors"]}
+    assert extras[names[1]]["tcq_order_of"] == names[0] and "tcq_order_of" not in extras[names[2]]
+    assert len(streams[2]) == 32 * 64 and len(streams[1]) == 64 * 64 + 2 * 64  # c_k's stream: its symbols alone
+    back, _ = tg.unpack_artifact(tg.pack_artifact(streams, "brotli", 1)[0], "mem")
+    ours, theirs = tg.dequantize_state(qstate), tg.dequantize_state(back)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # the estimate counts the order once per Hessian too
+    s = settings(GPTQ_TCQ="1")
+    alone = {k: tg.estimate_model_bytes({k: state[k]}, {k}, s) for k in names}
+    together = tg.estimate_model_bytes(state, set(names), s)
+    assert abs(sum(alone.values()) - 2 * 64 - together) <= 3
+    # a reference to a tensor that holds no such order is a one-line error
+    header = json.loads(streams[0][4:4 + n])
+    for entry in header["tensors"]:
+        if entry[0] == names[1]:
+            entry[5]["tcq_order_of"] = names[2] + ".missing"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    bad = [struct.pack("<I", len(text)) + text + streams[0][4 + n:]] + streams[1:]
+    with pytest.raises(tg.UserError, match="takes its trellis column order from .*missing.*not an earlier trellis"):
+        tg.unpack_artifact(tg.pack_artifact(bad, "brotli", 1)[0], "mem")
