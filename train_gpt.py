@@ -2692,8 +2692,6 @@ def full_fp32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@torch.no_grad()
-@full_fp32_matmuls()
 def gptq_prepare(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, damp: float) -> tuple:
     """What both GPTQ solves start from, for W [B, rows, cols] and H [B, cols, cols]: (W with dead columns
     zeroed and its columns in act-order, the fp16 row scales of the original W, the act-order permutation
@@ -2723,6 +2721,8 @@ def unpermute_columns(Q: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(B, rows, cols))
 
 
+@torch.no_grad()
+@full_fp32_matmuls()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, block_size: int = 128,
                   damp: float = 0.01, hi_cols: torch.Tensor | None = None, hi_bits: int = 8):
     """GPTQ-round W [rows, cols] (or a batch [B, rows, cols] with H [B, cols, cols]) to integers in
@@ -2803,6 +2803,8 @@ def tcq_values(symbols: torch.Tensor) -> torch.Tensor:
     return values
 
 
+@torch.no_grad()
+@full_fp32_matmuls()
 def tcq_gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, step_ratio: float,
                       block_size: int = 128, damp: float = 0.01):
     """GPTQ with trellis-coded rounding (see above) of W [B, rows, cols] with H [B, cols, cols]. Returns
@@ -2848,8 +2850,7 @@ def tcq_gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: 
             errors[j] = err.gather(0, branch)
             survivors = survivors.gather(0, came_from[j][..., None].expand(S, B, rows, K))
             survivors[..., j:] -= errors[j][..., None] * Ub[:, j, j:][None, :, None, :]
-        state = cost.argmin(0)                                    # [B, rows]: each row's best survivor
-        last_state = state.clone()
+        last_state = state = cost.argmin(0)                       # [B, rows]: each row's best survivor
         block_errors = torch.empty(B, rows, K, device=W.device)
         for j in reversed(range(K)):
             values[:, :, start + j] = chosen[j].gather(0, state[None])[0]
@@ -2979,9 +2980,9 @@ def dequantize_int(qt: QTensor) -> torch.Tensor:
         order, step_ratio = qt.tcq
         W = torch.empty(qt.data.shape)
         W[:, order] = tcq_values(qt.data[:, order]).float() * (scale * step_ratio)
-        return W if qt.lqer is None else W + lqer_correction(qt.lqer).to(W.device)
-    factor = awq_column_factor(qt.data.shape[1], qt.awq, 2 ** (qt.bits - 1) - 1)
-    W = qt.data.float() * (scale if factor is None else scale * factor.to(scale.device))
+    else:
+        factor = awq_column_factor(qt.data.shape[1], qt.awq, 2 ** (qt.bits - 1) - 1)
+        W = qt.data.float() * (scale if factor is None else scale * factor.to(scale.device))
     return W if qt.lqer is None else W + lqer_correction(qt.lqer).to(W.device)
 
 
@@ -3245,8 +3246,9 @@ def int_layout(shape, extras: dict) -> tuple:
     rows, cols = shape
     rank = extras.get("lqer", 0)
     groups = -(-cols // LQER_B_GROUP)
-    perm = (2 * rows if extras.get("rows") else 0) + (2 * cols if "tcq" in extras and "tcq_order_of" not in extras
-                                                     else 0)
+    perm = 2 * rows if extras.get("rows") else 0
+    if "tcq" in extras and "tcq_order_of" not in extras:
+        perm += 2 * cols
     return rows * cols, rows + (1 + rank * groups if rank else 0), perm, rows * rank, rank * cols
 
 

@@ -192,3 +192,16 @@ def test_tensors_with_one_hessian_store_their_column_order_once():
     bad = [struct.pack("<I", len(text)) + text + streams[0][4 + n:]] + streams[1:]
     with pytest.raises(tg.UserError, match="takes its trellis column order from .*missing.*not an earlier trellis"):
         tg.unpack_artifact(tg.pack_artifact(bad, "brotli", 1)[0], "mem")
+
+
+@pytest.mark.parametrize("solve", ["gptq_quantize", "tcq_gptq_quantize"])
+def test_both_solves_keep_tf32_out_of_their_matmuls(solve, monkeypatch):
+    # the lazy block updates multiply ill-conditioned factors: TF32 (on for training on CUDA) must be off inside
+    seen = []
+    inner = "round_to_grid" if solve == "gptq_quantize" else "tcq_branches"
+    real = getattr(tg, inner)
+    monkeypatch.setattr(tg, inner, lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    W, H = synthetic_layer(rows=8, cols=16, n=64)
+    getattr(tg, solve)(W[None], H[None], 6, 12.85, *([0.57] if solve == "tcq_gptq_quantize" else []))
+    assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32
