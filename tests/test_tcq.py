@@ -201,7 +201,13 @@ def test_both_solves_keep_tf32_out_of_their_matmuls(solve, monkeypatch):
     inner = "round_to_grid" if solve == "gptq_quantize" else "tcq_branches"
     real = getattr(tg, inner)
     monkeypatch.setattr(tg, inner, lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     W, H = synthetic_layer(rows=8, cols=16, n=64)
-    getattr(tg, solve)(W[None], H[None], 6, 12.85, *([0.57] if solve == "tcq_gptq_quantize" else []))
-    assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32
+    # set and restored by hand: the flag is a property of torch's cuBLAS module, which monkeypatch cannot undo
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        getattr(tg, solve)(W[None], H[None], 6, 12.85, *([0.57] if solve == "tcq_gptq_quantize" else []))
+        restored = torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen and not any(seen) and restored
