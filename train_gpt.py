@@ -153,6 +153,11 @@ class Settings:
         "the four MLP GEMMs in FP8 (e4m3 values, e5m2 gradients, per-tensor scales; SM 8.9+; evaluation stays "
         "bf16); auto = cutlass if cutlass_evt_fusion is built, else triton if Triton imports, else torch",
         choices=("auto", "cutlass", "triton", "fp8", "torch"))
+    qk_kernel: str = setting("torch",
+        "q/k RMS norm + partial RoPE + query gain in training on CUDA: triton = one Triton pass per tensor forward "
+        "and one backward (interpreter-tested on CPU, not yet timed on a GPU); torch = the plain chain that "
+        "inductor fuses (the reference, and the path in evaluation, TTT and on CPU); auto = triton when Triton "
+        "imports on CUDA, else torch", choices=("auto", "triton", "torch"))
     # --- model ---
     num_layers: int = setting(11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model")
     model_dim: int = setting(512, "residual stream width", group="model", bounds="[1, inf)", role="model")
@@ -1256,6 +1261,226 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.view(B, T, H, D)
 
 
+# --- the fused q/k RMS norm + partial RoPE (QK_KERNEL) -----------------------------------------------
+# Every attention layer RMS-normalises each query and key head, rotates its first ROPE_DIMS dims and scales
+# the queries by their head's gain. Compiled, inductor runs this chain's backward as one kernel per tensor that
+# moved about 0.75 TB/s on the H200, a sixth of the memory's rate: 53 ms of a 747 ms step (docs/performance.md,
+# 2026-12-03), the slowest memory-bound kernels of the step per byte. QK_KERNEL=triton runs it as one Triton
+# pass per tensor forward and one backward, a head vector per row: rows are (b, t, h) with h fastest.
+# RoPE written per column: out_j = n_j * C_j + n_p(j) * S_j, where p(j) is j's partner (j + half in the first
+# half of the rotated dims, j - half in the second, j itself beyond), C_j the pair's cosine (1 beyond) and S_j
+# +sine in the first half, -sine in the second (0 beyond). Its transpose is dn_j = dy_j * C_j - dy_p(j) * S_j.
+# The plain path (rms_norm, apply_partial_rope, the gain) is the reference; it alone runs in evaluation, TTT
+# and on CPU. rms_norm's epsilon is float32's whatever the input dtype (ATen adds it in fp32 opmath).
+# Under TRITON_INTERPRET=1 the op also runs on CPU tensors (slowly, in Triton's interpreter): that is how the
+# tests run a whole training step, compiled, through it on a machine without a GPU.
+
+triton = tl = None  # bound on first use by the triton_* definers below: a CPU machine need not have Triton
+_TRITON_QK_NORM_ROPE = None  # the op once defined; False when Triton does not import
+RMS_NORM_EPS = torch.finfo(torch.float32).eps
+
+
+def _qk_rope_columns(cos_ptr, sin_ptr, t, cols, half, mask):
+    """C and S ([rows, BLOCK_D] fp32) for positions t and columns cols, as in the comment above."""
+    rotated = cols < 2 * half
+    pair = tl.where(cols < half, cols, cols - half)
+    table = t.to(tl.int64)[:, None] * half + pair[None, :]
+    c = tl.load(cos_ptr + table, mask=mask & rotated[None, :], other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + table, mask=mask & rotated[None, :], other=0.0).to(tl.float32)
+    return c, tl.where((cols < half)[None, :], s, -s)
+
+
+def _qk_rows(rows_start, T, H, half, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block's row indices, their (b, t, h), its columns and each column's RoPE partner."""
+    rows = rows_start + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    partner = tl.where(cols < half, cols + half, tl.where(cols < 2 * half, cols - half, cols))
+    h = rows % H
+    t = (rows // H) % T
+    b = rows // (H * T)
+    return rows, cols, partner, b, t, h
+
+
+def _qk_norm_rope_forward_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, n_rows, T, H, D, half,
+                                 stride_b, stride_t, stride_h, eps,
+                                 HAS_GAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out [B, T, H, D] contiguous = gain_h * rope(rms_norm(x)) for x [B, T, H, D] with unit stride in D."""
+    rows, cols, partner, b, t, h = _qk_rows(tl.program_id(0) * BLOCK_R, T, H, half, BLOCK_R, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    src = (b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + h.to(tl.int64) * stride_h)[:, None]
+    x = tl.load(x_ptr + src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_ptr + src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    c, s = _qk_rope_columns(cos_ptr, sin_ptr, t, cols, half, mask)
+    out = (x * c + x_partner * s) * r[:, None]
+    if HAS_GAIN:
+        out = out * tl.load(gain_ptr + h, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    dst = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _qk_norm_rope_backward_kernel(x_ptr, dy_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows, T, H, D,
+                                  half, x_stride_b, x_stride_t, x_stride_h, dy_stride_b, dy_stride_t, dy_stride_h,
+                                  eps, HAS_GAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx [B, T, H, D] contiguous from dy = d out; with a gain, each row's share of d gain_h into dgain [rows]
+    (summed per head afterwards: no atomics, so the sum is the same on every run)."""
+    rows, cols, partner, b, t, h = _qk_rows(tl.program_id(0) * BLOCK_R, T, H, half, BLOCK_R, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    b, t, h = b.to(tl.int64), t.to(tl.int64), h.to(tl.int64)
+    x_src = (b * x_stride_b + t * x_stride_t + h * x_stride_h)[:, None]
+    dy_src = (b * dy_stride_b + t * dy_stride_t + h * dy_stride_h)[:, None]
+    x = tl.load(x_ptr + x_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_ptr + x_src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + dy_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy_partner = tl.load(dy_ptr + dy_src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    c, s = _qk_rope_columns(cos_ptr, sin_ptr, t, cols, half, mask)
+    n = x * r[:, None]
+    dn = dy * c - dy_partner * s
+    if HAS_GAIN:
+        rotated = (x * c + x_partner * s) * r[:, None]
+        tl.store(dgain_ptr + rows, tl.sum(dy * rotated, axis=1), mask=row_ok)
+        dn = dn * tl.load(gain_ptr + h, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    # rms_norm's backward: n = x r with r = (mean(x^2) + eps)^-1/2 gives dx = r (dn - n mean(dn n))
+    dx = r[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None])
+    dst = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(dx_ptr + dst, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# autotuned (rows per program, num_warps): 8 or 16 values of a 64-wide head a thread. With 32 a thread ptxas runs
+# out of registers and spills (Triton 3.6 and 3.9, sm_90a); tests/test_qk_kernel.py compiles each config to check
+_QK_CONFIGS = ((8, 2), (16, 4), (32, 8), (64, 16), (16, 2), (64, 8))
+
+
+class FixedMeta:
+    """A jitted kernel launched with fixed meta-parameters, indexed by a grid function as an autotuned one is:
+    Triton's interpreter cannot time configs, and the tests pick a block size on purpose."""
+
+    def __init__(self, kernel, **meta):
+        self.kernel, self.meta = kernel, meta
+
+    def __getitem__(self, grid):
+        return functools.partial(self.kernel[grid(self.meta)], **self.meta)
+
+
+def qk_norm_rope_launchers(forward_kernel, backward_kernel):
+    """(forward, backward): plain functions that run the two kernels (jitted or autotuned) on tensors of any
+    device Triton runs on (the CPU under TRITON_INTERPRET=1, for the tests).
+    forward(x [B, T, H, D], cos, sin [T, half], gain [H] or None) -> out [B, T, H, D] contiguous
+    backward(dy, x, cos, sin, gain) -> (dx, dgain or None)"""
+
+    def geometry(x, cos):
+        B, T, H, D = x.shape
+        torch._check(cos.size(0) >= T and cos.is_contiguous(), lambda: "qk_norm_rope: a cos/sin row per position")
+        return B * T * H, T, H, D, cos.size(1), triton.next_power_of_2(D)
+
+    def unit_last(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    def forward(x, cos, sin, gain):
+        x = unit_last(x)
+        n_rows, T, H, D, half, block_d = geometry(x, cos)
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)  # noqa: E731
+        forward_kernel[grid](x, cos, sin.contiguous(), x if gain is None else gain.contiguous(), out, n_rows, T, H, D,
+                             half, x.stride(0), x.stride(1), x.stride(2), RMS_NORM_EPS,
+                             HAS_GAIN=gain is not None, BLOCK_D=block_d)
+        return out
+
+    def backward(dy, x, cos, sin, gain):
+        x, dy = unit_last(x), unit_last(dy)
+        n_rows, T, H, D, half, block_d = geometry(x, cos)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        row_share = torch.empty(n_rows if gain is not None else 1, device=x.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)  # noqa: E731
+        backward_kernel[grid](x, dy, cos, sin.contiguous(), x if gain is None else gain.contiguous(), dx, row_share,
+                              n_rows, T, H, D, half, x.stride(0), x.stride(1), x.stride(2),
+                              dy.stride(0), dy.stride(1), dy.stride(2), RMS_NORM_EPS,
+                              HAS_GAIN=gain is not None, BLOCK_D=block_d)
+        dgain = None if gain is None else row_share.view(-1, H).sum(0).to(gain.dtype)
+        return dx, dgain
+
+    return forward, backward
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_qk_norm_rope():
+    """Defines (once) torch.ops.pgolf.qk_norm_rope(q [B, T, H, D], k [B, T, Hkv, D], cos, sin [T, half],
+    gain [H]) -> (gain * rope(rms_norm(q)), rope(rms_norm(k))), with its backward as a second op: torch.library
+    custom ops with fake kernels, so torch.compile keeps them inside the graph. False when Triton does not import."""
+    global triton, tl, _TRITON_QK_NORM_ROPE
+    if _TRITON_QK_NORM_ROPE is not None:
+        return _TRITON_QK_NORM_ROPE
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        _TRITON_QK_NORM_ROPE = False
+        return False
+    global _qk_rope_columns, _qk_rows  # called by module-level name from the kernels: Triton resolves them so
+    _qk_rope_columns, _qk_rows = triton.jit(_qk_rope_columns), triton.jit(_qk_rows)
+    configs = [triton.Config({"BLOCK_R": rows}, num_warps=warps) for rows, warps in _QK_CONFIGS]
+
+    def tuned(kernel):
+        if triton_interpreting():  # nothing to time: the first config
+            return FixedMeta(triton.jit(kernel), BLOCK_R=_QK_CONFIGS[0][0])
+        return triton.autotune(configs=configs, key=["n_rows", "D", "half"])(triton.jit(kernel))
+    forward, backward = qk_norm_rope_launchers(tuned(_qk_norm_rope_forward_kernel), tuned(_qk_norm_rope_backward_kernel))
+
+    devices = ("cuda", "cpu") if triton_interpreting() else "cuda"
+
+    def on(device):
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    @torch.library.custom_op("pgolf::qk_norm_rope", mutates_args=(), device_types=devices)
+    def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with on(q.device):
+            return forward(q, cos, sin, gain), forward(k, cos, sin, None)
+
+    @qk_norm_rope.register_fake
+    def _(q, k, cos, sin, gain):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
+    @torch.library.custom_op("pgolf::qk_norm_rope_backward", mutates_args=(), device_types=devices)
+    def qk_norm_rope_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor,
+                              gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with on(q.device):
+            dq, dgain = backward(dq_out, q, cos, sin, gain)
+            dk, _ = backward(dk_out, k, cos, sin, None)
+        return dq, dk, dgain
+
+    @qk_norm_rope_backward.register_fake
+    def _(dq_out, dk_out, q, k, cos, sin, gain):
+        return q.new_empty(q.shape), k.new_empty(k.shape), gain.new_empty(gain.shape)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_rule(ctx, dq_out, dk_out):
+        dq, dk, dgain = qk_norm_rope_backward(dq_out, dk_out, *ctx.saved_tensors)
+        return dq, dk, None, None, dgain
+
+    qk_norm_rope.register_autograd(backward_rule, setup_context=setup_context)
+    _TRITON_QK_NORM_ROPE = qk_norm_rope
+    return qk_norm_rope
+
+
+def pick_qk_kernel(requested: str) -> str:
+    """QK_KERNEL -> the path the training step's q/k norm + RoPE runs: triton (CUDA, or any device under
+    TRITON_INTERPRET=1, with Triton) or torch."""
+    why = "no CUDA device" if not (torch.cuda.is_available() or triton_interpreting()) else \
+        "" if triton_qk_norm_rope() else "Triton does not import"
+    need(requested != "triton" or not why, f"QK_KERNEL=triton but {why}: set QK_KERNEL=auto or torch")
+    return "torch" if why or requested == "torch" else "triton"
+
+
 # --- attention kernels ------------------------------------------------------------------------------
 # A kernel is bound once per forward pass to the batch's token ids: bind(input_ids) returns attend(q, k, v)
 # for q [B, T, H, D] and k, v [B, T, Hkv, D]. Causal kernels ignore the ids. With DOC_MASK=1 a position
@@ -1349,7 +1574,7 @@ def add_delta(t, delta):
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, use_xsa: bool,
-                 gate_dims: int = 0):
+                 gate_dims: int = 0, qk_kernel: str = "torch"):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
@@ -1362,6 +1587,7 @@ class Attention(nn.Module):
         # ATTN_GATE_DIMS (the sparse attention output gate of PR #1787): each head's output is scaled by
         # sigmoid(w_h . x[:gate_dims]) of the block's normed input; zero-initialised, so every gate starts at 0.5
         self.out_gate = nn.Parameter(torch.zeros(num_heads, gate_dims)) if gate_dims else None
+        self.qk_kernel = qk_kernel  # pick_qk_kernel's choice: how a CUDA training step runs the q/k norm + RoPE
 
     def forward(self, x, ctx: "LayerContext"):
         B, T, _ = x.shape
@@ -1371,12 +1597,15 @@ class Attention(nn.Module):
             q, k, v = add_delta(q, dq), add_delta(k, dk), add_delta(v, dv)
         if ctx.value is not None:  # value embedding of this layer (VALUE_EMBED_LAYERS)
             v = v + ctx.value
-        q = rms_norm(q.view(B, T, self.num_heads, self.head_dim))
-        k = rms_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = ctx.rope
-        q = apply_partial_rope(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
-        k = apply_partial_rope(k, cos, sin)
+        if self.qk_kernel == "triton" and ctx.adapter is None and self.training and torch.is_grad_enabled():
+            q, k = torch.ops.pgolf.qk_norm_rope(q, k, cos, sin, self.q_gain.to(q.dtype))
+        else:
+            q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
+            k = apply_partial_rope(rms_norm(k), cos, sin)
         y = ctx.attend(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
@@ -1403,7 +1632,6 @@ class Attention(nn.Module):
 # The forward keeps pre rather than phi'(pre): as many bytes, and phi' = 2u or 0.5u is a power-of-two scaling,
 # so phi' of the bf16 pre is exactly the bf16 rounding of phi' of the fp32 pre.
 
-triton = tl = None  # bound by triton_mlp_up_act() on first use: a CPU machine need not have Triton
 _TRITON_UP_ACT = None  # the op once defined; False when Triton does not import
 _MLP_KERNEL_CHOICES = {}  # MLP_KERNEL value -> the path it resolved to in this process
 _CUTLASS_TILE = None  # (M, N, K) tile of the cutlass_evt_fusion kernel once it has loaded
@@ -1773,7 +2001,7 @@ class Block(nn.Module):
         self.attn = self.attn_scale = None  # ATTN_OFF_LAYERS: the block is its MLP alone
         if layer not in layer_list(s.attn_off_layers, "ATTN_OFF_LAYERS", s.num_layers):
             self.attn = Attention(dim, s.num_heads, s.num_kv_heads, s.qk_gain_init,
-                                  layer >= s.num_layers - s.xsa_last_n, s.attn_gate_dims)
+                                  layer >= s.num_layers - s.xsa_last_n, s.attn_gate_dims, pick_qk_kernel(s.qk_kernel))
             self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp = MLP(dim, mlp_hidden(s), pick_mlp_kernel(s.mlp_kernel))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -2016,6 +2244,7 @@ class GPT(nn.Module):
                                        for _ in range(s.num_loops * segment)) if s.untie_loop_mlp else None
         self.mlp_kernel = self.blocks[0].mlp.kernel  # MLP_KERNEL as resolved: cutlass, triton, fp8 or torch
         self.loss_kernel = pick_loss_kernel(s.loss_kernel)  # LOSS_KERNEL as resolved: triton or torch
+        self.qk_kernel = pick_qk_kernel(s.qk_kernel)  # QK_KERNEL as resolved: triton or torch
         self.residual = RESIDUAL_FORMS[s.parallel_residual_mode]
         self.looping = False  # switched on at ENABLE_LOOPING_AT; torch.compile keeps one graph per value
         schedules = [virtual_layers(s.num_layers, s.num_loops, s.loop_start, s.loop_end, on) for on in (False, True)]
@@ -5418,6 +5647,7 @@ def train_and_evaluate(s: Settings, rt: Runtime) -> dict:
     rt.log(f"attention_backend:{trainer.attention_backend}")
     rt.log(f"mlp_kernel:{model.mlp_kernel}")
     rt.log(f"loss_kernel:{model.loss_kernel}")
+    rt.log(f"qk_kernel:{model.qk_kernel}")
     rt.log(f"parallel_residual mode:{s.parallel_residual_mode} start_layer:{s.parallel_residual_start}")
     rt.log(f"depth_recurrence num_loops:{s.num_loops} segment:{s.loop_start}-{s.loop_end} "
            f"enable_at:{s.enable_looping_at}")

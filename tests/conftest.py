@@ -2,6 +2,7 @@
 settings of a model small enough to train on a CPU in seconds."""
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,3 +82,22 @@ def subprocess_env(overrides: dict) -> dict:
     env.update(overrides)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def hopper_ptxas(triton):
+    """The ptxas Triton itself runs for sm_90 (newer Triton ships a second, newer one for it)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(90).path
+    except (ImportError, AttributeError, TypeError):
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def run_in_triton_interpreter(script: str, expected: str, timeout: int = 900):
+    """Run script (argv[1] = the repo root) in a fresh process under TRITON_INTERPRET=1 and require `expected`
+    in its output; skip where this Triton's interpreter cannot run with this NumPy."""
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=subprocess_env({"TRITON_INTERPRET": "1"}),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr:
+        pytest.skip("this Triton's interpreter cannot take scalar loop bounds with this NumPy (>= 2.4)")
+    assert proc.returncode == 0 and expected in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -21,4 +21,5 @@ def test_bench_ablation_runs_each_variant_and_tabulates_them(tiny_env, tmp_path)
     for r in results:
         assert r["before_loop"]["tokens_per_s"] > 0 and r["after_loop"]["tokens_per_s"] > 0
         assert r["paths"]["attention_backend"] == "sdpa-cpu"
+        assert r["paths"]["qk_kernel"] == r["paths"]["loss_kernel"] == "torch"
     assert "| lean |" in proc.stdout and "tokens/s before looping" in proc.stdout

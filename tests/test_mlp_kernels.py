@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, subprocess_env, tg
+from conftest import ROOT, hopper_ptxas, run_in_triton_interpreter, subprocess_env, tg
 
 import cutlass_evt_fusion as cef  # the source tree's package: the references work without the build
 
@@ -168,8 +168,8 @@ def test_the_run_logs_the_mlp_path(tiny_env, monkeypatch):
     finally:  # train_and_evaluate turns TF32 on for the process (on CUDA): not for the tests after this one
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     events = rt.log_path.read_text().partition("\nheader:end\n")[2]
-    lines = [line for line in events.splitlines() if line.startswith("mlp_kernel")]
-    assert lines == ["mlp_kernel:torch"]  # the default
+    lines = [line for line in events.splitlines() if line.startswith(("mlp_kernel", "qk_kernel"))]
+    assert lines == ["mlp_kernel:torch", "qk_kernel:torch"]  # the defaults (on a GPU too)
 
 
 STAND_INS = textwrap.dedent("""
@@ -267,7 +267,7 @@ def test_triton_kernel_compiles_for_sm90_with_every_autotune_config():
     signature.update(dict.fromkeys(["M", "N", "K", "stride_xm", "stride_wn", "stride_om"], "i32"))
     signature.update(dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"], "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(10)}  # as at 98,304 x 512 -> 2048
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = hopper_ptxas(triton)
     for bm, bn, warps, stages in tg._MLP_UP_ACT_CONFIGS:
         constants = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}
         try:
@@ -328,11 +328,7 @@ def test_triton_kernel_reads_its_constexpr_parameters():
 
 @pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
 def test_triton_forward_kernel_in_the_interpreter():
-    env = subprocess_env({"TRITON_INTERPRET": "1"})
-    proc = subprocess.run([sys.executable, "-c", INTERPRETED, str(ROOT)], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr:
-        pytest.skip("this Triton's interpreter cannot take scalar loop bounds with this NumPy (>= 2.4)")
-    assert proc.returncode == 0 and "interpreted ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_in_triton_interpreter(INTERPRETED, "interpreted ok", timeout=300)
 
 
 # --- GPU -----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ SPEED_FEATURES = {
     "mlp": ("fused MLP: Triton forward + CUTLASS EVT backward instead of the plain path", {"MLP_KERNEL": "cutlass"}),
     "fp8": ("the MLP's four GEMMs in FP8 (e4m3 values, e5m2 gradients) instead of bf16", {"MLP_KERNEL": "fp8"}),
     "loss": ("fused softcapped cross-entropy off: the plain loss", {"LOSS_KERNEL": "torch"}),
+    "qk": ("fused q/k RMS norm + partial RoPE + query gain (Triton) instead of inductor's kernels", {"QK_KERNEL": "triton"}),
     "coordinate": ("inductor coordinate-descent tuning of the fused kernels", {"COMPILE_MODE": "coordinate"}),
     "autotune": ("max-autotune: Triton GEMM templates with fused epilogues", {"COMPILE_MODE": "max-autotune"}),
     "docmask": ("document-masked attention (flex) instead of causal SDPA", {"DOC_MASK": "1"}),
@@ -122,7 +123,7 @@ def bench_once(args, overrides: dict) -> dict:
             result[phase]["tokens_per_s"] = tokens / (result[phase]["step_ms"] / 1000.0)
     result.update(wall_seconds=time.time() - t0, command=" ".join(cmd), overrides=overrides,
                   device=" ".join(f"{k}: {v}" for k, v in log.versions.items()),
-                  paths={k: log.info.get(k, "") for k in ("attention_backend", "mlp_kernel")},
+                  paths={k: log.info.get(k, "") for k in ("attention_backend", "mlp_kernel", "loss_kernel", "qk_kernel")},
                   mfu=mean_mfu(lines))
     return result
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The fused MLP on the GPU machine, in one call: build and install cutlass_evt_fusion (timed), run the
-# MLP kernel tests (tests/test_mlp_kernels.py: Triton forward, CUTLASS EVT backward, the whole fused
-# MLP against the plain PyTorch path in bf16, torch.compile without graph breaks) and time forward +
-# backward at the full config's shape for each path (tools/bench_mlp.py). Plain text; about 3-4 minutes.
+# The fused kernels on the GPU machine, in one call: build and install cutlass_evt_fusion (timed), run the
+# MLP kernel tests (tests/test_mlp_kernels.py: Triton forward, CUTLASS EVT backward, FP8, the whole fused
+# MLP against the plain PyTorch path in bf16, torch.compile without graph breaks) and the q/k norm + RoPE
+# kernel tests (tests/test_qk_kernel.py), then time forward + backward at the full config's shape for each
+# path (tools/bench_mlp.py, tools/bench_qk.py). Plain text; about 4-5 minutes.
 #
 #   source .carry/setup.sh; bash tools/gpu_mlp_check.sh      # from the repo root; setup.sh exports CUTLASS_PATH
 #
@@ -43,8 +44,8 @@ $PY -c "import cutlass_evt_fusion as c, train_gpt as tg; print('repo root:', c._
 '| MLP_KERNEL=auto ->', tg.pick_mlp_kernel('auto'))"
 
 echo
-echo "== tests: pytest tests/test_mlp_kernels.py"
-$PY -m pytest -q -rs -s -p no:cacheprovider tests/test_mlp_kernels.py 2>&1 | grep -Ev "^\s*$" | tail -n 60
+echo "== tests: pytest tests/test_mlp_kernels.py tests/test_qk_kernel.py"
+$PY -m pytest -q -rs -s -p no:cacheprovider tests/test_mlp_kernels.py tests/test_qk_kernel.py 2>&1 | grep -Ev "^\s*$" | tail -n 60
 test_rc=${PIPESTATUS[0]}
 echo "tests: rc=$test_rc"
 [ "$test_rc" -eq 0 ] || status=1
@@ -52,6 +53,9 @@ echo "tests: rc=$test_rc"
 echo
 echo "== benchmark: tools/bench_mlp.py"
 timeout 200 $PY tools/bench_mlp.py ${BENCH_ARGS:-} 2>&1 | grep -Ev "^\s*$"
+echo
+echo "== benchmark: tools/bench_qk.py"
+timeout 120 $PY tools/bench_qk.py 2>&1 | grep -Ev "^\s*$"
 echo
 echo "gpu_mlp_check: status=$status total_seconds=$(( $(date +%s) - t_start ))"
 exit $status

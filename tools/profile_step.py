@@ -24,6 +24,7 @@ CATEGORIES = [
     ("communication", ("nccl", "allreduce", "all_gather", "reduce_scatter")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "attn")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "sm90_", "matmul", "mlp_up_act")),
+    ("q/k norm + RoPE and loss kernels (QK_KERNEL, LOSS_KERNEL: triton)", ("qk_norm_rope", "softcap_ce")),
     ("fused kernels (inductor: casts, norms, activations)", ("triton_",)),
     ("copy/memset", ("memcpy", "memset", "copy_", "copykernel")),
     ("reduction", ("reduce", "norm", "sum_", "softmax", "cross_entropy", "nll")),
@@ -121,7 +122,8 @@ def main():
         results[phase] = profile(trainer, optimizers, loader, args.steps, args.trace if looping else None)
     print(f"device: {tg.torch.cuda.get_device_name() if tg.torch.cuda.is_available() else 'cpu'}  "
           f"tokens/step: {s.train_batch_tokens}  attention: {trainer.attention_backend}  "
-          f"mlp_kernel: {trainer.model.mlp_kernel}")
+          f"mlp_kernel: {trainer.model.mlp_kernel}  loss_kernel: {trainer.model.loss_kernel}  "
+          f"qk_kernel: {trainer.model.qk_kernel}")
     print(table(results))
     for phase, r in results.items():
         if args.top:
