@@ -101,3 +101,11 @@ def run_in_triton_interpreter(script: str, expected: str, timeout: int = 900):
     if proc.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr:
         pytest.skip("this Triton's interpreter cannot take scalar loop bounds with this NumPy (>= 2.4)")
     assert proc.returncode == 0 and expected in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False

@@ -1,10 +1,13 @@
 """LOSS_KERNEL: the fused Triton softcapped cross-entropy against the plain PyTorch loss (values and
-gradients, eager and under torch.compile) on the GPU; on a CPU only the choice of path is checked."""
+gradients, eager and under torch.compile) on the GPU. On a CPU: the choice of path, and, with Triton
+importable (make test installs it), both kernels in Triton's interpreter against float64 autograd."""
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_MODEL, tg
+from conftest import TINY_MODEL, run_in_triton_interpreter, tg, triton_importable
 
 CUDA = torch.cuda.is_available()
 
@@ -21,6 +24,46 @@ def test_on_a_cpu_the_loss_runs_the_plain_path_and_triton_is_refused():
     with pytest.raises(tg.UserError, match="LOSS_KERNEL=triton but no CUDA device"):
         tg.pick_loss_kernel("triton")
     assert tg.GPT(tg.Settings(environ=dict(TINY_MODEL, LOSS_KERNEL="auto"))).loss_kernel == "torch"
+
+
+INTERPRETED = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, sys.argv[1])
+    import torch, triton, triton.language as tl
+    import train_gpt as tg
+    tg.triton, tg.tl = triton, tl
+    tg._softcap = triton.jit(tg._softcap)
+    forward, backward = triton.jit(tg._softcap_ce_forward_kernel), triton.jit(tg._softcap_ce_backward_kernel)
+    torch.manual_seed(0)
+    cap = 30.0
+    # a vocabulary the block divides and one it does not (a masked tail), fp32 and bf16 logits
+    for N, V, block, dtype in ((6, 512, 128, torch.float32), (5, 300, 128, torch.float32), (4, 1000, 256, torch.bfloat16)):
+        z = (8 * torch.randn(N, V)).to(dtype)
+        target = torch.randint(0, V, (N,))
+        target[:2] = torch.tensor([0, V - 1])  # the edges of the vocabulary
+        loss, lse = torch.empty(N), torch.empty(N)
+        forward[(N,)](z, target, loss, lse, V, z.stride(0), cap, BLOCK_V=block)
+        z64 = z.double().requires_grad_()
+        y = cap * torch.tanh(z64 / cap)
+        ref_lse = torch.logsumexp(y, dim=-1)
+        ref_loss = ref_lse - y.gather(1, target[:, None])[:, 0]
+        torch.testing.assert_close(lse.double(), ref_lse.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-5)
+        dloss = torch.randn(N)
+        dz = torch.empty_like(z)
+        backward[(N,)](z, target, lse, dloss, dz, V, z.stride(0), cap, BLOCK_V=block)
+        (ref_dz,) = torch.autograd.grad((ref_loss * dloss.double()).sum(), z64)
+        # bf16 dz: one unit in the last place (the interpreter truncates where the GPU rounds to nearest)
+        rtol = 2 ** -7 if dtype == torch.bfloat16 else 0
+        torch.testing.assert_close(dz.double(), ref_dz, rtol=rtol, atol=1e-6 * ref_dz.abs().max().item())
+    print("interpreted ok")
+""")
+
+
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed (make test installs it)")
+def test_both_kernels_in_the_interpreter_match_float64_autograd():
+    run_in_triton_interpreter(INTERPRETED, "interpreted ok")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")

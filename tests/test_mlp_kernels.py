@@ -32,20 +32,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, hopper_ptxas, run_in_triton_interpreter, subprocess_env, tg
+from conftest import ROOT, hopper_ptxas, run_in_triton_interpreter, subprocess_env, tg, triton_importable
 
 import cutlass_evt_fusion as cef  # the source tree's package: the references work without the build
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (runs in tools/gpu_mlp_check.sh)")
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def plain_mlp(x, w_up, w_down):
@@ -248,7 +240,7 @@ def test_tile_constants_match_the_cuda_header():
 
 # --- CPU with Triton: the forward kernel in Triton's interpreter ---------------------------------
 
-@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
 def test_triton_kernel_compiles_for_sm90_with_every_autotune_config():
     """Ahead of time, no GPU needed: each config lowers to wgmma fed by cp.async, fits Hopper's shared memory
     and, with the ptxas Triton ships, spills nothing."""
@@ -315,7 +307,7 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
 def test_triton_kernel_reads_its_constexpr_parameters():
     """train_gpt.py has `from __future__ import annotations`: the tl.constexpr annotations are strings,
     which Triton must still read as compile-time parameters."""
@@ -326,7 +318,7 @@ def test_triton_kernel_reads_its_constexpr_parameters():
     assert [p.name for p in kernel.params if p.is_constexpr] == ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
 
 
-@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
 def test_triton_forward_kernel_in_the_interpreter():
     run_in_triton_interpreter(INTERPRETED, "interpreted ok", timeout=300)
 

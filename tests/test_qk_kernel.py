@@ -21,20 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, hopper_ptxas, run_in_triton_interpreter, subprocess_env, tg
+from conftest import ROOT, hopper_ptxas, run_in_triton_interpreter, subprocess_env, tg, triton_importable
 
 CUDA = torch.cuda.is_available()
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-needs_triton = pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed (make setup installs it)")
+needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not installed (make setup installs it)")
 
 
 def reference(x, cos, sin, gain):
