@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny corpus, tokenizer and shard set the tests build themselves, and the
 settings of a model small enough to train on a CPU in seconds."""
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -109,3 +110,29 @@ def triton_importable() -> bool:
         return True
     except ImportError:
         return False
+
+
+def platform_fingerprint() -> dict:
+    """What decides the last bits of a CPU run: the torch build, the vector code path torch dispatches to,
+    the MKL build and the CPU it chooses its kernels for. The runs themselves use one thread
+    (subprocess_env), so the core count does not enter."""
+    import torch
+    cpu = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("vendor_id", "cpu family", "model", "model name") and key.strip() not in cpu:
+                cpu[key.strip()] = value.strip()
+    except OSError:
+        cpu["processor"] = platform.processor()
+    mkl = next((line.strip() for line in torch.__config__.show().splitlines() if "Math Kernel Library" in line), "")
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl": mkl, "cpu": " / ".join(f"{k}={v}" for k, v in sorted(cpu.items())), "machine": platform.machine()}
+
+
+def on_the_recording_platform() -> bool:
+    """Whether this machine is the one tests/golden/tiny_run.json was recorded on: there float figures
+    pinned by the tests reproduce exactly; elsewhere the last bits differ (tests/test_golden_run.py)."""
+    import json
+    recorded = json.loads((ROOT / "tests" / "golden" / "tiny_run.json").read_text())["platform"]
+    return recorded == platform_fingerprint()

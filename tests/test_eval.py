@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import on_the_recording_platform
 from eval_helpers import losses_fn, make, random_model, repeated_stream, tables_for, validation
 
 torch.set_num_threads(1)
@@ -518,15 +519,20 @@ PHASED = dict(TTT_MODE="lora", TTT_LORA_LR=0.01, TTT_PHASES=2, TTT_PHASE_PREFIX_
 
 
 def test_lora_ttt_without_phases_keeps_the_scores_it_had_before_them(tiny_data, tmp_path):
-    """The figures below were measured with the code before TTT_PHASES existed (commit f932bcc); phases that
-    would start after the last document change nothing either."""
+    """The figures below were measured with the code before TTT_PHASES existed (commit f932bcc), on the
+    platform of tests/golden/tiny_run.json: there they must reproduce exactly. Elsewhere LoRA's Adam steps carry
+    the last bits' differences further (5.6e-4 relative on an Intel Xeon, 2026-12-05), so within 1e-3, the
+    golden run's tolerance for LoRA TTT scores. Phases that would start after the last document change
+    nothing, on any platform."""
     s, rt = make(tiny_data, tmp_path, TTT_MODE="lora", TTT_LORA_LR=0.01)
     _, tables = tables_for(s)
     model = random_model(s)
-    for n, loss in ((1000, 5.625748096466064), (3000, 5.637520755678415)):
-        assert tg.evaluate_ttt_lora(model, s, rt, validation(s, n), tables, 1).loss == pytest.approx(loss, rel=1e-12)
+    rel = 1e-12 if on_the_recording_platform() else 1e-3
+    without = {n: tg.evaluate_ttt_lora(model, s, rt, validation(s, n), tables, 1).loss for n in (1000, 3000)}
+    assert without[1000] == pytest.approx(5.625748096466064, rel=rel)
+    assert without[3000] == pytest.approx(5.637520755678415, rel=rel)
     s.ttt_phases, s.ttt_phase_prefix_docs = 2, 16  # boundaries 8 and 16: 1000 targets hold 8 documents
-    assert tg.evaluate_ttt_lora(model, s, rt, validation(s, 1000), tables, 1).loss == pytest.approx(5.625748096466064,
+    assert tg.evaluate_ttt_lora(model, s, rt, validation(s, 1000), tables, 1).loss == pytest.approx(without[1000],
                                                                                                    rel=1e-12)
     log = (tmp_path / "logs" / "eval.txt").read_text()
     assert "rank0_steps:21 phases:0\n" in log and "phases:2 phase_prefix_docs:16 phase_boundaries_docs:none " in log

@@ -14,7 +14,6 @@ relative after TTT, integer streams 3 bytes in 123,043), below what a changed se
 """
 import hashlib
 import json
-import platform
 import re
 import struct
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import ROOT, TINY_MODEL, build_tiny_dataset, subprocess_env  # noqa: E402
+from conftest import ROOT, TINY_MODEL, build_tiny_dataset, platform_fingerprint, subprocess_env  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_run.json"
 RUN = dict(TINY_MODEL, ITERATIONS="8", TRAIN_LOG_EVERY="1", SEED="7", EVAL_STRIDE="16", EVAL_BATCH_WINDOWS="8",
@@ -35,24 +34,6 @@ NUMBER = r"([-+0-9.e]+|nan)"
 # Off the recording platform: absolute for the train losses, relative for the scores and the stream bytes.
 PORTABLE_TOLERANCE = {"train_losses": 1e-3, "pre_quant_val_loss": 1e-4, "quantized_val_bpb": 1e-3,
                       "final_val_bpb": 3e-3, "lora_final_val_bpb": 1e-3, "int_stream_bytes": 1e-3}
-
-
-def platform_fingerprint() -> dict:
-    """What decides the last bits of a CPU run: the torch build, the vector code path torch dispatches to,
-    the MKL build and the CPU it chooses its kernels for. The runs themselves use one thread
-    (subprocess_env), so the core count does not enter."""
-    import torch
-    cpu = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("vendor_id", "cpu family", "model", "model name") and key.strip() not in cpu:
-                cpu[key.strip()] = value.strip()
-    except OSError:
-        cpu["processor"] = platform.processor()
-    mkl = next((line.strip() for line in torch.__config__.show().splitlines() if "Math Kernel Library" in line), "")
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "mkl": mkl, "cpu": " / ".join(f"{k}={v}" for k, v in sorted(cpu.items())), "machine": platform.machine()}
 
 
 def figures_of(log: str) -> dict:
