@@ -143,7 +143,9 @@ class Settings:
         choices=("default", "coordinate", "max-autotune"))
     attn_backend: str = setting("auto",
         "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA (cuDNN on the H200); with "
-        "DOC_MASK=1, auto = flex attention on CUDA and masked SDPA on CPU", choices=('auto', 'fa3', 'sdpa', 'flex'))
+        "DOC_MASK=1, auto = flex attention on CUDA and masked SDPA on CPU, while varlen (PyTorch's varlen kernel, "
+        "torch >= 2.10) and fa3 (FlashAttention 3's) run the training step through a varlen kernel over the "
+        "batch's document boundaries and the other passes through flex", choices=('auto', 'fa3', 'sdpa', 'flex', 'varlen'))
     doc_mask: bool = setting(False,
         "document-masked attention: a token attends only within its own document (documents start at BOS), in "
         "training and in every evaluation pass", role="model")
@@ -524,10 +526,9 @@ class Settings:
         need(self.max_wallclock_seconds == 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after "
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
-        need(not self.doc_mask or self.attn_backend != "fa3",
-             "ATTN_BACKEND=fa3 has no document mask in this build: with DOC_MASK=1 use ATTN_BACKEND=auto, flex or sdpa")
-        need(self.doc_mask or self.attn_backend != "flex",
-             "ATTN_BACKEND=flex needs DOC_MASK=1 (causal attention is fastest through SDPA): set one or the other")
+        need(self.doc_mask or self.attn_backend not in ("flex", "varlen"),
+             f"ATTN_BACKEND={self.attn_backend} needs DOC_MASK=1 (causal attention is fastest through SDPA): set one or "
+             "the other")
         validate_eval_settings(self)
         validate_quantization_settings(self)
         return grad_accum
@@ -1551,11 +1552,100 @@ def fa3_causal():
     return lambda input_ids, bos_id: attend_fa3
 
 
+# --- document-masked training through varlen kernels (DOC_MASK=1 with ATTN_BACKEND=varlen or fa3) ----------
+# The training step's micro-batch is on the host before it is copied to the GPU, so its document boundaries
+# are found there, at no device sync: cu_seqlens, the offsets in the flattened [B*T] batch where each
+# segment starts (every row's first position and every BOS; the same segments document_ids masks), then
+# B*T. A varlen kernel attends within each segment only, so the masked-out blocks are never computed. Their
+# count changes from batch to batch: cu_seqlens is marked dynamic, so the compiled step has one graph for
+# every count. Passes without boundaries (evaluation, calibration, TTT) bind the DOC_MASK kernels above.
+
+
+def document_cu_seqlens(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """int32 [segments + 1] for input_ids [B, T]: where each document segment of the flattened batch starts,
+    then B*T."""
+    B, T = input_ids.shape
+    opens = input_ids == bos_id
+    opens[:, 0] = True
+    starts = torch.nonzero(opens.reshape(-1)).reshape(-1)
+    return torch.cat((starts, starts.new_tensor([B * T]))).to(torch.int32)
+
+
+def varlen_reference(q, k, v, cu_seqlens, max_len: int):
+    """The varlen kernels' reference, any device: q [N, H, D], k and v [N, Hkv, D] of the flattened batch,
+    causal attention inside each segment of cu_seqlens (which may cross rows: the kernels do not see them),
+    as one masked SDPA over all N positions. Memory grows with N^2: for tests, not for training."""
+    N = q.size(0)
+    positions = torch.arange(N, device=q.device)
+    segment = torch.searchsorted(cu_seqlens.to(torch.int64), positions, right=True)
+    mask = (positions[:, None] >= positions[None, :]) & (segment[:, None] == segment[None, :])
+    return sdpa_heads_first(q[None], k[None], v[None], attn_mask=mask)[0]
+
+
+def torch_varlen():
+    """PyTorch's varlen kernel (torch.nn.attention.varlen, torch >= 2.10) as fn(q, k, v, cu_seqlens, max_len),
+    else None. Causal through window_size=(-1, 0) (older builds: is_causal); K/V heads repeated for GQA where
+    this build's kernel takes no enable_gqa."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    takes_gqa = "enable_gqa" in params
+
+    def attend(q, k, v, cu_seqlens, max_len):
+        if q.size(1) != k.size(1):
+            if takes_gqa:
+                return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **causal)
+            repeat = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
+    return attend
+
+
+def fa3_varlen():
+    """FlashAttention 3's varlen kernel (GQA native) as fn(q, k, v, cu_seqlens, max_len), else None."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func
+    except ImportError:
+        return None
+
+    def attend(q, k, v, cu_seqlens, max_len):
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return attend
+
+
+def pick_varlen(requested: str, device: torch.device, doc_mask: bool):
+    """(name, fn) of the varlen kernel the training step runs for DOC_MASK=1 and ATTN_BACKEND varlen or fa3 on
+    CUDA; (None, None) for every other choice, whose passes all bind pick_attention's kernels."""
+    if not doc_mask or requested not in ("varlen", "fa3"):
+        return None, None
+    need(device.type == "cuda", f"ATTN_BACKEND={requested} with DOC_MASK=1 runs a varlen kernel, which needs a CUDA "
+                                "device: set ATTN_BACKEND=auto")
+    fn = torch_varlen() if requested == "varlen" else fa3_varlen()
+    need(fn is not None, f"ATTN_BACKEND={requested} with DOC_MASK=1 but "
+                         f"{'torch.nn.attention.varlen (torch >= 2.10)' if requested == 'varlen' else 'flash_attn_interface (FlashAttention 3)'} "
+                         "does not import: upgrade torch or install FlashAttention 3, or set ATTN_BACKEND=auto")
+    return ("varlen-docmask" if requested == "varlen" else "fa3-varlen-docmask"), fn
+
+
+def bind_varlen(fn, cu_seqlens):
+    """attend(q, k, v) over [B, T, heads, D] through a varlen kernel fn and this batch's cu_seqlens."""
+    def attend(q, k, v):
+        B, T, H, D = q.shape
+        out = fn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu_seqlens, T)
+        return out.view(B, T, H, D)
+    return attend
+
+
 def pick_attention(requested: str, device: torch.device, doc_mask: bool = False):
     """(name, bind) for ATTN_BACKEND and DOC_MASK on this device; see the comment above."""
     cuda = device.type == "cuda"
-    if doc_mask:  # Settings.validate has refused fa3 here
-        if requested == "flex" or (requested == "auto" and cuda):
+    if doc_mask:  # varlen and fa3 train through pick_varlen's kernel; their other passes bind flex or SDPA here
+        if requested in ("flex", "varlen", "fa3") or (requested == "auto" and cuda):
             return "flex-docmask", bind_flex
         return "sdpa-docmask", bind_masked_sdpa
     if requested in ("auto", "fa3") and cuda:
@@ -2291,9 +2381,12 @@ class GPT(nn.Module):
         """Pick the attention kernels (pick_attention) for this device; bos_id: the tokenizer's BOS, where
         documents start (1 in the challenge's tokenizers)."""
         self.bos_id = bos_id
+        varlen_name, self.varlen_attention = pick_varlen(requested, device, self.settings.doc_mask)
         self.attention_backend, self.bind_attention = pick_attention(requested, device, self.settings.doc_mask)
+        if varlen_name:  # the training step's kernel first, then the one of the passes without boundaries
+            self.attention_backend = f"{varlen_name} other_passes:{self.attention_backend}"
         # rows that each hold a single document need no mask: causal attention scores them the same
-        self.bind_one_document = pick_attention("sdpa" if requested == "flex" else requested, device)[1]
+        self.bind_one_document = pick_attention("sdpa" if requested in ("flex", "varlen") else requested, device)[1]
         return self.attention_backend
 
     # --- structure -------------------------------------------------------------------------------
@@ -2328,11 +2421,13 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
         return torch.lerp(scaled, x, gate)  # gate * x + (1 - gate) * scaled
 
-    def forward_hidden(self, input_ids, lora=None, extra_embedding=None, one_document_per_row: bool = False):
+    def forward_hidden(self, input_ids, lora=None, extra_embedding=None, one_document_per_row: bool = False,
+                       cu_seqlens=None):
         """Final-normed hidden states [B, T, dim] for input_ids [B, T]: the one forward of training,
         evaluation and both TTT modes. The first half of the virtual layers (the encoder) pushes U-Net
         skips that the second half pops; the residual form of each position moves the lanes.
-        one_document_per_row: each row holds one document (LoRA TTT), so plain causal attention is used."""
+        one_document_per_row: each row holds one document (LoRA TTT), so plain causal attention is used.
+        cu_seqlens: the batch's document boundaries (document_cu_seqlens), for a varlen kernel (pick_varlen)."""
         s = self.settings
         embedded = self.tok_emb(input_ids)
         if self.bigram is not None:
@@ -2351,7 +2446,10 @@ class GPT(nn.Module):
         schedule = self.schedule()
         num_encoder = len(schedule) // 2
         skips, lanes, holder = [], (x,), ONE_LANE
-        attend = (self.bind_one_document if one_document_per_row else self.bind_attention)(input_ids, self.bos_id)
+        if cu_seqlens is not None and self.varlen_attention is not None:
+            attend = bind_varlen(self.varlen_attention, cu_seqlens)
+        else:
+            attend = (self.bind_one_document if one_document_per_row else self.bind_attention)(input_ids, self.bos_id)
         for pos, (i, form, mlp) in enumerate(zip(schedule, self.forms(schedule), self.visit_mlps(schedule))):
             ctx = LayerContext(rope, attend, lora.adapter(pos) if lora is not None else None, mlp, values.get(i))
             j = pos - num_encoder
@@ -2390,9 +2488,9 @@ class GPT(nn.Module):
             z = ngram_tilt(z, hints, self.settings.ngram_tilt_beta)
         return F.cross_entropy(z.view(-1, z.size(-1)), target_ids.reshape(-1), reduction="none").view(target_ids.shape)
 
-    def forward(self, input_ids, target_ids):
-        """Mean training loss."""
-        hidden = self.forward_hidden(input_ids)
+    def forward(self, input_ids, target_ids, cu_seqlens=None):
+        """Mean training loss; cu_seqlens: the batch's document boundaries when a varlen kernel trains."""
+        hidden = self.forward_hidden(input_ids, cu_seqlens=cu_seqlens)
         if self.loss_kernel == "triton" and hidden.dtype == torch.bfloat16:
             z = self.head(hidden)
             losses, _ = torch.ops.pgolf.softcap_ce(z.view(-1, z.size(-1)), target_ids.reshape(-1),
@@ -5302,12 +5400,25 @@ class Trainer:
         batches = loader.next_step()
         return [b.pin_memory() for b in batches] if self.rt.device.type == "cuda" else batches
 
+    def document_boundaries(self, batch):
+        """cu_seqlens of a host micro-batch's inputs on the device when a varlen kernel trains, else None. Found
+        on the host and copied from pinned memory: no device sync. Marked dynamic, so that each new count of
+        documents reuses the one compiled graph."""
+        if self.model.varlen_attention is None:
+            return None
+        cu_seqlens = document_cu_seqlens(batch[:, :-1], self.model.bos_id)
+        if self.rt.device.type == "cuda":
+            cu_seqlens = cu_seqlens.pin_memory().to(self.rt.device, non_blocking=True)
+        torch._dynamo.mark_dynamic(cu_seqlens, 0)
+        return cu_seqlens
+
     def forward_backward(self, batches) -> torch.Tensor:
         """Accumulate gradients over this rank's micro-batches; returns the mean loss (0-d tensor)."""
         total = torch.zeros((), device=self.rt.device)
         for batch in batches:
+            cu_seqlens = self.document_boundaries(batch)
             batch = batch.to(self.rt.device, non_blocking=True)
-            loss = self.train_loss(batch[:, :-1], batch[:, 1:])
+            loss = self.train_loss(batch[:, :-1], batch[:, 1:], cu_seqlens)
             (loss / len(batches)).backward()
             total += loss.detach()
         return total / len(batches)

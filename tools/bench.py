@@ -34,6 +34,7 @@ SPEED_FEATURES = {
     "coordinate": ("inductor coordinate-descent tuning of the fused kernels", {"COMPILE_MODE": "coordinate"}),
     "autotune": ("max-autotune: Triton GEMM templates with fused epilogues", {"COMPILE_MODE": "max-autotune"}),
     "docmask": ("document-masked attention (flex) instead of causal SDPA", {"DOC_MASK": "1"}),
+    "varlen": ("document-masked attention, the training step through PyTorch's varlen kernel", {"DOC_MASK": "1", "ATTN_BACKEND": "varlen"}),
 }
 
 

@@ -6,10 +6,11 @@ with the document boundaries of the real training shards (DATA_PATH) for the doc
     python3 tools/bench_attention.py                 # every path this machine can run
     python3 tools/bench_attention.py --json out.json
 
-Causal: SDPA as PyTorch picks it, SDPA forced to cuDNN / flash / memory-efficient, flex attention, torch
-varlen, FlashAttention 3 when flash_attn_interface imports. Document mask: the project's kernels (train_gpt
+Causal: SDPA as PyTorch picks it, SDPA forced to cuDNN / flash / memory-efficient, flex attention,
+FlashAttention 3 when flash_attn_interface imports. Document mask: the project's kernels (train_gpt
 bind_flex, bind_masked_sdpa: the block mask is rebuilt per forward, as in training, and that is timed too)
-and torch varlen over the documents. Not a test: the figures depend on the machine."""
+and the training step's varlen kernels over the documents (torch varlen; FA3's when it imports). Not a
+test: the figures depend on the machine."""
 import argparse
 import json
 import sys
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,16 +47,6 @@ def training_windows(s, rows: int) -> torch.Tensor:
     """The first rows x (TRAIN_SEQ_LEN) tokens of the first training shard, as the loader would cut them."""
     tokens = tg.read_shard(tg.shard_files(s.data_path, "train")[0])[: rows * s.train_seq_len]
     return torch.from_numpy(tokens.astype(np.int64)).view(rows, s.train_seq_len)
-
-
-def varlen_bounds(ids: torch.Tensor, bos_id: int):
-    """cu_seqlens over the flattened windows: every BOS and every window start opens a segment."""
-    B, T = ids.shape
-    opens = (ids == bos_id)
-    opens[:, 0] = True
-    starts = torch.nonzero(opens.flatten()).flatten()
-    cu = torch.cat((starts, torch.tensor([B * T], device=ids.device))).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def main():
@@ -112,19 +102,15 @@ def main():
     measure("docmask flex (mask built per call)", forward_backward(lambda q, k, v: doc_flex(ids, q, k, v), q, k, v))
     measure("docmask sdpa with a boolean mask",
             forward_backward(lambda q, k, v: tg.bind_masked_sdpa(ids, bos)(q, k, v), q, k, v))
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-        rep = H // Hkv
-        flat = [t.detach().reshape(B * T, -1, D) for t in (q, k, v)]
-        kr, vr = (t.repeat_interleave(rep, 1) for t in flat[1:])  # this torch's varlen may not take GQA
-        qv, kr, vr = flat[0].requires_grad_(), kr.requires_grad_(), vr.requires_grad_()
-        for label, bounds in (("causal", (torch.arange(0, B * T + 1, T, device=dev, dtype=torch.int32), T)),
-                              ("docmask", varlen_bounds(ids, bos))):
-            cu, longest = bounds
-            measure(f"{label} varlen", forward_backward(
-                lambda q, k, v, cu=cu, m=longest: varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0)), qv, kr, vr))
-    except ImportError:
-        print("varlen: unavailable (torch.nn.attention.varlen does not import)")
+    # The training step's varlen paths (ATTN_BACKEND=varlen / fa3 with DOC_MASK=1): boundaries found on the host,
+    # the window length as the longest segment, K/V repeated only where the kernel takes no GQA.
+    cu = tg.document_cu_seqlens(ids.cpu(), bos).to(dev)
+    for label, kernel in (("docmask varlen (torch, ATTN_BACKEND=varlen)", tg.torch_varlen()),
+                          ("docmask varlen (FA3, ATTN_BACKEND=fa3)", tg.fa3_varlen())):
+        if kernel is None:
+            print(f"{label}: unavailable (does not import)")
+            continue
+        measure(label, forward_backward(tg.bind_varlen(kernel, cu), q, k, v))
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: ms per layer, forward + backward")
     for name, ms in results.items():
         print(f"  {name:40s} {'-' if ms is None else f'{ms:7.2f}'}")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The fused kernels on the GPU machine, in one call: build and install cutlass_evt_fusion (timed), run the
 # MLP kernel tests (tests/test_mlp_kernels.py: Triton forward, CUTLASS EVT backward, FP8, the whole fused
-# MLP against the plain PyTorch path in bf16, torch.compile without graph breaks) and the q/k norm + RoPE
-# kernel tests (tests/test_qk_kernel.py), then time forward + backward at the full config's shape for each
-# path (tools/bench_mlp.py, tools/bench_qk.py). Plain text; about 4-5 minutes.
+# MLP against the plain PyTorch path in bf16, torch.compile without graph breaks), the q/k norm + RoPE
+# kernel tests (tests/test_qk_kernel.py), the loss kernel's and the attention paths' GPU tests (varlen
+# included), then time forward + backward at the full config's shape for each path (tools/bench_mlp.py,
+# tools/bench_qk.py, tools/bench_attention.py). Plain text; about 5-6 minutes.
 #
 #   source .carry/setup.sh; bash tools/gpu_mlp_check.sh      # from the repo root; setup.sh exports CUTLASS_PATH
 #
@@ -44,8 +45,9 @@ $PY -c "import cutlass_evt_fusion as c, train_gpt as tg; print('repo root:', c._
 '| MLP_KERNEL=auto ->', tg.pick_mlp_kernel('auto'))"
 
 echo
-echo "== tests: pytest tests/test_mlp_kernels.py tests/test_qk_kernel.py"
-$PY -m pytest -q -rs -s -p no:cacheprovider tests/test_mlp_kernels.py tests/test_qk_kernel.py 2>&1 | grep -Ev "^\s*$" | tail -n 60
+kernel_tests="tests/test_mlp_kernels.py tests/test_qk_kernel.py tests/test_loss_kernel.py tests/test_attention.py"
+echo "== tests: pytest $kernel_tests"
+$PY -m pytest -q -rs -s -p no:cacheprovider $kernel_tests 2>&1 | grep -Ev "^\s*$" | tail -n 60
 test_rc=${PIPESTATUS[0]}
 echo "tests: rc=$test_rc"
 [ "$test_rc" -eq 0 ] || status=1
@@ -56,6 +58,9 @@ timeout 200 $PY tools/bench_mlp.py ${BENCH_ARGS:-} 2>&1 | grep -Ev "^\s*$"
 echo
 echo "== benchmark: tools/bench_qk.py"
 timeout 120 $PY tools/bench_qk.py 2>&1 | grep -Ev "^\s*$"
+echo
+echo "== benchmark: tools/bench_attention.py"
+timeout 150 $PY tools/bench_attention.py 2>&1 | grep -Ev "^\s*$"
 echo
 echo "gpu_mlp_check: status=$status total_seconds=$(( $(date +%s) - t_start ))"
 exit $status
