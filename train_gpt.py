@@ -145,7 +145,8 @@ class Settings:
         "attention kernels: auto = FlashAttention 3 if importable, else PyTorch SDPA (cuDNN on the H200); with "
         "DOC_MASK=1, auto = flex attention on CUDA and masked SDPA on CPU, while varlen (PyTorch's varlen kernel, "
         "torch >= 2.10) and fa3 (FlashAttention 3's) run the training step through a varlen kernel over the "
-        "batch's document boundaries and the other passes through flex", choices=('auto', 'fa3', 'sdpa', 'flex', 'varlen'))
+        "batch's document boundaries and the other passes through flex",
+        choices=('auto', 'fa3', 'sdpa', 'flex', 'varlen'))
     doc_mask: bool = setting(False,
         "document-masked attention: a token attends only within its own document (documents start at BOS), in "
         "training and in every evaluation pass", role="model")
@@ -527,8 +528,8 @@ class Settings:
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} leaves no training time after "
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}")
         need(self.doc_mask or self.attn_backend not in ("flex", "varlen"),
-             f"ATTN_BACKEND={self.attn_backend} needs DOC_MASK=1 (causal attention is fastest through SDPA): set one or "
-             "the other")
+             f"ATTN_BACKEND={self.attn_backend} needs DOC_MASK=1 (causal attention is fastest through SDPA): "
+             "set one or the other")
         validate_eval_settings(self)
         validate_quantization_settings(self)
         return grad_accum
@@ -1431,7 +1432,8 @@ def triton_qk_norm_rope():
         if triton_interpreting():  # nothing to time: the first config
             return FixedMeta(triton.jit(kernel), BLOCK_R=_QK_CONFIGS[0][0])
         return triton.autotune(configs=configs, key=["n_rows", "D", "half"])(triton.jit(kernel))
-    forward, backward = qk_norm_rope_launchers(tuned(_qk_norm_rope_forward_kernel), tuned(_qk_norm_rope_backward_kernel))
+    forward, backward = qk_norm_rope_launchers(tuned(_qk_norm_rope_forward_kernel),
+                                               tuned(_qk_norm_rope_backward_kernel))
 
     devices = ("cuda", "cpu") if triton_interpreting() else "cuda"
 
@@ -1625,10 +1627,10 @@ def pick_varlen(requested: str, device: torch.device, doc_mask: bool):
         return None, None
     need(device.type == "cuda", f"ATTN_BACKEND={requested} with DOC_MASK=1 runs a varlen kernel, which needs a CUDA "
                                 "device: set ATTN_BACKEND=auto")
-    fn = torch_varlen() if requested == "varlen" else fa3_varlen()
-    need(fn is not None, f"ATTN_BACKEND={requested} with DOC_MASK=1 but "
-                         f"{'torch.nn.attention.varlen (torch >= 2.10)' if requested == 'varlen' else 'flash_attn_interface (FlashAttention 3)'} "
-                         "does not import: upgrade torch or install FlashAttention 3, or set ATTN_BACKEND=auto")
+    fn, module = (torch_varlen(), "torch.nn.attention.varlen (torch >= 2.10)") if requested == "varlen" else \
+        (fa3_varlen(), "flash_attn_interface (FlashAttention 3)")
+    need(fn is not None, f"ATTN_BACKEND={requested} with DOC_MASK=1 but {module} does not import: upgrade torch or "
+                         "install FlashAttention 3, or set ATTN_BACKEND=auto")
     return ("varlen-docmask" if requested == "varlen" else "fa3-varlen-docmask"), fn
 
 
