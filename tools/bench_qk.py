@@ -69,7 +69,7 @@ def main():
         try:
             step()  # compiles, autotunes
             ms = timed(step, args.iters, args.warmup)
-            rows.append((name, f"{ms:.3f}", f"{moved / ms / 1e9:.0f}"))
+            rows.append((name, f"{ms:.3f}", f"{moved / ms / 1e6:.0f}"))
         except Exception as e:  # one path failing must not hide the others
             rows.append((name, "failed", "-"))
             print(f"{name} failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
