@@ -89,8 +89,9 @@ class Settings:
         "vocabulary size; must equal the tokenizer's", group="data", bounds="[2, 65536]", role="model")
     preset: str = setting("pr1529",
         "seed record whose defaults the run starts from (PRESETS; explicit variables still win): pr1529 = the project "
-        "defaults; pr1477, pr1536 and pr1204 change the values the README preset table lists",
-        choices=("pr1529", "pr1477", "pr1536", "pr1204"))
+        "defaults; pr1477, pr1536 and pr1204 change the values the README preset table lists; frontier = the later "
+        "records' techniques on pr1529 (provisional until measured on the proxy against pr1529)",
+        choices=("pr1529", "pr1477", "pr1536", "pr1204", "frontier"))
     run_id: str = setting("",
         "name of the run: its log is LOG_DIR/<RUN_ID>.txt, its artifact LOG_DIR/<RUN_ID>.ptz (letters, digits, '.', "
         "'_', '-'; default: a fresh random id)")
@@ -603,6 +604,20 @@ PRESETS = {
                    MUON_ROW_NORMALIZE=False, MUON_WD=0.04, ADAM_WD=0.04, EMBED_WD=0.04, WARMDOWN_FRAC=0.56,
                    TTT_ENABLED=False, GPTQ_CALIBRATION="selfgen", GPTQ_CALIBRATION_BATCHES=8,
                    GPTQ_MIXED_BITS="5,6"),
+    # The later records' techniques (frontier.md 1.4) on pr1529, as the ablation (tools/ablate.py) defines them.
+    # Provisional: it is what the next proxy comparison against pr1529 measures, and features leave it when
+    # they measure worse. Training: SmearGate with the BOS mask (-0.034 bpb at 300 steps, 2 seeds, 2026-12-04),
+    # the LR floor, Polar Express and #1855's greedy values; left out: the sparse attention gate (+0.0098 at
+    # 300 steps, 1 seed) and progressive context (not yet measured). Evaluation: per-document LoRA TTT with
+    # #1767/#1855's alpha, rank, decay and warm-started A, no Q/V adapters (#1953), short-document chunks
+    # (#2014), one phase of global SGD over the scored prefix (the 2026-05 rows), context 2560 (#1953) and
+    # the token n-gram tilt (#2135).
+    "frontier": dict(SMEAR_GATE=True, MIN_LR=0.1, MUON_NS_COEFFS="polar_express", WARMDOWN_FRAC=0.85, BETA2=0.99,
+                     EMBED_CLIP_SIGMAS=14.0, MLP_CLIP_SIGMAS=11.5,
+                     TTT_MODE="lora", SLIDING_WINDOW_ENABLED=False, TTT_LORA_RESET="b_only", TTT_LORA_ALPHA=144.0,
+                     TTT_LORA_RANK=80, TTT_LORA_WD=1.0, TTT_LORA_TARGETS="k,o,mlp,head",
+                     TTT_SHORT_DOC_TOKENS=256, TTT_SHORT_DOC_CHUNK_SIZE=8, TTT_PHASES=1, EVAL_SEQ_LEN=2560,
+                     NGRAM_TILT=True),
 }
 
 

@@ -60,11 +60,15 @@ def test_preset_changes_lists_what_differs_from_the_project_default():
     assert tg.preset_changes(tg.Settings(environ={})) == []
 
 
-@pytest.mark.parametrize("name", ["pr1529", "pr1477", "pr1536", "pr1204"])
+@pytest.mark.parametrize("name", ["pr1529", "pr1477", "pr1536", "pr1204", "frontier"])
 def test_full_size_parameter_count(name):
-    """On the meta device: shapes only. pr1204's difference from its record is explained in README.md."""
+    """On the meta device: shapes only. pr1204's difference from its record is explained in README.md;
+    frontier is pr1529 plus SmearGate's parameters."""
     with torch.device("meta"):
         model = tg.GPT(tg.Settings(environ={"PRESET": name}))
+    if name == "frontier":
+        assert count(model) == RECORD_PARAMS["pr1529"] + count(model.smear) and count(model.smear) > 0
+        return
     if name != "pr1204":
         assert count(model) == RECORD_PARAMS[name]
         return
@@ -101,7 +105,7 @@ def run_preset(name: str, tiny_env: dict, **extra):
     return results, rt.log_path.read_text().split("\nheader:end\n")[1], env
 
 
-@pytest.mark.parametrize("name", ["pr1529", "pr1477", "pr1536", "pr1204"])
+@pytest.mark.parametrize("name", ["pr1529", "pr1477", "pr1536", "pr1204", "frontier"])
 def test_each_preset_trains_quantizes_and_evaluates(name, tiny_env):
     results, log, env = run_preset(name, tiny_env)
     assert results["steps"] == 6 and results["final_val_bpb"] < 8
@@ -116,7 +120,7 @@ def test_each_preset_trains_quantizes_and_evaluates(name, tiny_env):
         if key not in env and value != tg.SETTINGS_BY_NAME[key].default:
             assert changed[key] == tg.log_value(value), key
     passes = {"pr1529": "plain,sliding,ttt_chunk", "pr1477": "plain,sliding,ttt_chunk", "pr1536": "plain,ttt_lora",
-              "pr1204": "plain,sliding"}
+              "pr1204": "plain,sliding", "frontier": "plain,ttt_lora"}
     assert re.search(r"^eval_total_time:\S+ passes:(\S+)$", log, re.M).group(1) == passes[name]
     if name == "pr1204":
         assert re.search(r"^layer_loop:enabled step:3 ", log, re.M)  # the step-based start, not a fraction
