@@ -12,6 +12,7 @@ from conftest import ROOT, TINY_MODEL, subprocess_env
 
 sys.path.insert(0, str(ROOT / "tools"))
 import ablate  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 TINY_TRAIN = ["ITERATIONS=4", "TRAIN_BATCH_TOKENS=2048"]  # after the regime's 300 x 98,304
 TINY_EVAL = ["TTT_CHUNK_TOKENS=1024", "TTT_BATCH_SEQS=3", "TTT_EPOCHS=1", "EVAL_STRIDE=16", "EVAL_BATCH_WINDOWS=8"]
@@ -193,3 +194,20 @@ def test_a_pinned_script_runs_and_keeps_its_logs_apart_from_the_checkouts(plan, 
     assert again.returncode == 0 and "base_seed3: done earlier" in again.stdout
     checkout = subprocess.run(cmd, cwd=ROOT, env=plan["env"], capture_output=True, text=True)
     assert checkout.returncode != 0 and "it ran another train_gpt.py" in checkout.stderr, checkout.stderr[-2000:]
+
+
+def test_the_frontier_preset_is_the_ablation_features_it_names():
+    """PRESET=frontier repeats, as typed values in train_gpt.py, the settings of tools/ablate.py's features: a
+    feature changed in one place and not the other would make the ablation table describe another preset.
+    The preset is every training and evaluation feature except those its comment leaves out (RUN_ID is a fresh
+    random id in each Settings)."""
+    left_out = {"attn_gate", "seq_schedule"}
+    union = {}
+    for feature in ablate.TRAIN_FEATURES + ablate.EVAL_FEATURES:
+        if feature.name not in left_out:
+            union.update(feature.settings)
+    from_features = tg.Settings(environ=union)
+    from_preset = tg.Settings(environ={"PRESET": "frontier"})
+    differ = [s.name for s in tg.SETTINGS if s.name not in ("PRESET", "RUN_ID")
+              and getattr(from_features, s.name.lower()) != getattr(from_preset, s.name.lower())]
+    assert differ == []
