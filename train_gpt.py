@@ -1284,10 +1284,16 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # the queries by their head's gain. Compiled, inductor runs this chain's backward as one kernel per tensor that
 # moved about 0.75 TB/s on the H200, a sixth of the memory's rate: 53 ms of a 747 ms step (docs/performance.md,
 # 2026-12-03), the slowest memory-bound kernels of the step per byte. QK_KERNEL=triton runs it as one Triton
-# pass per tensor forward and one backward, a head vector per row: rows are (b, t, h) with h fastest.
+# pass per tensor forward and one backward, a block of head vectors per program: rows are (b, t, h), h fastest.
 # RoPE written per column: out_j = n_j * C_j + n_p(j) * S_j, where p(j) is j's partner (j + half in the first
 # half of the rotated dims, j - half in the second, j itself beyond), C_j the pair's cosine (1 beyond) and S_j
 # +sine in the first half, -sine in the second (0 beyond). Its transpose is dn_j = dy_j * C_j - dy_p(j) * S_j.
+# The head size D and the RoPE half are compile-time constants. That is what lets Triton see that the partner
+# columns, the cos/sin columns and the masks are constant or contiguous over runs of 8, so every load and store
+# of a head vector is a 16-byte vector; the partner load hits the cache lines the row's own load brought in.
+# (The first version took D and half at run time: every value became its own 2-byte load, and on an H100 the
+# kernels ran slower than inductor's chain, 1.62 against 1.03 ms a layer and micro-batch. tests/test_qk_kernel.py
+# now reads the PTX for scalar loads.)
 # The plain path (rms_norm, apply_partial_rope, the gain) is the reference; it alone runs in evaluation, TTT
 # and on CPU. rms_norm's epsilon is float32's whatever the input dtype (ATen adds it in fp32 opmath).
 # Under TRITON_INTERPRET=1 the op also runs on CPU tensors (slowly, in Triton's interpreter): that is how the
@@ -1298,39 +1304,37 @@ _TRITON_QK_NORM_ROPE = None  # the op once defined; False when Triton does not i
 RMS_NORM_EPS = torch.finfo(torch.float32).eps
 
 
-def _qk_rope_columns(cos_ptr, sin_ptr, t, cols, half, mask):
-    """C and S ([rows, BLOCK_D] fp32) for positions t and columns cols, as in the comment above."""
-    rotated = cols < 2 * half
-    pair = tl.where(cols < half, cols, cols - half)
-    table = t.to(tl.int64)[:, None] * half + pair[None, :]
-    c = tl.load(cos_ptr + table, mask=mask & rotated[None, :], other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + table, mask=mask & rotated[None, :], other=0.0).to(tl.float32)
-    return c, tl.where((cols < half)[None, :], s, -s)
-
-
-def _qk_rows(rows_start, T, H, half, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A block's row indices, their (b, t, h), its columns and each column's RoPE partner."""
-    rows = rows_start + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    partner = tl.where(cols < half, cols + half, tl.where(cols < 2 * half, cols - half, cols))
+def _qk_rows(T, H, stride_b, stride_t, stride_h, n_rows, BLOCK_R: tl.constexpr):
+    """This program's rows, which of them exist, their position t, head h and element offset in the tensor."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     h = rows % H
     t = (rows // H) % T
     b = rows // (H * T)
-    return rows, cols, partner, b, t, h
+    offset = b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + h.to(tl.int64) * stride_h
+    return rows, rows < n_rows, t, h, offset
 
 
-def _qk_norm_rope_forward_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, n_rows, T, H, D, half,
-                                 stride_b, stride_t, stride_h, eps,
+def _qk_rope_columns(cos_ptr, sin_ptr, t, mask, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The columns of a row, each one's RoPE partner, and C and S ([rows, BLOCK_D] fp32) at positions t."""
+    cols = tl.arange(0, BLOCK_D)
+    partner = tl.where(cols < HALF, cols + HALF, tl.where(cols < 2 * HALF, cols - HALF, cols))
+    table = t.to(tl.int64)[:, None] * HALF + tl.where(cols < HALF, cols, cols - HALF)[None, :]
+    rotated = mask & (cols < 2 * HALF)[None, :]
+    c = tl.load(cos_ptr + table, mask=rotated, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + table, mask=rotated, other=0.0).to(tl.float32)
+    return cols, partner, c, tl.where((cols < HALF)[None, :], s, -s)
+
+
+def _qk_norm_rope_forward_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, n_rows, T, H,
+                                 stride_b, stride_t, stride_h, eps, D: tl.constexpr, HALF: tl.constexpr,
                                  HAS_GAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """out [B, T, H, D] contiguous = gain_h * rope(rms_norm(x)) for x [B, T, H, D] with unit stride in D."""
-    rows, cols, partner, b, t, h = _qk_rows(tl.program_id(0) * BLOCK_R, T, H, half, BLOCK_R, BLOCK_D)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < D)[None, :]
-    src = (b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + h.to(tl.int64) * stride_h)[:, None]
-    x = tl.load(x_ptr + src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_partner = tl.load(x_ptr + src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, row_ok, t, h, src = _qk_rows(T, H, stride_b, stride_t, stride_h, n_rows, BLOCK_R)
+    mask = row_ok[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+    cols, partner, c, s = _qk_rope_columns(cos_ptr, sin_ptr, t, mask, HALF, BLOCK_D)
+    x = tl.load(x_ptr + src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_ptr + src[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    c, s = _qk_rope_columns(cos_ptr, sin_ptr, t, cols, half, mask)
     out = (x * c + x_partner * s) * r[:, None]
     if HAS_GAIN:
         out = out * tl.load(gain_ptr + h, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -1338,26 +1342,24 @@ def _qk_norm_rope_forward_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, n_r
     tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _qk_norm_rope_backward_kernel(x_ptr, dy_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows, T, H, D,
-                                  half, x_stride_b, x_stride_t, x_stride_h, dy_stride_b, dy_stride_t, dy_stride_h,
-                                  eps, HAS_GAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _qk_norm_rope_backward_kernel(x_ptr, dy_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows, T, H,
+                                  x_stride_b, x_stride_t, x_stride_h, dy_stride_b, dy_stride_t, dy_stride_h,
+                                  eps, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
+                                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """dx [B, T, H, D] contiguous from dy = d out; with a gain, each row's share of d gain_h into dgain [rows]
     (summed per head afterwards: no atomics, so the sum is the same on every run)."""
-    rows, cols, partner, b, t, h = _qk_rows(tl.program_id(0) * BLOCK_R, T, H, half, BLOCK_R, BLOCK_D)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < D)[None, :]
-    b, t, h = b.to(tl.int64), t.to(tl.int64), h.to(tl.int64)
-    x_src = (b * x_stride_b + t * x_stride_t + h * x_stride_h)[:, None]
-    dy_src = (b * dy_stride_b + t * dy_stride_t + h * dy_stride_h)[:, None]
-    x = tl.load(x_ptr + x_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_partner = tl.load(x_ptr + x_src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + dy_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy_partner = tl.load(dy_ptr + dy_src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, row_ok, t, h, x_src = _qk_rows(T, H, x_stride_b, x_stride_t, x_stride_h, n_rows, BLOCK_R)
+    _, _, _, _, dy_src = _qk_rows(T, H, dy_stride_b, dy_stride_t, dy_stride_h, n_rows, BLOCK_R)
+    mask = row_ok[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+    cols, partner, c, s = _qk_rope_columns(cos_ptr, sin_ptr, t, mask, HALF, BLOCK_D)
+    x = tl.load(x_ptr + x_src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + dy_src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy_partner = tl.load(dy_ptr + dy_src[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    c, s = _qk_rope_columns(cos_ptr, sin_ptr, t, cols, half, mask)
     n = x * r[:, None]
     dn = dy * c - dy_partner * s
     if HAS_GAIN:
+        x_partner = tl.load(x_ptr + x_src[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
         rotated = (x * c + x_partner * s) * r[:, None]
         tl.store(dgain_ptr + rows, tl.sum(dy * rotated, axis=1), mask=row_ok)
         dn = dn * tl.load(gain_ptr + h, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -1367,8 +1369,9 @@ def _qk_norm_rope_backward_kernel(x_ptr, dy_ptr, cos_ptr, sin_ptr, gain_ptr, dx_
     tl.store(dx_ptr + dst, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# autotuned (rows per program, num_warps): 8 or 16 values of a 64-wide head a thread. With 32 a thread ptxas runs
-# out of registers and spills (Triton 3.6 and 3.9, sm_90a); tests/test_qk_kernel.py compiles each config to check
+# autotuned (rows per program, num_warps): 8 or 16 values of a 64-wide head a thread (with 32, ptxas spilled).
+# tests/test_qk_kernel.py compiles each config for sm_90a and checks that none spills and that every load and
+# store of a head vector is a 16-byte one
 _QK_CONFIGS = ((8, 2), (16, 4), (32, 8), (64, 16), (16, 2), (64, 8))
 
 
@@ -1390,33 +1393,35 @@ def qk_norm_rope_launchers(forward_kernel, backward_kernel):
     backward(dy, x, cos, sin, gain) -> (dx, dgain or None)"""
 
     def geometry(x, cos):
+        """Rows, T, H, and the compile-time shape: D, the RoPE half and D's power-of-two block."""
         B, T, H, D = x.shape
+        half = cos.size(1)
         torch._check(cos.size(0) >= T and cos.is_contiguous(), lambda: "qk_norm_rope: a cos/sin row per position")
-        return B * T * H, T, H, D, cos.size(1), triton.next_power_of_2(D)
+        shape = dict(D=D, HALF=half, BLOCK_D=triton.next_power_of_2(D))
+        return B * T * H, T, H, shape
 
     def unit_last(t):
         return t if t.stride(-1) == 1 else t.contiguous()
 
     def forward(x, cos, sin, gain):
         x = unit_last(x)
-        n_rows, T, H, D, half, block_d = geometry(x, cos)
+        n_rows, T, H, shape = geometry(x, cos)
         out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)  # noqa: E731
-        forward_kernel[grid](x, cos, sin.contiguous(), x if gain is None else gain.contiguous(), out, n_rows, T, H, D,
-                             half, x.stride(0), x.stride(1), x.stride(2), RMS_NORM_EPS,
-                             HAS_GAIN=gain is not None, BLOCK_D=block_d)
+        forward_kernel[grid](x, cos, sin.contiguous(), x if gain is None else gain.contiguous(), out, n_rows, T, H,
+                             x.stride(0), x.stride(1), x.stride(2), RMS_NORM_EPS, HAS_GAIN=gain is not None, **shape)
         return out
 
     def backward(dy, x, cos, sin, gain):
         x, dy = unit_last(x), unit_last(dy)
-        n_rows, T, H, D, half, block_d = geometry(x, cos)
+        n_rows, T, H, shape = geometry(x, cos)
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         row_share = torch.empty(n_rows if gain is not None else 1, device=x.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)  # noqa: E731
         backward_kernel[grid](x, dy, cos, sin.contiguous(), x if gain is None else gain.contiguous(), dx, row_share,
-                              n_rows, T, H, D, half, x.stride(0), x.stride(1), x.stride(2),
+                              n_rows, T, H, x.stride(0), x.stride(1), x.stride(2),
                               dy.stride(0), dy.stride(1), dy.stride(2), RMS_NORM_EPS,
-                              HAS_GAIN=gain is not None, BLOCK_D=block_d)
+                              HAS_GAIN=gain is not None, **shape)
         dgain = None if gain is None else row_share.view(-1, H).sum(0).to(gain.dtype)
         return dx, dgain
 
@@ -1425,6 +1430,14 @@ def qk_norm_rope_launchers(forward_kernel, backward_kernel):
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def jit_qk_helpers():
+    """Jit the kernels' helpers in place: the kernels call them by module-level name, which Triton resolves to
+    jitted functions (once Triton is bound to the module's `triton` and `tl`)."""
+    global _qk_rope_columns, _qk_rows
+    if not hasattr(_qk_rows, "fn"):  # a JITFunction keeps the plain function as .fn
+        _qk_rope_columns, _qk_rows = triton.jit(_qk_rope_columns), triton.jit(_qk_rows)
 
 
 def triton_qk_norm_rope():
@@ -1440,14 +1453,13 @@ def triton_qk_norm_rope():
     except ImportError:
         _TRITON_QK_NORM_ROPE = False
         return False
-    global _qk_rope_columns, _qk_rows  # called by module-level name from the kernels: Triton resolves them so
-    _qk_rope_columns, _qk_rows = triton.jit(_qk_rope_columns), triton.jit(_qk_rows)
+    jit_qk_helpers()
     configs = [triton.Config({"BLOCK_R": rows}, num_warps=warps) for rows, warps in _QK_CONFIGS]
 
     def tuned(kernel):
         if triton_interpreting():  # nothing to time: the first config
             return FixedMeta(triton.jit(kernel), BLOCK_R=_QK_CONFIGS[0][0])
-        return triton.autotune(configs=configs, key=["n_rows", "D", "half"])(triton.jit(kernel))
+        return triton.autotune(configs=configs, key=["n_rows", "D", "HALF"])(triton.jit(kernel))
     forward, backward = qk_norm_rope_launchers(tuned(_qk_norm_rope_forward_kernel),
                                                tuned(_qk_norm_rope_backward_kernel))
 

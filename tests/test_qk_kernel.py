@@ -80,7 +80,7 @@ INTERPRETED = textwrap.dedent("""
     import torch.nn.functional as F
     import train_gpt as tg
     tg.triton, tg.tl = triton, tl
-    tg._qk_rope_columns, tg._qk_rows = triton.jit(tg._qk_rope_columns), triton.jit(tg._qk_rows)
+    tg.jit_qk_helpers()
     fwd_kernel, bwd_kernel = triton.jit(tg._qk_norm_rope_forward_kernel), triton.jit(tg._qk_norm_rope_backward_kernel)
 
     def reference(x, cos, sin, gain):
@@ -182,8 +182,8 @@ def test_kernels_in_the_interpreter_match_the_plain_path_and_its_gradients():
 
 @needs_triton
 def test_kernels_compile_for_sm90_with_every_autotune_config():
-    """Ahead of time, no GPU needed: each config and both gain variants lower to PTX and assemble for
-    sm_90a with the ptxas Triton uses, without spilling."""
+    """Ahead of time, no GPU needed: each config and both gain variants lower to PTX whose head-vector loads
+    and stores are all 16-byte vectors, and assemble for sm_90a with the ptxas Triton uses, without spilling."""
     import triton
     if os.environ.get("TRITON_INTERPRET"):
         pytest.skip("TRITON_INTERPRET is set in this process")
@@ -196,7 +196,7 @@ def test_kernels_compile_for_sm90_with_every_autotune_config():
 
 # In a fresh process: jitting the helpers rebinds train_gpt's module names, as triton_qk_norm_rope() does.
 AHEAD_OF_TIME = textwrap.dedent("""
-    import os, subprocess, sys, tempfile
+    import os, re, subprocess, sys, tempfile
     sys.path.insert(0, sys.argv[1])
     import triton, triton.language as tl
     try:
@@ -206,9 +206,9 @@ AHEAD_OF_TIME = textwrap.dedent("""
         print(f"this Triton has no ahead-of-time API ({e})"); sys.exit(3)
     import train_gpt as tg
     tg.triton, tg.tl = triton, tl
-    tg._qk_rope_columns, tg._qk_rows = triton.jit(tg._qk_rope_columns), triton.jit(tg._qk_rows)
+    tg.jit_qk_helpers()
     ptxas = sys.argv[2]
-    ints = ["n_rows", "T", "H", "D", "half"]
+    ints = ["n_rows", "T", "H"]
     kernels = {
         "forward": (tg._qk_norm_rope_forward_kernel, ["x_ptr", "cos_ptr", "sin_ptr", "gain_ptr", "out_ptr"],
                     ints + ["stride_b", "stride_t", "stride_h"]),
@@ -216,25 +216,40 @@ AHEAD_OF_TIME = textwrap.dedent("""
                      ["x_ptr", "dy_ptr", "cos_ptr", "sin_ptr", "gain_ptr", "dx_ptr", "dgain_ptr"],
                      ints + ["x_stride_b", "x_stride_t", "x_stride_h", "dy_stride_b", "dy_stride_t", "dy_stride_h"]),
     }
+    # the full config's head: D 64, RoPE over its first 16 dims (half 8)
+    shape = {"D": 64, "HALF": 8, "BLOCK_D": 64}
     for name, (fn, pointers, scalars) in kernels.items():
         kernel = triton.jit(fn)
         signature = {p: ("*fp32" if p in ("dgain_ptr",) else "*bf16") for p in pointers}
         signature.update(dict.fromkeys(scalars, "i32"))
         signature["eps"] = "fp32"
-        signature.update(dict.fromkeys(["HAS_GAIN", "BLOCK_R", "BLOCK_D"], "constexpr"))
+        signature.update(dict.fromkeys(["HAS_GAIN", "BLOCK_R", *shape], "constexpr"))
+        # what the launch specialises at run time on these tensors: 16-byte aligned pointers, and strides (and
+        # the row count) that are multiples of 16
+        aligned = pointers + [a for a in scalars if a not in ("T", "H")]
+        attrs = {(fn.__code__.co_varnames.index(a),): [["tt.divisibility", 16]] for a in aligned}
         for rows, warps in tg._QK_CONFIGS:
             for has_gain in (True, False):
                 try:
-                    source = ASTSource(kernel, signature, {"HAS_GAIN": has_gain, "BLOCK_R": rows, "BLOCK_D": 64})
+                    source = ASTSource(kernel, signature, {"HAS_GAIN": has_gain, "BLOCK_R": rows, **shape}, attrs)
                 except TypeError as e:
                     print(f"this Triton's ASTSource differs ({e})"); sys.exit(3)
                 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                ptx = compiled.asm["ptx"]
+                # every head-vector load and store moves 16 bytes (8 bf16): no 2-byte access but the gain's, one
+                # per row a thread holds (a gather by head), so at most one per 16-byte store
+                scalar_loads = len(re.findall(r"ld\\.global(?:\\.[a-z]+)*\\.b16\\s", ptx))
+                scalar_stores = len(re.findall(r"st\\.global(?:\\.[a-z]+)*\\.b16\\s", ptx))
+                vector_stores = len(re.findall(r"st\\.global(?:\\.[a-z]+)*\\.v4\\.b32\\s", ptx))
+                allowed = vector_stores if has_gain else 0
+                assert vector_stores > 0 and scalar_loads <= allowed and scalar_stores == 0, \\
+                    (name, rows, warps, has_gain, scalar_loads, scalar_stores, vector_stores)
                 if not os.access(ptxas, os.X_OK):
                     continue
                 with tempfile.TemporaryDirectory() as d:
                     path = os.path.join(d, "k.ptx")
                     with open(path, "w") as f:
-                        f.write(compiled.asm["ptx"])
+                        f.write(ptx)
                     out = subprocess.run([ptxas, "-v", "-arch=sm_90a", path, "-o", os.path.join(d, "k.cubin")],
                                          capture_output=True, text=True, timeout=300)
                 assert out.returncode == 0, out.stderr[-2000:]
