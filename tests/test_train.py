@@ -147,20 +147,37 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tiny_env, overrides, message):
 def test_the_step_clock_checks_every_n_steps_and_every_step_near_the_cap():
     s = tg.Settings(environ=dict(TINY_MODEL, CLOCK_CHECK_EVERY="10"))
     clock = tg.StepClock(s, tg.Runtime(s), cap_ms=1000.0)
-    clock.agree(1, 10.0)  # 10 ms a step from here on
+    clock.agree(1, lambda: 10.0)  # 10 ms a step from here on
     assert [step for step in range(2, 60) if clock.due(step)] == [10, 20, 30, 40, 50]
-    clock.agree(95, 950.0)
+    clock.agree(95, lambda: 950.0)
     # from step 99 the next step could reach 1000 ms (allowing 10% drift): every step is checked
     assert [step for step in range(96, 102) if clock.due(step)] == [99, 100, 101]
     assert clock.estimate_ms(97) == pytest.approx(970.0)
+
+
+def test_the_step_clock_reads_the_time_after_waiting_for_the_device():
+    """The time must be read once the queued steps have run: read at queue time, the wallclock stop comes a
+    step or two late and the first logged steps show impossible throughput."""
+    s = tg.Settings(environ=dict(TINY_MODEL))
+    rt = tg.Runtime(s)
+    events = []
+    rt.sync = lambda: events.append("sync")
+    clock = tg.StepClock(s, rt, cap_ms=float("inf"))
+
+    def now():
+        events.append("read")
+        return 123.0
+
+    assert clock.agree(5, now) == pytest.approx(123.0)
+    assert events == ["sync", "read"]
 
 
 def test_the_step_clock_reports_a_non_finite_loss_at_the_next_check():
     s = tg.Settings(environ=dict(TINY_MODEL))
     clock = tg.StepClock(s, tg.Runtime(s), cap_ms=float("inf"))
     clock.watch_loss(torch.tensor(2.0))
-    clock.agree(10, 100.0)
+    clock.agree(10, lambda: 100.0)
     clock.watch_loss(torch.tensor(float("nan")))
     clock.watch_loss(torch.tensor(3.0))  # a later finite loss does not clear the flag
     with pytest.raises(tg.UserError, match="between steps 11 and 20"):
-        clock.agree(20, 200.0)
+        clock.agree(20, lambda: 200.0)
