@@ -159,7 +159,7 @@ class Settings:
         choices=("auto", "cutlass", "triton", "fp8", "torch"))
     qk_kernel: str = setting("torch",
         "q/k RMS norm + partial RoPE + query gain in training on CUDA: triton = one Triton pass per tensor forward "
-        "and one backward (GPU-tested, but slower than torch's compiled chain on an H100: 1.62 against 1.03 ms a "
+        "and one backward (GPU-tested, but slower than torch's compiled chain on an H100: 1.27 against 0.88 ms a "
         "layer and micro-batch); torch = the plain chain that "
         "inductor fuses (the reference, and the path in evaluation, TTT and on CPU); auto = triton when Triton "
         "imports on CUDA, else torch", choices=("auto", "triton", "torch"))
