@@ -67,6 +67,7 @@ def test_training_rows_are_the_paired_differences_of_the_quantized_scores(plan):
         delta = quantized_bpb(logs / f"{name}_seed3.txt") - base
         assert row[2] == "base" and row[3] == "1" and float(row[4]) == pytest.approx(delta, abs=5e-5)
         assert row[4] != "+0.0000"  # each feature changed the model
+        assert row[9] == "+0"  # equal steps: the regime's ITERATIONS, no wallclock stop
     assert "Δ val_bpb (mean)" in plan["train_out"] and "stopped" not in plan["train_out"]
 
 

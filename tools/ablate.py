@@ -109,6 +109,7 @@ class Row:
     step_ms: list = field(default_factory=list)   # per seed: feature minus reference
     artifact_bytes: list = field(default_factory=list)
     eval_seconds: list = field(default_factory=list)
+    steps: list = field(default_factory=list)     # per seed: feature minus reference (a wallclock regime differs)
 
 
 def parse_feature(text: str) -> Feature:
@@ -309,7 +310,8 @@ def rows_of(mode: str, features: list, runs: dict) -> list:
                 continue
             row.deltas[seed] = metric_of(a, mode) - metric_of(b, mode)
             for out, value in ((row.step_ms, lambda x: x.step_avg_ms), (row.artifact_bytes, lambda x: x.artifact_bytes),
-                               (row.eval_seconds, lambda x: x.estimated_8gpu_eval_seconds)):
+                               (row.eval_seconds, lambda x: x.estimated_8gpu_eval_seconds),
+                               (row.steps, lambda x: x.steps_done)):
                 if value(a) is not None and value(b) is not None:
                     out.append(value(a) - value(b))
         if row.deltas:
@@ -327,16 +329,21 @@ def markdown(mode: str, rows: list, runs: dict) -> str:
     base_runs = [log for (m, name, _), log in runs.items() if m == mode and name == "base"]
     base_scores = ", ".join(f"{metric_of(log, mode):.4f}" for log in base_runs if metric_of(log, mode) is not None)
     what = "final val_bpb of one artifact" if mode == "eval" else "quantized val_bpb (no sliding window, no TTT), paired by seed"
+    # training rows also say how many more steps the feature made: 0 at equal steps; with a wallclock stop
+    # (MAX_WALLCLOCK_SECONDS as an override) the steps a slower or faster feature gave up or gained
+    steps_column = mode == "train"
     lines = [f"{mode} side: {what}; base {base_scores or '-'}", "",
-             "| feature | settings | vs | seeds | Δ val_bpb (mean) | Δ per seed | Δ step ms | Δ artifact bytes | Δ eval s (8-GPU est.) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| feature | settings | vs | seeds | Δ val_bpb (mean) | Δ per seed | Δ step ms | Δ artifact bytes | Δ eval s (8-GPU est.) |"
+             + (" Δ steps |" if steps_column else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if steps_column else "")]
     for r in rows:
         settings = " ".join(f"{k}={v}" for k, v in r.feature.settings.items())
         per_seed = ", ".join(f"{d:+.4f}" for d in r.deltas.values())
         mean_bytes = mean(r.artifact_bytes)
         lines.append(f"| {r.feature.name} | `{settings}` | {r.feature.reference} | {len(r.deltas)} | "
                      f"{fmt(mean(list(r.deltas.values())), '.4f')} | {per_seed or '-'} | {fmt(mean(r.step_ms), '.1f')} | "
-                     f"{fmt(None if mean_bytes is None else round(mean_bytes), ',')} | {fmt(mean(r.eval_seconds), '.0f')} |")
+                     f"{fmt(None if mean_bytes is None else round(mean_bytes), ',')} | {fmt(mean(r.eval_seconds), '.0f')} |"
+                     + (f" {fmt(mean(r.steps), '.0f')} |" if steps_column else ""))
     return "\n".join(lines)
 
 
