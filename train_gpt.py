@@ -5389,9 +5389,9 @@ class StepClock:
     def agree(self, step: int, elapsed_ms_now) -> float:
         """Wait for the GPU, agree on the clock and the loss flag; returns the agreed elapsed ms.
 
-        elapsed_ms_now() is called after the wait: read before it, the clock would stop when the host had
-        queued step `step`, up to a step or two before the GPU finished it, and the wallclock stop and the
-        logged step times would run early by that much (a logged tok/s of 4M, a 118% MFU, at step 2)."""
+        elapsed_ms_now() is called after the wait. Read before it, the time would be that of the host queuing
+        step `step`, up to a step or two before the GPU finishes it: the wallclock stop would come that much
+        late, and the logged rates would be wrong (4M tokens/s and 118% MFU at step 2 of a proxy run)."""
         self.rt.sync()
         shared = torch.stack((torch.tensor(elapsed_ms_now(), device=self.rt.device), self.bad_loss.float()))
         self.rt.all_reduce(shared, op=dist.ReduceOp.MAX)
