@@ -161,8 +161,8 @@ class Settings:
         "q/k RMS norm + partial RoPE + query gain in training on CUDA: triton = one Triton pass per tensor forward "
         "and one backward (GPU-tested, but slower than torch's compiled chain on an H100: 1.27 against 0.88 ms a "
         "layer and micro-batch); torch = the plain chain that "
-        "inductor fuses (the reference, and the path in evaluation, TTT and on CPU); auto = triton when Triton "
-        "imports on CUDA, else torch", choices=("auto", "triton", "torch"))
+        "inductor fuses (the reference, and the path in evaluation, TTT and on CPU); auto = the faster as measured, "
+        "torch for now", choices=("auto", "triton", "torch"))
     # --- model ---
     num_layers: int = setting(11, "physical transformer blocks", group="model", bounds="[1, inf)", role="model")
     model_dim: int = setting(512, "residual stream width", group="model", bounds="[1, inf)", role="model")
@@ -1504,12 +1504,15 @@ def triton_qk_norm_rope():
 
 
 def pick_qk_kernel(requested: str) -> str:
-    """QK_KERNEL -> the path the training step's q/k norm + RoPE runs: triton (CUDA, or any device under
-    TRITON_INTERPRET=1, with Triton) or torch."""
+    """QK_KERNEL -> the path the training step's q/k norm + RoPE runs: triton (asked for, on CUDA or any device
+    under TRITON_INTERPRET=1, with Triton) or torch. auto is the faster path as measured: torch, since the
+    Triton kernels ran slower than inductor's on the H100 (docs/performance.md, 2026-12-05)."""
+    if requested != "triton":
+        return "torch"
     why = "no CUDA device" if not (torch.cuda.is_available() or triton_interpreting()) else \
         "" if triton_qk_norm_rope() else "Triton does not import"
-    need(requested != "triton" or not why, f"QK_KERNEL=triton but {why}: set QK_KERNEL=auto or torch")
-    return "torch" if why or requested == "torch" else "triton"
+    need(not why, f"QK_KERNEL=triton but {why}: set QK_KERNEL=auto or torch")
+    return "triton"
 
 
 # --- attention kernels ------------------------------------------------------------------------------

@@ -56,6 +56,14 @@ def test_without_cuda_the_plain_path_runs_and_triton_is_refused():
         tg.pick_qk_kernel("triton")
 
 
+def test_auto_picks_the_path_measured_faster_even_where_triton_runs(monkeypatch):
+    # as on a CUDA machine with Triton: auto still means torch (Triton's kernels measured slower on the H100)
+    monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tg, "triton_qk_norm_rope", lambda: object())
+    assert tg.pick_qk_kernel("auto") == "torch" and tg.pick_qk_kernel("torch") == "torch"
+    assert tg.pick_qk_kernel("triton") == "triton"
+
+
 def test_qk_kernel_setting_is_validated():
     assert tg.Settings(environ={}).qk_kernel == "torch"
     with pytest.raises(tg.UserError, match="QK_KERNEL='cuda' is not one of auto, triton, torch"):
