@@ -108,6 +108,33 @@ def test_ema_tracks_the_weights():
     torch.testing.assert_close(model.weight.detach(), start + 0.1)
 
 
+def test_ema_warmup_weights_each_step_as_its_decay_schedule_says():
+    # the average, written out as weights: w_k enters with (1 - d_k) and then decays by every later d_j
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = tg.EMA(model, 0.99, warmup=True)
+    values = [float(v) for v in torch.randn(40, generator=torch.Generator().manual_seed(0))]
+    decays = [min(0.99, (1 + n) / (10 + n)) for n in range(len(values))]
+    for v in values:
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.update()
+    expected, initial_share = 0.0, 1.0
+    for k, v in enumerate(values):
+        later = 1.0
+        for d in decays[k + 1:]:
+            later *= d
+        expected += (1 - decays[k]) * later * v
+        initial_share *= decays[k]
+    assert decays[0] == pytest.approx(0.1) and initial_share < 1e-9  # the initial weights (0 here) are gone
+    torch.testing.assert_close(ema.shadow[0], torch.full((2, 2), expected), rtol=1e-5, atol=1e-6)
+    assert ema.current_decay() == pytest.approx(41 / 50)
+    # long runs: the cap takes over, as plain EMA
+    ema.updates = 5000
+    assert ema.current_decay() == 0.99 and tg.EMA(model, 0.99).current_decay() == 0.99
+
+
 def _random_grads(model, seed, scale=1.0):
     torch.manual_seed(seed)
     for p in model.parameters():
