@@ -322,8 +322,8 @@ class Settings:
         "and the clip range): smaller = finer, bigger artifact; 0.57 gives about the scalar grid's GPTQ error",
         group="quantization", bounds="(0, 1]")
     compressor: str = setting("brotli",
-        "compressor of the artifact: brotli-11, lzma -9e, zpaq (level 5, one thread; optional pip package "
-        "zpaq>=0.3.7) or ans (order-0 ANS per grid stream, brotli for the header; optional pip package "
+        "compressor of the artifact: brotli-11, lzma -9e, zpaq (level 5 in blocks of 1 MiB, which decode in "
+        "parallel; optional pip package zpaq>=0.3.7) or ans (order-0 ANS per grid stream, brotli for the header; optional pip package "
         "constriction); an optional package is needed at training and at evaluation, and is checked by a round "
         "trip at start-up", choices=('brotli', 'lzma', 'zpaq', 'ans'), group="quantization")
     row_order: str = setting("none",
@@ -3738,14 +3738,31 @@ def ans_decompress(blob: bytes) -> bytes:
     return (symbols + first).astype(np.int8).tobytes()
 
 
+# zpaq level 5 is a context-mixing coder: decoding costs what encoding does, about 2.2 s a MB on one thread of
+# this project's 2-core CPU box. Each block of a zpaq stream decodes on its own thread, so one 4 MiB stream (the
+# int8 embedding) in one block took ~9 s here, and ~13 s on the GPU machine's 16 cores while the other streams
+# were long done. ZPAQ_BLOCK_BYTES cuts every stream into blocks of at most 1 MiB, each compressed alone (one
+# thread: the bytes do not depend on the machine) and concatenated: a multi-block zpaq archive, which
+# zpaq.decompress splits over threads by itself. Each extra block costs about 1.3 KB (a 4 MiB stream: +4.1 KB
+# for 4 blocks), and the 512 x 2048 MLP matrices stay one block.
+ZPAQ_BLOCK_BYTES = 1 << 20
+
+
+def zpaq_compress(data: bytes) -> bytes:
+    zpaq = optional_package("zpaq", "COMPRESSOR=zpaq")
+    blocks = [data[i:i + ZPAQ_BLOCK_BYTES] for i in range(0, len(data), ZPAQ_BLOCK_BYTES)] or [data]
+    with ThreadPoolExecutor(max_workers=len(blocks)) as pool:  # zpaq releases the GIL
+        return b"".join(pool.map(lambda block: zpaq.compress(block, level=5, threads=1), blocks))
+
+
 def compress(data: bytes, kind: str) -> bytes:
     if kind == "ans":
         return ans_compress(data)
     if kind == "brotli":
         import brotli
         return brotli.compress(data, quality=11)
-    if kind == "zpaq":  # one thread: deterministic bytes, and 0.5-3 points better than split blocks
-        return optional_package("zpaq", "COMPRESSOR=zpaq").compress(data, level=5, threads=1)
+    if kind == "zpaq":
+        return zpaq_compress(data)
     return lzma.compress(data, format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
 
 
@@ -3822,7 +3839,7 @@ def unpack_artifact(blob: bytes, label: str):
     try:
         offsets = np.cumsum([head] + lengths).tolist()
         # Streams decode independently, in parallel: brotli, lzma and zpaq release the GIL (zpaq decodes at
-        # ~1 MB/s a thread, so one thread would spend ~35 s on a full-size artifact).
+        # about 2.2 s a MB on one thread, so one thread would spend ~70 s on a full-size artifact).
         with ThreadPoolExecutor(max_workers=min(32, len(os.sched_getaffinity(0)))) as pool:
             streams = list(pool.map(lambda i: decompress(blob[offsets[i]:offsets[i + 1]],
                                                          stream_compressor(COMPRESSORS[comp], i)),

@@ -201,6 +201,22 @@ def test_missing_optional_compressor_is_a_one_line_error(monkeypatch, compressor
         tg.compress(b"abc", compressor)
 
 
+@pytest.mark.skipif(not HAVE_ZPAQ, reason="COMPRESSOR=zpaq needs the optional package zpaq")
+@pytest.mark.parametrize("length", [0, 1, 4096, 4097, 10_000])
+def test_zpaq_streams_are_independent_blocks_that_decode_as_one(monkeypatch, length):
+    """Blocks of ZPAQ_BLOCK_BYTES, each a single-thread zpaq archive (bytes that do not depend on the machine),
+    concatenated: zpaq.decompress reads the concatenation as one multi-block archive, and decodes its blocks on
+    threads of their own (a single 4 MiB block was the critical path of decoding)."""
+    import zpaq
+    monkeypatch.setattr(tg, "ZPAQ_BLOCK_BYTES", 4096)
+    g = torch.Generator().manual_seed(length)
+    data = torch.clamp(torch.round(5 * torch.randn(length, generator=g)), -31, 31).to(torch.int8).numpy().tobytes()
+    packed = tg.compress(data, "zpaq")
+    blocks = [data[i:i + 4096] for i in range(0, length, 4096)] or [data]
+    assert packed == b"".join(zpaq.compress(block, level=5, threads=1) for block in blocks)
+    assert tg.decompress(packed, "zpaq") == data
+
+
 @pytest.mark.skipif(not HAVE_CONSTRICTION, reason="COMPRESSOR=ans needs the optional package constriction")
 @pytest.mark.parametrize("data", [b"", b"\x05", b"\x05" * 9, bytes(range(256)) * 3, bytes([255, 1]) * 5])
 def test_ans_round_trips_edge_cases(data):
