@@ -3422,6 +3422,12 @@ def add_lqer(qstate: dict, state: dict, top_k: int, rank: int):
 # of its raw size there. The check refuses only a clear overshoot: ARTIFACT_ESTIMATE_MARGIN above the limit.
 GRID_BITS_OFFSET = {"embed": -0.085, "block": 0.05}
 STREAM0_RATIO = 0.63
+# The other coders and ROW_ORDER=similarity, as the model bytes they gave on one H200 checkpoint over brotli's in
+# matrix order (15,876,379 B; docs/artifact_frontier.md, 2026-12-04): zpaq 15,746,105, ans 15,794,488, lzma
+# 16,437,631; row order with brotli 15,865,206, with zpaq 15,726,035. ans is order-0, so row order cannot move
+# it; row order with lzma is unmeasured (1.0).
+COMPRESSOR_SIZE_RATIO = {"brotli": 1.0, "lzma": 1.0354, "zpaq": 0.9918, "ans": 0.9948}
+ROW_ORDER_SIZE_RATIO = {"brotli": 0.9993, "zpaq": 0.9987}
 ARTIFACT_ESTIMATE_MARGIN = 0.05
 
 
@@ -3440,7 +3446,8 @@ def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
     grid-value costs above (not from the weights' values): within 0.1% of the measured H200 artifact for the
     default and 1.4% for the role, mixed-bit, AWQ and LQER options (tests/test_quant.py). GPTQ_MIXED_BITS counts the
     high-bit fraction of the block matrices by number; LQER adds its int2 A and int4 B at full size; GPTQ_TCQ
-    its column order at 2 bytes a column, once per Hessian."""
+    its column order at 2 bytes a column, once per Hessian. COMPRESSOR and ROW_ORDER scale it by their measured
+    ratios to brotli."""
     stream0, grids = 0.0, 0.0
     mixed = mixed_bits(s)
     rows_of_ints, order_sources = [], set()
@@ -3469,7 +3476,10 @@ def estimate_model_bytes(state: dict, hessian_names: set, s: Settings) -> int:
         for rows, cols in sorted(rows_of_ints, key=lambda rc: -rc[0] * rc[1])[:s.lqer_top_k]:
             r = s.lqer_rank
             lqer += r * (rows * 2 + cols * 4) / 8 + 2 * (1 + r * -(-cols // LQER_B_GROUP))
-    return int(grids + lqer + STREAM0_RATIO * stream0)
+    coder = COMPRESSOR_SIZE_RATIO[s.compressor]
+    if s.row_order == "similarity":
+        coder *= ROW_ORDER_SIZE_RATIO.get(s.compressor, 1.0)
+    return int(coder * (grids + lqer + STREAM0_RATIO * stream0))
 
 
 def estimate_model_bytes_of(model: nn.Module, s: Settings) -> int:
