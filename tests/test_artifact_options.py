@@ -145,9 +145,10 @@ OPTIONS = [dict(), dict(attn_bits=5, mlp_bits=7, embed_bits=7, attn_clip_sigmas=
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma", "zpaq", "ans"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
-def test_every_option_round_trips_exactly(options, compressor):
+def test_every_option_round_trips_exactly(options, compressor, monkeypatch):
     if not {"zpaq": HAVE_ZPAQ, "ans": HAVE_CONSTRICTION}.get(compressor, True):
         pytest.skip(f"COMPRESSOR={compressor} needs an optional package that is not installed")
+    monkeypatch.setattr(tg, "ZPAQ_BLOCK_BYTES", 1000)  # these streams are a few KB: several zpaq blocks each
     state, hessians = small_state()
     s = settings(**options)
     qstate = tg.quantize_model(state, hessians, s)
