@@ -313,7 +313,7 @@ class Settings:
         group="quantization", bounds="[0, inf)")
     lqer_rank: int = setting(4, "rank of the LQER correction", group="quantization", bounds="[1, 64]")
     gptq_tcq: bool = setting(False,
-        "trellis-coded GPTQ: each row's values follow an 8-state trellis over a grid GPTQ_TCQ_STEP times the "
+        "trellis-coded GPTQ: each row's values follow a trellis (GPTQ_TCQ_STATES) over a grid GPTQ_TCQ_STEP times the "
         "scalar one, chosen by a Viterbi search inside the GPTQ solve; about 0.15 bit less per weight at the "
         "same GPTQ error on a synthetic layer (not yet measured on trained weights); not with AWQ_GROUP",
         group="quantization")
@@ -321,6 +321,13 @@ class Settings:
         "GPTQ_TCQ's fine grid step as a fraction of the scalar step (BITS and CLIP_SIGMAS still set the scalar step "
         "and the clip range): smaller = finer, bigger artifact; 0.57 gives about the scalar grid's GPTQ error",
         group="quantization", bounds="(0, 1]")
+    gptq_tcq_states: int = setting(8,
+        "states of GPTQ_TCQ's trellis: 4, 8, 16, 32, 64, 128 or 256 (Ungerboeck's one-dimensional codes). More states "
+        "reach a lower error on the same grid, so GPTQ_TCQ_STEP can grow at equal error: on a synthetic layer 64 "
+        "states at step 0.587 match 8 states at 0.57 with 1.2% fewer bytes (256 at 0.596: 1.75%); the GPTQ solve's "
+        "time grows about with the count (10x at 64 on CPU), decoding's does not. 8 is the trellis measured on "
+        "trained weights",
+        group="quantization", bounds="[4, 256]")
     compressor: str = setting("brotli",
         "compressor of the artifact: brotli-11, lzma -9e, zpaq (level 5 in blocks of 1 MiB, which decode in "
         "parallel; optional pip package zpaq>=0.3.7) or ans (order-0 ANS per grid stream, brotli for the header; optional pip package "
@@ -559,6 +566,9 @@ def validate_quantization_settings(s):
     if mixed_bits(s) is not None:
         need(s.attn_bits == 0 and s.mlp_bits == 0,
              f"GPTQ_MIXED_BITS={s.gptq_mixed_bits} chooses every block matrix's bits: unset ATTN_BITS/MLP_BITS")
+    need(s.gptq_tcq_states in TCQ_PARITY_CHECKS,
+         f"GPTQ_TCQ_STATES={s.gptq_tcq_states} has no trellis here: use one of "
+         f"{', '.join(map(str, sorted(TCQ_PARITY_CHECKS)))}")
     need(not (s.gptq_tcq and s.awq_group > 0),
          f"GPTQ_TCQ=1 and AWQ_GROUP={s.awq_group}: the trellis search has no finer column group; set AWQ_GROUP=0 "
          f"or GPTQ_TCQ=0")
@@ -3142,33 +3152,66 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
 # --- trellis-coded quantization (GPTQ_TCQ) ---------------------------------------------------------------
 # Rounding each weight to the nearest point of a scalar grid leaves rate on the table: an 8-state trellis over
 # a grid twice as fine reaches the same Hessian-weighted error with about 0.15 bit less per weight once
-# entropy-coded (tests/test_tcq.py measures it on a synthetic layer). The fine grid, step d = GPTQ_TCQ_STEP
-# x the scalar step, is split into four subsets by v mod 4. A trellis state allows two of them: the even
-# values in states 0, 2, 4, 6, the odd ones in 1, 3, 5, 7. So a weight costs one symbol (v - parity) / 2, a
+# entropy-coded (tests/test_tcq.py measures it on a synthetic layer; GPTQ_TCQ_STATES up to 256 gain up to 0.06
+# bit more). The fine grid, step d = GPTQ_TCQ_STEP x the scalar step, is split into four subsets by v mod 4. A
+# trellis state allows two of them: the even values in even states, the odd ones in odd states. So a weight costs one symbol (v - parity) / 2, a
 # grid of step 2d, and the subset it used moves the state on (TCQ_NEXT). The encoder searches, for each row,
 # the path through the trellis with the least GPTQ error (Viterbi, one survivor per state, each survivor with
 # its own GPTQ error feedback), along GPTQ's act-order column order, which the artifact stores (2 bytes a
 # column, once for tensors that share it). The decoder only follows the trellis: one step per column,
 # vectorised over rows.
-TCQ_STATES = 8
+TCQ_STATES = 8  # the default trellis, the one measured on trained weights
 # TCQ_NEXT[state][v mod 4]: the next state after a value of that subset; -1 where the state does not allow it.
-# Every state is entered by exactly two branches, and those carry subsets of one parity.
+# Every state is entered by exactly two branches, and those carry subsets of one parity. (This 8-state table
+# predates the generated ones below; it labels its states differently from Ungerboeck's (13, 04) code and
+# performs the same: 1.084 dB on uniform data. Artifacts of the default decode with it.)
 TCQ_NEXT = ((0, -1, 1, -1), (-1, 2, -1, 3), (5, -1, 4, -1), (-1, 7, -1, 6),
             (1, -1, 0, -1), (-1, 3, -1, 2), (4, -1, 5, -1), (-1, 6, -1, 7))
+# Other state counts (GPTQ_TCQ_STATES) come from Ungerboeck's rate-1/2 codes for one-dimensional signals (the
+# trellises TCQ uses), by their parity-check polynomials (h0, h1) in octal; 8 states would be (0o13, 0o04). Their
+# granular gains on uniform data, from tests/test_tcq.py's measurement: 4 states 0.997 dB, 8 1.084, 16 1.147,
+# 32 1.206, 64 1.251, 128 1.298, 256 1.333 (the 256-state figure of the TCQ literature; 1.53 dB is the bound).
+TCQ_PARITY_CHECKS = {4: (0o5, 0o2), 8: None, 16: (0o23, 0o04), 32: (0o45, 0o10), 64: (0o103, 0o024),
+                     128: (0o235, 0o126), 256: (0o515, 0o362)}
 
 
-def tcq_branches(device) -> tuple:
-    """(source state, subset) of the 16 branches, ordered by their next state: rows 2k and 2k+1 enter state k."""
-    branches = sorted((nxt, state, subset) for state, row in enumerate(TCQ_NEXT)
+@functools.lru_cache(maxsize=None)
+def tcq_trellis(states: int) -> tuple:
+    """The next-state table (as TCQ_NEXT) of a trellis with this many states.
+
+    The systematic feedback encoder of parity checks h0, h1 with memory nu (states = 2^nu), in observer form:
+    state bits w_1..w_nu (state = sum w_i 2^(i-1)); a branch's value has parity z0 = w_1 (so the state's parity
+    rule holds) and second bit z1, the free choice, subset = 2 z1 + z0 = v mod 4; then
+    w_i <- w_(i+1) + h1_i z1 + h0_i z0 for i < nu, and w_nu <- z0 (h0_nu = 1, h1_nu = 0), over GF(2)."""
+    if states == TCQ_STATES:
+        return TCQ_NEXT
+    h0, h1 = TCQ_PARITY_CHECKS[states]
+    nu = states.bit_length() - 1
+    table = []
+    for state in range(states):
+        w = [(state >> i) & 1 for i in range(nu)] + [0]  # w[i] is w_(i+1); w[nu] pads w_(nu+1) = 0
+        row = [-1] * 4
+        for z1 in (0, 1):
+            z0 = w[0]
+            new = [w[i + 1] ^ (z1 & (h1 >> (i + 1))) ^ (z0 & (h0 >> (i + 1))) for i in range(nu)]
+            row[2 * z1 + z0] = sum(bit << i for i, bit in enumerate(new))
+        table.append(tuple(row))
+    return tuple(table)
+
+
+def tcq_branches(device, states: int = TCQ_STATES) -> tuple:
+    """(source state, subset) of the 2 x states branches, ordered by their next state: rows 2k and 2k+1 enter
+    state k."""
+    branches = sorted((nxt, state, subset) for state, row in enumerate(tcq_trellis(states))
                       for subset, nxt in enumerate(row) if nxt >= 0)
     source = torch.tensor([b[1] for b in branches], device=device)
     subset = torch.tensor([b[2] for b in branches], device=device)
     return source, subset
 
 
-def tcq_values(symbols: torch.Tensor) -> torch.Tensor:
+def tcq_values(symbols: torch.Tensor, states: int = TCQ_STATES) -> torch.Tensor:
     """The fine-grid values v (int64) that symbols [..., n] stand for along the trellis (from state 0)."""
-    following = torch.tensor(TCQ_NEXT, device=symbols.device)
+    following = torch.tensor(tcq_trellis(states), device=symbols.device)
     state = torch.zeros(symbols.shape[:-1], dtype=torch.int64, device=symbols.device)
     values = torch.empty(symbols.shape, dtype=torch.int64, device=symbols.device)
     for j in range(symbols.shape[-1]):
@@ -3181,10 +3224,10 @@ def tcq_values(symbols: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 @full_fp32_matmuls()
 def tcq_gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, step_ratio: float,
-                      block_size: int = 128, damp: float = 0.01):
+                      block_size: int = 128, damp: float = 0.01, states: int = TCQ_STATES):
     """GPTQ with trellis-coded rounding (see above) of W [B, rows, cols] with H [B, cols, cols]. Returns
     (symbols int8 [B, rows, cols], scale fp16 [B, rows], order int64 [B, cols]): the values along the
-    trellis are tcq_values(symbols[..., order]), and W[..., order] ~ those values * scale * step_ratio.
+    trellis are tcq_values(symbols[..., order], states), and W[..., order] ~ those values * scale * step_ratio.
 
     The fine grid spans the scalar grid's clip range: |v| <= q_max / step_ratio. Inside a block every
     survivor carries its own copy of the block's columns with its own error feedback; at the block's end
@@ -3194,12 +3237,12 @@ def tcq_gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: 
     B, rows, cols = W.shape
     d = scale.float()[None] * step_ratio                         # [1, B, rows]: the fine step of each row
     v_max = int((2 ** (bits - 1) - 1) / step_ratio)
-    source, subset = tcq_branches(W.device)
+    source, subset = tcq_branches(W.device, states)
     sub = subset.float()[:, None, None]
     # per branch, the lowest and highest value of its subset inside [-v_max, v_max]
     v_low = (-v_max + (subset + v_max) % 4).float()[:, None, None]
     v_high = (v_max - (v_max - subset) % 4).float()[:, None, None]
-    S = TCQ_STATES
+    S = states
     cost = torch.full((S, B, rows), float("inf"), device=W.device)
     cost[0] = 0.0                                                 # every row starts in state 0
     values = torch.empty(B, rows, cols, device=W.device)
@@ -3207,30 +3250,32 @@ def tcq_gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: 
         end = min(start + block_size, cols)
         K = end - start
         Ub = U[:, start:end, start:end]
-        survivors = W[None, :, :, start:end].expand(S, B, rows, K).clone()
-        came_from = torch.empty(K, S, B, rows, dtype=torch.int64, device=W.device)
+        # each survivor's own copy of the block's columns not yet rounded: column j of the block is ahead[..., 0]
+        ahead = W[None, :, :, start:end].expand(S, B, rows, K).clone()
+        came_from = torch.empty(K, S, B, rows, dtype=torch.uint8, device=W.device)  # states <= 256: a byte each
         chosen = torch.empty(K, S, B, rows, device=W.device)
         errors = torch.empty(K, S, B, rows, device=W.device)
         for j in range(K):
             u_jj = Ub[:, j, j][None, :, None]
-            w = survivors[source, :, :, j]                        # [16, B, rows]: each branch's weight
+            w = ahead[source, :, :, 0]                            # [2S, B, rows]: each branch's weight
             v = (4 * torch.round((w / d - sub) / 4) + sub).clamp_(v_low, v_high)
             err = (w - v * d) / u_jj
             total = (cost[source] + err * err).view(S, 2, B, rows)  # a state not reached yet costs inf
             pick = total.argmin(1, keepdim=True)                  # [S, 1, B, rows]: the cheaper way into each state
             cost = total.gather(1, pick)[:, 0]
             branch = (2 * torch.arange(S, device=W.device)[:, None, None] + pick[:, 0])
-            came_from[j] = source[branch]
+            previous = source[branch]
+            came_from[j] = previous
             chosen[j] = v.gather(0, branch)
             errors[j] = err.gather(0, branch)
-            survivors = survivors.gather(0, came_from[j][..., None].expand(S, B, rows, K))
-            survivors[..., j:] -= errors[j][..., None] * Ub[:, j, j:][None, :, None, :]
+            ahead = ahead[..., 1:].gather(0, previous[..., None].expand(S, B, rows, K - j - 1))
+            ahead -= errors[j][..., None] * Ub[:, j, j + 1:][None, :, None, :]
         last_state = state = cost.argmin(0)                       # [B, rows]: each row's best survivor
         block_errors = torch.empty(B, rows, K, device=W.device)
         for j in reversed(range(K)):
             values[:, :, start + j] = chosen[j].gather(0, state[None])[0]
             block_errors[:, :, j] = errors[j].gather(0, state[None])[0]
-            state = came_from[j].gather(0, state[None])[0]
+            state = came_from[j].gather(0, state[None])[0].long()
         W[:, :, end:] -= block_errors @ U[:, start:end, end:]
         cost = torch.full_like(cost, float("inf")).scatter_(0, last_state[None], 0.0)
     symbols = torch.div(values, 2, rounding_mode="floor")       # (v - parity) / 2
@@ -3247,7 +3292,7 @@ class QTensor:
     bits: int = 0
     awq: tuple | None = None  # (first column, columns, bits) of the AWQ-lite group, rounded on the finer grid
     lqer: tuple | None = None  # (A int8 [rows, r], A scale fp16 [1], B int8 [r, cols], B scales fp16 [r, groups])
-    tcq: tuple | None = None  # GPTQ_TCQ: (column order int64 [cols], fine step ratio); data holds trellis symbols
+    tcq: tuple | None = None  # GPTQ_TCQ: (column order int64 [cols], fine step ratio, states); data: trellis symbols
 
     def extras(self) -> dict:
         """What the header records beyond the five plain fields (empty for a plain GPTQ tensor)."""
@@ -3258,6 +3303,8 @@ class QTensor:
             out["lqer"] = self.lqer[0].shape[1]
         if self.tcq is not None:
             out["tcq"] = self.tcq[1]
+            if self.tcq[2] != TCQ_STATES:  # the default's header stays as it was before other trellises
+                out["tcq_states"] = self.tcq[2]
         return out
 
 
@@ -3352,9 +3399,9 @@ def dequantize_int(qt: QTensor) -> torch.Tensor:
     are first turned into their fine-grid values along the stored column order."""
     scale = qt.scale.float()[:, None]
     if qt.tcq is not None:
-        order, step_ratio = qt.tcq
+        order, step_ratio, states = qt.tcq
         W = torch.empty(qt.data.shape)
-        W[:, order] = tcq_values(qt.data[:, order]).float() * (scale * step_ratio)
+        W[:, order] = tcq_values(qt.data[:, order], states).float() * (scale * step_ratio)
     else:
         factor = awq_column_factor(qt.data.shape[1], qt.awq, 2 ** (qt.bits - 1) - 1)
         W = qt.data.float() * (scale if factor is None else scale * factor.to(scale.device))
@@ -3382,10 +3429,11 @@ def quantize_model(state: dict, hessians: dict, s: Settings) -> dict:
         W = torch.stack([state[n].detach().float() for n in names])
         H = torch.stack([hessians[n].to(W.device) for n in names])
         if s.gptq_tcq:  # Settings.validate has refused AWQ with it
-            q, scale, order = tcq_gptq_quantize(W, H, bits, clip, s.gptq_tcq_step, s.gptq_block_size, s.gptq_damp)
+            q, scale, order = tcq_gptq_quantize(W, H, bits, clip, s.gptq_tcq_step, s.gptq_block_size, s.gptq_damp,
+                                                s.gptq_tcq_states)
             for n, qn, sn, on in zip(names, q.cpu(), scale.cpu(), order.cpu()):
                 out[n] = QTensor("int", qn.contiguous(), state[n].dtype, sn.contiguous(), bits,
-                                 tcq=(on.contiguous(), s.gptq_tcq_step))
+                                 tcq=(on.contiguous(), s.gptq_tcq_step, s.gptq_tcq_states))
             continue
         hi_cols, firsts = None, []
         if awq:
@@ -3529,7 +3577,8 @@ def dequantize_state(qstate: dict) -> dict:
 #          passthrough tensors) concatenated in header order and byte-shuffled | raw tensors
 # stream k >= 1 := [u16 row order, extras "rows"] | the grid values of the k-th quantized matrix, one
 #          int8 per value, column-major (rows in that order) | [LQER A int8 row-major | B int8 row-major]
-# extras := {"awq": [first column, columns, bits], "lqer": rank, "rows": 1}; a plain artifact has none, so
+# extras := {"awq": [first column, columns, bits], "lqer": rank, "rows": 1, "tcq": fine step ratio, "tcq_states": n
+#          (GPTQ_TCQ_STATES, only when not 8), "tcq_order_of": name}; a plain artifact has none, so
 #          the defaults write byte for byte what they wrote before these options existed.
 #
 # Layout measurements (brotli-11 unless noted; tools/measure_packing.py re-runs them on any artifact;
@@ -3637,6 +3686,13 @@ def int_layout(shape, extras: dict) -> tuple:
     return rows * cols, rows + (1 + rank * groups if rank else 0), perm, rows * rank, rank * cols
 
 
+def tcq_states_of(extras: dict) -> int:
+    states = extras.get("tcq_states", TCQ_STATES)
+    if states not in TCQ_PARITY_CHECKS:
+        raise ValueError(f"a trellis of {states} states is not one this train_gpt.py decodes")
+    return states
+
+
 def deserialize_quantized(streams: list):
     """Inverse of serialize_quantized: ({name: QTensor}, settings). Raises ValueError on any
     inconsistency between the header and the payloads."""
@@ -3675,12 +3731,12 @@ def deserialize_quantized(streams: list):
                 if source is None or source.tcq is None or source.tcq[0].numel() != cols:
                     raise ValueError(f"{name} takes its trellis column order from {extras['tcq_order_of']!r}, "
                                      f"which is not an earlier trellis tensor of {cols} columns")
-                qt.tcq = (source.tcq[0], float(extras["tcq"]))
+                qt.tcq = (source.tcq[0], float(extras["tcq"]), tcq_states_of(extras))
             elif "tcq" in extras:
                 order = tensor_from_bytes(data[n_perm - 2 * cols:n_perm], torch.uint16, (cols,)).to(torch.int64)
                 if not torch.equal(order.sort().values, torch.arange(cols)):
                     raise ValueError(f"the trellis column order of {name} is not a permutation")
-                qt.tcq = (order, float(extras["tcq"]))
+                qt.tcq = (order, float(extras["tcq"]), tcq_states_of(extras))
             if "lqer" in extras:
                 rank, a = extras["lqer"], n_perm + grid
                 qa = tensor_from_bytes(data[a:a + n_a], torch.int8, (rows, rank))

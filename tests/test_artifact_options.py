@@ -140,7 +140,8 @@ def test_lqer_lowers_the_error_of_the_top_k_tensors_only():
 OPTIONS = [dict(), dict(attn_bits=5, mlp_bits=7, embed_bits=7, attn_clip_sigmas=13, mlp_clip_sigmas=12),
            dict(gptq_mixed_bits="5,6"), dict(awq_group=16), dict(lqer_top_k=3, lqer_rank=3),
            dict(row_order="similarity"), dict(awq_group=16, lqer_top_k=5, row_order="similarity", embed_bits=7),
-           dict(gptq_tcq=1), dict(gptq_tcq=1, gptq_tcq_step=0.5, lqer_top_k=3, row_order="similarity", mlp_bits=5)]
+           dict(gptq_tcq=1), dict(gptq_tcq=1, gptq_tcq_step=0.5, lqer_top_k=3, row_order="similarity", mlp_bits=5),
+           dict(gptq_tcq=1, gptq_tcq_states=64)]
 
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma", "zpaq", "ans"])
@@ -162,7 +163,7 @@ def test_every_option_round_trips_exactly(options, compressor, monkeypatch):
         assert torch.equal(qt.data, other.data)
         assert (qt.lqer is None) == (other.lqer is None) and (qt.tcq is None) == (other.tcq is None)
         if qt.tcq is not None:
-            assert torch.equal(qt.tcq[0], other.tcq[0]) and qt.tcq[1] == other.tcq[1]
+            assert torch.equal(qt.tcq[0], other.tcq[0]) and qt.tcq[1:] == other.tcq[1:]
         if qt.lqer is not None:
             assert all(torch.equal(a, b) for a, b in zip(qt.lqer, other.lqer))
     ours, theirs = tg.dequantize_state(qstate), tg.dequantize_state(back)
