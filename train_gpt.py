@@ -330,9 +330,9 @@ class Settings:
         group="quantization", bounds="[4, 256]")
     compressor: str = setting("brotli",
         "compressor of the artifact: brotli-11, lzma -9e, zpaq (level 5 in blocks of 1 MiB, which decode in "
-        "parallel; optional pip package zpaq>=0.3.7) or ans (order-0 ANS per grid stream, brotli for the header; optional pip package "
-        "constriction); an optional package is needed at training and at evaluation, and is checked by a round "
-        "trip at start-up", choices=('brotli', 'lzma', 'zpaq', 'ans'), group="quantization")
+        "parallel; optional pip package zpaq>=0.3.7) or ans (order-0 ANS per grid stream, brotli for the header; "
+        "optional pip package constriction); an optional package is needed at training and at evaluation, and is "
+        "checked by a round trip at start-up", choices=('brotli', 'lzma', 'zpaq', 'ans'), group="quantization")
     row_order: str = setting("none",
         "rows of each quantized matrix before compression: none, or similarity (a greedy nearest-neighbour chain "
         "by L1 distance, PR #1855; the permutation ships as uint16 and is undone on load)",
@@ -3154,12 +3154,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
 # a grid twice as fine reaches the same Hessian-weighted error with about 0.15 bit less per weight once
 # entropy-coded (tests/test_tcq.py measures it on a synthetic layer; GPTQ_TCQ_STATES up to 256 gain up to 0.06
 # bit more). The fine grid, step d = GPTQ_TCQ_STEP x the scalar step, is split into four subsets by v mod 4. A
-# trellis state allows two of them: the even values in even states, the odd ones in odd states. So a weight costs one symbol (v - parity) / 2, a
-# grid of step 2d, and the subset it used moves the state on (TCQ_NEXT). The encoder searches, for each row,
-# the path through the trellis with the least GPTQ error (Viterbi, one survivor per state, each survivor with
-# its own GPTQ error feedback), along GPTQ's act-order column order, which the artifact stores (2 bytes a
-# column, once for tensors that share it). The decoder only follows the trellis: one step per column,
-# vectorised over rows.
+# trellis state allows two of them: the even values in even states, the odd ones in odd states. So a weight
+# costs one symbol (v - parity) / 2, a grid of step 2d, and the subset it used moves the state on (TCQ_NEXT).
+# The encoder searches, for each row, the path through the trellis with the least GPTQ error (Viterbi, one
+# survivor per state, each survivor with its own GPTQ error feedback), along GPTQ's act-order column order,
+# which the artifact stores (2 bytes a column, once for tensors that share it). The decoder only follows the
+# trellis: one step per column, vectorised over rows.
 TCQ_STATES = 8  # the default trellis, the one measured on trained weights
 # TCQ_NEXT[state][v mod 4]: the next state after a value of that subset; -1 where the state does not allow it.
 # Every state is entered by exactly two branches, and those carry subsets of one parity. (This 8-state table
@@ -3806,7 +3806,7 @@ def ans_decompress(blob: bytes) -> bytes:
 
 # zpaq level 5 is a context-mixing coder: decoding costs what encoding does, about 2.2 s a MB on one thread of
 # this project's 2-core CPU box. Each block of a zpaq stream decodes on its own thread, so one 4 MiB stream (the
-# int8 embedding) in one block took ~9 s here, and ~13 s on the GPU machine's 16 cores while the other streams
+# int8 embedding) in one block took 9-11 s here, and ~13 s on the GPU machine's 16 cores while the other streams
 # were long done. ZPAQ_BLOCK_BYTES cuts every stream into blocks of at most 1 MiB, each compressed alone (one
 # thread: the bytes do not depend on the machine) and concatenated: a multi-block zpaq archive, which
 # zpaq.decompress splits over threads by itself. Each extra block costs about 1.3 KB (a 4 MiB stream: +4.1 KB
