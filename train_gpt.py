@@ -4103,7 +4103,8 @@ def build_artifact(model: GPT, hessians: dict, s: Settings, rt: Runtime) -> tupl
         kinds[key] = kinds.get(key, 0) + 1
     fp16_bytes = sum(2 * qt.data.numel() for qt in qstate.values() if qt.kind == "fp16")
     rt.log(f"gptq:quantize seconds:{gptq.seconds:.1f} tensors:" + ",".join(f"{k}x{v}" for k, v in sorted(kinds.items()))
-           + f" passthrough_fp16_bytes:{fp16_bytes}" + (f" tcq_step:{s.gptq_tcq_step}" if s.gptq_tcq else ""))
+           + f" passthrough_fp16_bytes:{fp16_bytes}"
+           + (f" tcq_step:{s.gptq_tcq_step} tcq_states:{s.gptq_tcq_states}" if s.gptq_tcq else ""))
     threads = min(32, len(os.sched_getaffinity(0)))
     with timed(rt) as packing:
         streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()},

@@ -277,7 +277,8 @@ EVAL_ONLY_OPTIONS = {
     "awq": (dict(ATTN_BITS="5", EMBED_BITS="7", MLP_CLIP_SIGMAS="11", AWQ_GROUP="16", LQER_TOP_K="3",
                  ROW_ORDER="similarity", COMPRESSOR="ans" if HAVE_CONSTRICTION else "lzma"), ["int5x", "int7x1"]),
     "tcq": (dict(GPTQ_TCQ="1", GPTQ_TCQ_STEP="0.5", ATTN_BITS="5", EMBED_BITS="7", LQER_TOP_K="3",
-                 ROW_ORDER="similarity"), ["int5x", "int7x1", "tcq_step:0.5"]),
+                 ROW_ORDER="similarity"), ["int5x", "int7x1", "tcq_step:0.5 tcq_states:8"]),
+    "tcq32": (dict(GPTQ_TCQ="1", GPTQ_TCQ_STATES="32", GPTQ_TCQ_STEP="0.58"), ["tcq_step:0.58 tcq_states:32"]),
 }
 
 

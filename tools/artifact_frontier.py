@@ -41,7 +41,7 @@ import train_gpt as tg  # noqa: E402
 
 # The issue-14 list: today's default first (the reference row), each option alone, then the calibration sweep
 # and the frontier records' stacks (#1626/#1769 clips with int7 embedding; #1797 LQER; #1908 AWQ; #1855 rows+ZPAQ);
-# GPTQ_TCQ (trellis-coded GPTQ) at three fine steps.
+# GPTQ_TCQ (trellis-coded GPTQ) at three fine steps, and with 64 and 128 states.
 COMBOS = {
     "base": {},
     "lzma": {"COMPRESSOR": "lzma"},
@@ -61,6 +61,9 @@ COMBOS = {
     "tcq_step50": {"GPTQ_TCQ": "1", "GPTQ_TCQ_STEP": "0.5"},
     "tcq_step64": {"GPTQ_TCQ": "1", "GPTQ_TCQ_STEP": "0.64"},
     "tcq+rows+zpaq": {"GPTQ_TCQ": "1", "ROW_ORDER": "similarity", "COMPRESSOR": "zpaq"},
+    # more trellis states (GPTQ_TCQ_STATES) at the step that matched the 8-state error on a synthetic layer
+    "tcq64_step587": {"GPTQ_TCQ": "1", "GPTQ_TCQ_STATES": "64", "GPTQ_TCQ_STEP": "0.587"},
+    "tcq128_step592": {"GPTQ_TCQ": "1", "GPTQ_TCQ_STATES": "128", "GPTQ_TCQ_STEP": "0.592"},
     "calib8": {"GPTQ_CALIBRATION_BATCHES": "8"},
     "calib16": {"GPTQ_CALIBRATION_BATCHES": "16"},
     "calib32": {"GPTQ_CALIBRATION_BATCHES": "32"},
