@@ -344,6 +344,21 @@ def test_frontier_tool_base_row_is_the_training_run_artifact(tiny_data, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "| base |" in text and "| e7 |" not in text and "budget: 0 s would be exceeded by e7" in text
+    base_line = next(line for line in text.splitlines() if line.startswith("| base |"))
+    # the next call resumes: base is kept as measured (not measured again), e7 is measured now
+    r = subprocess.run([sys.executable, "tools/artifact_frontier.py", "--checkpoint", str(tmp_path / "ck.pt"),
+                        "--combo", "base=", "--combo", "e7=EMBED_BITS=7", "--out", str(out), "--resume"],
+                       cwd=ROOT, env=subprocess_env(tool_env), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "combo:base resumed" in r.stdout and "combo:e7 model_bytes:" in r.stdout
+    assert base_line in text and "| e7 |" in text and "1 of these rows were measured by an earlier call" in text
+    # a row whose settings changed is measured again
+    r = subprocess.run([sys.executable, "tools/artifact_frontier.py", "--checkpoint", str(tmp_path / "ck.pt"),
+                        "--combo", "base=", "--combo", "e7=EMBED_BITS=7,EMBED_CLIP_SIGMAS=15", "--out", str(out),
+                        "--resume"], cwd=ROOT, env=subprocess_env(tool_env), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "combo:base resumed" in r.stdout and "combo:e7 model_bytes:" in r.stdout
 
 
 def test_frontier_tool_refuses_a_non_quantization_setting():

@@ -12,6 +12,8 @@
     # inside a time-limited call: --out is rewritten after every row, and no row starts past the budget
     python3 tools/artifact_frontier.py --checkpoint ckpt/proxy.pt --only base,embed7,lqer8 --budget-seconds 200 \
         --out frontier.md
+    # the next call goes on where that one stopped: rows of the same checkpoint, prefix and settings are kept
+    python3 tools/artifact_frontier.py --checkpoint ckpt/proxy.pt --only base,embed7,lqer8 --out frontier.md --resume
 
 For each combination it collects the GPTQ Hessians on training batches (cached per calibration source and
 count), quantizes the checkpoint with train_gpt.py's own functions, packs the artifact exactly as a training
@@ -25,6 +27,8 @@ batch). Optional compressors (zpaq, constriction) that are not installed are ski
 import argparse
 import copy
 import datetime
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -95,6 +99,10 @@ def parse_combo(text: str) -> tuple:
     return name, settings
 
 
+def combo_text(combo: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in combo.items()) or "(defaults)"
+
+
 def combo_settings(model_settings: dict, combo: dict) -> tg.Settings:
     """The run's settings for one combination: the environment, the checkpoint's model settings, the combo."""
     s = tg.Settings(environ={**os.environ, **combo}, **{k.lower(): v for k, v in model_settings.items()})
@@ -163,9 +171,35 @@ class Frontier:
         # train_gpt.py's pre-training estimate of the same bytes, from shapes and settings alone: each row
         # cross-checks it on real weights
         estimate = tg.estimate_model_bytes(self.trainer.model.state_dict(), set(hessians), s)
-        return {"name": name, "settings": " ".join(f"{k}={v}" for k, v in combo.items()) or "(defaults)",
+        return {"name": name, "settings": combo_text(combo),
                 "model_bytes": len(blob), "estimate": estimate, "val_bpb": bpb, "tax": bpb - self.baseline,
                 "hessian_s": hessian_seconds, "gptq_s": t1 - t0, "encode_s": t2 - t1, "decode_s": t3 - t2}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar(out: Path) -> Path:
+    """Where --out's rows are also kept as JSON, with what they were measured on: --resume reads them."""
+    return out.with_name(out.name + ".json")
+
+
+def resumable_rows(out: Path, checkpoint_sha: str, val_tokens: int) -> dict:
+    """{name: row} measured earlier on this checkpoint and validation prefix, from --out's sidecar (none if the
+    sidecar is missing or was measured on something else)."""
+    path = sidecar(out)
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("checkpoint_sha256") != checkpoint_sha or saved.get("val_tokens") != val_tokens:
+        print(f"artifact_frontier: {path} holds rows of another checkpoint or prefix: measuring afresh", flush=True)
+        return {}
+    return {r["name"]: r for r in saved["rows"]}
 
 
 def table(rows: list, frontier: Frontier, command: str) -> str:
@@ -196,7 +230,12 @@ def main(argv=None):
     parser.add_argument("--budget-seconds", type=float,
                         help="after the first row, start no combination that would end after this many seconds "
                              "(estimate: the longest so far); the table holds the rows measured")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows --out already holds for this checkpoint and prefix (its .json sidecar) "
+                             "whose settings are unchanged, and measure only the others")
     args = parser.parse_args(argv)
+    if args.resume and not args.out:
+        raise SystemExit("error: --resume reads the rows of an earlier --out: give --out")
     if not args.checkpoint.is_file():
         raise SystemExit(f"error: --checkpoint {args.checkpoint} does not exist: make one with SAVE_CHECKPOINT=path")
     combos = dict(parse_combo(c) for c in args.combo) if args.combo else dict(COMBOS)
@@ -208,9 +247,22 @@ def main(argv=None):
         combos = {k: v for k, v in COMBOS.items() if k in args.only.split(",")}
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     started, longest, rows, stopped = time.monotonic(), 0.0, [], None
+    checkpoint_sha = file_sha256(args.checkpoint)
+    earlier = resumable_rows(args.out, checkpoint_sha, args.val_tokens) if args.resume else {}
+
+    def save(text: str):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        sidecar(args.out).write_text(json.dumps({"checkpoint_sha256": checkpoint_sha, "val_tokens": args.val_tokens,
+                                                 "rows": rows}, indent=1))
     try:
         frontier = Frontier(args.checkpoint, args.val_tokens)
         for name, combo in combos.items():
+            if name in earlier and earlier[name]["settings"] == combo_text(combo):
+                rows.append(earlier[name])
+                longest = max(longest, earlier[name].get("seconds", 0.0))
+                print(f"artifact_frontier combo:{name} resumed (measured by an earlier call)", flush=True)
+                continue
             # the first row always runs: it is the reference every other row's bytes are compared with
             if rows and args.budget_seconds is not None and time.monotonic() - started + longest > args.budget_seconds:
                 stopped = (f"budget: {args.budget_seconds:.0f} s would be exceeded by {name} (the longest combination "
@@ -223,21 +275,24 @@ def main(argv=None):
             except tg.UserError as e:  # e.g. an optional compressor that is not installed: say so, go on
                 print(f"artifact_frontier: skipped {name}: {e}", file=sys.stderr, flush=True)
                 continue
-            longest = max(longest, time.monotonic() - t0)
+            rows[-1]["seconds"] = time.monotonic() - t0
+            longest = max(longest, rows[-1]["seconds"])
             r = rows[-1]
             print(f"artifact_frontier combo:{name} model_bytes:{r['model_bytes']} tax_bpb:{r['tax']:+.6f} "
                   f"encode_s:{r['encode_s']:.1f} decode_s:{r['decode_s']:.1f}", flush=True)
             if args.out:  # rewritten after every row: a call cut short keeps what it measured
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(table(rows, frontier, command) + "\n(partial: more combinations follow)\n")
+                save(table(rows, frontier, command) + "\n(partial: more combinations follow)\n")
     except tg.UserError as e:
         raise SystemExit(f"error: {e}") from None
     if not rows:
         raise SystemExit("error: no combination could be measured")
-    text = table(rows, frontier, command) + (f"\n(partial: {stopped})\n" if stopped else "")
+    resumed = sum(r is earlier.get(r["name"]) for r in rows)
+    text = (table(rows, frontier, command) + (f"\n({resumed} of these rows were measured by an earlier call of the "
+                                               f"same checkpoint and prefix)\n" if resumed else "")
+            + (f"\n(partial: {stopped})\n" if stopped else ""))
     print(text)
     if args.out:
-        args.out.write_text(text)
+        save(text)
     frontier.rt.close()
     return rows
 
