@@ -278,7 +278,9 @@ class Settings:
         "GPTQ damping added to the Hessian diagonal, as a fraction of its mean",
         group="quantization", bounds="[0, inf)")
     gptq_block_size: int = setting(128,
-        "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once)",
+        "columns per GPTQ block (errors propagate inside a block column by column, then to later blocks at once; "
+        "scalar GPTQ's result is the same for any size up to rounding). With GPTQ_TCQ each row settles its trellis "
+        "path at a block's end: 256 lowered the error by 0.5-0.9% on a synthetic layer, for 30-40% more solve time",
         group="quantization", bounds="[1, inf)")
     matrix_bits: int = setting(6,
         "bits of the block matrices (values in [-(2^(b-1)-1), 2^(b-1)-1])", group="quantization", bounds="[2, 8]")
