@@ -361,6 +361,16 @@ def test_frontier_tool_base_row_is_the_training_run_artifact(tiny_data, tmp_path
     assert r.returncode == 0 and "combo:base resumed" in r.stdout and "combo:e7 model_bytes:" in r.stdout
 
 
+def test_frontier_resume_keeps_rows_only_of_the_same_checkpoint_prefix_and_source(tmp_path):
+    out = tmp_path / "f.md"
+    measured_on = {"checkpoint_sha256": "c" * 64, "val_tokens": 1000, "source_sha256": tg.source_sha256()}
+    frontier.sidecar(out).write_text(json.dumps({**measured_on, "rows": [{"name": "base", "settings": "(defaults)"}]}))
+    assert list(frontier.resumable_rows(out, measured_on)) == ["base"]
+    for key, other in (("checkpoint_sha256", "d" * 64), ("val_tokens", 2000), ("source_sha256", "e" * 64)):
+        assert frontier.resumable_rows(out, {**measured_on, key: other}) == {}
+    assert frontier.resumable_rows(tmp_path / "none.md", measured_on) == {}
+
+
 def test_frontier_tool_refuses_a_non_quantization_setting():
     r = subprocess.run([sys.executable, "tools/artifact_frontier.py", "--checkpoint", __file__, "--combo",
                         "x=MODEL_DIM=128"], cwd=ROOT, capture_output=True, text=True, timeout=60)

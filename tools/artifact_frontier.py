@@ -189,15 +189,16 @@ def sidecar(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def resumable_rows(out: Path, checkpoint_sha: str, val_tokens: int) -> dict:
-    """{name: row} measured earlier on this checkpoint and validation prefix, from --out's sidecar (none if the
-    sidecar is missing or was measured on something else)."""
+def resumable_rows(out: Path, measured_on: dict) -> dict:
+    """{name: row} measured earlier on this checkpoint and validation prefix by this train_gpt.py, from --out's
+    sidecar (none if the sidecar is missing or was measured on something else)."""
     path = sidecar(out)
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("checkpoint_sha256") != checkpoint_sha or saved.get("val_tokens") != val_tokens:
-        print(f"artifact_frontier: {path} holds rows of another checkpoint or prefix: measuring afresh", flush=True)
+    if any(saved.get(k) != v for k, v in measured_on.items()):
+        print(f"artifact_frontier: {path} holds rows of another checkpoint, prefix or train_gpt.py: measuring "
+              "afresh", flush=True)
         return {}
     return {r["name"]: r for r in saved["rows"]}
 
@@ -247,14 +248,14 @@ def main(argv=None):
         combos = {k: v for k, v in COMBOS.items() if k in args.only.split(",")}
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     started, longest, rows, stopped = time.monotonic(), 0.0, [], None
-    checkpoint_sha = file_sha256(args.checkpoint)
-    earlier = resumable_rows(args.out, checkpoint_sha, args.val_tokens) if args.resume else {}
+    measured_on = {"checkpoint_sha256": file_sha256(args.checkpoint), "val_tokens": args.val_tokens,
+                   "source_sha256": tg.source_sha256()}
+    earlier = resumable_rows(args.out, measured_on) if args.resume else {}
 
     def save(text: str):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-        sidecar(args.out).write_text(json.dumps({"checkpoint_sha256": checkpoint_sha, "val_tokens": args.val_tokens,
-                                                 "rows": rows}, indent=1))
+        sidecar(args.out).write_text(json.dumps({**measured_on, "rows": rows}, indent=1))
     try:
         frontier = Frontier(args.checkpoint, args.val_tokens)
         for name, combo in combos.items():
