@@ -30,6 +30,11 @@ def final_bpb(path: Path) -> float:
     return score(path, r"\nfinal val_bpb:([0-9.]+)")
 
 
+def live_bpb(path: Path) -> float:
+    """The last in-training validation line's val_bpb: the live model at the last step."""
+    return float(re.findall(r"\nstep:\d+/\d+ val_loss:\S+ val_bpb:([0-9.]+)", path.read_text().split("\nheader:end\n")[-1])[-1])
+
+
 def ablate_cmd(*args) -> list:
     return [sys.executable, "tools/ablate.py", *args, "--nproc", "0", "--quiet"]
 
@@ -68,6 +73,8 @@ def test_training_rows_are_the_paired_differences_of_the_quantized_scores(plan):
         assert row[2] == "base" and row[3] == "1" and float(row[4]) == pytest.approx(delta, abs=5e-5)
         assert row[4] != "+0.0000"  # each feature changed the model
         assert row[9] == "+0"  # equal steps: the regime's ITERATIONS, no wallclock stop
+        live = live_bpb(logs / f"{name}_seed3.txt") - live_bpb(logs / "base_seed3.txt")
+        assert float(row[10]) == pytest.approx(live, abs=5e-5)
     assert "Δ val_bpb (mean)" in plan["train_out"] and "stopped" not in plan["train_out"]
 
 

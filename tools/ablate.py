@@ -29,7 +29,8 @@ artifact's val_bpb (no sliding window, no TTT: the model, not the evaluation) of
 row's delta is paired by seed; evaluation rows compare the final val_bpb of the same artifact, every
 evaluation setting pinned to this environment's (and preset's) value rather than the artifact's stored one.
 Columns: mean delta, each seed's delta, mean step time delta, artifact bytes delta, and the evaluation's
-8-GPU full-validation estimate delta (train_gpt.py's eval_budget line).
+8-GPU full-validation estimate delta (train_gpt.py's eval_budget line); training rows also give the steps
+made and the live model's val_bpb at the last step (before the EMA and quantization), each as a delta.
 
 Not a test: the figures depend on the machine and the data. Say which regime a figure comes from.
 """
@@ -110,6 +111,7 @@ class Row:
     artifact_bytes: list = field(default_factory=list)
     eval_seconds: list = field(default_factory=list)
     steps: list = field(default_factory=list)     # per seed: feature minus reference (a wallclock regime differs)
+    live: list = field(default_factory=list)      # per seed: the live model's val_bpb at the last step, difference
 
 
 def parse_feature(text: str) -> Feature:
@@ -311,12 +313,19 @@ def rows_of(mode: str, features: list, runs: dict) -> list:
             row.deltas[seed] = metric_of(a, mode) - metric_of(b, mode)
             for out, value in ((row.step_ms, lambda x: x.step_avg_ms), (row.artifact_bytes, lambda x: x.artifact_bytes),
                                (row.eval_seconds, lambda x: x.estimated_8gpu_eval_seconds),
-                               (row.steps, lambda x: x.steps_done)):
+                               (row.steps, lambda x: x.steps_done), (row.live, live_bpb)):
                 if value(a) is not None and value(b) is not None:
                     out.append(value(a) - value(b))
         if row.deltas:
             rows.append(row)
     return rows
+
+
+def live_bpb(log):
+    """The live (pre-EMA, unquantized) model's val_bpb at the run's last step, or None. Beside the quantized
+    score it separates what training did from what the EMA did: at a few hundred steps EMA 0.99 still weighs
+    the initial weights by 0.99^steps, so a run that made fewer steps loses there too."""
+    return log.val_points[-1].val_bpb if log.val_points else None
 
 
 def mean(values: list):
@@ -334,8 +343,8 @@ def markdown(mode: str, rows: list, runs: dict) -> str:
     steps_column = mode == "train"
     lines = [f"{mode} side: {what}; base {base_scores or '-'}", "",
              "| feature | settings | vs | seeds | Δ val_bpb (mean) | Δ per seed | Δ step ms | Δ artifact bytes | Δ eval s (8-GPU est.) |"
-             + (" Δ steps |" if steps_column else ""),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if steps_column else "")]
+             + (" Δ steps | Δ live bpb (last step) |" if steps_column else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if steps_column else "")]
     for r in rows:
         settings = " ".join(f"{k}={v}" for k, v in r.feature.settings.items())
         per_seed = ", ".join(f"{d:+.4f}" for d in r.deltas.values())
@@ -343,7 +352,7 @@ def markdown(mode: str, rows: list, runs: dict) -> str:
         lines.append(f"| {r.feature.name} | `{settings}` | {r.feature.reference} | {len(r.deltas)} | "
                      f"{fmt(mean(list(r.deltas.values())), '.4f')} | {per_seed or '-'} | {fmt(mean(r.step_ms), '.1f')} | "
                      f"{fmt(None if mean_bytes is None else round(mean_bytes), ',')} | {fmt(mean(r.eval_seconds), '.0f')} |"
-                     + (f" {fmt(mean(r.steps), '.0f')} |" if steps_column else ""))
+                     + (f" {fmt(mean(r.steps), '.0f')} | {fmt(mean(r.live), '.4f')} |" if steps_column else ""))
     return "\n".join(lines)
 
 
