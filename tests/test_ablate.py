@@ -32,7 +32,8 @@ def final_bpb(path: Path) -> float:
 
 def live_bpb(path: Path) -> float:
     """The last in-training validation line's val_bpb: the live model at the last step."""
-    return float(re.findall(r"\nstep:\d+/\d+ val_loss:\S+ val_bpb:([0-9.]+)", path.read_text().split("\nheader:end\n")[-1])[-1])
+    events = path.read_text().split("\nheader:end\n")[-1]
+    return float(re.findall(r"\nstep:\d+/\d+ val_loss:\S+ val_bpb:([0-9.]+)", events)[-1])
 
 
 def ablate_cmd(*args) -> list:
