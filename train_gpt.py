@@ -3171,8 +3171,9 @@ TCQ_NEXT = ((0, -1, 1, -1), (-1, 2, -1, 3), (5, -1, 4, -1), (-1, 7, -1, 6),
             (1, -1, 0, -1), (-1, 3, -1, 2), (4, -1, 5, -1), (-1, 6, -1, 7))
 # Other state counts (GPTQ_TCQ_STATES) come from Ungerboeck's rate-1/2 codes for one-dimensional signals (the
 # trellises TCQ uses), by their parity-check polynomials (h0, h1) in octal; 8 states use TCQ_NEXT, the same code
-# as (0o13, 0o04) under other state labels. Their granular gains on uniform data, from tests/test_tcq.py's measurement: 4 states 0.997 dB, 8 1.084, 16 1.147,
-# 32 1.206, 64 1.251, 128 1.298, 256 1.333 (the 256-state figure of the TCQ literature; 1.53 dB is the bound).
+# as (0o13, 0o04) under other state labels. Their granular gains on uniform data, from tests/test_tcq.py's
+# measurement: 4 states 0.997 dB, 8 1.084, 16 1.147, 32 1.206, 64 1.251, 128 1.298, 256 1.333 (the 256-state
+# figure of the TCQ literature; 1.53 dB is the bound).
 TCQ_PARITY_CHECKS = {4: (0o5, 0o2), 8: (0o13, 0o04), 16: (0o23, 0o04), 32: (0o45, 0o10), 64: (0o103, 0o024),
                      128: (0o235, 0o126), 256: (0o515, 0o362)}
 
