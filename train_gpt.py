@@ -346,7 +346,8 @@ class Settings:
         "where the compressed model goes (default LOG_DIR/<RUN_ID>.ptz)", group="quantization")
     artifact_limit_bytes: int = setting(16000000,
         "limit on model bytes + code bytes; the run fails before evaluation above it, and before training "
-        "when the shape-based estimate (artifact_estimate) is more than 5% above it",
+        "when the shape-based estimate (artifact_estimate) is more than 2.5% above it (over it but within "
+        "that margin, the log warns)",
         group="quantization", bounds="[1, inf)")
     code_bytes_from: str = setting("packed",
         "code bytes counted: packed = the shipped form tools/pack_submission.py writes, computed from the running "
@@ -623,14 +624,15 @@ PRESETS = {
                    GPTQ_MIXED_BITS="5,6"),
     # The later records' techniques (frontier.md 1.4) on pr1529, as the ablation (tools/ablate.py) defines them.
     # Provisional: it is what the next proxy comparison against pr1529 measures, and features leave it when
-    # they measure worse. Training: SmearGate with the BOS mask (-0.034 bpb at 300 steps, 2 seeds, 2026-12-04),
-    # the LR floor, Polar Express and #1855's greedy values; left out: the sparse attention gate (+0.0098 at
-    # 300 steps, 1 seed) and progressive context (not yet measured). Evaluation: per-document LoRA TTT with
-    # #1767/#1855's alpha, rank, decay and warm-started A, no Q/V adapters (#1953), short-document chunks
-    # (#2014), one phase of global SGD over the scored prefix (the 2026-05 rows), context 2560 (#1953) and
-    # the token n-gram tilt (#2135).
+    # they measure worse. Training: SmearGate with the BOS mask (-0.034 bpb at 300 steps, 2 seeds, 2026-12-04
+    # and again 2026-12-06), the LR floor, Polar Express and #1855's warm-down and BETA2; left out: the sparse
+    # attention gate (+0.0098 at 300 steps, 1 seed), progressive context (not yet measured) and #1855's clip
+    # sigmas (embedding 14, MLP 11.5): with this stack's int8 embedding and brotli they packed to 16,599,457 B,
+    # 600 KB over the limit (300 proxy steps, H200, 2026-12-06); the record paired them with an int7 embedding,
+    # LQER and lrzip. Evaluation: per-document LoRA TTT with #1767/#1855's alpha, rank, decay and warm-started
+    # A, no Q/V adapters (#1953), short-document chunks (#2014), one phase of global SGD over the scored prefix
+    # (the 2026-05 rows), context 2560 (#1953) and the token n-gram tilt (#2135).
     "frontier": dict(SMEAR_GATE=True, MIN_LR=0.1, MUON_NS_COEFFS="polar_express", WARMDOWN_FRAC=0.85, BETA2=0.99,
-                     EMBED_CLIP_SIGMAS=14.0, MLP_CLIP_SIGMAS=11.5,
                      TTT_MODE="lora", SLIDING_WINDOW_ENABLED=False, TTT_LORA_RESET="b_only", TTT_LORA_ALPHA=144.0,
                      TTT_LORA_RANK=80, TTT_LORA_WD=1.0, TTT_LORA_TARGETS="k,o,mlp,head",
                      TTT_SHORT_DOC_TOKENS=256, TTT_SHORT_DOC_CHUNK_SIZE=8, TTT_PHASES=1, EVAL_SEQ_LEN=2560,
@@ -3469,7 +3471,10 @@ def add_lqer(qstate: dict, state: dict, top_k: int, rank: int):
 # and the 2aa73bf ablation artifact, 2026-12-04): int6 block matrices at 12.85 sigma take 3.36-3.37 bits
 # (Gaussian: 3.32), the int8 embedding at 20 sigma 4.63 (Gaussian: 4.71; its rows are peakier). The offsets
 # are those differences. Stream 0 (fp16 row scales and passthrough tensors, byte-shuffled) compressed to 0.63
-# of its raw size there. The check refuses only a clear overshoot: ARTIFACT_ESTIMATE_MARGIN above the limit.
+# of its raw size there. The check refuses an overshoot beyond the estimate's error: ARTIFACT_ESTIMATE_MARGIN
+# above the limit. The largest error measured is 1.4% (tests/test_quant.py); a 5% margin once let #1855's clip
+# sigmas (EMBED_CLIP_SIGMAS=14, MLP_CLIP_SIGMAS=11.5) train, estimated 4.2% over, and fail when packed at
+# 16,599,457 B (300 proxy steps on an H200, 2026-12-06: model bytes 0.45% under the estimate).
 GRID_BITS_OFFSET = {"embed": -0.085, "block": 0.05}
 STREAM0_RATIO = 0.63
 # The other coders and ROW_ORDER=similarity, as the model bytes they gave on one H200 checkpoint over brotli's in
@@ -3478,7 +3483,7 @@ STREAM0_RATIO = 0.63
 # it; row order with lzma is unmeasured (1.0).
 COMPRESSOR_SIZE_RATIO = {"brotli": 1.0, "lzma": 1.0354, "zpaq": 0.9918, "ans": 0.9948}
 ROW_ORDER_SIZE_RATIO = {"brotli": 0.9993, "zpaq": 0.9987}
-ARTIFACT_ESTIMATE_MARGIN = 0.05
+ARTIFACT_ESTIMATE_MARGIN = 0.025
 
 
 def grid_value_bits(bits: int, clip_sigmas: float, role: str, tcq_step: float = 0.0) -> float:
@@ -3552,8 +3557,12 @@ def check_artifact_estimate(model: nn.Module, s: Settings, rt: Runtime) -> int:
     if total > refused_above:
         raise UserError(f"the artifact is estimated at {total:,} bytes ({model_bytes:,} model + {code:,} code), "
                         f"over ARTIFACT_LIMIT_BYTES={s.artifact_limit_bytes:,} by more than the estimate's "
-                        f"{ARTIFACT_ESTIMATE_MARGIN:.0%} margin: lower MATRIX_BITS/MLP_BITS/ATTN_BITS/EMBED_BITS "
-                        f"or the model's size before training")
+                        f"{ARTIFACT_ESTIMATE_MARGIN:.1%} margin: lower MATRIX_BITS/MLP_BITS/ATTN_BITS/EMBED_BITS, "
+                        f"raise the *_CLIP_SIGMAS (a tighter clip costs bytes), or shrink the model before training")
+    if total > s.artifact_limit_bytes:
+        rt.log(f"WARNING: the artifact is estimated at {total:,} bytes, over ARTIFACT_LIMIT_BYTES="
+               f"{s.artifact_limit_bytes:,} but within the estimate's {ARTIFACT_ESTIMATE_MARGIN:.1%} margin: the run "
+               f"trains, and fails when packed if the real artifact is over too")
     return total
 
 

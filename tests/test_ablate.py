@@ -4,6 +4,7 @@ read independently here, and the resume, the budget stop and the refusals are ex
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,33 @@ def test_a_features_seeds_run_back_to_back(monkeypatch, tmp_path):
     assert started == ["base_seed1337", "base_seed42", "smear_seed1337", "smear_seed42"]
 
 
+def test_a_failed_run_counts_against_the_budget(monkeypatch, tmp_path):
+    # a run refused late (over the artifact limit after training) spent its minutes: the budget must not start
+    # the next run as if nothing had been measured
+    def fails(label, rid, *args):
+        time.sleep(0.3)
+        sys.exit(f"error: {label} failed")
+    monkeypatch.setattr(ablate.seeds_tool, "run_or_resume", fails)
+    budget = ablate.Budget(0.5)
+    with pytest.raises(SystemExit, match="failed"):
+        ablate.run_plan("train", [ablate.Feature("base", {})], [1, 2], {}, [], tmp_path, budget, quiet=True)
+    assert budget.longest >= 0.3 and not budget.allows_another()
+
+
+def test_a_row_over_the_challenges_artifact_limit_is_marked():
+    from types import SimpleNamespace
+
+    def run(bpb, total):
+        return SimpleNamespace(metrics={"quantized": SimpleNamespace(val_bpb=bpb)}, step_avg_ms=100.0,
+                               artifact_bytes=total, estimated_8gpu_eval_seconds=None, steps_done=300, val_points=[])
+    runs = {("train", "base", 1): run(1.50, 15_925_900), ("train", "clips", 1): run(1.49, 16_599_457),
+            ("train", "lr", 1): run(1.51, 15_999_999)}
+    features = [ablate.Feature("clips", {"EMBED_CLIP_SIGMAS": "14"}), ablate.Feature("lr", {"MATRIX_LR": "0.03"})]
+    text = ablate.markdown("train", ablate.rows_of("train", features, runs), runs)
+    assert table_row(text, "clips")[7] == "+673,557 (over 16,000,000 B)"
+    assert table_row(text, "lr")[7] == "+74,099"
+
+
 def test_feature_values_may_hold_commas_and_at_signs():
     f = ablate.parse_feature("seq=TRAIN_SEQ_SCHEDULE=1024@0,2048@0.5,TRAIN_SEQ_LEN=2048@lora")
     assert f.settings == {"TRAIN_SEQ_SCHEDULE": "1024@0,2048@0.5", "TRAIN_SEQ_LEN": "2048"} and f.reference == "lora"
@@ -210,7 +238,7 @@ def test_the_frontier_preset_is_the_ablation_features_it_names():
     feature changed in one place and not the other would make the ablation table describe another preset.
     The preset is every training and evaluation feature except those its comment leaves out (RUN_ID is a fresh
     random id in each Settings)."""
-    left_out = {"attn_gate", "seq_schedule"}
+    left_out = {"attn_gate", "seq_schedule", "greedy_clips"}
     union = {}
     for feature in ablate.TRAIN_FEATURES + ablate.EVAL_FEATURES:
         if feature.name not in left_out:

@@ -302,3 +302,14 @@ def test_pr1204_components_turn_off_the_inductor_fusion_that_crashed(component):
         tg.inductor_workarounds(tg.Settings(environ={"COMPILE": "0", **component}), rt)  # nothing compiles
         assert len(lines) == int(off)
     assert inductor_config.triton.mix_order_reduction == before
+
+
+@pytest.mark.parametrize("name", ["pr1529", "pr1477", "pr1536", "pr1204", "frontier"])
+def test_every_preset_is_estimated_inside_the_artifact_limit(name):
+    """A preset must not be refused before training, nor be expected to fail when packed: its full-size
+    estimate (shapes and quantization settings; within 2% of every artifact measured) fits the limit."""
+    s = tg.Settings(environ={"PRESET": name})
+    with torch.device("meta"):
+        model = tg.GPT(s)
+    total = tg.estimate_model_bytes_of(model, s) + tg.code_bytes(s)
+    assert total <= s.artifact_limit_bytes, (name, total)

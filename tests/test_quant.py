@@ -550,6 +550,49 @@ def test_the_estimate_follows_the_coder_and_the_row_order(measured, settings):
     assert abs(estimated - measured[settings] / measured[lossy]) <= 0.002, (settings, estimated)
 
 
+# Artifacts of 300 proxy steps (the ablation regime, tools/ablate.py; weights less trained than the checkpoints
+# above): the H100 base of README's ablation table (2026-12-05) and #1855's clip sigmas on an H200 (2026-12-06,
+# the run the packing refused at 16,599,457 B with its code).
+MEASURED_300_STEP_MODEL_BYTES = {
+    "": 15_869_309,
+    "EMBED_CLIP_SIGMAS=14 MLP_CLIP_SIGMAS=11.5": 16_542_866,
+}
+
+
+@pytest.mark.parametrize("settings", list(MEASURED_300_STEP_MODEL_BYTES))
+def test_the_estimate_matches_the_300_step_artifacts(settings):
+    estimate, measured = full_size_estimate(settings), MEASURED_300_STEP_MODEL_BYTES[settings]
+    assert abs(estimate - measured) <= 0.02 * measured, (settings, estimate, measured)
+
+
+def test_a_configuration_that_packed_4_percent_over_is_refused_before_training(tmp_path):
+    """#1855's clips packed to 16,599,457 B on the pr1529 model (above): the start-up check must refuse them, and
+    a configuration estimated over the limit but inside the margin must train with a warning."""
+    env = {"EMBED_CLIP_SIGMAS": "14", "MLP_CLIP_SIGMAS": "11.5"}
+    s = tg.Settings(environ=env)
+    with torch.device("meta"):
+        model = tg.GPT(s)
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def log(self, line):
+            self.lines.append(line)
+
+    with pytest.raises(tg.UserError, match="over ARTIFACT_LIMIT_BYTES=16,000,000 .*CLIP_SIGMAS"):
+        tg.check_artifact_estimate(model, s, Log())
+    total = tg.estimate_model_bytes_of(model, s) + tg.code_bytes(s)
+    inside = tg.Settings(environ=dict(env, ARTIFACT_LIMIT_BYTES=str(int(total / (1 + tg.ARTIFACT_ESTIMATE_MARGIN)) + 10)))
+    log = Log()
+    assert tg.check_artifact_estimate(model, inside, log) == total
+    assert any(line.startswith("WARNING: the artifact is estimated at") for line in log.lines)
+    fits = tg.Settings(environ=dict(env, ARTIFACT_LIMIT_BYTES=str(total)))
+    log = Log()
+    tg.check_artifact_estimate(model, fits, log)
+    assert not any(line.startswith("WARNING") for line in log.lines)
+
+
 def test_size_sweep_tool_reports_the_estimate_of_each_value():
     cmd = [sys.executable, "tools/size_sweep.py", "--sweep", "MLP_MULT=4,6", "MLP_BITS=5"]
     r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env({}), capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ of one setting, without data, a GPU or any training: for spending saved bytes on
 Each row builds the model on PyTorch's meta device (shapes only) and runs the estimate a real run logs as
 `artifact_estimate:` before training (grid values at the Gaussian-on-the-grid cost, corrected by trained
 weights; within 1.4% of the measured H200 artifacts). Code bytes are this checkout's packed train_gpt.py.
-A run stops before training when its estimate is more than 5% over ARTIFACT_LIMIT_BYTES; aim a little
+A run stops before training when its estimate is more than 2.5% over ARTIFACT_LIMIT_BYTES; aim a little
 under the limit, since the real bytes come out within about 1.5% of the estimate either way.
 """
 import argparse
