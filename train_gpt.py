@@ -35,6 +35,7 @@ import platform
 import struct
 import sys
 import time
+import traceback
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -863,6 +864,13 @@ class Runtime:
         except OSError as e:
             raise UserError(f"cannot append to the log {self.log_path} ({e.strerror}): free space on that disk "
                             f"or set LOG_DIR to another one") from None
+
+    def log_failure(self, trace: str):
+        """An unexpected exception's traceback, into the log (not the console, where Python prints it): a
+        log copied off a machine then says why its run stopped. The traceback is indented, so the log's
+        parsers skip it as they skip the header's indented blocks."""
+        self.log("failure:traceback", console=False)
+        self.log("\n".join("  " + line for line in trace.rstrip().splitlines()), console=False)
 
     def discard_log_of_a_run_that_never_started(self):
         """A run refused by a start-up check trained nothing: its log (the header and the error) goes, so
@@ -6011,6 +6019,10 @@ def main():
         if rt is not None:
             rt.discard_log_of_a_run_that_never_started()
         sys.exit(1)
+    except Exception:
+        if rt is not None:
+            rt.log_failure(traceback.format_exc())
+        raise
     finally:
         if rt is not None:
             rt.close()

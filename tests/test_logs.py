@@ -92,3 +92,28 @@ def test_run_phases_account_for_the_whole_run(logs):
     assert 0 < seconds["total"] < logs["full_wall_seconds"]
     assert seconds["warmup"] + seconds["loop"] <= seconds["train"] + 0.1 and seconds["loop"] > 0
     assert events(logs["full"])[-1].startswith("run_phases ")
+
+
+def test_an_unexpected_failure_leaves_its_traceback_in_the_log(tiny_env, monkeypatch):
+    """A crash (here: a RuntimeError raised where the start-up size check runs) still raises, and the log keeps
+    its traceback, indented under `failure:traceback`: a log copied off the GPU machine says why the run
+    stopped. The parser keeps the traceback out of the events, so a source line it quotes that looks like
+    an event (`final val_bpb:...`) does not make the crashed run look finished."""
+    import train_gpt as tg
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("compile failed\nfinal val_bpb:1.00000000")
+    for key, value in dict(tiny_env, RUN_ID="crash").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tg, "check_artifact_estimate", crash)
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])
+    with pytest.raises(RuntimeError, match="compile failed"):
+        tg.main()
+    text = (Path(tiny_env["LOG_DIR"]) / "crash.txt").read_text()
+    body = text.partition("\nheader:end\n")[2]
+    assert "\nfailure:traceback\n  Traceback (most recent call last):\n" in body
+    assert "\n  RuntimeError: compile failed\n  final val_bpb:1.00000000" in body
+    log = runlog.parse_log(text)
+    assert log.final_val_bpb is None and not log.complete
+    assert log.incomplete_reason == "it failed: final val_bpb:1.00000000"
+    assert log.failure[0] == "Traceback (most recent call last):" and "RuntimeError: compile failed" in log.failure

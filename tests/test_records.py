@@ -482,3 +482,37 @@ def test_make_record_target(runs, tmp_path):
     folder = next(tmp_path.glob("*_ViaMake"))
     assert json.loads((folder / "submission.json").read_text())["technique_summary"] == "Made by make."
     compliance.main([str(folder)])  # a record folder is read through its train_seed*.log files
+
+
+# --- the frontier-vs-pr1529 proxy comparison's runner (records/proxy_1gpu_frontier_vs_pr1529/run.sh) ----------
+
+H2H = ROOT / "records" / "proxy_1gpu_frontier_vs_pr1529" / "run.sh"
+
+
+def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evaluation(tiny_data, tmp_path):
+    """run.sh trains with TTT and the tilt off, then evaluates the artifact with the preset's TTT and tilt
+    switched back on explicitly (EVAL_ONLY would otherwise adopt the training run's off); a second call finds
+    both logs finished and runs nothing; a deadline too short for training starts nothing."""
+    env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+               LOG_DIR=str(tmp_path / "h2h"), OUT=str(tmp_path / "out"), ITERATIONS="3", EVAL_SEQ_LEN="64",
+               TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3", TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4",
+               TTT_LORA_RANK="4")
+    first = subprocess.run(["bash", str(H2H), "frontier", "5", "900"], cwd=ROOT, env=subprocess_env(env),
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    train, scored = (runlog.read_log(tmp_path / "h2h" / f"frontier_seed5{x}.txt") for x in ("", "_eval"))
+    assert train.complete and train.settings["TTT_ENABLED"] == "False" and train.settings["NGRAM_TILT"] == "False"
+    assert train.settings["MAX_WALLCLOCK_SECONDS"] == "240.0" and train.settings["VAL_DOCS"] == "782"
+    assert scored.complete and scored.ttt_protocols[0]["mode"] == "lora" and scored.ttt_protocols[0]["ngram_tilt"] == "1"
+    assert "eval_only:overridden setting:TTT_ENABLED value:True artifact:False" in first.stdout
+    assert scored.final_val_bpb == scored.metrics["final_ttt"].val_bpb != train.final_val_bpb
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"frontier_seed5.txt", "frontier_seed5_eval.txt",
+                                                                "frontier_seed5.ptz"}
+    again = subprocess.run(["bash", str(H2H), "frontier", "5", "100"], cwd=ROOT, env=subprocess_env(env),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Hyperparameters" not in again.stdout, again.stderr[-2000:]
+    assert again.stdout.count("final val_bpb:") == 2
+    short = subprocess.run(["bash", str(H2H), "pr1529", "6", "100"], cwd=ROOT, env=subprocess_env(env),
+                           capture_output=True, text=True, timeout=300)
+    assert short.returncode == 0 and "not started: a training run needs 450 s" in short.stdout
+    assert not (tmp_path / "h2h" / "pr1529_seed6.txt").exists()

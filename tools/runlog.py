@@ -159,6 +159,7 @@ class RunLog:
     warnings: list = field(default_factory=list)
     events: list = field(default_factory=list)        # every line after the header as a Line (unknown ones too)
     runs_in_file: int = 0                             # "Hyperparameters:" headers seen; > 1 when a RUN_ID was reused
+    failure: list = field(default_factory=list)       # the traceback under a `failure:traceback` line, unindented
 
     # --- typed figures the tools use -----------------------------------------------------------------
 
@@ -294,6 +295,8 @@ class RunLog:
         """Why the log is not a finished run, or None: no header, no final val_bpb (stopped or crashed), no artifact."""
         if not self.settings:
             return "it has no settings header"
+        if self.failure:
+            return f"it failed: {self.failure[-1][:200]}"
         if self.final_val_bpb is None:
             last = self.events[-1].text if self.events else "the header"
             return f"it has no 'final val_bpb' line (the run stopped after: {last[:80]})"
@@ -329,7 +332,10 @@ def parse_log(text: str, path=None) -> RunLog:
         i = _read_header(log, lines, i)
     for lineno in range(i, len(lines)):
         text_line = lines[lineno].rstrip()
-        if text_line.strip():
+        if text_line.startswith("  "):  # indented: the traceback of a failure:traceback line
+            if log.events and log.events[-1].kind == "failure:traceback":
+                log.failure.append(text_line[2:])
+        elif text_line.strip():
             _read_line(log, split_line(text_line, lineno + 1))
     return log
 
