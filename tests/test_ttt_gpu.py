@@ -1,0 +1,58 @@
+"""PRESET=frontier's evaluation compiled on the GPU (skipped without CUDA).
+
+On one H100 (2026-12-06) the frontier's LoRA TTT pass failed while compiling its graph:
+`AttributeError: 'SymFloat' object has no attribute 'size'`; the same pass compiles and runs on the CPU. These
+tests train a small artifact on the GPU (uncompiled: training's graphs are not under test), then evaluate it
+with the preset's evaluation, compiled, once as the preset has it and once with each of its options off, so a
+failure names the option that triggers it. Heads are 64 wide with grouped K/V, as in the full model, so the
+attention kernels are those of the real run. Run them with
+`GPU_CHECK_BUILD=0 GPU_CHECK_TESTS=tests/test_ttt_gpu.py GPU_CHECK_BENCH= bash tools/gpu_mlp_check.sh`."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, subprocess_env
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+GPU_MODEL = dict(TINY_MODEL, MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="16",
+                 TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="256", TRAIN_BATCH_TOKENS="4096")
+EVAL = dict(TTT_CHUNK_TOKENS="1024", TTT_BATCH_SEQS="2", TTT_CHUNK_SIZE="32", TTT_BATCH_DOCS="4", VAL_DOCS="60",
+            TTT_PHASE_PREFIX_DOCS="30", SLIDING_WINDOW_ENABLED="0", TTT_ENABLED="1", NGRAM_TILT="1",
+            EVAL_FORCE="1")
+
+
+def run(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, env=subprocess_env(env), capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_data, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("gpu_ttt")
+    env = dict(GPU_MODEL, PRESET="frontier", DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+               LOG_DIR=str(logs), RUN_ID="train", ITERATIONS="3", TTT_ENABLED="0", NGRAM_TILT="0",
+               SLIDING_WINDOW_ENABLED="0")
+    proc = run(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(env, EVAL_ONLY=str(logs / "train.ptz"))
+
+
+def final_ttt(proc) -> float:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return float(re.search(r"^final_ttt val_loss:\S+ val_bpb:(\S+)", proc.stdout, re.M).group(1))
+
+
+@pytest.mark.parametrize("option_off", ["", "NGRAM_TILT=0", "TTT_SHORT_DOC_TOKENS=0", "TTT_LORA_ALPHA=0",
+                                        "TTT_LORA_RESET=all", "TTT_LORA_TARGETS=q,k,v,o,mlp,head", "TTT_PHASES=0"])
+def test_the_frontier_evaluation_compiles_on_the_gpu(artifact, option_off):
+    env = dict(artifact, **EVAL, RUN_ID=f"eval_{len(option_off)}_{option_off.partition('=')[0].lower()}")
+    if option_off:
+        key, _, value = option_off.partition("=")
+        env[key] = value
+    compiled = final_ttt(run(dict(env, COMPILE="1")))
+    eager = final_ttt(run(dict(env, COMPILE="0", RUN_ID=env["RUN_ID"] + "_eager")))
+    assert compiled == pytest.approx(eager, abs=5e-3)  # bf16 kernels differ between the two; a broken graph does not
