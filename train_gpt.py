@@ -868,7 +868,8 @@ class Runtime:
     def log_failure(self, trace: str):
         """An unexpected exception's traceback, into the log (not the console, where Python prints it): a
         log copied off a machine then says why its run stopped. The traceback is indented, so the log's
-        parsers skip it as they skip the header's indented blocks."""
+        parsers skip it as they skip the header's indented blocks. Rank 0 writes the log, so another rank's
+        failure shows only in its own stderr."""
         self.log("failure:traceback", console=False)
         self.log("\n".join("  " + line for line in trace.rstrip().splitlines()), console=False)
 

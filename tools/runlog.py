@@ -292,7 +292,8 @@ class RunLog:
 
     @property
     def incomplete_reason(self) -> str | None:
-        """Why the log is not a finished run, or None: no header, no final val_bpb (stopped or crashed), no artifact."""
+        """Why the log is not a finished run, or None: no header, a logged failure (its traceback's last line),
+        no final val_bpb (stopped or crashed), no artifact."""
         if not self.settings:
             return "it has no settings header"
         if self.failure:
