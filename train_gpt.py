@@ -1278,10 +1278,17 @@ class CastedLinear(nn.Module):
 
 def rope_tables(seq_len: int, rope_dims: int, base: float, train_seq_len: int, device, dtype):
     """cos/sin [seq_len, rope_dims/2] for the split-half convention (pairs j and j + rope_dims/2)."""
-    if seq_len > train_seq_len:  # NTK-style base stretch for contexts longer than training
-        base = base * (seq_len / train_seq_len) ** (rope_dims / max(rope_dims - 2, 1))
-    inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    exponents = -torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims
+    if seq_len > train_seq_len:
+        # NTK-style base stretch for contexts longer than training. The stretch is computed on a tensor
+        # holding seq_len, never on seq_len itself: in LoRA TTT's graph the window width is symbolic, and
+        # Python arithmetic on it makes a symbolic float, the graph's only one and the likely cause of a GPU
+        # compile failure (`'SymFloat' object has no attribute 'size'`, one H100, 2026-12-06).
+        length = (positions[-1] + 1).double()
+        base = (base * (length / train_seq_len) ** (rope_dims / max(rope_dims - 2, 1))).float()
+    inv_freq = base ** exponents
+    angles = torch.outer(positions, inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

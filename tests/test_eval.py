@@ -274,6 +274,44 @@ def test_compiled_lora_ttt_traces_one_graph_for_every_window_and_batch_size(tiny
     assert "ttt:lora graphs_compiled:1" in log
 
 
+def test_compiled_lora_ttt_longer_than_training_holds_no_symbolic_float(tiny_data, tmp_path, monkeypatch):
+    """Windows longer than TRAIN_SEQ_LEN stretch the RoPE base by the window width, which LoRA TTT's graph
+    keeps symbolic. Python arithmetic on that width made the graph's only symbolic float (SymFloat); with
+    EVAL_SEQ_LEN 2560 over 2048 the compile failed on an H100 with `'SymFloat' object has no attribute 'size'`
+    (2026-12-06) while the CPU compiled it. The stretch now runs on tensors: no graph may hold a SymFloat,
+    and the scores still match eager. (That this was the GPU's failure is to be confirmed on the GPU.)"""
+    found = []
+
+    def backend(gm, example_inputs):
+        found.extend(n.format_node() for n in gm.graph.nodes if isinstance(n.meta.get("example_value"), torch.SymFloat))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    eager_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, **dict(kw, backend=backend)))
+    s, rt = make(tiny_data, tmp_path, EVAL_SEQ_LEN=160, TTT_CHUNK_TOKENS=320, TTT_DOCS_IN_FLIGHT=3)
+    assert s.eval_seq_len > s.train_seq_len
+    sp, tables = tables_for(s)
+    val = validation(s, 600)
+    model = random_model(s)
+    hints = tg.ngram_hints(val, 4, 1, 0.8)
+    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
+    s.compile = True
+    torch._dynamo.reset()
+    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
+    assert found == []
+    assert compiled.targets == eager.targets and compiled.loss == pytest.approx(eager.loss, rel=1e-5)
+
+
+def test_rope_tables_stretch_the_base_beyond_the_training_length():
+    """The tensor form of the NTK stretch gives the tables of the plain formula, bit for bit, at and beyond
+    the training length."""
+    for seq_len in (64, 100, 2048, 2560):
+        base = 10000.0 * (seq_len / 2048) ** (16 / 14) if seq_len > 2048 else 10000.0
+        inv_freq = base ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        cos, sin = tg.rope_tables(seq_len, 16, 10000.0, 2048, "cpu", torch.float32)
+        assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin()), seq_len
+
+
 def lora_losses(model, layout, P, x, y):
     return model.token_losses(x, y, lora=tg.DocLoRA(layout, layout.matrices(P, torch.float32)))
 

@@ -5,7 +5,8 @@ On one H100 (2026-12-06) the frontier's LoRA TTT pass failed while compiling its
 tests train a small artifact on the GPU (uncompiled: training's graphs are not under test), then evaluate it
 with the preset's evaluation, compiled, once as the preset has it and once with each of its options off, so a
 failure names the option that triggers it. Heads are 64 wide with grouped K/V, as in the full model, so the
-attention kernels are those of the real run. Run them with
+attention kernels are those of the real run, and windows are longer than training's, so the RoPE base is
+stretched as at EVAL_SEQ_LEN 2560 (EVAL_SEQ_LEN=128 below turns that off). Run them with
 `GPU_CHECK_BUILD=0 GPU_CHECK_TESTS=tests/test_ttt_gpu.py GPU_CHECK_BENCH= bash tools/gpu_mlp_check.sh`."""
 import re
 import subprocess
@@ -47,7 +48,8 @@ def final_ttt(proc) -> float:
 
 
 @pytest.mark.parametrize("option_off", ["", "NGRAM_TILT=0", "TTT_SHORT_DOC_TOKENS=0", "TTT_LORA_ALPHA=0",
-                                        "TTT_LORA_RESET=all", "TTT_LORA_TARGETS=q,k,v,o,mlp,head", "TTT_PHASES=0"])
+                                        "TTT_LORA_RESET=all", "TTT_LORA_TARGETS=q,k,v,o,mlp,head", "TTT_PHASES=0",
+                                        "EVAL_SEQ_LEN=128"])
 def test_the_frontier_evaluation_compiles_on_the_gpu(artifact, option_off):
     env = dict(artifact, **EVAL, RUN_ID=f"eval_{len(option_off)}_{option_off.partition('=')[0].lower()}")
     if option_off:
