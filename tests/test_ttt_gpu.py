@@ -51,7 +51,7 @@ def final_ttt(proc) -> float:
                                         "TTT_LORA_RESET=all", "TTT_LORA_TARGETS=q,k,v,o,mlp,head", "TTT_PHASES=0",
                                         "EVAL_SEQ_LEN=128"])
 def test_the_frontier_evaluation_compiles_on_the_gpu(artifact, option_off):
-    env = dict(artifact, **EVAL, RUN_ID=f"eval_{len(option_off)}_{option_off.partition('=')[0].lower()}")
+    env = dict(artifact, **EVAL, RUN_ID="eval_" + (option_off.partition("=")[0].lower() or "preset"))
     if option_off:
         key, _, value = option_off.partition("=")
         env[key] = value

@@ -80,10 +80,10 @@ if ! finished "$log_dir/${run_id}_eval.txt"; then
     echo "h2h: evaluating ${run_id} (at most $left s)"
     status=0
     # EVAL_ONLY adopts the artifact's evaluation settings unless they are set explicitly, and training ran
-    # with TTT and the tilt off: set both to what the preset evaluates with.
-    tilt=$(python3 -c 'import importlib.util as u, sys
+    # with TTT and the tilt off: set both to what the preset (or this environment) evaluates with.
+    tilt=$(PRESET="$preset" python3 -c 'import importlib.util as u, sys
 spec = u.spec_from_file_location("tg", sys.argv[1]); tg = u.module_from_spec(spec); sys.modules["tg"] = tg
-spec.loader.exec_module(tg); print(int(bool(tg.PRESETS[sys.argv[2]].get("NGRAM_TILT", False))))' "$eval_script" "$preset")
+spec.loader.exec_module(tg); print(int(tg.Settings().ngram_tilt))' "$eval_script")
     env "${common[@]}" RUN_ID="${run_id}_eval" EVAL_ONLY="$log_dir/$run_id.ptz" SLIDING_WINDOW_ENABLED=0 \
         TTT_ENABLED=1 NGRAM_TILT="$tilt" timeout "$left" python3 "$eval_script" || status=$?
     if [ "$status" -eq 124 ]; then
