@@ -2490,12 +2490,13 @@ class GPT(nn.Module):
         return torch.lerp(scaled, x, gate)  # gate * x + (1 - gate) * scaled
 
     def forward_hidden(self, input_ids, lora=None, extra_embedding=None, one_document_per_row: bool = False,
-                       cu_seqlens=None):
+                       cu_seqlens=None, rope=None):
         """Final-normed hidden states [B, T, dim] for input_ids [B, T]: the one forward of training,
         evaluation and both TTT modes. The first half of the virtual layers (the encoder) pushes U-Net
         skips that the second half pops; the residual form of each position moves the lanes.
         one_document_per_row: each row holds one document (LoRA TTT), so plain causal attention is used.
-        cu_seqlens: the batch's document boundaries (document_cu_seqlens), for a varlen kernel (pick_varlen)."""
+        cu_seqlens: the batch's document boundaries (document_cu_seqlens), for a varlen kernel (pick_varlen).
+        rope: the (cos, sin) tables for this width when the caller computes them (LoRA TTT; see lora_losses)."""
         s = self.settings
         embedded = self.tok_emb(input_ids)
         if self.bigram is not None:
@@ -2509,7 +2510,8 @@ class GPT(nn.Module):
         # The stretch references TRAIN_SEQ_LEN, which with TRAIN_SEQ_SCHEDULE is the final, longest length:
         # every scheduled length then gets the same unstretched tables (position p rotates alike in every
         # phase), and evaluation stretches only beyond the longest context the model was trained on.
-        rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
+        if rope is None:
+            rope = rope_tables(input_ids.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, x.dtype)
         values = self.value_embed.per_layer(input_ids, x.dtype) if self.value_embed is not None else {}
         schedule = self.schedule()
         num_encoder = len(schedule) // 2
@@ -2542,11 +2544,11 @@ class GPT(nn.Module):
         return c * torch.tanh(z / c)
 
     def token_losses(self, input_ids, target_ids, lora=None, extra_embedding=None, one_document_per_row=False,
-                     hints=None):
+                     hints=None, rope=None):
         """Per-position natural-log NLL (fp32) of target_ids [B, K] given input_ids [B, T]: the last K
         positions only when K < T (sliding windows score a short tail, so the head skips the rest).
         hints [B, K] (NGRAM_TILT; -1 = none): the NLL under the n-gram-tilted distribution instead."""
-        hidden = self.forward_hidden(input_ids, lora, extra_embedding, one_document_per_row)
+        hidden = self.forward_hidden(input_ids, lora, extra_embedding, one_document_per_row, rope=rope)
         # The last K positions, gathered rather than sliced or branched on: a dynamic-T graph (LoRA TTT)
         # would otherwise guard on K < T, or on T == K through the slice's strides, and recompile.
         T, K = hidden.size(1), target_ids.size(1)
@@ -4604,13 +4606,17 @@ class EvalBudget:
     """Times the passes and estimates each for the full validation on 8 GPUs, assuming the work per
     target is the same and splits evenly over GPUs: seconds on this run x (40,540,160 / targets here) x
     (GPUs here / 8), plus a fixed part (compile, first batch) taken as is. check() refuses, on CUDA,
-    a pass whose estimate would take the total over EVAL_BUDGET_SECONDS, unless EVAL_FORCE=1."""
+    a pass whose estimate would take the total over EVAL_BUDGET_SECONDS, unless EVAL_FORCE=1.
+    The lines also give the fixed parts (fixed_seconds): the records leave TTT's compile warm-up and the
+    diagnostic passes out of their eval time (frontier.md 4), so a reader can compare by their count too.
+    This estimate keeps them in: a fresh process on 8 GPUs compiles too."""
 
     def __init__(self, s: Settings, rt: Runtime, n_targets: int):
         self.rt, self.limit, self.force = rt, s.eval_budget_seconds, s.eval_force
         self.scale = FULL_VAL_TARGETS / n_targets * rt.world_size / BUDGET_GPUS
         self.enforced = rt.device.type == "cuda" and not s.eval_force  # a CPU rate says nothing about H100s
         self.done = []  # (name, seconds, estimated 8-GPU seconds)
+        self.fixed = []  # each finished pass's fixed part (compile warm-up, first batch), in seconds
 
     def estimate(self, fixed: float, per_unit: float, units: float) -> float:
         return fixed + per_unit * units * self.scale
@@ -4644,8 +4650,10 @@ class EvalBudget:
         scale = self.scale if split else self.scale * BUDGET_GPUS / self.rt.world_size
         estimate = fixed + (seconds - fixed - unscaled[0]) * scale + unscaled[1]
         self.done.append((name, seconds, estimate))
+        self.fixed.append(fixed)
         self.rt.log(f"eval_budget:pass pass:{name} seconds:{seconds:.1f} scored_targets:{targets} "
-                    f"seconds_per_mtok:{1e6 * seconds / targets:.2f} estimated_8gpu_full_val_seconds:{estimate:.0f}")
+                    f"seconds_per_mtok:{1e6 * seconds / targets:.2f} estimated_8gpu_full_val_seconds:{estimate:.0f} "
+                    f"fixed_seconds:{fixed:.1f}")
         return estimate
 
     def summary(self, seconds: float) -> float:
@@ -4654,7 +4662,7 @@ class EvalBudget:
         passes = ",".join(f"{n}={t:.1f}s" for n, t, _ in self.done) or "none"
         self.rt.log(f"eval_budget: passes:{passes} measured_seconds:{seconds:.1f} "
                     f"estimated_8gpu_full_val_seconds:{total:.0f} budget_seconds:{self.limit:.0f} "
-                    f"enforced:{int(self.enforced)} status:{status}")
+                    f"enforced:{int(self.enforced)} status:{status} fixed_seconds:{sum(self.fixed):.1f}")
         return total
 
 
@@ -5368,19 +5376,28 @@ def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
     every batch: the rows R and the window width W are symbolic (marked dynamic), everything else static.
     Duck sizing is off while it traces: a first window exactly one chunk wide (W == C) would otherwise tie
     W to C, and every wider window would recompile the whole forward and backward. One row is never
-    traced (lora_step pads it to two), as dynamo specialises a size of 1."""
-    def losses(x, y, matrices, hints=None):
-        return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True, hints=hints)
+    traced (lora_step pads it to two), as dynamo specialises a size of 1.
+    The RoPE tables are computed here, outside the graph, and go in as inputs: inside it, the NTK stretch's
+    `W > TRAIN_SEQ_LEN` would be a guard on the symbolic W, and windows on either side of TRAIN_SEQ_LEN
+    would compile the whole forward and backward twice (283 s of warm-up instead of one graph's share, on
+    an H100 with EVAL_SEQ_LEN 2560, 2026-12-06)."""
+    def losses(x, y, matrices, cos, sin, hints=None):
+        return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True, hints=hints,
+                                 rope=(cos, sin))
+
+    def tables(x):  # a handful of small kernels per step; caching every width would hold ~100 MB at 2560
+        return rope_tables(x.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, compute_dtype(x.device))
     if not s.compile:
-        return losses
+        return lambda x, y, matrices, *hints: losses(x, y, matrices, *tables(x), *hints)
     graph = compiled(losses, s.compile, dynamic=None)
 
     def compiled_losses(x, y, matrices, *hints):
+        cos, sin = tables(x)
         torch._dynamo.mark_dynamic(x, (0, 1))
-        for t in [y, *hints] + matrices:
+        for t in [y, cos, sin, *hints] + matrices:
             torch._dynamo.mark_dynamic(t, 0)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return graph(x, y, matrices, *hints)
+            return graph(x, y, matrices, cos, sin, *hints)
     return compiled_losses
 
 

@@ -296,8 +296,13 @@ def test_compiled_lora_ttt_longer_than_training_holds_no_symbolic_float(tiny_dat
     eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
     s.compile = True
     torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
     compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
     assert found == []
+    # One graph for windows on both sides of TRAIN_SEQ_LEN: the stretch's branch stays out of it. Two graphs
+    # cost 283 s of compile warm-up on an H100 (frontier, seed 1337, 2026-12-06).
+    assert stats["unique_graphs"] - graphs == 1
     assert compiled.targets == eager.targets and compiled.loss == pytest.approx(eager.loss, rel=1e-5)
 
 
@@ -792,8 +797,15 @@ def test_budget_estimate_scales_to_the_full_validation_on_8_gpus(tiny_data, tmp_
     forced = tg.EvalBudget(s, rt, tg.FULL_VAL_TARGETS)
     assert not forced.enforced
     forced.check("ttt_chunk", 5000.0)
+    # a fixed part (compile warm-up) is counted once, not scaled, and logged apart
+    assert budget.finish("ttt_lora", 380.0, 300.0, 10) == pytest.approx(300.0 + 80.0 / 8)
+    budget.summary(1180.0)
     log = (tmp_path / "logs" / "eval.txt").read_text()
     assert "eval_budget:early pass:ttt_chunk estimated_8gpu_pass_seconds:550 estimated_8gpu_total_seconds:650" in log
+    assert "eval_budget:pass pass:ttt_lora seconds:380.0 scored_targets:10 " in log
+    assert "estimated_8gpu_full_val_seconds:310 fixed_seconds:300.0" in log
+    assert re.search(r"^eval_budget: passes:sliding=800.0s,ttt_lora=380.0s measured_seconds:1180.0 "
+                     r"estimated_8gpu_full_val_seconds:410 .* fixed_seconds:300.0$", log, re.M)
 
 
 def test_evaluation_passes_log_greppable_lines_and_leave_the_model_unchanged(tiny_data, tmp_path):

@@ -222,9 +222,9 @@ def test_every_loss_of_the_phased_lora_pass_with_short_document_chunks_is_tilted
     hints = hints_of(stream, s)
     calls, token_losses = {"lora": [], "phase": []}, tg.GPT.token_losses
 
-    def spy(self, x, y, lora=None, extra_embedding=None, one_document_per_row=False, hints=None):
+    def spy(self, x, y, lora=None, extra_embedding=None, one_document_per_row=False, hints=None, rope=None):
         calls["phase" if lora is None else "lora"].append(None if hints is None else (hints == y).float().mean())
-        return token_losses(self, x, y, lora, extra_embedding, one_document_per_row, hints)
+        return token_losses(self, x, y, lora, extra_embedding, one_document_per_row, hints, rope)
     monkeypatch.setattr(tg.GPT, "token_losses", spy)
     tilted = tg.evaluate_ttt_lora(model, s, rt, stream, tables, 1, hints=hints)
     assert len(calls["phase"]) > 0 and len(calls["lora"]) > 0
