@@ -496,13 +496,14 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path / "h2h"), OUT=str(tmp_path / "out"), ITERATIONS="3", EVAL_SEQ_LEN="64",
                TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3", TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4",
-               TTT_LORA_RANK="4")
+               TTT_LORA_RANK="4", H2H_EMA_DECAY="0.93")
     first = subprocess.run(["bash", str(H2H), "frontier", "5", "900"], cwd=ROOT, env=subprocess_env(env),
                            capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     train, scored = (runlog.read_log(tmp_path / "h2h" / f"frontier_seed5{x}.txt") for x in ("", "_eval"))
     assert train.complete and train.settings["TTT_ENABLED"] == "False" and train.settings["NGRAM_TILT"] == "False"
     assert train.settings["MAX_WALLCLOCK_SECONDS"] == "240.0" and train.settings["VAL_DOCS"] == "782"
+    assert train.settings["EMA_DECAY"] == "0.93"
     assert scored.complete and scored.ttt_protocols[0]["mode"] == "lora" and scored.ttt_protocols[0]["ngram_tilt"] == "1"
     assert "eval_only:overridden setting:TTT_ENABLED value:True artifact:False" in first.stdout
     assert scored.final_val_bpb == scored.metrics["final_ttt"].val_bpb != train.final_val_bpb
