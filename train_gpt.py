@@ -5385,14 +5385,14 @@ def lora_losses(base: GPT, layout: LoRALayout, s: Settings):
         return base.token_losses(x, y, lora=DocLoRA(layout, matrices), one_document_per_row=True, hints=hints,
                                  rope=(cos, sin))
 
-    def tables(x):  # a handful of small kernels per step; caching every width would hold ~100 MB at 2560
+    def rope_for(x):  # a handful of small kernels per step; caching every width would hold ~100 MB at 2560
         return rope_tables(x.size(1), s.rope_dims, s.rope_base, s.train_seq_len, x.device, compute_dtype(x.device))
     if not s.compile:
-        return lambda x, y, matrices, *hints: losses(x, y, matrices, *tables(x), *hints)
+        return lambda x, y, matrices, *hints: losses(x, y, matrices, *rope_for(x), *hints)
     graph = compiled(losses, s.compile, dynamic=None)
 
     def compiled_losses(x, y, matrices, *hints):
-        cos, sin = tables(x)
+        cos, sin = rope_for(x)
         torch._dynamo.mark_dynamic(x, (0, 1))
         for t in [y, cos, sin, *hints] + matrices:
             torch._dynamo.mark_dynamic(t, 0)
