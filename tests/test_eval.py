@@ -805,7 +805,28 @@ def test_budget_estimate_scales_to_the_full_validation_on_8_gpus(tiny_data, tmp_
     assert "eval_budget:pass pass:ttt_lora seconds:380.0 scored_targets:10 " in log
     assert "estimated_8gpu_full_val_seconds:310 fixed_seconds:300.0" in log
     assert re.search(r"^eval_budget: passes:sliding=800.0s,ttt_lora=380.0s measured_seconds:1180.0 "
-                     r"estimated_8gpu_full_val_seconds:410 .* fixed_seconds:300.0$", log, re.M)
+                     r"estimated_8gpu_full_val_seconds:410 .* status:ok fixed_seconds:300.0 counts:records "
+                     r"counted_seconds:110$", log, re.M)
+
+
+@pytest.mark.parametrize("counts, refused", [("records", False), ("all", True)])
+def test_budget_counts_the_compile_warm_up_as_eval_budget_counts_says(tiny_data, tmp_path, counts, refused):
+    """A LoRA TTT pass of 700 s on 8 GPUs, 300 s of it compile warm-up, after a 100 s pass: the records' count
+    (the default) leaves the warm-up out, 500 s, and lets it run; `all` counts 800 s and refuses it, naming the
+    setting. The early line gives both totals either way."""
+    s, rt = make(tiny_data, tmp_path, EVAL_BUDGET_COUNTS=counts)
+    budget = tg.EvalBudget(s, rt, tg.FULL_VAL_TARGETS)
+    budget.enforced = True  # as on CUDA
+    budget.finish("plain", 800.0, 0.0, 10)
+    if refused:
+        with pytest.raises(tg.UserError, match="about 800s .*EVAL_BUDGET_COUNTS=all; ttt_lora: 700s, of which 300s"):
+            budget.check("ttt_lora", 700.0, 300.0)
+    else:
+        budget.check("ttt_lora", 700.0, 300.0)
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    counted = 800 if refused else 500
+    assert (f"eval_budget:early pass:ttt_lora estimated_8gpu_pass_seconds:700 estimated_8gpu_total_seconds:800 "
+            f"budget_seconds:600 enforced:1 fixed_seconds:300.0 counts:{counts} counted_seconds:{counted}") in log
 
 
 def test_evaluation_passes_log_greppable_lines_and_leave_the_model_unchanged(tiny_data, tmp_path):

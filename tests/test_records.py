@@ -289,7 +289,7 @@ def official(path: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("case,old,new,check", [
     ("train over", "train+calibration:", "train+calibration:600.4s ", "train_time"),
-    ("eval over", "eval_total_time:", "eval_total_time:600001ms ", "eval_time"),
+    ("eval over", "eval_total_time:", "eval_total_time:700000ms ", "eval_time"),
     ("artifact over", "total:", "total:16000001 ", "artifact"),
     ("ttt not score-first", "rule:score-first", "rule:train-first", "ttt_protocol"),
     ("no byte check", "byte_check:", "byte_check_removed:", "byte_check"),
@@ -307,6 +307,20 @@ def test_compliance_fails_each_rule_with_its_figure(runs, tmp_path, case, old, n
     log = runlog.parse_log(text.replace(line, changed))
     result = statuses(log)
     assert result[check] == "fail" and [k for k, v in result.items() if v != "pass"] == [check]
+
+
+@pytest.mark.parametrize("counts, status", [("records", "pass"), ("all", "fail")])
+def test_compliance_counts_the_evaluation_as_the_run_did(runs, tmp_path, counts, status):
+    """700 s of evaluation of which 200 s were compile warm-ups (fixed_seconds): within the limit as the records
+    count (EVAL_BUDGET_COUNTS=records: warm-ups left out), over it when the run counted everything."""
+    text = official(runs["paths"][0], tmp_path / "official.txt").read_text()
+    text = re.sub(r"eval_total_time:\d+ms", "eval_total_time:700000ms", text)
+    text = re.sub(r"(?m)^(eval_budget: .*) fixed_seconds:\S+ counts:\S+", rf"\1 fixed_seconds:200.0 counts:{counts}", text)
+    log = runlog.parse_log(text)
+    assert log.eval_counted_seconds == pytest.approx(500.0 if counts == "records" else 700.0)
+    check = {c.name: c for c in compliance.check_log(log)}["eval_time"]
+    assert check.status == status and "700.0 s" in check.figure
+    assert ("500.0 s without the passes' compile warm-ups" in check.figure) == (counts == "records")
 
 
 def test_compliance_command_on_a_log_and_strict(runs, capsys):

@@ -263,6 +263,17 @@ class RunLog:
         return None if total is None else total / 1000.0
 
     @property
+    def eval_counted_seconds(self) -> float | None:
+        """eval_seconds as the run's EVAL_BUDGET_COUNTS counts them: without the passes' fixed parts (compile
+        warm-up, first batch) under `records`, the records' count; all of it under `all`, or when the log
+        predates the fields."""
+        seconds, summary = self.eval_seconds, self.eval_budget["summary"]
+        fixed = number(summary.get("fixed_seconds"))
+        if seconds is None or fixed is None or summary.get("counts") != "records":
+            return seconds
+        return seconds - fixed
+
+    @property
     def estimated_8gpu_eval_seconds(self) -> float | None:
         return number(self.eval_budget["summary"].get("estimated_8gpu_full_val_seconds"))
 
