@@ -381,8 +381,8 @@ class Settings:
         "run even when the early estimate says the passes exceed EVAL_BUDGET_SECONDS", group="evaluation")
     eval_budget_counts: str = setting("records",
         "what EVAL_BUDGET_SECONDS holds: records = the passes' work without each one's fixed part (compile warm-up "
-        "and first batch), as the records count (they leave TTT's compile warm-up out); all = everything after "
-        "training, compile included. The log gives both totals", choices=("records", "all"), group="evaluation")
+        "and first batch), as the records leave TTT's compile warm-up out (they drop diagnostic passes too; this "
+        "keeps them); all = everything after training, compile included. The log gives both totals", choices=("records", "all"), group="evaluation")
     ttt_enabled: bool = setting(True,
         "score-first test-time training after the sliding-window pass", group="evaluation", role="score")
     ttt_mode: str = setting("chunk",
@@ -4611,9 +4611,9 @@ class EvalBudget:
     target is the same and splits evenly over GPUs: seconds on this run x (40,540,160 / targets here) x
     (GPUs here / 8), plus a fixed part (compile, first batch) taken as is. check() refuses, on CUDA,
     a pass whose estimate would take the total over EVAL_BUDGET_SECONDS, unless EVAL_FORCE=1.
-    What the total holds is EVAL_BUDGET_COUNTS: by default the records' count, which leaves each pass's
-    fixed part out (the records leave TTT's compile warm-up, and their diagnostic passes, out of their eval
-    time: frontier.md 4), so that a run the challenge accepts is never refused; `all` keeps it in (a fresh
+    What the total holds is EVAL_BUDGET_COUNTS: by default each pass's fixed part is left out, as the records
+    leave TTT's compile warm-up out of their eval time (frontier.md 4; they drop their diagnostic passes too,
+    which this count keeps), so that a run the challenge accepts is not refused; `all` keeps it in (a fresh
     process on 8 GPUs compiles too). The lines give the fixed parts (fixed_seconds) and both totals."""
 
     def __init__(self, s: Settings, rt: Runtime, n_targets: int):
