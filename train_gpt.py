@@ -382,7 +382,8 @@ class Settings:
     eval_budget_counts: str = setting("records",
         "what EVAL_BUDGET_SECONDS holds: records = the passes' work without each one's fixed part (compile warm-up "
         "and first batch), as the records leave TTT's compile warm-up out (they drop diagnostic passes too; this "
-        "keeps them); all = everything after training, compile included. The log gives both totals", choices=("records", "all"), group="evaluation")
+        "keeps them); all = everything after training, compile included. The log gives both totals",
+        choices=("records", "all"), group="evaluation")
     ttt_enabled: bool = setting(True,
         "score-first test-time training after the sliding-window pass", group="evaluation", role="score")
     ttt_mode: str = setting("chunk",
@@ -1281,18 +1282,14 @@ class CastedLinear(nn.Module):
 
 
 def rope_tables(seq_len: int, rope_dims: int, base: float, train_seq_len: int, device, dtype):
-    """cos/sin [seq_len, rope_dims/2] for the split-half convention (pairs j and j + rope_dims/2)."""
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-    exponents = -torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims
-    if seq_len > train_seq_len:
-        # NTK-style base stretch for contexts longer than training. The stretch is computed on a tensor
-        # holding seq_len, never on seq_len itself: in LoRA TTT's graph the window width is symbolic, and
-        # Python arithmetic on it makes a symbolic float, the graph's only one and the likely cause of a GPU
-        # compile failure (`'SymFloat' object has no attribute 'size'`, one H100, 2026-12-06).
-        length = (positions[-1] + 1).double()
-        base = (base * (length / train_seq_len) ** (rope_dims / max(rope_dims - 2, 1))).float()
-    inv_freq = base ** exponents
-    angles = torch.outer(positions, inv_freq)
+    """cos/sin [seq_len, rope_dims/2] for the split-half convention (pairs j and j + rope_dims/2).
+    seq_len must be a plain int: inside a graph whose width is symbolic, the stretch's branch would guard on
+    the width and its arithmetic would make a symbolic float (a GPU compile failure, one H100, 2026-12-06),
+    so LoRA TTT computes its tables outside its graph (lora_losses)."""
+    if seq_len > train_seq_len:  # NTK-style base stretch for contexts longer than training
+        base = base * (seq_len / train_seq_len) ** (rope_dims / max(rope_dims - 2, 1))
+    inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

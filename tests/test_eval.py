@@ -242,6 +242,17 @@ def test_lora_ttt_learns_a_repeated_document(tiny_data, tmp_path):
     assert adapted.loss < frozen.loss - 0.5
 
 
+def eager_then_compiled(model, s, rt, val, tables, bos_id, hints):
+    """The LoRA TTT pass eager, then compiled from a clean dynamo state: (eager, compiled, graphs compiled)."""
+    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, bos_id, hints=hints)
+    s.compile = True
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, bos_id, hints=hints)
+    return eager, compiled, stats["unique_graphs"] - graphs
+
+
 @pytest.mark.parametrize("tilt", (False, True))
 @pytest.mark.parametrize("options, n", [
     (dict(TTT_DOCS_IN_FLIGHT=6), 3000),
@@ -261,13 +272,8 @@ def test_compiled_lora_ttt_traces_one_graph_for_every_window_and_batch_size(tiny
     val = validation(s, n)
     model = random_model(s)
     hints = tg.ngram_hints(val, 4, 1, 0.8) if tilt else None
-    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
-    s.compile = True
-    torch._dynamo.reset()
-    stats = torch._dynamo.utils.counters["stats"]
-    graphs = stats["unique_graphs"]
-    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
-    assert stats["unique_graphs"] - graphs == 1
+    eager, compiled, graphs = eager_then_compiled(model, s, rt, val, tables, sp.bos_id(), hints)
+    assert graphs == 1
     assert compiled.targets == eager.targets == n
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)
     log = (tmp_path / "logs" / "eval.txt").read_text()
@@ -278,8 +284,8 @@ def test_compiled_lora_ttt_longer_than_training_holds_no_symbolic_float(tiny_dat
     """Windows longer than TRAIN_SEQ_LEN stretch the RoPE base by the window width, which LoRA TTT's graph
     keeps symbolic. Python arithmetic on that width made the graph's only symbolic float (SymFloat); with
     EVAL_SEQ_LEN 2560 over 2048 the compile failed on an H100 with `'SymFloat' object has no attribute 'size'`
-    (2026-12-06) while the CPU compiled it. The stretch now runs on tensors: no graph may hold a SymFloat,
-    and the scores still match eager. (That this was the GPU's failure is to be confirmed on the GPU.)"""
+    (2026-12-06) while the CPU compiled it. The tables are now computed outside the graph: no graph may hold a
+    SymFloat, one graph serves every width, and the scores still match eager."""
     found = []
 
     def backend(gm, example_inputs):
@@ -292,23 +298,17 @@ def test_compiled_lora_ttt_longer_than_training_holds_no_symbolic_float(tiny_dat
     sp, tables = tables_for(s)
     val = validation(s, 600)
     model = random_model(s)
-    hints = tg.ngram_hints(val, 4, 1, 0.8)
-    eager = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
-    s.compile = True
-    torch._dynamo.reset()
-    stats = torch._dynamo.utils.counters["stats"]
-    graphs = stats["unique_graphs"]
-    compiled = tg.evaluate_ttt_lora(model, s, rt, val, tables, sp.bos_id(), hints=hints)
+    eager, compiled, graphs = eager_then_compiled(model, s, rt, val, tables, sp.bos_id(), tg.ngram_hints(val, 4, 1, 0.8))
     assert found == []
     # One graph for windows on both sides of TRAIN_SEQ_LEN: the stretch's branch stays out of it. Two graphs
     # cost 283 s of compile warm-up on an H100 (frontier, seed 1337, 2026-12-06).
-    assert stats["unique_graphs"] - graphs == 1
+    assert graphs == 1
     assert compiled.targets == eager.targets and compiled.loss == pytest.approx(eager.loss, rel=1e-5)
 
 
 def test_rope_tables_stretch_the_base_beyond_the_training_length():
-    """The tensor form of the NTK stretch gives the tables of the plain formula, bit for bit, at and beyond
-    the training length."""
+    """The tables are the NTK formula's, bit for bit: the plain base up to the training length, the base
+    stretched by (seq_len / TRAIN_SEQ_LEN) ** (rope_dims / (rope_dims - 2)) beyond it."""
     for seq_len in (64, 100, 2048, 2560):
         base = 10000.0 * (seq_len / 2048) ** (16 / 14) if seq_len > 2048 else 10000.0
         inv_freq = base ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)
