@@ -874,9 +874,13 @@ class Runtime:
         """An unexpected exception's traceback, into the log (not the console, where Python prints it): a
         log copied off a machine then says why its run stopped. The traceback is indented, so the log's
         parsers skip it as they skip the header's indented blocks. Rank 0 writes the log, so another rank's
-        failure shows only in its own stderr."""
-        self.log("failure:traceback", console=False)
-        self.log("\n".join("  " + line for line in trace.rstrip().splitlines()), console=False)
+        failure shows only in its own stderr. A log that cannot be written any more (a full disk) is only
+        reported: its error must not replace the exception that stopped the run, which the caller re-raises."""
+        try:
+            self.log("failure:traceback", console=False)
+            self.log("\n".join("  " + line for line in trace.rstrip().splitlines()), console=False)
+        except UserError as e:
+            print(f"error: the traceback below is not in the log: {e}", file=sys.stderr, flush=True)
 
     def discard_log_of_a_run_that_never_started(self):
         """A run refused by a start-up check trained nothing: its log (the header and the error) goes, so

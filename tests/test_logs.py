@@ -94,6 +94,27 @@ def test_run_phases_account_for_the_whole_run(logs):
     assert events(logs["full"])[-1].startswith("run_phases ")
 
 
+def test_a_log_that_cannot_be_written_does_not_hide_the_failure(tiny_env, monkeypatch, capsys):
+    """When the crash comes with a log that can no longer be written (here: its path becomes a folder, as a
+    full disk refuses an append), the original exception still reaches the caller, not the log's error,
+    and stderr says why the traceback is missing from the log."""
+    import train_gpt as tg
+
+    log_path = Path(tiny_env["LOG_DIR"]) / "crash2.txt"
+
+    def crash(*args, **kwargs):
+        log_path.unlink()
+        log_path.mkdir()
+        raise RuntimeError("compile failed")
+    for key, value in dict(tiny_env, RUN_ID="crash2").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tg, "check_artifact_estimate", crash)
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])
+    with pytest.raises(RuntimeError, match="compile failed"):
+        tg.main()
+    assert "the traceback below is not in the log: cannot append to the log" in capsys.readouterr().err
+
+
 def test_an_unexpected_failure_leaves_its_traceback_in_the_log(tiny_env, monkeypatch):
     """A crash (here: a RuntimeError raised where the start-up size check runs) still raises, and the log keeps
     its traceback, indented under `failure:traceback`: a log copied off the GPU machine says why the run
