@@ -94,24 +94,28 @@ def test_run_phases_account_for_the_whole_run(logs):
     assert events(logs["full"])[-1].startswith("run_phases ")
 
 
+def main_crashing_in_startup(tiny_env, monkeypatch, run_id: str, crash):
+    """Run main() as RUN_ID with `crash` in place of the start-up size check; it must raise its RuntimeError."""
+    import train_gpt as tg
+    for key, value in dict(tiny_env, RUN_ID=run_id).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tg, "check_artifact_estimate", crash)
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])
+    with pytest.raises(RuntimeError, match="compile failed"):
+        tg.main()
+
+
 def test_a_log_that_cannot_be_written_does_not_hide_the_failure(tiny_env, monkeypatch, capsys):
     """When the crash comes with a log that can no longer be written (here: its path becomes a folder, as a
     full disk refuses an append), the original exception still reaches the caller, not the log's error,
     and stderr says why the traceback is missing from the log."""
-    import train_gpt as tg
-
     log_path = Path(tiny_env["LOG_DIR"]) / "crash2.txt"
 
     def crash(*args, **kwargs):
         log_path.unlink()
         log_path.mkdir()
         raise RuntimeError("compile failed")
-    for key, value in dict(tiny_env, RUN_ID="crash2").items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(tg, "check_artifact_estimate", crash)
-    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])
-    with pytest.raises(RuntimeError, match="compile failed"):
-        tg.main()
+    main_crashing_in_startup(tiny_env, monkeypatch, "crash2", crash)
     assert "the traceback below is not in the log: cannot append to the log" in capsys.readouterr().err
 
 
@@ -120,16 +124,9 @@ def test_an_unexpected_failure_leaves_its_traceback_in_the_log(tiny_env, monkeyp
     its traceback, indented under `failure:traceback`: a log copied off the GPU machine says why the run
     stopped. The parser keeps the traceback out of the events, so a source line it quotes that looks like
     an event (`final val_bpb:...`) does not make the crashed run look finished."""
-    import train_gpt as tg
-
     def crash(*args, **kwargs):
         raise RuntimeError("compile failed\nfinal val_bpb:1.00000000")
-    for key, value in dict(tiny_env, RUN_ID="crash").items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(tg, "check_artifact_estimate", crash)
-    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])
-    with pytest.raises(RuntimeError, match="compile failed"):
-        tg.main()
+    main_crashing_in_startup(tiny_env, monkeypatch, "crash", crash)
     text = (Path(tiny_env["LOG_DIR"]) / "crash.txt").read_text()
     body = text.partition("\nheader:end\n")[2]
     assert "\nfailure:traceback\n  Traceback (most recent call last):\n" in body
