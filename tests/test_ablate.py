@@ -66,7 +66,7 @@ def test_training_rows_are_the_paired_differences_of_the_quantized_scores(plan):
     logs = plan["logs"]
     for name in ("base", "smear", "lr5"):
         text = (logs / f"{name}_seed3.txt").read_text()
-        assert "ITERATIONS: 4" in text and "TTT_ENABLED: False" in text and "EMA_DECAY: 0.99" in text
+        assert "ITERATIONS: 4" in text and "TTT_ENABLED: False" in text and "EMA_DECAY: 0.955" in text
     assert "SMEAR_GATE: True" in (logs / "smear_seed3.txt").read_text()
     base = quantized_bpb(logs / "base_seed3.txt")
     for name in ("smear", "lr5"):

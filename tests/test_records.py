@@ -504,15 +504,21 @@ H2H = ROOT / "records" / "proxy_1gpu_frontier_vs_pr1529" / "run.sh"
 
 
 def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evaluation(tiny_data, tmp_path):
-    """run.sh trains with TTT and the tilt off, then evaluates the artifact with the preset's TTT and tilt
-    switched back on explicitly (EVAL_ONLY would otherwise adopt the training run's off); a second call finds
-    both logs finished and runs nothing; a deadline too short for training starts nothing."""
+    """run.sh trains with TTT and the tilt off (STAGE train: no evaluation follows), then evaluates the artifact
+    (STAGE eval) with the preset's TTT and tilt switched back on explicitly (EVAL_ONLY would otherwise adopt the
+    training run's off); a third call (STAGE all) finds both logs finished and runs nothing; a deadline too
+    short for training starts nothing, and STAGE eval does not start on a run that is not trained."""
     env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path / "h2h"), OUT=str(tmp_path / "out"), ITERATIONS="3", EVAL_SEQ_LEN="64",
                TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3", TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4",
-               TTT_LORA_RANK="4", H2H_EMA_DECAY="0.93")
-    first = subprocess.run(["bash", str(H2H), "frontier", "5", "900"], cwd=ROOT, env=subprocess_env(env),
-                           capture_output=True, text=True, timeout=900)
+               TTT_LORA_RANK="4")
+    def h2h(*args, timeout=900):
+        return subprocess.run(["bash", str(H2H), *args], cwd=ROOT, env=subprocess_env(env), capture_output=True,
+                              text=True, timeout=timeout)
+    trained = h2h("frontier", "5", "900", "train")
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert not (tmp_path / "h2h" / "frontier_seed5_eval.txt").exists() and "evaluating" not in trained.stdout
+    first = h2h("frontier", "5", "900", "eval")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     train, scored = (runlog.read_log(tmp_path / "h2h" / f"frontier_seed5{x}.txt") for x in ("", "_eval"))
     assert train.complete and train.settings["TTT_ENABLED"] == "False" and train.settings["NGRAM_TILT"] == "False"
@@ -523,11 +529,14 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     assert scored.final_val_bpb == scored.metrics["final_ttt"].val_bpb != train.final_val_bpb
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"frontier_seed5.txt", "frontier_seed5_eval.txt",
                                                                 "frontier_seed5.ptz"}
-    again = subprocess.run(["bash", str(H2H), "frontier", "5", "100"], cwd=ROOT, env=subprocess_env(env),
-                           capture_output=True, text=True, timeout=300)
+    again = h2h("frontier", "5", "100", timeout=300)
     assert again.returncode == 0 and "Hyperparameters" not in again.stdout, again.stderr[-2000:]
     assert again.stdout.count("final val_bpb:") == 2
-    short = subprocess.run(["bash", str(H2H), "pr1529", "6", "100"], cwd=ROOT, env=subprocess_env(env),
-                           capture_output=True, text=True, timeout=300)
+    short = h2h("pr1529", "6", "100", timeout=300)
     assert short.returncode == 0 and "not started: a training run needs 450 s" in short.stdout
+    untrained = h2h("pr1529", "6", "900", "eval", timeout=300)
+    assert untrained.returncode == 0 and "pr1529_seed6 is not trained yet" in untrained.stdout
     assert not (tmp_path / "h2h" / "pr1529_seed6.txt").exists()
+    assert not (tmp_path / "h2h" / "pr1529_seed6_eval.txt").exists()
+    wrong = h2h("pr1529", "6", "900", "both", timeout=300)
+    assert wrong.returncode == 2 and "STAGE=both is not one of all, train, eval" in wrong.stderr
