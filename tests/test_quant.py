@@ -597,6 +597,10 @@ def test_size_sweep_tool_reports_the_estimate_of_each_value():
         got = [int(c.replace(",", "").replace("+", "")) for c in rows[value][:4]]
         assert got == [params, expected, expected + code, s.artifact_limit_bytes - expected - code], (value, got)
         assert rows[value][4].startswith(fits)
+    import size_sweep  # its help text, and the setting's, state the refusal margin: it must be the one in force
+    margin = f"more than {tg.ARTIFACT_ESTIMATE_MARGIN:.1%}"
+    assert f"{margin} over ARTIFACT_LIMIT_BYTES" in size_sweep.__doc__
+    assert f"{margin} above it" in tg.SETTINGS_BY_NAME["ARTIFACT_LIMIT_BYTES"].help
     bad = subprocess.run(cmd[:3] + ["NUM_HEADS=3,5"], cwd=ROOT, env=subprocess_env({}), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode != 0 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
