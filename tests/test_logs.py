@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_MODEL, subprocess_env
@@ -79,6 +80,28 @@ def test_the_parser_reads_every_figure_of_both_runs(logs):
         assert m.scored_bytes > 0 and m.scored_targets == full.val_targets, m.name
     assert lora.complete and lora.ttt_protocols[0]["mode"] == "lora" and "eval_only" in "".join(lora.phases)
     assert lora.metrics["quantized"].val_bpb == full.metrics["quantized"].val_bpb  # EVAL_ONLY reproduces the round trip
+
+
+def test_the_log_says_how_many_times_training_read_its_data(logs, tiny_data):
+    """steps x TRAIN_BATCH_TOKENS against the training shards' token count (read here from their headers, the
+    challenge format's third int32); a run that read its data more than once warns that it did."""
+    held = sum(int(np.fromfile(p, dtype="<i4", count=3)[2]) for p in Path(tiny_data["DATA_PATH"]).glob("fineweb_train_*.bin"))
+    info = runlog.parse_log(logs["full"]).info
+    read = 4 * int(EVERYTHING["TRAIN_BATCH_TOKENS"])
+    assert (int(info["tokens_read"]), int(info["train_tokens"])) == (read, held)
+    assert float(info["passes"]) == pytest.approx(read / held, abs=0.005)
+    warned = any(line.startswith("WARNING: training read its") for line in events(logs["full"]))
+    assert warned == (read > held)
+
+
+def test_a_run_that_read_its_data_more_than_once_warns():
+    import types
+    import train_gpt as tg
+    lines = []
+    trainer = types.SimpleNamespace(rt=types.SimpleNamespace(log=lines.append))
+    tg.Trainer.log_data_passes(trainer, 173_015_040, 32_800_000)
+    assert lines[0] == "training_data tokens_read:173015040 train_tokens:32800000 passes:5.27"
+    assert lines[1].startswith("WARNING: training read its 32,800,000 tokens 5.3 times over;") and len(lines) == 2
 
 
 def test_run_phases_account_for_the_whole_run(logs):

@@ -424,8 +424,8 @@ def _read_line(log: RunLog, line: Line):
     elif kind.startswith(("gptq:", "serialize", "warmup:", "ttt:", "checkpoint:", "eval_only", "layer_loop:",
                           "run_phases")):
         log.phases[kind] = dict(f)
-    elif kind == "data" or kind.partition(":")[0] in f:
-        log.info.update(f)  # data train_shards:N val_tokens:N, model_params:N, attention_backend:sdpa, mlp_kernel ...
+    elif kind in ("data", "training_data") or kind.partition(":")[0] in f:
+        log.info.update(f)  # data train_shards:N val_tokens:N, training_data ... passes:N, model_params:N, mlp_kernel ...
 
 
 # --- the command line -------------------------------------------------------------------------------------
@@ -437,7 +437,8 @@ def summary(log: RunLog) -> str:
     if log.steps:
         s = log.steps[-1]
         lines.append(f"train: {s.step} steps, {s.train_time_ms / 1000:.1f}s, last train_loss {s.train_loss:.4f}, "
-                     f"{s.tok_s or 0:.0f} tok/s; train+calibration {log.train_calibration_seconds}s")
+                     f"{s.tok_s or 0:.0f} tok/s; train+calibration {log.train_calibration_seconds}s"
+                     + (f"; {log.info['passes']} passes over its training data" if "passes" in log.info else ""))
     for m in log.metrics.values():
         extra = "" if m.scored_targets is None else f" scored_targets:{m.scored_targets}"
         lines.append(f"  {m.name:<30} val_bpb:{m.val_bpb:.8f}" + ("" if m.val_loss is None else f" val_loss:{m.val_loss:.8f}")
