@@ -240,6 +240,16 @@ def test_tile_constants_match_the_cuda_header():
 
 # --- CPU with Triton: the forward kernel in Triton's interpreter ---------------------------------
 
+@pytest.mark.parametrize("chosen, expected", [(None, "1"), ("0", "0")])
+def test_tritons_fp_fusion_default_is_pinned_on_unless_the_environment_chooses(chosen, expected):
+    env = {k: v for k, v in subprocess_env({}).items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    if chosen is not None:
+        env["TRITON_DEFAULT_FP_FUSION"] = chosen
+    probe = "import os, train_gpt; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == expected, r.stderr[-2000:]
+
+
 @pytest.mark.skipif(not triton_importable(), reason="Triton is not installed (CPU torch wheels do not bring it)")
 def test_triton_kernel_compiles_for_sm90_with_every_autotune_config():
     """Ahead of time, no GPU needed: each config lowers to wgmma fed by cp.async, fits Hopper's shared memory
