@@ -5574,6 +5574,19 @@ class StepClock:
         return elapsed_ms
 
 
+def log_data_passes(rt: Runtime, tokens_read: int, train_tokens: int):
+    """How many times over the run read its training data. A record run on 8xH100 reads about 3.5B of the
+    8B SP8192 training tokens, each once; a long run on small data (the 32.8M-token proxy: 4 minutes on one
+    GPU read it 5.3 times, 2026-12-06) repeats them, and what wins there can be what fits repeated text
+    best, not what the challenge rewards. The warning says so in the log that holds the figures."""
+    passes = tokens_read / train_tokens
+    rt.log(f"training_data tokens_read:{tokens_read} train_tokens:{train_tokens} passes:{passes:.2f}")
+    if passes > 1:
+        rt.log(f"WARNING: training read its {train_tokens:,} tokens {passes:.1f} times over; a run that repeats "
+               f"its data can rank settings differently from a challenge run, which reads about 3.5B of the "
+               f"8B SP8192 training tokens once")
+
+
 class Trainer:
     """The model being trained, its compiled callables, the training shards and the validation data."""
 
@@ -5597,18 +5610,6 @@ class Trainer:
         seq_len = seq_len or self.s.train_seq_len
         return TrainLoader(self.train_files, seq_len, self.s.train_batch_tokens // seq_len, self.s.seed,
                            self.rt.rank, self.rt.world_size, self.rt.grad_accum, self.s.vocab_size)
-
-    def log_data_passes(self, tokens_read: int, train_tokens: int):
-        """How many times over the run read its training data. A record run on 8xH100 reads about 3.5B of the
-        8B SP8192 training tokens, each once; a long run on small data (the 32.8M-token proxy: 4 minutes on one
-        GPU read it 5.3 times, 2026-12-06) repeats them, and what wins there can be what fits repeated text
-        best, not what the challenge rewards. The warning says so in the log that holds the figures."""
-        passes = tokens_read / train_tokens
-        self.rt.log(f"training_data tokens_read:{tokens_read} train_tokens:{train_tokens} passes:{passes:.2f}")
-        if passes > 1:
-            self.rt.log(f"WARNING: training read its {train_tokens:,} tokens {passes:.1f} times over; a run that repeats "
-                        f"its data can rank settings differently from a challenge run, which reads about 3.5B of the "
-                        f"8B SP8192 training tokens once")
 
     def fetch(self, loader: TrainLoader):
         batches = loader.next_step()
@@ -5794,7 +5795,7 @@ class Trainer:
         elapsed_ms = clock.agreed_ms
         rt.log(f"clock:checks count:{clock.checks} every:{s.clock_check_every} steps:{step}")
         prefetch.shutdown(wait=True)
-        self.log_data_passes(step * tokens_per_step, loader.total_tokens)
+        log_data_passes(rt, step * tokens_per_step, loader.total_tokens)
         if stop_reason:
             rt.log(f"stopping_early:{stop_reason} train_time:{elapsed_ms:.0f}ms step:{step}/{s.iterations}")
         if rt.device.type == "cuda":

@@ -98,8 +98,7 @@ def test_a_run_that_read_its_data_more_than_once_warns():
     import types
     import train_gpt as tg
     lines = []
-    trainer = types.SimpleNamespace(rt=types.SimpleNamespace(log=lines.append))
-    tg.Trainer.log_data_passes(trainer, 173_015_040, 32_800_000)
+    tg.log_data_passes(types.SimpleNamespace(log=lines.append), 173_015_040, 32_800_000)
     assert lines[0] == "training_data tokens_read:173015040 train_tokens:32800000 passes:5.27"
     assert lines[1].startswith("WARNING: training read its 32,800,000 tokens 5.3 times over;") and len(lines) == 2
 
