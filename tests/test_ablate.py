@@ -73,11 +73,27 @@ def test_training_rows_are_the_paired_differences_of_the_quantized_scores(plan):
         row = table_row(plan["train_out"], name)
         delta = quantized_bpb(logs / f"{name}_seed3.txt") - base
         assert row[2] == "base" and row[3] == "1" and float(row[4]) == pytest.approx(delta, abs=5e-5)
+        assert row[5] == f"3: {float(row[4]):+.4f}"  # each seed's delta is named by its seed
         assert row[4] != "+0.0000"  # each feature changed the model
         assert row[9] == "+0"  # equal steps: the regime's ITERATIONS, no wallclock stop
         live = live_bpb(logs / f"{name}_seed3.txt") - live_bpb(logs / "base_seed3.txt")
         assert float(row[10]) == pytest.approx(live, abs=5e-5)
     assert "Δ val_bpb (mean)" in plan["train_out"] and "stopped" not in plan["train_out"]
+    assert f"; base 3: {base:.4f}\n" in plan["train_out"]
+
+
+def test_seeds_are_named_and_in_one_order_in_the_base_scores_and_the_rows():
+    # glob order puts base_seed1337 before base_seed42; the table must not pair one order with the other
+    from types import SimpleNamespace
+
+    def run(bpb):
+        return SimpleNamespace(metrics={"quantized": SimpleNamespace(val_bpb=bpb)}, step_avg_ms=None,
+                               artifact_bytes=None, estimated_8gpu_eval_seconds=None, steps_done=None, val_points=[])
+    runs = {("train", "base", 1337): run(1.40), ("train", "base", 42): run(1.50),
+            ("train", "f", 1337): run(1.39), ("train", "f", 42): run(1.52)}
+    text = ablate.markdown("train", ablate.rows_of("train", [ablate.Feature("f", {"MATRIX_LR": "0.03"})], runs), runs)
+    assert "; base 42: 1.5000, 1337: 1.4000\n" in text
+    assert table_row(text, "f")[5] == "42: +0.0200, 1337: -0.0100" and table_row(text, "f")[4] == "+0.0050"
 
 
 def test_evaluation_rows_score_one_artifact_with_the_environments_evaluation(plan):
@@ -112,6 +128,16 @@ def test_the_budget_stops_before_a_run_that_would_not_fit(plan):
     # the finished runs are reused whatever the budget; the new one would end past it, so it does not start
     assert r.returncode == 0 and r.stdout.count(": done earlier") == 3 and "budget: 0 s would be exceeded by lr3_seed3" in r.stdout
     assert "(partial" in r.stdout and not (plan["logs"] / "lr3_seed3.txt").exists()
+    # a later call starts with the longest run its log directory holds (a feature that compiles afresh may take
+    # that long again), read here independently from the logs' run_phases lines
+    totals = [float(re.search(r"\nrun_phases .*\btotal_s:([0-9.]+)", p.read_text()).group(1))
+              for p in plan["logs"].glob("*_seed3.txt")]
+    assert len(totals) == 3 and ablate.longest_logged_run(plan["logs"]) == max(totals) > 0
+    assert ablate.longest_logged_run(plan["logs"] / "missing") == 0.0
+    seeded = subprocess.run(plan["train"] + ["--feature", "lr3=MATRIX_LR=0.03", "--budget-seconds", f"{max(totals) / 2:.3f}"],
+                            cwd=ROOT, env=plan["env"], capture_output=True, text=True)
+    assert seeded.returncode == 0 and f"the longest run logged in {plan['logs']} took" in seeded.stdout
+    assert "would be exceeded by lr3_seed3" in seeded.stdout and not (plan["logs"] / "lr3_seed3.txt").exists()
     budget = ablate.Budget(100.0)
     assert budget.allows_another()  # nothing measured yet: the first run starts
     budget.record(150.0)
@@ -238,7 +264,7 @@ def test_the_frontier_preset_is_the_ablation_features_it_names():
     feature changed in one place and not the other would make the ablation table describe another preset.
     The preset is every training and evaluation feature except those its comment leaves out (RUN_ID is a fresh
     random id in each Settings)."""
-    left_out = {"attn_gate", "seq_schedule", "greedy_clips"}
+    left_out = {"attn_gate", "seq_schedule", "greedy_1855", "greedy_clips"}
     union = {}
     for feature in ablate.TRAIN_FEATURES + ablate.EVAL_FEATURES:
         if feature.name not in left_out:

@@ -198,10 +198,13 @@ def run_id(mode: str, feature: str, seed: int | None) -> str:
 
 
 class Budget:
-    """Starts no run that would end past the call's budget, by the longest run seen so far in this call."""
+    """Starts no run that would end past the call's budget, by the longest run seen: in this call, or logged in
+    the log directory by an earlier call (`longest`). The earlier runs count because a later feature may have
+    to compile afresh: on 2026-12-06 a call that had seen only 100 s runs from the inductor's cache started
+    SmearGate's, which compiled for 2 minutes, and the call's 600 s limit killed it and the tool's output."""
 
-    def __init__(self, seconds: float | None):
-        self.seconds, self.start, self.longest = seconds, time.monotonic(), 0.0
+    def __init__(self, seconds: float | None, longest: float = 0.0):
+        self.seconds, self.start, self.longest = seconds, time.monotonic(), longest
 
     def allows_another(self) -> bool:
         return self.seconds is None or time.monotonic() - self.start + self.longest <= self.seconds
@@ -228,7 +231,7 @@ def run_plan(mode: str, features: list, seeds: list, base_env: dict, argv_run: l
             if stopped.is_set():
                 return
             if not done and not budget.allows_another():
-                print(f"budget: {budget.seconds:.0f} s would be exceeded by {rid} (the longest run so far took "
+                print(f"budget: {budget.seconds:.0f} s would be exceeded by {rid} (the longest run seen took "
                       f"{budget.longest:.0f} s): stopped; rerun the same command to continue", flush=True)
                 stopped.set()
                 return
@@ -273,6 +276,13 @@ def gpu_slots(parallel: int, nproc: int) -> list:
     print(f"note: {parallel} runs at once share {len(gpus) or 'no'} GPU(s): their step times (the Δ step ms column) "
           f"measure contention, not the feature; compare step times from runs made with --parallel 1", flush=True)
     return [None] * parallel
+
+
+def longest_logged_run(log_dir: Path) -> float:
+    """The longest in-process time (`run_phases total_s`) of the finished runs in log_dir, 0 without any: what a
+    run may take here, cold compile included (the launcher's start-up comes on top)."""
+    totals = [float(log.phases.get("run_phases", {}).get("total_s") or 0) for log in read_runs(log_dir).values()]
+    return max(totals, default=0.0)
 
 
 def metric_of(log, mode: str) -> float | None:
@@ -352,11 +362,19 @@ def mean(values: list):
     return sum(values) / len(values) if values else None
 
 
+def seed_label(seed) -> str:
+    """"1337: " before a training run's figure; nothing for the evaluation side's one artifact."""
+    return "" if seed is None else f"{seed}: "
+
+
 def markdown(mode: str, rows: list, runs: dict) -> str:
     def fmt(v, spec, signed=True):
         return "-" if v is None else format(v, ("+" if signed else "") + spec)
-    base_runs = [log for (m, name, _), log in runs.items() if m == mode and name == "base"]
-    base_scores = ", ".join(f"{metric_of(log, mode):.4f}" for log in base_runs if metric_of(log, mode) is not None)
+    # seeds in one order (ascending) and named, in the base scores and in every row's per-seed deltas
+    base_runs = sorted(((seed, log) for (m, name, seed), log in runs.items() if m == mode and name == "base"),
+                       key=lambda x: (x[0] is None, x[0]))
+    base_scores = ", ".join(seed_label(seed) + f"{metric_of(log, mode):.4f}" for seed, log in base_runs
+                            if metric_of(log, mode) is not None)
     what = "final val_bpb of one artifact" if mode == "eval" else "quantized val_bpb (no sliding window, no TTT), paired by seed"
     # training rows also say how many more steps the feature made: 0 at equal steps; with a wallclock stop
     # (MAX_WALLCLOCK_SECONDS as an override) the steps a slower or faster feature gave up or gained
@@ -367,7 +385,7 @@ def markdown(mode: str, rows: list, runs: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if steps_column else "")]
     for r in rows:
         settings = " ".join(f"{k}={v}" for k, v in r.feature.settings.items())
-        per_seed = ", ".join(f"{d:+.4f}" for d in r.deltas.values())
+        per_seed = ", ".join(seed_label(seed) + f"{d:+.4f}" for seed, d in r.deltas.items())
         mean_bytes = mean(r.artifact_bytes)
         over = f" (over {CHALLENGE_LIMIT_BYTES:,} B)" if r.over_limit else ""
         lines.append(f"| {r.feature.name} | `{settings}` | {r.feature.reference} | {len(r.deltas)} | "
@@ -439,7 +457,11 @@ def main(argv=None):
     argv_run, typed = seeds_tool.launcher(args.nproc)
     shown = {k: v for k, v in base_env.items() if k in tg.SETTINGS_BY_NAME and k not in ("SEED", "RUN_ID")}
     print("common settings: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items())) + f" {typed}", flush=True)
-    finished = run_plan(args.mode, features, seeds, base_env, argv_run, log_dir, Budget(args.budget_seconds), args.quiet,
+    budget = Budget(args.budget_seconds, longest_logged_run(log_dir))
+    if args.budget_seconds is not None and budget.longest:
+        print(f"budget: {args.budget_seconds:.0f} s; the longest run logged in {log_dir} took {budget.longest:.0f} s",
+              flush=True)
+    finished = run_plan(args.mode, features, seeds, base_env, argv_run, log_dir, budget, args.quiet,
                         gpu_slots(args.parallel, args.nproc))
     runs = read_runs(log_dir)
     print(markdown(args.mode, rows_of(args.mode, features_of_runs(args.mode, runs, features), runs), runs), flush=True)
