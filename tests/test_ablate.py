@@ -78,6 +78,10 @@ def test_training_rows_are_the_paired_differences_of_the_quantized_scores(plan):
         assert row[9] == "+0"  # equal steps: the regime's ITERATIONS, no wallclock stop
         live = live_bpb(logs / f"{name}_seed3.txt") - live_bpb(logs / "base_seed3.txt")
         assert float(row[10]) == pytest.approx(live, abs=5e-5)
+        # the evaluation estimate as the budget counts it (the records' way: compile warm-ups left out)
+        counted = [score(logs / f"{x}_seed3.txt", r"\neval_budget: passes:.* counts:records counted_seconds:(\d+)")
+                   for x in (name, "base")]
+        assert row[8] == format(counted[0] - counted[1], "+.0f")
     assert "Δ val_bpb (mean)" in plan["train_out"] and "stopped" not in plan["train_out"]
     assert f"; base 3: {base:.4f}\n" in plan["train_out"]
 
@@ -88,12 +92,12 @@ def test_seeds_are_named_and_in_one_order_in_the_base_scores_and_the_rows():
 
     def run(bpb):
         return SimpleNamespace(metrics={"quantized": SimpleNamespace(val_bpb=bpb)}, step_avg_ms=None,
-                               artifact_bytes=None, estimated_8gpu_eval_seconds=None, steps_done=None, val_points=[])
+                               artifact_bytes=None, estimated_8gpu_counted_eval_seconds=None, steps_done=None, val_points=[])
     runs = {("train", "base", 1337): run(1.40), ("train", "base", 42): run(1.50),
             ("train", "f", 1337): run(1.39), ("train", "f", 42): run(1.52)}
     text = ablate.markdown("train", ablate.rows_of("train", [ablate.Feature("f", {"MATRIX_LR": "0.03"})], runs), runs)
     assert "; base 42: 1.5000, 1337: 1.4000\n" in text
-    assert table_row(text, "f")[5] == "42: +0.0200, 1337: -0.0100" and table_row(text, "f")[4] == "+0.0050"
+    assert table_row(text, "f")[5] == "42: +0.0200, 1337: -0.0100 (spread 0.0300)" and table_row(text, "f")[4] == "+0.0050"
 
 
 def test_evaluation_rows_score_one_artifact_with_the_environments_evaluation(plan):
@@ -221,7 +225,7 @@ def test_a_row_over_the_challenges_artifact_limit_is_marked():
 
     def run(bpb, total):
         return SimpleNamespace(metrics={"quantized": SimpleNamespace(val_bpb=bpb)}, step_avg_ms=100.0,
-                               artifact_bytes=total, estimated_8gpu_eval_seconds=None, steps_done=300, val_points=[])
+                               artifact_bytes=total, estimated_8gpu_counted_eval_seconds=None, steps_done=300, val_points=[])
     runs = {("train", "base", 1): run(1.50, 15_925_900), ("train", "clips", 1): run(1.49, 16_599_457),
             ("train", "lr", 1): run(1.51, 15_999_999)}
     features = [ablate.Feature("clips", {"EMBED_CLIP_SIGMAS": "14"}), ablate.Feature("lr", {"MATRIX_LR": "0.03"})]
@@ -274,3 +278,25 @@ def test_the_frontier_preset_is_the_ablation_features_it_names():
     differ = [s.name for s in tg.SETTINGS if s.name not in ("PRESET", "RUN_ID")
               and getattr(from_features, s.name.lower()) != getattr(from_preset, s.name.lower())]
     assert differ == []
+
+
+def test_the_committed_ablation_logs_reproduce_their_readmes_table(tmp_path):
+    """records/proxy_1gpu_h100_2026-12-06_ema0955/: the table its README (and the main README's current
+    ablation table) quotes is what the tool computes from the committed logs."""
+    folder = ROOT / "records" / "proxy_1gpu_h100_2026-12-06_ema0955"
+    for log in folder.glob("ablate_*.log"):
+        (tmp_path / (log.stem[len("ablate_"):] + ".txt")).write_text(log.read_text())
+    r = subprocess.run([sys.executable, "tools/ablate.py", "table", "--log-dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| ") and not x.startswith(("| feature", "| ---"))]
+    assert len(rows) == 4
+    readme = (folder / "README.md").read_text()
+    for row in rows:
+        assert row in readme
+    main_readme = (ROOT / "README.md").read_text()
+    for name in ("smear", "polar_express", "min_lr", "greedy_1855"):
+        cells = table_row(r.stdout, name)
+        mean_delta, per_seed, live = cells[4], cells[5].split(" (spread")[0], cells[10]
+        line = next(x for x in main_readme.splitlines() if x.startswith(f"| {name} |") and per_seed in x)
+        assert mean_delta in line and line.rstrip(" |").endswith(live)

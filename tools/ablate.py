@@ -341,7 +341,7 @@ def rows_of(mode: str, features: list, runs: dict) -> list:
                 continue
             row.deltas[seed] = metric_of(a, mode) - metric_of(b, mode)
             for out, value in ((row.step_ms, lambda x: x.step_avg_ms), (row.artifact_bytes, lambda x: x.artifact_bytes),
-                               (row.eval_seconds, lambda x: x.estimated_8gpu_eval_seconds),
+                               (row.eval_seconds, lambda x: x.estimated_8gpu_counted_eval_seconds),
                                (row.steps, lambda x: x.steps_done), (row.live, live_bpb)):
                 if value(a) is not None and value(b) is not None:
                     out.append(value(a) - value(b))
@@ -380,12 +380,14 @@ def markdown(mode: str, rows: list, runs: dict) -> str:
     # (MAX_WALLCLOCK_SECONDS as an override) the steps a slower or faster feature gave up or gained
     steps_column = mode == "train"
     lines = [f"{mode} side: {what}; base {base_scores or '-'}", "",
-             "| feature | settings | vs | seeds | Δ val_bpb (mean) | Δ per seed | Δ step ms | Δ artifact bytes | Δ eval s (8-GPU est.) |"
+             "| feature | settings | vs | seeds | Δ val_bpb (mean) | Δ per seed | Δ step ms | Δ artifact bytes | Δ eval s (8-GPU est., counted) |"
              + (" Δ steps | Δ live bpb (last step) |" if steps_column else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if steps_column else "")]
     for r in rows:
         settings = " ".join(f"{k}={v}" for k, v in r.feature.settings.items())
         per_seed = ", ".join(seed_label(seed) + f"{d:+.4f}" for seed, d in r.deltas.items())
+        if len(r.deltas) > 1:  # the seed spread: how far apart the seeds' deltas are
+            per_seed += f" (spread {max(r.deltas.values()) - min(r.deltas.values()):.4f})"
         mean_bytes = mean(r.artifact_bytes)
         over = f" (over {CHALLENGE_LIMIT_BYTES:,} B)" if r.over_limit else ""
         lines.append(f"| {r.feature.name} | `{settings}` | {r.feature.reference} | {len(r.deltas)} | "

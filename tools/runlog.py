@@ -278,6 +278,14 @@ class RunLog:
         return number(self.eval_budget["summary"].get("estimated_8gpu_full_val_seconds"))
 
     @property
+    def estimated_8gpu_counted_eval_seconds(self) -> float | None:
+        """The 8-GPU estimate as the run's EVAL_BUDGET_COUNTS holds it against the budget (`counted_seconds`:
+        under `records`, without the passes' compile warm-ups and first batches, which depend on the inductor's
+        cache more than on the configuration); the whole estimate in logs that predate the field."""
+        counted = number(self.eval_budget["summary"].get("counted_seconds"))
+        return counted if counted is not None else self.estimated_8gpu_eval_seconds
+
+    @property
     def peak_memory_mib(self) -> tuple | None:
         """(allocated, reserved) MiB from `peak_memory allocated_mib:N reserved_mib:N` (CUDA runs)."""
         lines = self.find("peak_memory")
