@@ -136,8 +136,11 @@ def test_the_budget_stops_before_a_run_that_would_not_fit(plan):
     # that long again), read here independently from the logs' run_phases lines
     totals = [float(re.search(r"\nrun_phases .*\btotal_s:([0-9.]+)", p.read_text()).group(1))
               for p in plan["logs"].glob("*_seed3.txt")]
-    assert len(totals) == 3 and ablate.longest_logged_run(plan["logs"]) == max(totals) > 0
-    assert ablate.longest_logged_run(plan["logs"] / "missing") == 0.0
+    assert len(totals) == 3 and ablate.longest_logged_run(plan["logs"], "train") == max(totals) > 0
+    evals = [float(re.search(r"\neval_total_time:([0-9.]+)ms", p.read_text()).group(1)) / 1000
+             for p in plan["logs"].glob("eval_*.txt")]
+    assert len(evals) == 2 and max(evals) > 0 and ablate.longest_logged_run(plan["logs"], "eval") == pytest.approx(max(evals))
+    assert ablate.longest_logged_run(plan["logs"] / "missing", "train") == 0.0
     seeded = subprocess.run(plan["train"] + ["--feature", "lr3=MATRIX_LR=0.03", "--budget-seconds", f"{max(totals) / 2:.3f}"],
                             cwd=ROOT, env=plan["env"], capture_output=True, text=True)
     assert seeded.returncode == 0 and f"the longest run logged in {plan['logs']} took" in seeded.stdout

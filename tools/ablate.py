@@ -278,10 +278,15 @@ def gpu_slots(parallel: int, nproc: int) -> list:
     return [None] * parallel
 
 
-def longest_logged_run(log_dir: Path) -> float:
-    """The longest in-process time (`run_phases total_s`) of the finished runs in log_dir, 0 without any: what a
-    run may take here, cold compile included (the launcher's start-up comes on top)."""
-    totals = [float(log.phases.get("run_phases", {}).get("total_s") or 0) for log in read_runs(log_dir).values()]
+def longest_logged_run(log_dir: Path, mode: str) -> float:
+    """The longest time of the finished runs of this mode (train or eval) in log_dir, 0 without any: what a run
+    may take here, cold compile included. A training run's whole process (`run_phases total_s`); an evaluation
+    run's passes (`eval_total_time`: it logs no run_phases). The launcher's start-up and the artifact's loading
+    come on top."""
+    def seconds(log) -> float:
+        total = log.phases.get("run_phases", {}).get("total_s")
+        return float(total) if total is not None else (log.eval_seconds or 0.0)
+    totals = [seconds(log) for (m, _, _), log in read_runs(log_dir).items() if m == mode]
     return max(totals, default=0.0)
 
 
@@ -459,7 +464,7 @@ def main(argv=None):
     argv_run, typed = seeds_tool.launcher(args.nproc)
     shown = {k: v for k, v in base_env.items() if k in tg.SETTINGS_BY_NAME and k not in ("SEED", "RUN_ID")}
     print("common settings: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items())) + f" {typed}", flush=True)
-    budget = Budget(args.budget_seconds, longest_logged_run(log_dir))
+    budget = Budget(args.budget_seconds, longest_logged_run(log_dir, args.mode))
     if args.budget_seconds is not None and budget.longest:
         print(f"budget: {args.budget_seconds:.0f} s; the longest run logged in {log_dir} took {budget.longest:.0f} s",
               flush=True)
