@@ -284,8 +284,9 @@ def longest_logged_run(log_dir: Path, mode: str) -> float:
     run's passes (`eval_total_time`: it logs no run_phases). The launcher's start-up and the artifact's loading
     come on top."""
     def seconds(log) -> float:
-        total = log.phases.get("run_phases", {}).get("total_s")
-        return float(total) if total is not None else (log.eval_seconds or 0.0)
+        if mode == "eval":
+            return log.eval_seconds or 0.0
+        return runlog.number(log.phases.get("run_phases", {}).get("total_s")) or 0.0
     totals = [seconds(log) for (m, _, _), log in read_runs(log_dir).items() if m == mode]
     return max(totals, default=0.0)
 
