@@ -642,15 +642,18 @@ PRESETS = {
     # pr1529), the sparse attention gate (+0.0098 at 300 steps, EMA 0.99, 1 seed), progressive context (not yet
     # measured) and #1855's clip sigmas (embedding 14, MLP 11.5): with this stack's int8 embedding and brotli
     # they packed to 16,599,457 B, 600 KB over the limit (300 proxy steps, H200, 2026-12-06); the record paired
-    # them with an int7 embedding, LQER and lrzip. Evaluation: per-document LoRA TTT with #1767/#1855's alpha,
-    # rank, decay and warm-started A, no Q/V adapters (#1953), short-document chunks (#2014), one phase of
-    # global SGD over the scored prefix (the 2026-05 rows), context 2560 (#1953) and the token n-gram tilt
-    # (#2135); their ablation on one artifact is not yet measured.
+    # them with an int7 embedding, LQER and lrzip. Evaluation, measured on one artifact, the first 782 proxy
+    # validation documents (one H200, 2026-12-06, records/proxy_1gpu_h200_2026-12-06_eval/): per-document LoRA
+    # TTT (+0.0012 against pr1529's chunk TTT) with #1767/#1855's alpha, rank and decay (-0.0007 against plain
+    # LoRA), warm-started A (-0.0000), short-document chunks (#2014, -0.0015), one phase of global SGD over the
+    # scored prefix (-0.0002), and the token n-gram tilt (#2135, -0.0001 against chunk TTT). Left out: context
+    # 2560 (#1953, +0.0005) and no Q/V adapters (#1953, +0.0002); in the preset until 2026-12-06. LoRA TTT stays
+    # although alone it is worse than chunk TTT: the refinements it carries sum to -0.0024 against it, and the
+    # ablation's frontier_eval row (this evaluation side at once, against chunk TTT) decides; not yet run.
     "frontier": dict(SMEAR_GATE=True, MIN_LR=0.1, MUON_NS_COEFFS="polar_express",
                      TTT_MODE="lora", SLIDING_WINDOW_ENABLED=False, TTT_LORA_RESET="b_only", TTT_LORA_ALPHA=144.0,
-                     TTT_LORA_RANK=80, TTT_LORA_WD=1.0, TTT_LORA_TARGETS="k,o,mlp,head",
-                     TTT_SHORT_DOC_TOKENS=256, TTT_SHORT_DOC_CHUNK_SIZE=8, TTT_PHASES=1, EVAL_SEQ_LEN=2560,
-                     NGRAM_TILT=True),
+                     TTT_LORA_RANK=80, TTT_LORA_WD=1.0, TTT_SHORT_DOC_TOKENS=256, TTT_SHORT_DOC_CHUNK_SIZE=8,
+                     TTT_PHASES=1, NGRAM_TILT=True),
 }
 
 

@@ -271,7 +271,7 @@ def test_the_frontier_preset_is_the_ablation_features_it_names():
     feature changed in one place and not the other would make the ablation table describe another preset.
     The preset is every training and evaluation feature except those its comment leaves out (RUN_ID is a fresh
     random id in each Settings)."""
-    left_out = {"attn_gate", "seq_schedule", "greedy_1855", "greedy_clips"}
+    left_out = {"attn_gate", "seq_schedule", "greedy_1855", "greedy_clips", "ctx2560", "lora_no_qv"}
     union = {}
     for feature in ablate.TRAIN_FEATURES + ablate.EVAL_FEATURES:
         if feature.name not in left_out:
@@ -283,23 +283,65 @@ def test_the_frontier_preset_is_the_ablation_features_it_names():
     assert differ == []
 
 
-def test_the_committed_ablation_logs_reproduce_their_readmes_table(tmp_path):
-    """records/proxy_1gpu_h100_2026-12-06_ema0955/: the table its README (and the main README's current
-    ablation table) quotes is what the tool computes from the committed logs."""
-    folder = ROOT / "records" / "proxy_1gpu_h100_2026-12-06_ema0955"
+def table_of_committed_logs(folder: Path, tmp_path: Path) -> tuple:
+    """(the tool's table output, its feature rows) for a records folder's ablate_<run>.log files, copied into a
+    log directory under the names the tool wrote them (<run>.txt)."""
     for log in folder.glob("ablate_*.log"):
         (tmp_path / (log.stem[len("ablate_"):] + ".txt")).write_text(log.read_text())
     r = subprocess.run([sys.executable, "tools/ablate.py", "table", "--log-dir", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    rows = [x for x in r.stdout.splitlines() if x.startswith("| ") and not x.startswith(("| feature", "| ---"))]
+    return r.stdout, [x for x in r.stdout.splitlines() if x.startswith("| ") and not x.startswith(("| feature", "| ---"))]
+
+
+def test_the_committed_ablation_logs_reproduce_their_readmes_table(tmp_path):
+    """records/proxy_1gpu_h100_2026-12-06_ema0955/: the table its README (and the main README's current
+    ablation table) quotes is what the tool computes from the committed logs."""
+    folder = ROOT / "records" / "proxy_1gpu_h100_2026-12-06_ema0955"
+    table, rows = table_of_committed_logs(folder, tmp_path)
     assert len(rows) == 4
     readme = (folder / "README.md").read_text()
     for row in rows:
         assert row in readme
     main_readme = (ROOT / "README.md").read_text()
     for name in ("smear", "polar_express", "min_lr", "greedy_1855"):
-        cells = table_row(r.stdout, name)
+        cells = table_row(table, name)
         mean_delta, per_seed, live = cells[4], cells[5].split(" (spread")[0], cells[10]
         line = next(x for x in main_readme.splitlines() if x.startswith(f"| {name} |") and per_seed in x)
         assert mean_delta in line and line.rstrip(" |").endswith(live)
+
+
+def test_the_frontier_eval_row_is_the_presets_evaluation_side():
+    """frontier_eval runs, on the baseline's artifact, every evaluation setting of PRESET=frontier and nothing
+    else: the same scoring settings as the preset, and the base's model and training settings."""
+    row = next(f for f in ablate.EVAL_FEATURES if f.name == "frontier_eval")
+    assert row.reference == "base" and "TTT_MODE" in row.settings
+    from_row = tg.Settings(environ=row.settings)
+    from_preset = tg.Settings(environ={"PRESET": "frontier"})
+    plain = tg.Settings(environ={})
+    for x in tg.SETTINGS:
+        if x.name in ("PRESET", "RUN_ID"):
+            continue
+        expected = from_preset if x.role == "score" else plain
+        assert getattr(from_row, x.name.lower()) == getattr(expected, x.name.lower()), x.name
+
+
+def test_the_committed_evaluation_ablation_reproduces_its_readmes_table(tmp_path):
+    """records/proxy_1gpu_h200_2026-12-06_eval/: the table its README and the main README quote is what the tool
+    computes from the committed logs, and each Δ is the difference of the two runs' final val_bpb read here
+    independently (a LoRA refinement against plain LoRA, the rest against the base)."""
+    folder = ROOT / "records" / "proxy_1gpu_h200_2026-12-06_eval"
+    finals = {log.stem[len("ablate_eval_"):]: float(re.search(r"\nfinal val_bpb:([0-9.]+)", log.read_text()).group(1))
+              for log in folder.glob("ablate_eval_*.log")}
+    _, rows = table_of_committed_logs(folder, tmp_path)
+    assert len(rows) == 8
+    readme = (folder / "README.md").read_text()
+    main_readme = (ROOT / "README.md").read_text()
+    for row in rows:
+        assert row in readme
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        name, reference, mean_delta = cells[0], cells[2], cells[4]
+        assert f"{finals[name] - finals[reference]:+.4f}".replace("-0.0000", "+0.0000") == \
+            mean_delta.replace("-0.0000", "+0.0000")
+        line = next(x for x in main_readme.splitlines() if x.startswith(f"| {name} |"))
+        assert mean_delta in line and cells[8] in line

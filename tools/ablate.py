@@ -119,6 +119,20 @@ EVAL_FEATURES = [
 ]
 
 
+def env_text(value) -> str:
+    """A setting's typed value as its environment variable would spell it (True -> "1")."""
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+# The preset's whole evaluation side at once, against the same base: the rows above change one thing each,
+# and what they give together need not be their sum (LoRA alone is worse than chunk TTT on the proxy; its
+# refinements gain against it). Read from train_gpt.py's preset, so it follows the preset as it changes.
+EVAL_FEATURES.append(Feature(
+    "frontier_eval", {name: env_text(value) for name, value in tg.PRESETS["frontier"].items()
+                      if tg.SETTINGS_BY_NAME[name].role == "score"},
+    note="PRESET=frontier's evaluation settings together"))
+
+
 @dataclass
 class Row:
     feature: Feature
@@ -273,8 +287,8 @@ def gpu_slots(parallel: int, nproc: int) -> list:
     per_run = max(nproc, 1)
     if len(gpus) >= parallel * per_run:
         return [",".join(gpus[i * per_run:(i + 1) * per_run]) for i in range(parallel)]
-    print(f"note: {parallel} runs at once share {len(gpus) or 'no'} GPU(s): their step times (the Δ step ms column) "
-          f"measure contention, not the feature; compare step times from runs made with --parallel 1", flush=True)
+    print(f"note: {parallel} runs at once share {len(gpus) or 'no'} GPU(s): their timings (the Δ step ms and Δ eval s "
+          f"columns) measure contention, not the feature; compare timings from runs made with --parallel 1", flush=True)
     return [None] * parallel
 
 
