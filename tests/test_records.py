@@ -217,6 +217,27 @@ def test_t_distribution_matches_scipy():
             assert significance.t_sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-9, abs=1e-14)
 
 
+def test_t_inverse_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    # not p = 0.5 (t = 0): there t_sf's incomplete beta is evaluated at x = 1 - t^2/df, which rounds to 1
+    # for |t| < 1e-8 * sqrt(df), so the inverse is only good to about that; the bar uses p = 0.01
+    for p in (0.001, 0.01, 0.05, 0.25, 0.9, 0.999):
+        for df in (1.0, 1.7, 3.3, 10.0, 1e4):
+            assert significance.t_isf(p, df) == pytest.approx(stats.t.isf(p, df), rel=1e-8, abs=1e-10)
+
+
+def test_the_gain_the_bar_needs_just_meets_it():
+    """The printed 'gain the bar needs' is the observed gain at which, with the same spreads and seed counts,
+    the bar's p-value is alpha: a hair more meets the bar, a hair less does not."""
+    S = significance.Sample
+    base, new = S(2.7800, 0.0030, 3), S(2.7790, 0.0020, 3)
+    needed = significance.compare(base, new).bar.gain_needed(significance.ALPHA)
+    assert needed > 0.005
+    for shift, met in ((-1e-7, True), (1e-7, False)):
+        moved = S(base.mean - needed + shift, new.std, new.n)
+        assert significance.compare(base, moved).bar_met is met
+
+
 def test_welch_test_matches_scipy_ttest_ind():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
@@ -251,6 +272,7 @@ def test_significance_command_in_nats_and_bpb_from_logs(runs, capsys):
     out = capsys.readouterr().out
     assert f"nats per bpb: {ratio:.6f}" in out
     assert f"observed gain (baseline - new): {0.1 * ratio:.5f} nats ({0.1:.5f} bpb)" in out
+    assert "gain the bar needs with these spreads and seed counts: " in out
     significance.main(["--new", *map(str, runs["paths"]), "--baseline", *map(str, runs["paths"])])
     out = capsys.readouterr().out
     assert "observed gain (baseline - new): 0.00000 nats" in out and "NOT MET" in out

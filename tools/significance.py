@@ -14,7 +14,9 @@ a test of the margin itself: with gain = mean(baseline) - mean(new) in nats per 
 and the bar is met when H0 is rejected at p < 0.01. This is stricter than "gain > 0.005 observed and
 gain > 0 at p < 0.01": a 0.0051 gain over 3 noisy seeds does not meet it. The p-value of plain
 improvement (H0: gain <= 0) is printed as well; the maintainers' leaderboard rows quote that one
-(against the previous row, at p < 0.25).
+(against the previous row, at p < 0.25). So is the gain the bar would need with the same spreads and seed
+counts (margin + t_{1-alpha, df} x standard error): when the observed gain falls short of it, more seeds
+shrink the standard error and the needed gain with it.
 
 bpb and nats differ by one constant factor on a fixed validation set: val_loss / val_bpb = ln 2 x
 (bytes / tokens), the same for every run. It is read from the logs (each log's final val_loss /
@@ -82,6 +84,24 @@ def t_sf(t: float, df: float) -> float:
     return tail if t > 0 else 1.0 - tail
 
 
+def t_isf(p: float, df: float) -> float:
+    """The t with P(T > t) = p, for 0 < p < 1 (the inverse of t_sf), by bisection: t_sf falls as t grows."""
+    lo, hi = -1.0, 1.0
+    while t_sf(lo, df) < p:
+        lo *= 2.0
+    while t_sf(hi, df) > p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_sf(mid, df) > p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
 # --- samples and the test -------------------------------------------------------------------------------
 
 
@@ -110,6 +130,13 @@ class Welch:
     t: float
     df: float
     p: float
+    se: float = 0.0  # standard error of the gain
+
+    def gain_needed(self, alpha: float) -> float:
+        """The smallest observed gain that would reject H0 at alpha with these spreads and seed counts."""
+        if self.se == 0.0:
+            return self.margin
+        return self.margin + t_isf(alpha, self.df) * self.se
 
 
 def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> Welch:
@@ -124,7 +151,7 @@ def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> Welch
         return Welch(gain, margin, math.copysign(math.inf, gain - margin), math.nan, 0.0 if gain > margin else 1.0)
     df = (vb + vn) ** 2 / (vb ** 2 / (baseline.n - 1) + vn ** 2 / (new.n - 1))
     t = (gain - margin) / se
-    return Welch(gain, margin, t, df, t_sf(t, df))
+    return Welch(gain, margin, t, df, t_sf(t, df), se)
 
 
 def ratio_from_logs(logs) -> float:
@@ -169,7 +196,8 @@ class Comparison:
         lines += [f"observed gain (baseline - new): {both(b.gain)}",
                   f"H0 gain <= 0:      t={i.t:.3f} df={i.df:.2f} p={i.p:.4g}   (better at all)",
                   f"H0 gain <= {self.bar.margin:g} nats: t={b.t:.3f} df={b.df:.2f} p={b.p:.4g}",
-                  f"challenge bar (gain > {self.bar.margin:g} nats at p < {self.alpha:g}): {'MET' if self.bar_met else 'NOT MET'}"]
+                  f"challenge bar (gain > {self.bar.margin:g} nats at p < {self.alpha:g}): {'MET' if self.bar_met else 'NOT MET'}",
+                  f"gain the bar needs with these spreads and seed counts: {both(b.gain_needed(self.alpha))}"]
         return "\n".join(lines)
 
 
