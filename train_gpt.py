@@ -646,7 +646,8 @@ PRESETS = {
     # validation documents (one H200, 2026-12-06, records/proxy_1gpu_h200_2026-12-06_eval/): per-document LoRA
     # TTT (+0.0012 against pr1529's chunk TTT) with #1767/#1855's alpha, rank and decay (-0.0007 against plain
     # LoRA), warm-started A (-0.0000), short-document chunks (#2014, -0.0015), one phase of global SGD over the
-    # scored prefix (-0.0002), and the token n-gram tilt (#2135, -0.0001 against chunk TTT). Left out: context
+    # scored prefix (-0.0002), and the token n-gram tilt (#2135, -0.0001 against chunk TTT, with hints on only
+    # 0.0001 of that prefix's targets: not a measurement of it; the records measured -0.00014). Left out: context
     # 2560 (#1953, +0.0005) and no Q/V adapters (#1953, +0.0002); in the preset until 2026-12-06. LoRA TTT stays
     # although alone it is worse than chunk TTT: the refinements it carries sum to -0.0024 against it, and the
     # ablation's frontier_eval row (this evaluation side at once, against chunk TTT) decides; not yet run.
