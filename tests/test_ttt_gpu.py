@@ -5,8 +5,9 @@ On one H100 (2026-12-06) the frontier's LoRA TTT pass failed while compiling its
 tests train a small artifact on the GPU (uncompiled: training's graphs are not under test), then evaluate it
 with the preset's evaluation, compiled, once as the preset has it and once with each of its options off (for
 the LoRA targets: PR #1953's no-Q/V set, which the preset left on 2026-12-06), so a failure names the option
-that triggers it. Heads are 64 wide with grouped K/V, as in the full model, so the attention kernels are those of the real run, and windows are longer than training's, so the RoPE base is
-stretched as at EVAL_SEQ_LEN 2560 (EVAL_SEQ_LEN=128 below turns that off). Run them with
+that triggers it. Heads are 64 wide with grouped K/V, as in the full model, so the attention kernels are those
+of the real run, and windows are longer than training's, so the RoPE base is stretched as at EVAL_SEQ_LEN 2560
+(EVAL_SEQ_LEN=128 below turns that off). Run them with
 `GPU_CHECK_BUILD=0 GPU_CHECK_TESTS=tests/test_ttt_gpu.py GPU_CHECK_BENCH= bash tools/gpu_mlp_check.sh`."""
 import re
 import subprocess
