@@ -634,23 +634,17 @@ PRESETS = {
                    TTT_ENABLED=False, GPTQ_CALIBRATION="selfgen", GPTQ_CALIBRATION_BATCHES=8,
                    GPTQ_MIXED_BITS="5,6"),
     # The later records' techniques (frontier.md 1.4) on pr1529, as the ablation (tools/ablate.py) defines them.
-    # Provisional: it is what the next proxy comparison against pr1529 measures, and features leave it when
-    # they measure worse. Training, measured at 300 proxy steps, EMA 0.955, 2 seeds (one H100, 2026-12-06,
-    # records/proxy_1gpu_h100_2026-12-06_ema0955/): SmearGate with the BOS mask (-0.0084 bpb), Polar Express
-    # (-0.0082) and the LR floor (-0.0020). Left out: #1855's warm-down 0.85 and BETA2 0.99 (+0.0169, worse at
-    # both seeds; until 2026-12-06 they were in, and the 4-minute comparison found frontier 0.0058 worse than
-    # pr1529), the sparse attention gate (+0.0098 at 300 steps, EMA 0.99, 1 seed), progressive context (not yet
-    # measured) and #1855's clip sigmas (embedding 14, MLP 11.5): with this stack's int8 embedding and brotli
-    # they packed to 16,599,457 B, 600 KB over the limit (300 proxy steps, H200, 2026-12-06); the record paired
-    # them with an int7 embedding, LQER and lrzip. Evaluation, measured on one artifact, the first 782 proxy
-    # validation documents (one H200, 2026-12-06, records/proxy_1gpu_h200_2026-12-06_eval/): per-document LoRA
-    # TTT (+0.0012 against pr1529's chunk TTT) with #1767/#1855's alpha, rank and decay (-0.0007 against plain
-    # LoRA), warm-started A (-0.0000), short-document chunks (#2014, -0.0015), one phase of global SGD over the
-    # scored prefix (-0.0002), and the token n-gram tilt (#2135, -0.0001 against chunk TTT, with hints on only
-    # 0.0001 of that prefix's targets: not a measurement of it; the records measured -0.00014). Left out: context
-    # 2560 (#1953, +0.0005) and no Q/V adapters (#1953, +0.0002); in the preset until 2026-12-06. LoRA TTT stays
-    # although alone it is worse than chunk TTT: the refinements it carries sum to -0.0024 against it, and the
-    # ablation's frontier_eval row (this evaluation side at once, against chunk TTT) decides; not yet run.
+    # Provisional: a feature stays while it measures no worse on the proxy (README, Ablations).
+    # Training, 300 proxy steps, EMA 0.955, 2 seeds (records/proxy_1gpu_h100_2026-12-06_ema0955/): SmearGate
+    # with the BOS mask -0.0084 bpb, Polar Express -0.0082, the LR floor -0.0020. Left out: #1855's warm-down
+    # 0.85 and BETA2 0.99 (+0.0169), the sparse attention gate (+0.0098, EMA 0.99, 1 seed), progressive context
+    # (not yet measured) and #1855's clip sigmas (600 KB over the limit with this stack's int8 embedding).
+    # Evaluation, one artifact, 782 proxy documents (records/proxy_1gpu_h200_2026-12-06_eval/): LoRA TTT is
+    # +0.0012 against chunk TTT alone, and its refinements gain against it: short-document chunks -0.0015,
+    # #1767/#1855's alpha, rank and decay -0.0007, one phase -0.0002, warm-started A -0.0000. The n-gram tilt
+    # hinted 0.0001 of that prefix's targets, so it stays unmeasured there (the records: -0.00014). Left out:
+    # context 2560 (+0.0005) and no Q/V adapters (+0.0002). Whether the LoRA stack beats chunk TTT together is
+    # the ablation's frontier_eval row, not yet run.
     "frontier": dict(SMEAR_GATE=True, MIN_LR=0.1, MUON_NS_COEFFS="polar_express",
                      TTT_MODE="lora", SLIDING_WINDOW_ENABLED=False, TTT_LORA_RESET="b_only", TTT_LORA_ALPHA=144.0,
                      TTT_LORA_RANK=80, TTT_LORA_WD=1.0, TTT_SHORT_DOC_TOKENS=256, TTT_SHORT_DOC_CHUNK_SIZE=8,
