@@ -562,3 +562,33 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     assert not (tmp_path / "h2h" / "pr1529_seed6_eval.txt").exists()
     wrong = h2h("pr1529", "6", "900", "both", timeout=300)
     assert wrong.returncode == 2 and "STAGE=both is not one of all, train, eval" in wrong.stderr
+
+
+def test_the_committed_comparison_reproduces_its_readmes_figures(capsys):
+    """Series 2 of the frontier-vs-pr1529 comparison (records/proxy_1gpu_frontier_vs_pr1529/): each final the two
+    READMEs quote is the one its committed evaluation log ends with, the mean gain is recomputed here from those
+    finals on their own, and the p-value quoted is what tools/significance.py computes from the same logs."""
+    folder = H2H.parent
+    pr1529 = sorted((folder / "ema093").glob("pr1529_seed*_eval.log"))
+    frontier = sorted((folder / "ema093_frontier2").glob("frontier_seed*_eval.log"))
+    assert len(pr1529) == len(frontier) == 2  # seeds 1337 and 42; the third (2025) is next
+    finals = {p: float(re.findall(r"^final val_bpb:([0-9.]+)$", p.read_text(), re.M)[-1]) for p in pr1529 + frontier}
+    readme, main_readme = (folder / "README.md").read_text(), (ROOT / "README.md").read_text()
+    for path, final in finals.items():
+        assert f"**{final:.8f}**" in readme, path.name
+        assert f"{final:.5f}" in main_readme, path.name
+
+    def mean(paths):
+        return sum(finals[p] for p in paths) / len(paths)
+    gain_bpb = mean(pr1529) - mean(frontier)
+    for text in (readme, main_readme):
+        assert f"{mean(frontier):.6f}" in text and f"{mean(pr1529):.6f}" in text
+        assert f"{gain_bpb:.5f} bpb" in text
+    significance.main(["--new", *map(str, frontier), "--baseline", *map(str, pr1529)])
+    out = capsys.readouterr().out
+    p_bar = float(re.search(r"H0 gain <= 0.005 nats: .* p=([0-9.]+)", out).group(1))
+    p_any = float(re.search(r"H0 gain <= 0: .* p=([0-9.]+)", out).group(1))
+    gain_nats = float(re.search(r"observed gain \(baseline - new\): ([0-9.]+) nats", out).group(1))
+    for text in (readme, main_readme):
+        assert f"p = {p_bar:.3f}" in text and f"p = {p_any:.3f}" in text and f"{gain_nats:.5f} nats" in text
+    assert "NOT MET" in out

@@ -28,8 +28,8 @@
 #                         Series 1 used 0.99 (H2H_EMA_DECAY=0.99 LOG_DIR=logs/h2h), which cost both presets
 #                         0.10-0.18 bpb against their live weights and decided the comparison (seeds 1337 and
 #                         42, 2026-12-06); at 0.93 the EMA moves val_bpb by under 0.003.
-#   VAL_DOCS=782          the first 782 validation documents: 266,240 scored targets with EVAL_SEQ_LEN 2048
-#                         (pr1529) and 2560 (frontier) alike, so both score the same tokens.
+#   VAL_DOCS=782          the first 782 validation documents: 266,240 scored targets, the same at EVAL_SEQ_LEN
+#                         2048 and 2560 (frontier's until 2026-12-06), so both presets score the same tokens.
 #   TTT_PHASE_PREFIX_DOCS=300  frontier's one phase of global SGD after the first 300 of the 782 documents
 #                         (~100K targets: 3 of its TTT_CHUNK_TOKENS chunks train, the last never does). The
 #                         records' 5% (2,500 of 50,000 documents) would be 40 documents here, under one chunk,
