@@ -78,6 +78,10 @@ def test_training_rows_are_the_paired_differences_of_the_quantized_scores(plan):
         assert row[9] == "+0"  # equal steps: the regime's ITERATIONS, no wallclock stop
         live = live_bpb(logs / f"{name}_seed3.txt") - live_bpb(logs / "base_seed3.txt")
         assert float(row[10]) == pytest.approx(live, abs=5e-5)
+        tax = [quantized_bpb(logs / f"{x}_seed3.txt") - score(logs / f"{x}_seed3.txt",
+                                                                r"\npre-quantization post-ema val_loss:\S+ val_bpb:([0-9.]+)")
+               for x in (name, "base")]
+        assert float(row[11]) == pytest.approx(tax[0] - tax[1], abs=5e-5)
         # the evaluation estimate as the budget counts it (the records' way: compile warm-ups left out)
         counted = [score(logs / f"{x}_seed3.txt", r"\neval_budget: passes:.* counts:records counted_seconds:(\d+)")
                    for x in (name, "base")]
@@ -306,9 +310,9 @@ def test_the_committed_ablation_logs_reproduce_their_readmes_table(tmp_path):
     main_readme = (ROOT / "README.md").read_text()
     for name in ("smear", "polar_express", "min_lr", "greedy_1855"):
         cells = table_row(table, name)
-        mean_delta, per_seed, live = cells[4], cells[5].split(" (spread")[0], cells[10]
+        mean_delta, per_seed, live, tax = cells[4], cells[5].split(" (spread")[0], cells[10], cells[11]
         line = next(x for x in main_readme.splitlines() if x.startswith(f"| {name} |") and per_seed in x)
-        assert mean_delta in line and line.rstrip(" |").endswith(live)
+        assert mean_delta in line and line.rstrip(" |").endswith(f"{live} | {tax}")
 
 
 def test_the_frontier_eval_row_is_the_presets_evaluation_side():

@@ -31,7 +31,8 @@ row's delta is paired by seed; evaluation rows compare the final val_bpb of the 
 evaluation setting pinned to this environment's (and preset's) value rather than the artifact's stored one.
 Columns: mean delta, each seed's delta, mean step time delta, artifact bytes delta, and the evaluation's
 8-GPU full-validation estimate delta (train_gpt.py's eval_budget line); training rows also give the steps
-made and the live model's val_bpb at the last step (before the EMA and quantization), each as a delta. A row
+made, the live model's val_bpb at the last step (before the EMA and quantization) and the quantization tax
+(the quantized score less the unquantized post-EMA one), each as a delta. A row
 whose artifact is over the challenge's 16,000,000 B (a feature that lifts its own ARTIFACT_LIMIT_BYTES to keep
 its score) has its bytes marked so.
 
@@ -142,6 +143,7 @@ class Row:
     eval_seconds: list = field(default_factory=list)
     steps: list = field(default_factory=list)     # per seed: feature minus reference (a wallclock regime differs)
     live: list = field(default_factory=list)      # per seed: the live model's val_bpb at the last step, difference
+    quant_tax: list = field(default_factory=list)  # per seed: difference of what quantization cost each run, bpb
     over_limit: bool = False                      # a seed's artifact was over the challenge's 16,000,000 B
 
 
@@ -362,7 +364,8 @@ def rows_of(mode: str, features: list, runs: dict) -> list:
             row.deltas[seed] = metric_of(a, mode) - metric_of(b, mode)
             for out, value in ((row.step_ms, lambda x: x.step_avg_ms), (row.artifact_bytes, lambda x: x.artifact_bytes),
                                (row.eval_seconds, lambda x: x.estimated_8gpu_counted_eval_seconds),
-                               (row.steps, lambda x: x.steps_done), (row.live, live_bpb)):
+                               (row.steps, lambda x: x.steps_done), (row.live, live_bpb),
+                               (row.quant_tax, quantization_tax)):
                 if value(a) is not None and value(b) is not None:
                     out.append(value(a) - value(b))
             row.over_limit |= (a.artifact_bytes or 0) > CHALLENGE_LIMIT_BYTES
@@ -376,6 +379,16 @@ def live_bpb(log):
     score it separates what training did from what the EMA did: a decay too slow for the run's length (0.99
     over ~300 steps) averages in early weights, and a run that made fewer steps loses there too."""
     return log.val_points[-1].val_bpb if log.val_points else None
+
+
+def quantization_tax(log):
+    """What GPTQ and packing cost the run: the quantized plain pass's val_bpb less the unquantized post-EMA
+    model's, or None. A feature can change it (one whose weights quantize worse pays here what its training
+    gained), and the quantized score alone does not say so."""
+    quantized, unquantized = log.metrics.get("quantized"), log.metrics.get("pre_quantization_post_ema")
+    if quantized is None or unquantized is None or quantized.val_bpb is None or unquantized.val_bpb is None:
+        return None
+    return quantized.val_bpb - unquantized.val_bpb
 
 
 def mean(values: list):
@@ -401,8 +414,8 @@ def markdown(mode: str, rows: list, runs: dict) -> str:
     steps_column = mode == "train"
     lines = [f"{mode} side: {what}; base {base_scores or '-'}", "",
              "| feature | settings | vs | seeds | Δ val_bpb (mean) | Δ per seed | Δ step ms | Δ artifact bytes | Δ eval s (8-GPU est., counted) |"
-             + (" Δ steps | Δ live bpb (last step) |" if steps_column else ""),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if steps_column else "")]
+             + (" Δ steps | Δ live bpb (last step) | Δ quantization tax |" if steps_column else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if steps_column else "")]
     for r in rows:
         settings = " ".join(f"{k}={v}" for k, v in r.feature.settings.items())
         per_seed = ", ".join(seed_label(seed) + f"{d:+.4f}" for seed, d in r.deltas.items())
@@ -413,7 +426,8 @@ def markdown(mode: str, rows: list, runs: dict) -> str:
         lines.append(f"| {r.feature.name} | `{settings}` | {r.feature.reference} | {len(r.deltas)} | "
                      f"{fmt(mean(list(r.deltas.values())), '.4f')} | {per_seed or '-'} | {fmt(mean(r.step_ms), '.1f')} | "
                      f"{fmt(None if mean_bytes is None else round(mean_bytes), ',')}{over} | {fmt(mean(r.eval_seconds), '.0f')} |"
-                     + (f" {fmt(mean(r.steps), '.0f')} | {fmt(mean(r.live), '.4f')} |" if steps_column else ""))
+                     + (f" {fmt(mean(r.steps), '.0f')} | {fmt(mean(r.live), '.4f')} | {fmt(mean(r.quant_tax), '.4f')} |"
+                        if steps_column else ""))
     return "\n".join(lines)
 
 
