@@ -5216,6 +5216,94 @@ def doc_share(cum: np.ndarray, lo: int, hi: int, rank: int, world_size: int) -> 
     return a, hi if rank == world_size - 1 else b
 
 
+def lora_step_shapes(plans: list, lengths: np.ndarray, chunks: LoRAChunks) -> tuple:
+    """Rows, window tokens and window width of every step of a rank's plans, in order, replaying which chunk
+    each document is at: the inputs of the per-step cost model below. A one-row step counts two rows
+    (lora_step pads it) and its one row's window tokens."""
+    at = np.zeros(len(lengths), np.int64)
+    rows, tokens, widths = [], [], []
+    for plan in plans:
+        for batch in plan:
+            widths.append(int(chunks.width(at[batch[0]])))
+            rows.append(max(len(batch), 2))
+            tokens.append(len(batch) * widths[-1])
+            at[batch] += 1
+    return tuple(np.array(v, np.float64) for v in (rows, tokens, widths))
+
+
+def fit_step_cost(rows: np.ndarray, tokens: np.ndarray, seconds: np.ndarray):
+    """Least-squares seconds ~ per_row * rows + per_token * window tokens over timed LoRA steps, or None when
+    the steps cannot tell the two apart (one window width throughout) or a term comes out negative. Why two
+    terms: a step's cost is not its window tokens alone. Each row also carries its adapter's gather, AdamW
+    update (rank x the adapted widths, the same for a 64-token window as for a 2048-token one) and the host's
+    score bookkeeping, so the first steps, many rows of narrow short-document windows, may cost more per
+    window token than the full windows after them. The early budget estimate takes one rate per window token
+    from those first steps, and it overstated the LoRA pass by half (PRESET=frontier on one H100, 2026-12-06:
+    556 s of 8-GPU time a tenth of the way in, 366-381 s finished). This fit, logged over the whole pass, is
+    the measurement a better early estimate needs first."""
+    if len(seconds) < 4:
+        return None
+    design = np.stack((rows, tokens), 1)
+    if not np.isfinite(seconds).all() or np.linalg.cond(design / design.max(0)) > 1e3:  # ~one width: no split
+        return None
+    (per_row, per_token), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+    if per_row < 0 or per_token < 0:
+        return None
+    return float(per_row), float(per_token)
+
+
+class StepTimer:
+    """Times every LoRA step without a host sync between them: on CUDA an event after each step, read once at
+    the end (which syncs); on the CPU the clock, as each step has finished when it returns. A mark with no step
+    (after a phase's SGD) starts the next step's interval without being one."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks, self.steps = [], []
+
+    def mark(self, step: int | None = None):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+        self.steps.append(step)
+
+    def durations(self) -> tuple:
+        """(step indices, seconds) of every step that has a mark before it: all but the first, which carries
+        the compile, and nothing of the phases' SGD."""
+        if self.cuda and self.marks:
+            self.marks[-1].synchronize()
+            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            gaps = np.diff(np.array(self.marks, np.float64)).tolist()
+        timed = [(step, gap) for step, gap in zip(self.steps[1:], gaps) if step is not None]
+        return np.array([s for s, _ in timed], np.int64), np.array([g for _, g in timed], np.float64)
+
+
+def lora_step_costs(timer: StepTimer, plans: list, lengths: np.ndarray, chunks: LoRAChunks) -> str:
+    """The log's account of where LoRA TTT's step time went: the two-term fit over every timed step, and the
+    seconds, rows and window tokens of the steps by window width (narrow ones are the short-document chunks and
+    the starts of documents). It says what a step costs a row and a window token on this machine, which the
+    early budget estimate (one rate per window token, from the first steps) does not know."""
+    steps, seconds = timer.durations()
+    if len(steps) == 0:
+        return "ttt:lora_step_costs rank:0 timed_steps:0"
+    rows, tokens, widths = (v[steps] for v in lora_step_shapes(plans, lengths, chunks))
+    fit = fit_step_cost(rows, tokens, seconds)
+    text = (f"ttt:lora_step_costs rank:0 timed_steps:{len(steps)} seconds:{seconds.sum():.2f} "
+            + ("fit:none" if fit is None else f"per_row_ms:{1e3 * fit[0]:.4f} per_ktoken_ms:{1e6 * fit[1]:.4f}"))
+    edges = (0, 128, 512, 2048, np.inf)
+    for lo, hi in zip(edges, edges[1:]):
+        pick = (widths > lo) & (widths <= hi)
+        if pick.any():
+            label = f"width_to_{hi:.0f}" if np.isfinite(hi) else f"width_over_{lo}"
+            text += (f" {label}:steps={int(pick.sum())},rows={int(rows[pick].sum())},"
+                     f"ktokens={tokens[pick].sum() / 1e3:.0f},seconds={seconds[pick].sum():.2f}")
+    return text
+
+
 class PhasedSGD:
     """TTT_PHASES' SGD on the LoRA pass's base model, in place (the adapters' forward reads it)."""
 
@@ -5338,7 +5426,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
             warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size, tilted=hints is not None)
         # The early estimate comes a tenth of the way into the first part's shortest plan: every rank gets
         # there before any phase's SGD.
-        check_at, lora_estimate = -1, None
+        check_at, lora_estimate, timer = -1, None, StepTimer(rt.device)
         if budget is not None:
             shortest = rt.all_reduce(torch.tensor([len(plans[0])], device=rt.device), op=dist.ReduceOp.MIN)
             check_at = int(shortest.item()) // 10
@@ -5354,6 +5442,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                                        tokens, s, tables, scores, hints)
                 chunk[batch] += 1
                 slots.close(slot[batch[chunk[batch] >= counts[batch]]])
+                timer.mark(i)
                 if budget is not None and i in (0, check_at):
                     rt.sync()
                     marks[i] = (time.perf_counter() - t0, done_work)
@@ -5366,6 +5455,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                 i += 1
             if phase < len(boundaries):
                 phased.train(phase, tokens, scores)
+                timer.mark()  # the SGD's seconds are not the next step's
                 if phase == 0 and lora_estimate is not None:  # again, with the SGD's own measured rate
                     budget.check("ttt_lora", lora_estimate + phased.estimate(budget, rate), marks[0][0])
     if s.compile:  # 1 unless a shape slipped past lora_losses: each extra graph is a full recompile
@@ -5383,6 +5473,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     rt.log(f"ttt:lora rank:0 steps:{steps} window_tokens:{done_work} "
            f"window_tokens_per_target:{done_work / max(sum(int(lengths[a:b].sum()) for a, b in shares), 1):.2f} "
            f"window_tokens_per_s_after_first_step:{lora_tokens_per_s:.0f}{peak}")
+    rt.log(lora_step_costs(timer, plans, lengths, chunks))
     if budget is not None:
         unscaled = (sgd_seconds, phased.estimate(budget, 1 / max(lora_tokens_per_s, 1e-9))) if phased else (0.0, 0.0)
         budget.finish("ttt_lora", seconds, first_seconds, result.targets, unscaled)

@@ -530,6 +530,60 @@ def test_lora_doc_cost_and_plan_follow_the_chunk_schedule(short_tokens):
     assert done.tolist() == counts
 
 
+def test_lora_step_shapes_replay_the_plans_chunk_by_chunk():
+    """Each step's width is the one its documents' current chunk has (every row of a step shares it), its window
+    tokens add up to the documents' costs, and a one-row step counts the padding row lora_step adds."""
+    lengths = np.random.default_rng(1).integers(1, 400, 120)
+    chunks = tg.LoRAChunks(16, 64, 23, 5)
+    plans = [tg.lora_plan(lengths[:50], chunks, 4, 10), [50 + b for b in tg.lora_plan(lengths[50:], chunks, 4, 10)]]
+    rows, tokens, widths = tg.lora_step_shapes(plans, lengths, chunks)
+    assert tokens.sum() == tg.lora_doc_cost(lengths, chunks).sum()
+    batches = [b for plan in plans for b in plan]
+    assert rows.tolist() == [max(len(b), 2) for b in batches]
+    assert (tokens == np.array([len(b) for b in batches]) * widths).all()
+    assert set(widths.tolist()) == {16, 20, 25, 41, 57, 64}  # chunks.width of test_small_chunks_... above
+
+
+def test_the_step_cost_fit_recovers_a_per_row_and_a_per_token_cost_or_declines():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(2, 128, 60).astype(float)
+    tokens = rows * rng.choice([64, 128, 512, 2048], 60)
+    seconds = 0.002 * rows + 3e-6 * tokens
+    per_row, per_token = tg.fit_step_cost(rows, tokens, seconds * rng.normal(1, 0.01, 60))
+    assert per_row == pytest.approx(0.002, rel=0.05) and per_token == pytest.approx(3e-6, rel=0.05)
+    assert tg.fit_step_cost(rows, rows * 64, seconds) is None  # one width: rows and tokens cannot be told apart
+    assert tg.fit_step_cost(rows, tokens, 3e-6 * tokens - 0.0005 * rows) is None  # a negative term
+    assert tg.fit_step_cost(rows[:3], tokens[:3], seconds[:3]) is None
+
+
+def test_the_step_timer_leaves_out_the_first_step_and_the_phases_sgd(monkeypatch):
+    clock = iter([10.0, 11.0, 13.0, 20.0, 20.5, 22.0])
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
+    timer = tg.StepTimer(torch.device("cpu"))
+    for step in (0, 1, 2, None, 3, 4):  # None: the mark after a phase's SGD
+        timer.mark(step)
+    steps, seconds = timer.durations()
+    assert steps.tolist() == [1, 2, 3, 4] and seconds.tolist() == [1.0, 2.0, 0.5, 1.5]
+
+
+def test_lora_ttt_logs_where_its_step_time_went(tiny_data, tmp_path):
+    """ttt:lora_step_costs accounts for every step but the first, by window width, in seconds that add up."""
+    s, rt = make(tiny_data, tmp_path, TTT_MODE="lora", TTT_SHORT_DOC_TOKENS=100, TTT_SHORT_DOC_CHUNK_SIZE=5,
+                 TTT_PHASES=1, TTT_PHASE_PREFIX_DOCS=4, TTT_CHUNK_TOKENS=128)
+    sp, tables = tables_for(s)
+    tg.run_evaluation_passes(random_model(s), s, rt, tg.EvalData(sp, tables, validation(s, 1000)), passes=["ttt_lora"])
+    log = (tmp_path / "logs" / "eval.txt").read_text()
+    steps = int(re.search(r"^ttt:lora rank:0 steps:(\d+)", log, re.M).group(1))
+    line = re.search(r"^ttt:lora_step_costs (.*)$", log, re.M).group(1)
+    fields = dict(f.split(":", 1) for f in line.split())
+    assert int(fields["timed_steps"]) == steps - 1
+    groups = [dict(kv.split("=") for kv in v.split(",")) for k, v in fields.items() if k.startswith("width_")]
+    assert sum(int(g["steps"]) for g in groups) == steps - 1
+    assert sum(float(g["seconds"]) for g in groups) == pytest.approx(float(fields["seconds"]), abs=0.02)
+    pass_seconds = float(re.search(r"^eval_budget:pass pass:ttt_lora seconds:([0-9.]+)", log, re.M).group(1))
+    assert 0 < float(fields["seconds"]) <= pass_seconds
+
+
 def test_small_chunks_score_each_target_with_its_whole_document_prefix(tiny_data, tmp_path, monkeypatch):
     """Every document's first 100 targets are scored 5 at a time, then 16. Untrained (lr 0), chunking
     cannot change a score: a document within one window gets the losses of one plain forward over it,
