@@ -3491,6 +3491,24 @@ def quantize_model(state: dict, hessians: dict, s: Settings) -> dict:
     return {name: out[name] for name in state}  # state-dict order
 
 
+@torch.no_grad()
+def quantization_error(state: dict, qstate: dict, hessians: dict) -> dict:
+    """{role: (weight error, output error)} of the integer tensors, pooled by tensor_role: the relative
+    Frobenius norm of W_q - W, and tr(E H E^T) / tr(W H W^T) with E = W_q - W and H the calibration Hessian,
+    the share of the layers' squared output on the calibration inputs that quantization changes (what GPTQ
+    minimises, and what the quantization tax follows). A setting that raises the tax shows here by role."""
+    sums = {}
+    for name, qt in qstate.items():
+        if qt.kind != "int":
+            continue
+        W = state[name].detach().float()
+        E = dequantize_int(qt).to(W.device) - W
+        H = hessians[name].to(W.device, torch.float32)
+        acc = sums.setdefault(tensor_role(name), torch.zeros(4, dtype=torch.float64, device=W.device))
+        acc += torch.stack((E.square().sum(), W.square().sum(), ((E @ H) * E).sum(), ((W @ H) * W).sum())).double()
+    return {role: (math.sqrt(a / b), c / d) for role, (a, b, c, d) in ((r, v.tolist()) for r, v in sums.items())}
+
+
 def add_lqer(qstate: dict, state: dict, top_k: int, rank: int):
     """Give the top_k int tensors by Frobenius norm of their quantization error an LQER correction."""
     errors = {}
@@ -4153,6 +4171,8 @@ def build_artifact(model: GPT, hessians: dict, s: Settings, rt: Runtime) -> tupl
     rt.log(f"gptq:quantize seconds:{gptq.seconds:.1f} tensors:" + ",".join(f"{k}x{v}" for k, v in sorted(kinds.items()))
            + f" passthrough_fp16_bytes:{fp16_bytes}"
            + (f" tcq_step:{s.gptq_tcq_step} tcq_states:{s.gptq_tcq_states}" if s.gptq_tcq else ""))
+    errors = quantization_error(model.state_dict(), qstate, hessians)
+    rt.log("gptq:error " + " ".join(f"{role}:weight_rel={w:.5f},output_rel={o:.6f}" for role, (w, o) in errors.items()))
     threads = min(32, len(os.sched_getaffinity(0)))
     with timed(rt) as packing:
         streams = serialize_quantized(qstate, {n: getattr(s, n.lower()) for n in artifact_setting_names()},

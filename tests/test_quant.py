@@ -48,6 +48,33 @@ def test_gptq_output_error_below_round_to_nearest(bits, clip):
     assert err_gptq < 0.9 * err_rtn
 
 
+def test_quantization_error_by_role_is_the_weight_and_output_error_of_its_tensors():
+    """Checked against the plain formulas on calibration inputs X: ||X (W_q - W)^T||^2 / ||X W^T||^2 with
+    H = X^T X / n, pooled over a role's tensors; fewer bits give a larger error."""
+    X = correlated_inputs(1024, 64, seed=5)
+    H = X.T @ X / len(X)
+    g = torch.Generator().manual_seed(6)
+    state = {"blocks.0.attn.c_q.weight": 0.05 * torch.randn(32, 64, generator=g),
+             "blocks.0.attn.proj.weight": 0.05 * torch.randn(48, 64, generator=g),
+             "blocks.0.mlp.fc.weight": 0.05 * torch.randn(16, 64, generator=g)}
+    errors = {}
+    for bits in (4, 6):
+        qstate = {}
+        for n, W in state.items():
+            q, scale = tg.gptq_quantize(W, H, bits, 12.85)
+            qstate[n] = tg.QTensor("int", q, W.dtype, scale, bits)
+        errors[bits] = tg.quantization_error(state, qstate, {n: H for n in state})
+        attn = [n for n in state if ".attn." in n]
+        E = {n: tg.dequantize_int(qstate[n]) - state[n] for n in attn}
+        weight = math.sqrt(sum(E[n].square().sum() for n in attn) / sum(state[n].square().sum() for n in attn))
+        output = (sum((X @ E[n].T).square().sum() for n in attn)
+                  / sum((X @ state[n].T).square().sum() for n in attn))
+        assert errors[bits]["attn"][0] == pytest.approx(float(weight), rel=1e-5)
+        assert errors[bits]["attn"][1] == pytest.approx(float(output), rel=1e-4)
+        assert set(errors[bits]) == {"attn", "mlp"}
+    assert all(errors[4][r][i] > errors[6][r][i] for r in ("attn", "mlp") for i in (0, 1))
+
+
 def test_round_trip_error_at_most_half_a_step_inside_the_clip_range():
     W = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
     W[0, 0] = 40.0  # far outside k*std: must clip to q_max
@@ -373,6 +400,11 @@ def test_run_logs_the_budget_and_the_quantization_tax(trained):
     tax = float(log_values(log, "quantization_tax")["bpb"])
     assert abs(tax - (float(q["val_bpb"]) - float(pre["val_bpb"]))) < 1e-7
     assert "int6x" in log_values(log, "gptq:quantize")["tensors"] and "int8x1" in log
+    errors = re.search(r"^gptq:error (.*)$", log, re.M).group(1).split()
+    assert {e.split(":")[0] for e in errors} == {"embed", "attn", "mlp"}
+    for e in errors:
+        weight, output = (float(v.split("=")[1]) for v in e.split(":")[1].split(","))
+        assert 0 < output < 1 and 0 < weight < 1
 
 
 def test_bench_table_reads_the_run_log(trained):
