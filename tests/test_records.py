@@ -264,6 +264,20 @@ def test_the_bar_is_a_test_of_the_margin_not_of_any_gain():
         significance.welch_one_sided(S(1.0, 0.1, 1), S(1.0, 0.1, 3))
 
 
+def test_runs_needed_is_the_first_count_at_which_the_observed_gain_passes():
+    S = significance.Sample
+    base, new = S(3.4788, 0.0089, 2), S(3.4671, 0.0230, 2)
+    n = significance.seeds_needed(base, new, 0.005, 0.01)
+    assert n is not None and n > 3
+    def passes(k):
+        return significance.welch_one_sided(S(base.mean, base.std, k), S(new.mean, new.std, k), 0.005).p < 0.01
+    assert passes(n) and not passes(n - 1)
+    assert significance.seeds_needed(base, S(3.4760, 0.0230, 2), 0.005, 0.01) is None  # gain 0.0028 < margin
+    assert significance.seeds_needed(base, S(3.4737, 0.5, 2), 0.005, 0.01, cap=50) is None  # far too noisy
+    report = significance.compare(base, new).report()
+    assert f"runs a side the observed gain would need at these spreads: {n}" in report
+
+
 def test_significance_command_in_nats_and_bpb_from_logs(runs, capsys):
     logs = runs["logs"]
     ratio = logs[0].final_val_loss / logs[0].final_val_bpb

@@ -154,6 +154,18 @@ def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> Welch
     return Welch(gain, margin, t, df, t_sf(t, df), se)
 
 
+def seeds_needed(baseline: Sample, new: Sample, margin: float, alpha: float, cap: int = 1000) -> int | None:
+    """The fewest runs a side (the same on both) with which the observed gain would pass the bar, if the means
+    and spreads stayed as they are: a planning figure, not a promise (a spread from two or three seeds is
+    itself uncertain). None when the observed gain is not above the margin or more than `cap` runs are needed."""
+    if baseline.mean - new.mean <= margin:
+        return None
+    for n in range(2, cap + 1):
+        if welch_one_sided(Sample(baseline.mean, baseline.std, n), Sample(new.mean, new.std, n), margin).p < alpha:
+            return n
+    return None
+
+
 def ratio_from_logs(logs) -> float:
     """Nats per bpb (val_loss / val_bpb of the final pass), the same for every log of one validation set."""
     ratios = []
@@ -198,6 +210,10 @@ class Comparison:
                   f"H0 gain <= {self.bar.margin:g} nats: t={b.t:.3f} df={b.df:.2f} p={b.p:.4g}",
                   f"challenge bar (gain > {self.bar.margin:g} nats at p < {self.alpha:g}): {'MET' if self.bar_met else 'NOT MET'}",
                   f"gain the bar needs with these spreads and seed counts: {both(b.gain_needed(self.alpha))}"]
+        n = seeds_needed(self.baseline_nats, self.new_nats, self.bar.margin, self.alpha)
+        lines.append("runs a side the observed gain would need at these spreads: "
+                     + (str(n) if n is not None else "none suffice (the gain is not above the margin)"
+                        if b.gain <= self.bar.margin else "more than 1000"))
         return "\n".join(lines)
 
 
