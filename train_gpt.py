@@ -5259,8 +5259,7 @@ def fit_step_cost(rows: np.ndarray, tokens: np.ndarray, seconds: np.ndarray):
     score bookkeeping, so the first steps, many rows of narrow short-document windows, may cost more per
     window token than the full windows after them. The early budget estimate takes one rate per window token
     from those first steps, and it overstated the LoRA pass by half (PRESET=frontier on one H100, 2026-12-06:
-    556 s of 8-GPU time a tenth of the way in, 366-381 s finished). This fit, logged over the whole pass, is
-    the measurement a better early estimate needs first."""
+    556 s of 8-GPU time a tenth of the way in, 366-381 s finished); lora_early_estimate uses this fit."""
     if len(seconds) < 4:
         return None
     design = np.stack((rows, tokens), 1)
@@ -5300,6 +5299,41 @@ class StepTimer:
             gaps = np.diff(np.array(self.marks, np.float64)).tolist()
         timed = [(step, gap) for step, gap in zip(self.steps[1:], gaps) if step is not None]
         return np.array([s for s, _ in timed], np.int64), np.array([g for _, g in timed], np.float64)
+
+
+def lora_check_step(first_part_steps: int, all_steps: int, parts: int) -> int:
+    """The step after which LoRA TTT's early budget check runs, from the shortest rank's plans. Its first steps
+    are the narrow windows of documents just begun (short-document chunks above all), which cost more per window
+    token than the rest, so the later the check, the truer; the earlier, the less a refusal wastes. With phases
+    it comes at the first part's last step, before any SGD: by then that part's documents are scored whole, so
+    its steps hold the pass's mix of widths, and the part is the records' 5% of the documents. It is capped at
+    a quarter of the pass for a long prefix. Without phases, a tenth of the pass. A step of 0 means no check."""
+    if parts > 1:
+        return min(first_part_steps - 1, all_steps // 4)
+    return all_steps // 10
+
+
+def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, step_rows: np.ndarray,
+                        step_tokens: np.ndarray, check_at: int, t_a: float, t_b: float,
+                        single_rate_rest: float) -> float:
+    """The LoRA pass's 8-GPU estimate at the check: its fixed part t_a (compile warm-up and first step), the
+    steps since (t_b - t_a), and the rest of this rank's steps by the per-row and per-window-token costs fitted
+    to the steps timed so far (fit_step_cost); where they do not fit, every step after the first at the one rate
+    per window token measured so far (single_rate_rest seconds). Both go in the log. On the CPU, against the
+    finished pass (2026-12-06, frontier's evaluation of a small model): a tenth of the way in, one rate said
+    1.52x and the fit 0.86x; at a quarter, 1.10x and 1.06x, and 1.01x in a run that checked there."""
+    single = budget.estimate(t_a, 1.0, single_rate_rest)
+    steps, seconds = timer.durations()
+    fit = fit_step_cost(step_rows[steps], step_tokens[steps], seconds)
+    if fit is None:
+        rt.log(f"ttt:lora_early_model at_step:{check_at} fit:none estimated_8gpu_pass_seconds:{single:.0f}")
+        return single
+    rest = fit[0] * step_rows[check_at + 1:].sum() + fit[1] * step_tokens[check_at + 1:].sum()
+    estimate = budget.estimate(t_a, 1.0, (t_b - t_a) + rest)
+    rt.log(f"ttt:lora_early_model at_step:{check_at} fit:rows_and_tokens per_row_ms:{1e3 * fit[0]:.4f} "
+           f"per_ktoken_ms:{1e6 * fit[1]:.4f} estimated_8gpu_pass_seconds:{estimate:.0f} "
+           f"one_rate_estimate:{single:.0f}")
+    return estimate
 
 
 def lora_step_costs(timer: StepTimer, plans: list, lengths: np.ndarray, chunks: LoRAChunks) -> str:
@@ -5444,12 +5478,11 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     with attention_without_cudnn():  # the batch shape changes almost every step
         if s.compile:
             warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size, tilted=hints is not None)
-        # The early estimate comes a tenth of the way into the first part's shortest plan: every rank gets
-        # there before any phase's SGD.
         check_at, lora_estimate, timer = -1, None, StepTimer(rt.device)
-        if budget is not None:
-            shortest = rt.all_reduce(torch.tensor([len(plans[0])], device=rt.device), op=dist.ReduceOp.MIN)
-            check_at = int(shortest.item()) // 10
+        if budget is not None:  # the same step on every rank: the shortest plans decide
+            shortest = rt.all_reduce(torch.tensor([len(plans[0]), steps], device=rt.device), op=dist.ReduceOp.MIN)
+            check_at = lora_check_step(*(int(n) for n in shortest.tolist()), len(plans))
+            step_rows, step_tokens, _ = lora_step_shapes(plans, lengths, chunks)
         slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1, layout.reset_spans(s.ttt_lora_reset))
         chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
         done_work, marks, i = 0, {}, 0
@@ -5469,7 +5502,8 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                     if i == check_at and check_at >= 1:
                         (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
                         rate = (t_b - t_a) / max(w_b - w_a, 1)
-                        lora_estimate = budget.estimate(t_a, rate, rank_work - w_a)
+                        lora_estimate = lora_early_estimate(budget, rt, timer, step_rows, step_tokens, check_at,
+                                                            t_a, t_b, rate * (rank_work - w_a))
                         budget.check("ttt_lora", lora_estimate + (phased.estimate(budget, rate) if phased else 0.0),
                                      t_a)
                 i += 1

@@ -556,6 +556,39 @@ def test_the_step_cost_fit_recovers_a_per_row_and_a_per_token_cost_or_declines()
     assert tg.fit_step_cost(rows[:3], tokens[:3], seconds[:3]) is None
 
 
+def test_the_early_check_waits_for_the_first_parts_end_with_phases_and_a_tenth_without():
+    assert tg.lora_check_step(327, 6500, 2) == 326  # the records' 5% prefix: its last step, before the SGD
+    assert tg.lora_check_step(300, 400, 2) == 100  # a long prefix: a quarter of the pass
+    assert tg.lora_check_step(327, 6500, 1) == 650
+    assert tg.lora_check_step(1, 50, 2) == 0  # a one-step first part: no early check
+
+
+def test_the_early_estimate_fits_the_steps_timed_so_far_or_takes_one_rate(monkeypatch):
+    """With step times that follow 2 ms a row + 3 ms per 1,000 window tokens, the fitted estimate is the time
+    so far plus the rest's exact cost; with one width (nothing to fit) it is the one-rate figure it is given."""
+    s, rt = tg.Settings(environ={}), tg.Runtime.__new__(tg.Runtime)
+    logged = []
+    rt.log = logged.append
+    budget = tg.EvalBudget.__new__(tg.EvalBudget)
+    budget.scale = 2.0
+    rows = np.array([2, 128, 128, 120, 100, 64, 32, 32, 32, 16], float)
+    tokens = rows * np.array([64, 64, 128, 256, 512, 1024, 2048, 2048, 2048, 2048])
+    cost = 0.002 * rows + 3e-6 * tokens
+    clock = iter(np.concatenate(([0.0], np.cumsum(cost[1:6]))))
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
+    timer = tg.StepTimer(torch.device("cpu"))
+    for i in range(6):
+        timer.mark(i)
+    t_a, t_b = 1.0, 1.0 + cost[1:6].sum()
+    estimate = tg.lora_early_estimate(budget, rt, timer, rows, tokens, 5, t_a, t_b, 123.0)
+    assert estimate == pytest.approx(t_a + 2.0 * cost[1:].sum(), rel=1e-6)
+    assert logged[-1].startswith("ttt:lora_early_model at_step:5 fit:rows_and_tokens per_row_ms:2.0000 ")
+    flat = tokens.copy()
+    flat[1:6] = rows[1:6] * 64  # one width so far: rows and tokens cannot be told apart
+    assert tg.lora_early_estimate(budget, rt, timer, rows, flat, 5, t_a, t_b, 123.0) == pytest.approx(t_a + 2 * 123.0)
+    assert "fit:none" in logged[-1]
+
+
 def test_the_step_timer_leaves_out_the_first_step_and_the_phases_sgd(monkeypatch):
     clock = iter([10.0, 11.0, 13.0, 20.0, 20.5, 22.0])
     monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
@@ -582,6 +615,10 @@ def test_lora_ttt_logs_where_its_step_time_went(tiny_data, tmp_path):
     assert sum(float(g["seconds"]) for g in groups) == pytest.approx(float(fields["seconds"]), abs=0.02)
     pass_seconds = float(re.search(r"^eval_budget:pass pass:ttt_lora seconds:([0-9.]+)", log, re.M).group(1))
     assert 0 < float(fields["seconds"]) <= pass_seconds
+    # the early check: its model line, then the budget's early line with that estimate plus the phase's SGD
+    model = re.search(r"^ttt:lora_early_model at_step:(\d+) .*estimated_8gpu_pass_seconds:(\d+)", log, re.M)
+    early = re.search(r"^eval_budget:early pass:ttt_lora estimated_8gpu_pass_seconds:(\d+)", log, re.M)
+    assert 1 <= int(model.group(1)) < steps // 4 + 1 and int(early.group(1)) >= int(model.group(2)) - 1
 
 
 def test_small_chunks_score_each_target_with_its_whole_document_prefix(tiny_data, tmp_path, monkeypatch):
