@@ -5336,15 +5336,16 @@ def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, step_
     return estimate
 
 
-def lora_step_costs(timer: StepTimer, plans: list, lengths: np.ndarray, chunks: LoRAChunks) -> str:
+def lora_step_costs(timer: StepTimer, shapes: tuple) -> str:
     """The log's account of where LoRA TTT's step time went: the two-term fit over every timed step, and the
     seconds, rows and window tokens of the steps by window width (narrow ones are the short-document chunks and
     the starts of documents). It says what a step costs a row and a window token on this machine, which the
-    early budget estimate (one rate per window token, from the first steps) does not know."""
+    early budget estimate (one rate per window token, from the first steps) does not know. shapes: rank 0's
+    lora_step_shapes."""
     steps, seconds = timer.durations()
     if len(steps) == 0:
         return "ttt:lora_step_costs rank:0 timed_steps:0"
-    rows, tokens, widths = (v[steps] for v in lora_step_shapes(plans, lengths, chunks))
+    rows, tokens, widths = (v[steps] for v in shapes)
     fit = fit_step_cost(rows, tokens, seconds)
     text = (f"ttt:lora_step_costs rank:0 timed_steps:{len(steps)} seconds:{seconds.sum():.2f} "
             + ("fit:none" if fit is None else f"per_row_ms:{1e3 * fit[0]:.4f} per_ktoken_ms:{1e6 * fit[1]:.4f}"))
@@ -5479,10 +5480,10 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
         if s.compile:
             warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size, tilted=hints is not None)
         check_at, lora_estimate, timer = -1, None, StepTimer(rt.device)
+        step_rows, step_tokens, step_widths = lora_step_shapes(plans, lengths, chunks)
         if budget is not None:  # the same step on every rank: the shortest plans decide
             shortest = rt.all_reduce(torch.tensor([len(plans[0]), steps], device=rt.device), op=dist.ReduceOp.MIN)
             check_at = lora_check_step(*(int(n) for n in shortest.tolist()), len(plans))
-            step_rows, step_tokens, _ = lora_step_shapes(plans, lengths, chunks)
         slots = AdapterSlots(row, in_flight, s.ttt_lora_beta1, layout.reset_spans(s.ttt_lora_reset))
         chunk, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
         done_work, marks, i = 0, {}, 0
@@ -5527,7 +5528,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     rt.log(f"ttt:lora rank:0 steps:{steps} window_tokens:{done_work} "
            f"window_tokens_per_target:{done_work / max(sum(int(lengths[a:b].sum()) for a, b in shares), 1):.2f} "
            f"window_tokens_per_s_after_first_step:{lora_tokens_per_s:.0f}{peak}")
-    rt.log(lora_step_costs(timer, plans, lengths, chunks))
+    rt.log(lora_step_costs(timer, (step_rows, step_tokens, step_widths)))
     if budget is not None:
         unscaled = (sgd_seconds, phased.estimate(budget, 1 / max(lora_tokens_per_s, 1e-9))) if phased else (0.0, 0.0)
         budget.finish("ttt_lora", seconds, first_seconds, result.targets, unscaled)
