@@ -542,8 +542,9 @@ H2H = ROOT / "records" / "proxy_1gpu_frontier_vs_pr1529" / "run.sh"
 def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evaluation(tiny_data, tmp_path):
     """run.sh trains with TTT and the tilt off (STAGE train: no evaluation follows), then evaluates the artifact
     (STAGE eval) with the preset's TTT and tilt switched back on explicitly (EVAL_ONLY would otherwise adopt the
-    training run's off); a third call (STAGE all) finds both logs finished and runs nothing; a deadline too
-    short for training starts nothing, and STAGE eval does not start on a run that is not trained."""
+    training run's off), once a deadline leaves it H2H_EVAL_SECONDS; a third call (STAGE all) finds both logs
+    finished and runs nothing; a deadline too short for training starts nothing, and STAGE eval does not start
+    on a run that is not trained."""
     env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path / "h2h"), OUT=str(tmp_path / "out"), ITERATIONS="3", EVAL_SEQ_LEN="64",
                TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3", TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4",
@@ -554,6 +555,9 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     trained = h2h("frontier", "5", "900", "train")
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     assert not (tmp_path / "h2h" / "frontier_seed5_eval.txt").exists() and "evaluating" not in trained.stdout
+    too_late = h2h("frontier", "5", "120", "eval", timeout=300)  # 100 s left, under H2H_EVAL_SECONDS's 200
+    assert too_late.returncode == 0 and re.search(r"frontier_seed5_eval not started: (99|100) s left", too_late.stdout)
+    assert not (tmp_path / "h2h" / "frontier_seed5_eval.txt").exists()
     first = h2h("frontier", "5", "900", "eval")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     train, scored = (runlog.read_log(tmp_path / "h2h" / f"frontier_seed5{x}.txt") for x in ("", "_eval"))
