@@ -5340,7 +5340,7 @@ def lora_step_costs(timer: StepTimer, shapes: tuple) -> str:
     """The log's account of where LoRA TTT's step time went: the two-term fit over every timed step, and the
     seconds, rows and window tokens of the steps by window width (narrow ones are the short-document chunks and
     the starts of documents). It says what a step costs a row and a window token on this machine, which the
-    early budget estimate (one rate per window token, from the first steps) does not know. shapes: rank 0's
+    early budget estimate (one rate per window token, from the first steps) does not know. shapes: this rank's
     lora_step_shapes."""
     steps, seconds = timer.durations()
     if len(steps) == 0:
