@@ -5313,16 +5313,17 @@ def lora_check_step(first_part_steps: int, all_steps: int, parts: int) -> int:
     return all_steps // 10
 
 
-def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, step_rows: np.ndarray,
-                        step_tokens: np.ndarray, check_at: int, t_a: float, t_b: float,
-                        single_rate_rest: float) -> float:
+def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, shapes: tuple, check_at: int,
+                        t_a: float, t_b: float, single_rate_rest: float) -> float:
     """The LoRA pass's 8-GPU estimate at the check: its fixed part t_a (compile warm-up and first step), the
     steps since (t_b - t_a), and the rest of this rank's steps by the per-row and per-window-token costs fitted
-    to the steps timed so far (fit_step_cost); where they do not fit, every step after the first at the one rate
-    per window token measured so far (single_rate_rest seconds). Both go in the log. On the CPU, against the
+    to the steps timed so far (fit_step_cost) over this rank's lora_step_shapes; where they do not fit, every
+    step after the first at the one rate per window token measured so far (single_rate_rest seconds). Both go
+    in the log. On the CPU, against the
     finished pass (2026-12-06, frontier's evaluation of a small model): a tenth of the way in, one rate said
     1.52x and the fit 0.86x; at a quarter, 1.10x and 1.06x, and 1.01x in a run that checked there."""
     single = budget.estimate(t_a, 1.0, single_rate_rest)
+    step_rows, step_tokens, _ = shapes
     steps, seconds = timer.durations()
     fit = fit_step_cost(step_rows[steps], step_tokens[steps], seconds)
     if fit is None:
@@ -5339,8 +5340,8 @@ def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, step_
 def lora_step_costs(timer: StepTimer, shapes: tuple) -> str:
     """The log's account of where LoRA TTT's step time went: the two-term fit over every timed step, and the
     seconds, rows and window tokens of the steps by window width (narrow ones are the short-document chunks and
-    the starts of documents). It says what a step costs a row and a window token on this machine, which the
-    early budget estimate (one rate per window token, from the first steps) does not know. shapes: this rank's
+    the starts of documents): what a step costs a row and a window token on this machine over the whole pass,
+    against which the early estimate's fit (lora_early_estimate) can be judged. shapes: this rank's
     lora_step_shapes."""
     steps, seconds = timer.durations()
     if len(steps) == 0:
@@ -5480,7 +5481,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
         if s.compile:
             warm_up_lora(loss_fn, layout, row, s, rt, base.vocab_size, tilted=hints is not None)
         check_at, lora_estimate, timer = -1, None, StepTimer(rt.device)
-        step_rows, step_tokens, step_widths = lora_step_shapes(plans, lengths, chunks)
+        shapes = lora_step_shapes(plans, lengths, chunks)  # rows, window tokens and width of every step
         if budget is not None:  # the same step on every rank: the shortest plans decide
             shortest = rt.all_reduce(torch.tensor([len(plans[0]), steps], device=rt.device), op=dist.ReduceOp.MIN)
             check_at = lora_check_step(*(int(n) for n in shortest.tolist()), len(plans))
@@ -5503,8 +5504,8 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
                     if i == check_at and check_at >= 1:
                         (t_a, w_a), (t_b, w_b) = marks[0], marks[check_at]
                         rate = (t_b - t_a) / max(w_b - w_a, 1)
-                        lora_estimate = lora_early_estimate(budget, rt, timer, step_rows, step_tokens, check_at,
-                                                            t_a, t_b, rate * (rank_work - w_a))
+                        lora_estimate = lora_early_estimate(budget, rt, timer, shapes, check_at, t_a, t_b,
+                                                            rate * (rank_work - w_a))
                         budget.check("ttt_lora", lora_estimate + (phased.estimate(budget, rate) if phased else 0.0),
                                      t_a)
                 i += 1
@@ -5528,7 +5529,7 @@ def evaluate_ttt_lora(model: GPT, s: Settings, rt: Runtime, val_tokens, tables: 
     rt.log(f"ttt:lora rank:0 steps:{steps} window_tokens:{done_work} "
            f"window_tokens_per_target:{done_work / max(sum(int(lengths[a:b].sum()) for a, b in shares), 1):.2f} "
            f"window_tokens_per_s_after_first_step:{lora_tokens_per_s:.0f}{peak}")
-    rt.log(lora_step_costs(timer, (step_rows, step_tokens, step_widths)))
+    rt.log(lora_step_costs(timer, shapes))
     if budget is not None:
         unscaled = (sgd_seconds, phased.estimate(budget, 1 / max(lora_tokens_per_s, 1e-9))) if phased else (0.0, 0.0)
         budget.finish("ttt_lora", seconds, first_seconds, result.targets, unscaled)

@@ -580,12 +580,12 @@ def test_the_early_estimate_fits_the_steps_timed_so_far_or_takes_one_rate(monkey
     for i in range(6):
         timer.mark(i)
     t_a, t_b = 1.0, 1.0 + cost[1:6].sum()
-    estimate = tg.lora_early_estimate(budget, rt, timer, rows, tokens, 5, t_a, t_b, 123.0)
+    estimate = tg.lora_early_estimate(budget, rt, timer, (rows, tokens, None), 5, t_a, t_b, 123.0)
     assert estimate == pytest.approx(t_a + 2.0 * cost[1:].sum(), rel=1e-6)
     assert logged[-1].startswith("ttt:lora_early_model at_step:5 fit:rows_and_tokens per_row_ms:2.0000 ")
     flat = tokens.copy()
     flat[1:6] = rows[1:6] * 64  # one width so far: rows and tokens cannot be told apart
-    assert tg.lora_early_estimate(budget, rt, timer, rows, flat, 5, t_a, t_b, 123.0) == pytest.approx(t_a + 2 * 123.0)
+    assert tg.lora_early_estimate(budget, rt, timer, (rows, flat, None), 5, t_a, t_b, 123.0) == pytest.approx(t_a + 2 * 123.0)
     assert "fit:none" in logged[-1]
 
 
