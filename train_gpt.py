@@ -5319,9 +5319,9 @@ def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, shape
     steps since (t_b - t_a), and the rest of this rank's steps by the per-row and per-window-token costs fitted
     to the steps timed so far (fit_step_cost) over this rank's lora_step_shapes; where they do not fit, every
     step after the first at the one rate per window token measured so far (single_rate_rest seconds). Both go
-    in the log. On the CPU, against the
-    finished pass (2026-12-06, frontier's evaluation of a small model): a tenth of the way in, one rate said
-    1.52x and the fit 0.86x; at a quarter, 1.10x and 1.06x, and 1.01x in a run that checked there."""
+    in the log. On the CPU, against the finished pass (2026-12-06, frontier's evaluation of a small model): a
+    tenth of the way in, one rate said 1.52x and the fit 0.86x; at a quarter, 1.10x and 1.06x, and 1.01x in a
+    run that checked there."""
     single = budget.estimate(t_a, 1.0, single_rate_rest)
     step_rows, step_tokens, _ = shapes
     steps, seconds = timer.durations()
