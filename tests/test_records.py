@@ -276,6 +276,10 @@ def test_runs_needed_is_the_first_count_at_which_the_observed_gain_passes():
     assert significance.seeds_needed(base, S(3.4737, 0.5, 2), 0.005, 0.01, cap=50) is None  # far too noisy
     report = significance.compare(base, new).report()
     assert f"runs a side the observed gain would need at these spreads: {n}" in report
+    below_margin = significance.compare(base, S(3.4760, 0.0230, 2)).report()
+    assert "would need at these spreads: none suffice (the gain is not above the margin)" in below_margin
+    too_noisy = significance.compare(base, S(3.4737, 0.5, 2)).report()
+    assert "would need at these spreads: more than 1000" in too_noisy
 
 
 def test_significance_command_in_nats_and_bpb_from_logs(runs, capsys):

@@ -211,9 +211,13 @@ class Comparison:
                   f"challenge bar (gain > {self.bar.margin:g} nats at p < {self.alpha:g}): {'MET' if self.bar_met else 'NOT MET'}",
                   f"gain the bar needs with these spreads and seed counts: {both(b.gain_needed(self.alpha))}"]
         n = seeds_needed(self.baseline_nats, self.new_nats, self.bar.margin, self.alpha)
-        lines.append("runs a side the observed gain would need at these spreads: "
-                     + (str(n) if n is not None else "none suffice (the gain is not above the margin)"
-                        if b.gain <= self.bar.margin else "more than 1000"))
+        if n is not None:
+            runs = str(n)
+        elif b.gain <= self.bar.margin:
+            runs = "none suffice (the gain is not above the margin)"
+        else:
+            runs = "more than 1000"
+        lines.append(f"runs a side the observed gain would need at these spreads: {runs}")
         return "\n".join(lines)
 
 
