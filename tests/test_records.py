@@ -593,7 +593,7 @@ def test_the_committed_comparison_reproduces_its_readmes_figures(capsys):
     folder = H2H.parent
     pr1529 = sorted((folder / "ema093").glob("pr1529_seed*_eval.log"))
     frontier = sorted((folder / "ema093_frontier2").glob("frontier_seed*_eval.log"))
-    assert len(pr1529) == len(frontier) == 2  # seeds 1337 and 42; the third (2025) is next
+    assert len(pr1529) == len(frontier) == 3  # seeds 1337, 42 and 2025
     finals = {p: float(re.findall(r"^final val_bpb:([0-9.]+)$", p.read_text(), re.M)[-1]) for p in pr1529 + frontier}
     readme, main_readme = (folder / "README.md").read_text(), (ROOT / "README.md").read_text()
     for path, final in finals.items():
