@@ -5252,23 +5252,46 @@ def lora_step_shapes(plans: list, lengths: np.ndarray, chunks: LoRAChunks) -> tu
 
 
 def fit_step_cost(rows: np.ndarray, tokens: np.ndarray, seconds: np.ndarray):
-    """Least-squares seconds ~ per_row * rows + per_token * window tokens over timed LoRA steps, or None when
-    the steps cannot tell the two apart (one window width throughout) or a term comes out negative. Why two
-    terms: a step's cost is not its window tokens alone. Each row also carries its adapter's gather, AdamW
-    update (rank x the adapted widths, the same for a 64-token window as for a 2048-token one) and the host's
-    score bookkeeping, so the first steps, many rows of narrow short-document windows, may cost more per
-    window token than the full windows after them. The early budget estimate takes one rate per window token
-    from those first steps, and it overstated the LoRA pass by half (PRESET=frontier on one H100, 2026-12-06:
-    556 s of 8-GPU time a tenth of the way in, 366-381 s finished); lora_early_estimate uses this fit."""
-    if len(seconds) < 4:
+    """Non-negative least squares seconds ~ per_step + per_row * rows + per_token * window tokens over timed
+    LoRA steps: (per_step, per_row, per_token), or None when the steps cannot tell rows from window tokens (one
+    window width throughout) or are too few.
+
+    Why three terms: a step's cost is not its window tokens alone. Each row also carries its adapter's gather,
+    AdamW update (rank x the adapted widths, the same for a 64-token window as for a 2048-token one) and the
+    host's score bookkeeping, so the first steps, many rows of narrow short-document windows, may cost more per
+    window token than the full windows after them; one rate per window token from those first steps overstated
+    the LoRA pass by half (PRESET=frontier on one H100, 2026-12-06: 556 s of 8-GPU time a tenth of the way in,
+    366-381 s finished). And each step has a cost of its own (kernel launches, the host's loop): without that
+    term the fit over a whole pass gave back 16.0 s of the 19.6 s its 400 steps took, and a quarter of the way
+    in it put the pass 8.5% low (one H100, 2026-12-07). With a constant term the fitted costs of the timed steps
+    add up to their time. Non-negative because no step saves time: a term that would come out negative is left
+    out (every subset of the terms is fitted, the best fit with no negative cost is kept; with three terms that
+    is the exact non-negative least-squares solution). Terms that move together in these steps (the step and
+    the row when every step has the same rows) are not fitted together."""
+    if len(seconds) < 4 or not np.isfinite(seconds).all():
         return None
-    design = np.stack((rows, tokens), 1)
-    if not np.isfinite(seconds).all() or np.linalg.cond(design / design.max(0)) > 1e3:  # ~one width: no split
+    if np.linalg.cond(np.stack((rows / rows.max(), tokens / tokens.max()), 1)) > 1e3:  # ~one width: no split
         return None
-    (per_row, per_token), *_ = np.linalg.lstsq(design, seconds, rcond=None)
-    if per_row < 0 or per_token < 0:
-        return None
-    return float(per_row), float(per_token)
+    terms = np.stack((np.ones_like(rows, dtype=float), rows, tokens), 1)
+    best, best_residual = None, np.inf
+    for subset in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
+        design = terms[:, subset]
+        if len(subset) > 1 and np.linalg.cond(design / design.max(0)) > 1e3:
+            continue
+        coefficients, *_ = np.linalg.lstsq(design, seconds, rcond=None)
+        if (coefficients < 0).any():
+            continue
+        residual = float(np.square(design @ coefficients - seconds).sum())
+        if residual < best_residual:
+            best, best_residual = np.zeros(3), residual
+            best[list(subset)] = coefficients
+    return None if best is None else tuple(float(c) for c in best)
+
+
+def describe_step_cost(fit: tuple) -> str:
+    """fit_step_cost's three costs as the log writes them, in milliseconds (per thousand window tokens)."""
+    per_step, per_row, per_token = fit
+    return f"steps_rows_tokens per_step_ms:{1e3 * per_step:.4f} per_row_ms:{1e3 * per_row:.4f} per_ktoken_ms:{1e6 * per_token:.4f}"
 
 
 class StepTimer:
@@ -5316,12 +5339,13 @@ def lora_check_step(first_part_steps: int, all_steps: int, parts: int) -> int:
 def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, shapes: tuple, check_at: int,
                         t_a: float, t_b: float, single_rate_rest: float) -> float:
     """The LoRA pass's 8-GPU estimate at the check: its fixed part t_a (compile warm-up and first step), the
-    steps since (t_b - t_a), and the rest of this rank's steps by the per-row and per-window-token costs fitted
-    to the steps timed so far (fit_step_cost) over this rank's lora_step_shapes; where they do not fit, every
-    step after the first at the one rate per window token measured so far (single_rate_rest seconds). Both go
-    in the log. On the CPU, against the finished pass (2026-12-06, frontier's evaluation of a small model): a
-    tenth of the way in, one rate said 1.52x and the fit 0.86x; at a quarter, 1.10x and 1.06x, and 1.01x in a
-    run that checked there."""
+    steps since (t_b - t_a), and the rest of this rank's steps by the per-step, per-row and per-window-token
+    costs fitted to the steps timed so far (fit_step_cost) over this rank's lora_step_shapes; where they do not
+    fit, every step after the first at the one rate per window token measured so far (single_rate_rest
+    seconds). Both go in the log. Against the finished pass, with the fit's two terms of before (no per-step
+    cost): on the CPU (2026-12-06, frontier's evaluation of a small model) a tenth of the way in, one rate said
+    1.52x and the fit 0.86x; at a quarter, 1.10x and 1.06x, and 1.01x in a run that checked there. On one H100
+    (2026-12-07, frontier's evaluation at a quarter) one rate said 1.01x and the two-term fit 0.915x."""
     single = budget.estimate(t_a, 1.0, single_rate_rest)
     step_rows, step_tokens, _ = shapes
     steps, seconds = timer.durations()
@@ -5329,16 +5353,16 @@ def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, shape
     if fit is None:
         rt.log(f"ttt:lora_early_model at_step:{check_at} fit:none estimated_8gpu_pass_seconds:{single:.0f}")
         return single
-    rest = fit[0] * step_rows[check_at + 1:].sum() + fit[1] * step_tokens[check_at + 1:].sum()
+    rest_rows, rest_tokens = step_rows[check_at + 1:], step_tokens[check_at + 1:]
+    rest = fit[0] * len(rest_rows) + fit[1] * rest_rows.sum() + fit[2] * rest_tokens.sum()
     estimate = budget.estimate(t_a, 1.0, (t_b - t_a) + rest)
-    rt.log(f"ttt:lora_early_model at_step:{check_at} fit:rows_and_tokens per_row_ms:{1e3 * fit[0]:.4f} "
-           f"per_ktoken_ms:{1e6 * fit[1]:.4f} estimated_8gpu_pass_seconds:{estimate:.0f} "
-           f"one_rate_estimate:{single:.0f}")
+    rt.log(f"ttt:lora_early_model at_step:{check_at} fit:{describe_step_cost(fit)} "
+           f"estimated_8gpu_pass_seconds:{estimate:.0f} one_rate_estimate:{single:.0f}")
     return estimate
 
 
 def lora_step_costs(timer: StepTimer, shapes: tuple) -> str:
-    """The log's account of where LoRA TTT's step time went: the two-term fit over every timed step, and the
+    """The log's account of where LoRA TTT's step time went: the three-term fit over every timed step, and the
     seconds, rows and window tokens of the steps by window width (narrow ones are the short-document chunks and
     the starts of documents): what a step costs a row and a window token on this machine over the whole pass,
     against which the early estimate's fit (lora_early_estimate) can be judged. shapes: this rank's
@@ -5349,7 +5373,7 @@ def lora_step_costs(timer: StepTimer, shapes: tuple) -> str:
     rows, tokens, widths = (v[steps] for v in shapes)
     fit = fit_step_cost(rows, tokens, seconds)
     text = (f"ttt:lora_step_costs rank:0 timed_steps:{len(steps)} seconds:{seconds.sum():.2f} "
-            + ("fit:none" if fit is None else f"per_row_ms:{1e3 * fit[0]:.4f} per_ktoken_ms:{1e6 * fit[1]:.4f}"))
+            f"fit:{'none' if fit is None else describe_step_cost(fit)}")
     edges = (0, 128, 512, 2048, np.inf)
     for lo, hi in zip(edges, edges[1:]):
         pick = (widths > lo) & (widths <= hi)

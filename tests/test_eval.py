@@ -544,16 +544,34 @@ def test_lora_step_shapes_replay_the_plans_chunk_by_chunk():
     assert set(widths.tolist()) == {16, 20, 25, 41, 57, 64}  # chunks.width of test_small_chunks_... above
 
 
-def test_the_step_cost_fit_recovers_a_per_row_and_a_per_token_cost_or_declines():
+def test_the_step_cost_fit_recovers_a_per_step_a_per_row_and_a_per_token_cost_or_declines():
     rng = np.random.default_rng(0)
     rows = rng.integers(2, 128, 60).astype(float)
     tokens = rows * rng.choice([64, 128, 512, 2048], 60)
-    seconds = 0.002 * rows + 3e-6 * tokens
-    per_row, per_token = tg.fit_step_cost(rows, tokens, seconds * rng.normal(1, 0.01, 60))
-    assert per_row == pytest.approx(0.002, rel=0.05) and per_token == pytest.approx(3e-6, rel=0.05)
+    seconds = (0.02 + 0.002 * rows + 3e-6 * tokens) * rng.normal(1, 0.01, 60)
+    per_step, per_row, per_token = tg.fit_step_cost(rows, tokens, seconds)
+    assert per_step == pytest.approx(0.02, rel=0.1) and per_row == pytest.approx(0.002, rel=0.05)
+    assert per_token == pytest.approx(3e-6, rel=0.05)
+    # with its constant term the fit gives back the time its steps took (a fit through 0 does not)
+    assert per_step * len(rows) + per_row * rows.sum() + per_token * tokens.sum() == pytest.approx(seconds.sum())
     assert tg.fit_step_cost(rows, rows * 64, seconds) is None  # one width: rows and tokens cannot be told apart
-    assert tg.fit_step_cost(rows, tokens, 3e-6 * tokens - 0.0005 * rows) is None  # a negative term
     assert tg.fit_step_cost(rows[:3], tokens[:3], seconds[:3]) is None
+
+
+def test_the_step_cost_fit_leaves_out_a_term_that_would_be_negative_as_non_negative_least_squares_does():
+    """A cost that falls with rows: the row term is left out, not fitted negative. Checked against the
+    Karush-Kuhn-Tucker conditions of min |A c - s|^2 with c >= 0, which the exact solution and only it meets:
+    the residual's gradient is zero along every term kept and does not fall along any term left out."""
+    rng = np.random.default_rng(1)
+    rows = rng.integers(2, 128, 60).astype(float)
+    tokens = rows * rng.choice([64, 128, 512, 2048], 60)
+    seconds = 0.05 + 3e-6 * tokens - 0.0002 * rows + rng.normal(0, 1e-4, 60)
+    fit = np.array(tg.fit_step_cost(rows, tokens, seconds))
+    assert fit[1] == 0 and fit[0] > 0 and fit[2] > 0
+    terms = np.stack((np.ones_like(rows), rows, tokens), 1)
+    residual = terms @ fit - seconds
+    gradient = terms.T @ residual / (np.linalg.norm(terms, axis=0) * np.linalg.norm(seconds))  # scale-free
+    assert np.abs(gradient[fit > 0]).max() < 1e-9 and (gradient[fit == 0] > 1e-3).all()
 
 
 def test_the_early_check_waits_for_the_first_parts_end_with_phases_and_a_tenth_without():
@@ -564,8 +582,9 @@ def test_the_early_check_waits_for_the_first_parts_end_with_phases_and_a_tenth_w
 
 
 def test_the_early_estimate_fits_the_steps_timed_so_far_or_takes_one_rate(monkeypatch):
-    """With step times that follow 2 ms a row + 3 ms per 1,000 window tokens, the fitted estimate is the time
-    so far plus the rest's exact cost; with one width (nothing to fit) it is the one-rate figure it is given."""
+    """With step times that follow 5 ms a step + 2 ms a row + 3 ms per 1,000 window tokens, the fitted estimate
+    is the time so far plus the rest's exact cost; with one width (nothing to fit) it is the one-rate figure
+    it is given."""
     s, rt = tg.Settings(environ={}), tg.Runtime.__new__(tg.Runtime)
     logged = []
     rt.log = logged.append
@@ -573,7 +592,7 @@ def test_the_early_estimate_fits_the_steps_timed_so_far_or_takes_one_rate(monkey
     budget.scale = 2.0
     rows = np.array([2, 128, 128, 120, 100, 64, 32, 32, 32, 16], float)
     tokens = rows * np.array([64, 64, 128, 256, 512, 1024, 2048, 2048, 2048, 2048])
-    cost = 0.002 * rows + 3e-6 * tokens
+    cost = 0.005 + 0.002 * rows + 3e-6 * tokens
     clock = iter(np.concatenate(([0.0], np.cumsum(cost[1:6]))))
     monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
     timer = tg.StepTimer(torch.device("cpu"))
@@ -582,7 +601,8 @@ def test_the_early_estimate_fits_the_steps_timed_so_far_or_takes_one_rate(monkey
     t_a, t_b = 1.0, 1.0 + cost[1:6].sum()
     estimate = tg.lora_early_estimate(budget, rt, timer, (rows, tokens, None), 5, t_a, t_b, 123.0)
     assert estimate == pytest.approx(t_a + 2.0 * cost[1:].sum(), rel=1e-6)
-    assert logged[-1].startswith("ttt:lora_early_model at_step:5 fit:rows_and_tokens per_row_ms:2.0000 ")
+    assert logged[-1].startswith("ttt:lora_early_model at_step:5 fit:steps_rows_tokens per_step_ms:5.0000 "
+                                 "per_row_ms:2.0000 per_ktoken_ms:3.0000 ")
     flat = tokens.copy()
     flat[1:6] = rows[1:6] * 64  # one width so far: rows and tokens cannot be told apart
     assert tg.lora_early_estimate(budget, rt, timer, (rows, flat, None), 5, t_a, t_b, 123.0) == pytest.approx(t_a + 2 * 123.0)
