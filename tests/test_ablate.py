@@ -188,12 +188,34 @@ def test_parallel_runs_get_disjoint_gpus_when_there_are_enough(monkeypatch, caps
     (["train", "--only", "none", "--parallel", "0"], "--parallel 0 must be at least 1"),
     (["train", "--only", "none", "--feature", "x=MATRIX_LR=-1"], "MATRIX_LR"),
     (["train", "--only", "none", "--script", "/nonexistent.py"], "--script /nonexistent.py: no such file"),
+    (["train", "--only", "none", "--seeds", "7", "--no-base"], "--no-base: the baseline's log"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, tmp_path):
     with pytest.raises(SystemExit) as e:
         ablate.main([*args, "--log-dir", str(tmp_path / "logs"), "--nproc", "0"])
     assert message in str(e.value) and str(e.value).startswith("error: "), str(e.value)
     assert not (tmp_path / "logs").exists()
+
+
+def test_no_base_runs_the_features_against_carried_baseline_logs_and_refuses_other_ones(plan, tmp_path):
+    """--no-base: with the baseline's log carried into a fresh directory (no artifact), the features run or
+    are reused and the table compares them with it; the baseline is not touched. A baseline of other settings
+    is refused before anything runs."""
+    import shutil
+    logs = tmp_path / "carried"
+    logs.mkdir()
+    for name in ("base", "smear"):
+        shutil.copy(plan["logs"] / f"{name}_seed3.txt", logs)
+    args = ["train", "--seeds", "3", "--only", "smear", "--no-base", "--log-dir", str(logs), *TINY_TRAIN]
+    r = subprocess.run(ablate_cmd(*args), cwd=ROOT, env=plan["env"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "smear_seed3: done earlier" in r.stdout and "base_seed3:" not in r.stdout
+    assert table_row(r.stdout, "smear") == table_row(plan["train_out"], "smear")
+    assert sorted(p.name for p in logs.iterdir()) == ["base_seed3.txt", "smear_seed3.txt"]
+    other = subprocess.run(ablate_cmd(*args, "MATRIX_LR=0.05"), cwd=ROOT, env=plan["env"], capture_output=True,
+                           text=True, timeout=300)
+    assert other.returncode != 0 and "error: --no-base: the baseline's log" in other.stderr
+    assert "is a finished run but" in other.stderr and "--- " not in other.stdout
 
 
 def test_builtin_features_name_real_settings_and_references():

@@ -19,6 +19,9 @@ over several seeds, evaluation-side features on one fixed artifact. Resumable, w
                                     rerun to continue
     --script pinned.py              run this copy of train_gpt.py (a study spread over sessions keeps one
                                     source while the checkout moves on; finished logs count only for it)
+    --no-base                       run no baseline: its finished logs (base_seed<S>.txt, eval_base.txt) of
+                                    this source and settings must be in --log-dir already, e.g. carried to
+                                    the GPU machine from an earlier one; checked before any run starts
     --parallel 8                    8 runs at once: on an 8-GPU box each gets its own GPU(s); where they
                                     must share one, the scores hold but the step times do not
     KEY=VALUE ...                   settings every run takes (after the regime, before the feature)
@@ -197,6 +200,26 @@ def plan_features(builtin: list, only: str | None, extra: list) -> list:
     ordered = sorted(features.values(), key=lambda f: f.reference != "base")  # references before what uses them
     check_features(ordered, {"base"} | {f.name for f in ordered})
     return [Feature("base", {}, note="the baseline")] + ordered
+
+
+def check_base_logs(mode: str, seeds: list, base_env: dict, log_dir: Path):
+    """--no-base: every seed's baseline log must be a finished run of this source and these settings, or the
+    tool stops before its first run. Without the flag a missing baseline is trained, which on the GPU machine
+    cost a call 200 s when the logs meant to be carried had not been (2026-12-07)."""
+    source_sha = seeds_tool.script_sha256()
+    for seed in seeds:
+        rid = run_id(mode, "base", seed)
+        path = log_dir / f"{rid}.txt"
+        log = runlog.read_log(path) if path.is_file() else None
+        if log is None or not log.complete:
+            state = "missing" if log is None else f"unfinished ({log.incomplete_reason})"
+            sys.exit(f"error: --no-base: the baseline's log {path} is {state}: copy (carry) it into {log_dir}, "
+                     f"or drop --no-base to run it")
+        env = dict(base_env, LOG_DIR=str(log_dir), RUN_ID=rid, **({} if seed is None else {"SEED": str(seed)}))
+        why = seeds_tool.config_mismatch(log, seeds_tool.expected_settings(env), source_sha)
+        if why:
+            sys.exit(f"error: --no-base: the baseline's log {path} is a finished run but {why}: it cannot be this "
+                     f"call's baseline; drop --no-base to run one")
 
 
 def pin_score_settings(env: dict):
@@ -444,6 +467,8 @@ def main(argv=None):
     parser.add_argument("--log-dir", default="logs/ablate")
     parser.add_argument("--budget-seconds", type=float, help="start no run that would end after this many seconds")
     parser.add_argument("--out", help="table: also write the markdown here")
+    parser.add_argument("--no-base", action="store_true",
+                        help="run no baseline: its finished logs must be in --log-dir already (checked before any run)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output (the logs have it)")
     parser.add_argument("--script", help="run this copy of train_gpt.py instead of the checkout's: pins the source "
                         "of a study spread over sessions (`git show REV:train_gpt.py > pinned.py`)")
@@ -489,6 +514,9 @@ def main(argv=None):
     for f in features:  # every run's settings are valid before the first one starts
         env = dict(base_env, **f.settings, LOG_DIR=str(log_dir), RUN_ID=run_id(args.mode, f.name, seeds[0]))
         seeds_tool.expected_settings(env)
+    if args.no_base:
+        check_base_logs(args.mode, seeds, base_env, log_dir)
+        features = [f for f in features if f.name != "base"]
     log_dir.mkdir(parents=True, exist_ok=True)
     argv_run, typed = seeds_tool.launcher(args.nproc)
     shown = {k: v for k, v in base_env.items() if k in tg.SETTINGS_BY_NAME and k not in ("SEED", "RUN_ID")}
