@@ -584,6 +584,16 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     assert not (tmp_path / "h2h" / "pr1529_seed6_eval.txt").exists()
     wrong = h2h("pr1529", "6", "900", "both", timeout=300)
     assert wrong.returncode == 2 and "STAGE=both is not one of all, train, eval" in wrong.stderr
+    # pr1529's evaluation (chunk TTT, 78 s compiled afresh) needs 100 s, frontier's 200: a finished training
+    # log (only its last line is read before the evaluation) and 100-101 s left start pr1529's, and 99-100 s do not
+    env["LOG_DIR"] = str(tmp_path / "h2h_need")
+    (tmp_path / "h2h_need").mkdir()
+    (tmp_path / "h2h_need" / "pr1529_seed7.txt").write_text("final val_bpb:1.0\n")
+    refused = h2h("pr1529", "7", "119", "eval", timeout=300)
+    assert re.search(r"pr1529_seed7_eval not started: (98|99) s left of the deadline, an evaluation needs 100 s",
+                     refused.stdout), refused.stdout
+    started = h2h("pr1529", "7", "125", "eval", timeout=300)
+    assert "h2h: evaluating pr1529_seed7" in started.stdout and started.returncode != 0  # no artifact to score
 
 
 def test_the_committed_comparison_reproduces_its_readmes_figures(capsys):

@@ -18,9 +18,10 @@
 #    sliding-window pass (its figure is not the final score of either preset). It gets what is left of
 #    DEADLINE_SECONDS (default 570) less a 20 s margin; an unfinished evaluation log is moved aside and the
 #    next invocation runs it again. Training does not start when DEADLINE_SECONDS is under H2H_TRAIN_SECONDS
-#    (default 450), nor the evaluation with less than H2H_EVAL_SECONDS left (default 200: frontier's took
-#    178.6 s compiled afresh on one H100; a frontier training compiled afresh leaves it under 100 s of a 550 s
-#    deadline, which then stopped it in LoRA TTT's warm-up, 2026-12-07).
+#    (default 450), nor the evaluation with less than H2H_EVAL_SECONDS left (default 200 for frontier: its took
+#    178.6 and 180.4 s compiled afresh on one H100; a frontier training compiled afresh leaves it under 100 s
+#    of a 550 s deadline, which then stopped it in LoRA TTT's warm-up, 2026-12-07. For pr1529 100: its chunk
+#    TTT took 78.3 s compiled afresh, and a 181 s remainder that 200 refused cost a call, 2026-12-07).
 # Both write to LOG_DIR (default logs/h2h_ema93, series 2's; series 1 was EMA 0.99 in logs/h2h); every text log
 # and artifact there is copied to $OUT when set.
 #
@@ -91,9 +92,10 @@ echo "h2h: $run_id trained ($((SECONDS - start)) s into this call)"
 if [ "$stage" != train ] && ! finished "$log_dir/${run_id}_eval.txt"; then
     set_aside "$log_dir/${run_id}_eval.txt"
     left=$((deadline - (SECONDS - start) - 20))
-    if [ "$left" -lt "${H2H_EVAL_SECONDS:-200}" ]; then
+    case "$preset" in pr1529) eval_need=${H2H_EVAL_SECONDS:-100} ;; *) eval_need=${H2H_EVAL_SECONDS:-200} ;; esac
+    if [ "$left" -lt "$eval_need" ]; then
         echo "h2h: ${run_id}_eval not started: ${left} s left of the deadline, an evaluation needs" \
-             "${H2H_EVAL_SECONDS:-200} s; run this again"
+             "$eval_need s; run this again"
         exit 0
     fi
     echo "h2h: evaluating ${run_id} (at most $left s)"
