@@ -5291,7 +5291,8 @@ def fit_step_cost(rows: np.ndarray, tokens: np.ndarray, seconds: np.ndarray):
 def describe_step_cost(fit: tuple) -> str:
     """fit_step_cost's three costs as the log writes them, in milliseconds (per thousand window tokens)."""
     per_step, per_row, per_token = fit
-    return f"steps_rows_tokens per_step_ms:{1e3 * per_step:.4f} per_row_ms:{1e3 * per_row:.4f} per_ktoken_ms:{1e6 * per_token:.4f}"
+    return (f"steps_rows_tokens per_step_ms:{1e3 * per_step:.4f} per_row_ms:{1e3 * per_row:.4f} "
+            f"per_ktoken_ms:{1e6 * per_token:.4f}")
 
 
 class StepTimer:
@@ -5364,9 +5365,9 @@ def lora_early_estimate(budget: EvalBudget, rt: Runtime, timer: StepTimer, shape
 def lora_step_costs(timer: StepTimer, shapes: tuple) -> str:
     """The log's account of where LoRA TTT's step time went: the three-term fit over every timed step, and the
     seconds, rows and window tokens of the steps by window width (narrow ones are the short-document chunks and
-    the starts of documents): what a step costs a row and a window token on this machine over the whole pass,
-    against which the early estimate's fit (lora_early_estimate) can be judged. shapes: this rank's
-    lora_step_shapes."""
+    the starts of documents): what a step costs in itself, a row and a window token on this machine over the
+    whole pass, against which the early estimate's fit (lora_early_estimate) can be judged. shapes: this
+    rank's lora_step_shapes."""
     steps, seconds = timer.durations()
     if len(steps) == 0:
         return "ttt:lora_step_costs rank:0 timed_steps:0"
