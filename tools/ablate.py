@@ -210,13 +210,12 @@ def check_base_logs(mode: str, seeds: list, base_env: dict, log_dir: Path):
     for seed in seeds:
         rid = run_id(mode, "base", seed)
         path = log_dir / f"{rid}.txt"
-        log = runlog.read_log(path) if path.is_file() else None
+        env = dict(base_env, LOG_DIR=str(log_dir), RUN_ID=rid, **({} if seed is None else {"SEED": str(seed)}))
+        log, why = seeds_tool.logged_run(path, env, source_sha)
         if log is None or not log.complete:
             state = "missing" if log is None else f"unfinished ({log.incomplete_reason})"
             sys.exit(f"error: --no-base: the baseline's log {path} is {state}: copy (carry) it into {log_dir}, "
                      f"or drop --no-base to run it")
-        env = dict(base_env, LOG_DIR=str(log_dir), RUN_ID=rid, **({} if seed is None else {"SEED": str(seed)}))
-        why = seeds_tool.config_mismatch(log, seeds_tool.expected_settings(env), source_sha)
         if why:
             sys.exit(f"error: --no-base: the baseline's log {path} is a finished run but {why}: it cannot be this "
                      f"call's baseline; drop --no-base to run one")

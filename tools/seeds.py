@@ -122,6 +122,14 @@ def config_mismatch(log, expected: dict, source_sha: str) -> str | None:
     return None
 
 
+def logged_run(path: Path, env: dict, source_sha: str):
+    """(log, why): the log at path (None when there is none) and, when it is a finished run, why it is not a
+    run of env's configuration (RUN_ID and LOG_DIR included) and this source; why is None otherwise."""
+    log = runlog.read_log(path) if path.exists() else None
+    why = config_mismatch(log, expected_settings(env), source_sha) if log is not None and log.complete else None
+    return log, why
+
+
 def move_aside(path: Path) -> Path:
     n = 1
     while path.with_name(f"{path.name}.partial{n}").exists():
@@ -138,13 +146,12 @@ def run_or_resume(label: str, run_id: str, env: dict, argv_run: list, log_dir: P
     by label ("seed 2") and its log."""
     env = dict(env, RUN_ID=run_id, LOG_DIR=str(log_dir))
     path = log_dir / f"{run_id}.txt"
-    if path.exists():
-        log = runlog.read_log(path)
-        if log.complete:
-            why = config_mismatch(log, expected_settings(env), source_sha)
-            if why:
-                sys.exit(f"error: {path} is a finished run but {why}: use another name, or move that log away to rerun it")
-            return log, "done earlier"
+    log, why = logged_run(path, env, source_sha)
+    if why:
+        sys.exit(f"error: {path} is a finished run but {why}: use another name, or move that log away to rerun it")
+    if log is not None and log.complete:
+        return log, "done earlier"
+    if log is not None:
         print(f"{path} is incomplete ({log.incomplete_reason}); moved to {move_aside(path)}", flush=True)
     expected_settings(env)  # a bad value stops here, before the run starts
     print(f"--- {label}: {run_id}", flush=True)
