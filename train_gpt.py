@@ -636,9 +636,11 @@ PRESETS = {
     # The later records' techniques (frontier.md 1.4) on pr1529, as the ablation (tools/ablate.py) defines them.
     # Provisional: a feature stays while it measures no worse on the proxy (README, Ablations).
     # Training, 300 proxy steps, EMA 0.955, 2 seeds (records/proxy_1gpu_h100_2026-12-06_ema0955/): SmearGate
-    # with the BOS mask -0.0084 bpb, Polar Express -0.0082, the LR floor -0.0020. Left out: #1855's warm-down
-    # 0.85 and BETA2 0.99 (+0.0169), the sparse attention gate (+0.0098, EMA 0.99, 1 seed), progressive context
-    # (not yet measured) and #1855's clip sigmas (600 KB over the limit with this stack's int8 embedding).
+    # with the BOS mask -0.0084 bpb, Polar Express -0.0082, the LR floor -0.0020, and (2026-12-07) #2014's
+    # progressive context, 1024 -> 2048 at 10% -> 3072 at 70% of training, -0.0111 (1.8% longer training time).
+    # Left out: #1855's warm-down 0.85 and BETA2 0.99 (+0.0169), the sparse attention gate (+0.0022, seeds
+    # +0.0046 and -0.0002) and #1855's clip sigmas (-0.0000, and 680 KB over the limit with this stack's int8
+    # embedding).
     # Evaluation, one artifact, 782 proxy documents (records/proxy_1gpu_h200_2026-12-06_eval/): LoRA TTT is
     # +0.0012 against chunk TTT alone, and its refinements gain against it: short-document chunks -0.0015,
     # #1767/#1855's alpha, rank and decay -0.0007, one phase -0.0002, warm-started A -0.0000. The n-gram tilt
@@ -646,6 +648,7 @@ PRESETS = {
     # context 2560 (+0.0005) and no Q/V adapters (+0.0002). Whether the LoRA stack beats chunk TTT together is
     # the ablation's frontier_eval row, not yet run.
     "frontier": dict(SMEAR_GATE=True, MIN_LR=0.1, MUON_NS_COEFFS="polar_express",
+                     TRAIN_SEQ_LEN=3072, TRAIN_SEQ_SCHEDULE="1024@0,2048@0.1,3072@0.7",
                      TTT_MODE="lora", SLIDING_WINDOW_ENABLED=False, TTT_LORA_RESET="b_only", TTT_LORA_ALPHA=144.0,
                      TTT_LORA_RANK=80, TTT_LORA_WD=1.0, TTT_SHORT_DOC_TOKENS=256, TTT_SHORT_DOC_CHUNK_SIZE=8,
                      TTT_PHASES=1, NGRAM_TILT=True),

@@ -94,7 +94,9 @@ TINY_RUN = dict(TINY_MODEL, ITERATIONS="6", TRAIN_LOG_EVERY="1", EVAL_STRIDE="16
                 TTT_DOCS_IN_FLIGHT="8", TTT_CHUNK_SIZE="16")
 # what a preset names that the tiny model cannot have (its layers, its vocabulary), scaled down
 TINY_FIT = {"pr1204": dict(VALUE_EMBED_LAYERS="4,5", ENABLE_LOOPING_AT_STEP="3", BIGRAM_HASH_BUCKETS="97",
-                           BIGRAM_HASH_DIM="16", VALUE_EMBED_DIM="16", PARALLEL_RESIDUAL_START="4")}
+                           BIGRAM_HASH_DIM="16", VALUE_EMBED_DIM="16", PARALLEL_RESIDUAL_START="4"),
+            # the progressive context at the tiny window: 32 tokens, then 64 from half-way
+            "frontier": dict(TRAIN_SEQ_SCHEDULE="32@0,64@0.5")}
 
 
 def run_preset(name: str, tiny_env: dict, **extra):
@@ -122,6 +124,8 @@ def test_each_preset_trains_quantizes_and_evaluates(name, tiny_env):
     passes = {"pr1529": "plain,sliding,ttt_chunk", "pr1477": "plain,sliding,ttt_chunk", "pr1536": "plain,ttt_lora",
               "pr1204": "plain,sliding", "frontier": "plain,ttt_lora"}
     assert re.search(r"^eval_total_time:\S+ passes:(\S+)$", log, re.M).group(1) == passes[name]
+    if name == "frontier":  # the progressive context switched to the final window length in the run
+        assert re.search(r"^seq_len:switched step:\d+ frac:\S+ seq_len:64 ", log, re.M)
     if name == "pr1204":
         assert re.search(r"^layer_loop:enabled step:3 ", log, re.M)  # the step-based start, not a fraction
         assert re.search(r"^gptq:hessians .* calibration:selfgen ", log, re.M)

@@ -552,7 +552,7 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path / "h2h"), OUT=str(tmp_path / "out"), ITERATIONS="3", EVAL_SEQ_LEN="64",
                TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3", TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4",
-               TTT_LORA_RANK="4")
+               TTT_LORA_RANK="4", TRAIN_SEQ_SCHEDULE="32@0,64@0.5")
     def h2h(*args, timeout=900):
         return subprocess.run(["bash", str(H2H), *args], cwd=ROOT, env=subprocess_env(env), capture_output=True,
                               text=True, timeout=timeout)

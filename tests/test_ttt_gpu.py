@@ -37,7 +37,7 @@ def artifact(tiny_data, tmp_path_factory):
     logs = tmp_path_factory.mktemp("gpu_ttt")
     env = dict(GPU_MODEL, PRESET="frontier", DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(logs), RUN_ID="train", ITERATIONS="3", TTT_ENABLED="0", NGRAM_TILT="0",
-               SLIDING_WINDOW_ENABLED="0")
+               SLIDING_WINDOW_ENABLED="0", TRAIN_SEQ_SCHEDULE="64@0,128@0.5")
     proc = run(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(env, EVAL_ONLY=str(logs / "train.ptz"))
