@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--log-every", type=int, default=10, help="log (and so check the clock) every N steps")
-    ap.add_argument("--json", help="also write the summary here")
+    ap.add_argument("--json", help="also write the summary here (with --ablate a list, rewritten after each run)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE settings for train_gpt.py")
     ap.add_argument("--ablate", nargs="*", choices=sorted(SPEED_FEATURES), metavar="FEATURE",
                     help=f"also time each speed feature flipped ({', '.join(SPEED_FEATURES)}; default all)")
@@ -102,11 +102,11 @@ def main():
         result = bench_once(args, overrides)
         result["variant"] = name
         results.append(result)
+        if args.json:  # after every run: a call stopped by its time limit keeps the variants that finished
+            Path(args.json).write_text(json.dumps(results if args.ablate is not None else result, indent=2))
         print(json.dumps(result, indent=2), flush=True)
     if len(results) > 1:
         print(ablation_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
 
 
 def bench_once(args, overrides: dict) -> dict:
