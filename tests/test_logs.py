@@ -157,3 +157,22 @@ def test_an_unexpected_failure_leaves_its_traceback_in_the_log(tiny_env, monkeyp
     assert log.final_val_bpb is None and not log.complete
     assert log.incomplete_reason == "it failed: final val_bpb:1.00000000"
     assert log.failure[0] == "Traceback (most recent call last):" and "RuntimeError: compile failed" in log.failure
+
+
+def test_phase_rates_time_each_phase_from_the_step_clocks_and_never_across_the_switch():
+    """RunLog.phase_rates: before looping from the first logged step >= 10 to the last one without looping, looping
+    from its first logged step on; tokens per step are TRAIN_BATCH_TOKENS. A step's own tok/s field is ignored
+    (here deliberately wrong), and a log whose steps do not say whether they loop gives no rates."""
+    committed = ROOT / "records" / "proxy_1gpu_h100_2026-12-07_speed_wallclock" / "speed_on_seed1337.log"
+    header = committed.read_text().partition("\nheader:end\n")[0] + "\nheader:end\n"
+    assert "\n  TRAIN_BATCH_TOKENS: 786432\n" in header
+    clock = {1: 900, 5: 3500, 10: 7000, 20: 14500, 30: 22000, 40: 40000, 50: 52000, 60: 64000}
+    steps = "".join(f"step:{n}/100 train_loss:3.0 train_time:{ms}ms step_avg:1.0ms tok/s:1 looping:{int(n >= 35)}\n"
+                    for n, ms in clock.items())
+    rates = runlog.parse_log(header + steps).phase_rates()
+    before, looping = rates["before_looping"], rates["looping"]
+    assert before["steps"] == 20 and before["ms_per_step"] == pytest.approx((22000 - 7000) / 20)
+    assert before["tokens_per_s"] == pytest.approx(786432 / 0.75)
+    assert looping["steps"] == 20 and looping["ms_per_step"] == pytest.approx((64000 - 40000) / 20)
+    old = steps.replace(" looping:0", "").replace(" looping:1", "")
+    assert runlog.parse_log(header + old).phase_rates() == {}

@@ -624,3 +624,36 @@ def test_the_committed_comparison_reproduces_its_readmes_figures(capsys):
     for text in (readme, main_readme):
         assert f"p = {p_bar:.3f}" in text and f"p = {p_any:.3f}" in text and f"{gain_nats:.5f} nats" in text
     assert "NOT MET" in out
+
+
+# --- issue 11's speed features on against off at equal wallclock (records/proxy_1gpu_h100_2026-12-07_speed_wallclock/) ---
+
+def test_the_committed_wallclock_comparison_reproduces_its_readmes_table():
+    """Each figure of the README's table is what the two committed logs say: the rates recomputed from the step
+    clocks (and within 1% of the mean of the log's own tok/s fields over the same steps, an independent count),
+    the finals, the steps, the peak memory and the artifact bytes; and the two runs differ only in the speed
+    settings the README names."""
+    folder = ROOT / "records" / "proxy_1gpu_h100_2026-12-07_speed_wallclock"
+    readme = (folder / "README.md").read_text()
+    row = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+           for line in readme.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    logs = {name: runlog.read_log(folder / f"speed_{name}_seed1337.log") for name in ("on", "off")}
+    for column, name in enumerate(("on", "off")):
+        log, cell = logs[name], (lambda label: row[label][column].replace("**", ""))
+        rates = log.phase_rates()
+        for phase, label in (("before_looping", "tokens/s before looping (ms a step)"), ("looping", "tokens/s looping")):
+            r = rates[phase]
+            assert cell(label).startswith(f"{r['tokens_per_s'] / 1e6:.3f}M ({r['ms_per_step']:.1f} ms"), (name, phase)
+            fields = [s.tok_s for s in log.steps if s.looping == (phase == "looping")
+                      and (phase == "looping" or s.step >= 10)][1:]
+            assert sum(fields) / len(fields) == pytest.approx(r["tokens_per_s"], rel=0.01)
+        assert cell("steps in 225 s of training (+ 12 s calibration)") == str(log.steps_done)
+        assert cell("**quantized (final)**") == f"{log.final_val_bpb:.8f}"
+        assert cell("post-EMA, before quantization") == f"{log.metrics['pre_quantization_post_ema'].val_bpb:.8f}"
+        assert cell("live weights at the last step, val_bpb") == f"{log.val_points[-1].val_bpb:.4f}"
+        assert cell("peak memory allocated") == f"{log.peak_memory_mib[0]:,} MiB"
+        assert cell("artifact bytes") == f"{log.artifact_bytes:,}"
+    on, off = (logs[n].settings_without_run_specifics() for n in ("on", "off"))
+    assert {k for k in on.keys() | off.keys() if on.get(k) != off.get(k)} == {"CLOCK_CHECK_EVERY", "LOSS_KERNEL"}
+    gain = logs["off"].final_val_bpb - logs["on"].final_val_bpb
+    assert f"{gain:.4f} bpb better" in readme

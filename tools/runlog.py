@@ -227,6 +227,24 @@ class RunLog:
     def step_avg_ms(self) -> float | None:
         return self.steps[-1].step_avg_ms if self.steps else None
 
+    def phase_rates(self, skip_steps: int = 10) -> dict:
+        """Training speed before and after looping turned on, from the step lines' clocks rather than their
+        tok/s fields: {"before_looping" / "looping": {"steps", "ms_per_step", "tokens_per_s"}} for each phase
+        with two logged steps. Before looping starts at the first logged step >= skip_steps (the first steps
+        run slower); looping at its first logged step, so no interval holds the switch. Tokens per step are
+        TRAIN_BATCH_TOKENS (every rank and micro-batch together)."""
+        tokens = number(self.settings.get("TRAIN_BATCH_TOKENS"))
+        timed = [s for s in self.steps if s.train_time_ms is not None and s.looping is not None]
+        phases = {"before_looping": [s for s in timed if not s.looping and s.step >= skip_steps],
+                  "looping": [s for s in timed if s.looping]}
+        rates = {}
+        for name, steps in phases.items():
+            if len(steps) >= 2 and tokens:
+                ms = (steps[-1].train_time_ms - steps[0].train_time_ms) / (steps[-1].step - steps[0].step)
+                rates[name] = {"steps": steps[-1].step - steps[0].step, "ms_per_step": ms,
+                               "tokens_per_s": tokens / ms * 1000.0}
+        return rates
+
     @property
     def train_calibration_seconds(self) -> float | None:
         """Training plus GPTQ Hessian collection: what the 600 s training budget counts."""
@@ -447,6 +465,9 @@ def summary(log: RunLog) -> str:
         lines.append(f"train: {s.step} steps, {s.train_time_ms / 1000:.1f}s, last train_loss {s.train_loss:.4f}, "
                      f"{s.tok_s or 0:.0f} tok/s; train+calibration {log.train_calibration_seconds}s"
                      + (f"; {log.info['passes']} passes over its training data" if "passes" in log.info else ""))
+    for name, r in log.phase_rates().items():
+        lines.append(f"  {name.replace('_', ' ')}: {r['tokens_per_s'] / 1e6:.3f}M tokens/s, {r['ms_per_step']:.1f} ms a step "
+                     f"over {r['steps']} steps")
     for m in log.metrics.values():
         extra = "" if m.scored_targets is None else f" scored_targets:{m.scored_targets}"
         lines.append(f"  {m.name:<30} val_bpb:{m.val_bpb:.8f}" + ("" if m.val_loss is None else f" val_loss:{m.val_loss:.8f}")
