@@ -325,12 +325,12 @@ def test_the_committed_ablation_logs_reproduce_their_readmes_table(tmp_path):
     ablation table) quotes is what the tool computes from the committed logs."""
     folder = ROOT / "records" / "proxy_1gpu_h100_2026-12-06_ema0955"
     table, rows = table_of_committed_logs(folder, tmp_path)
-    assert len(rows) == 7
+    assert len(rows) == 8
     readme = (folder / "README.md").read_text()
     for row in rows:
         assert row in readme
     main_readme = (ROOT / "README.md").read_text()
-    for name in ("smear", "polar_express", "min_lr", "greedy_1855", "seq_schedule", "attn_gate", "greedy_clips"):
+    for name in ("smear", "polar_express", "min_lr", "greedy_1855", "seq_schedule", "attn_gate", "greedy_clips", "doc_mask"):
         cells = table_row(table, name)
         mean_delta, per_seed, live, tax = cells[4], cells[5].split(" (spread")[0], cells[10], cells[11]
         line = next(x for x in main_readme.splitlines() if x.startswith(f"| {name} |") and per_seed in x)

@@ -101,6 +101,8 @@ TRAIN_FEATURES = [
             note="#1855's clip sigmas (embedding 14, MLP 11.5), scored although over 16,000,000 B"),
     Feature("seq_schedule", {"TRAIN_SEQ_SCHEDULE": "1024@0,2048@0.1,3072@0.7", "TRAIN_SEQ_LEN": "3072"},
             note="progressive context 1k -> 2k -> 3k (#2014)"),
+    # Every record from #1530 on attends within documents (FA3 varlen); here flex attention on CUDA.
+    Feature("doc_mask", {"DOC_MASK": "1"}, note="document-masked attention (#1530's VarLen)"),
 ]
 
 # Evaluation-side features on one artifact. The LoRA refinements are compared with plain LoRA TTT.
