@@ -657,3 +657,26 @@ def test_the_committed_wallclock_comparison_reproduces_its_readmes_table():
     assert {k for k in on.keys() | off.keys() if on.get(k) != off.get(k)} == {"CLOCK_CHECK_EVERY", "LOSS_KERNEL"}
     gain = logs["off"].final_val_bpb - logs["on"].final_val_bpb
     assert f"{gain:.4f} bpb better" in readme
+
+
+def test_the_series_runner_gives_each_step_what_the_call_has_left_and_returns_only_text_logs(tmp_path):
+    """series.sh runs its steps in order with the call's remaining time: a training that does not fit is refused
+    by run.sh, the evaluation after it of a trained seed (a finished log, no artifact) is started with what is
+    left and fails on the missing artifact, the series goes on to the end, and only LOG_DIR's text logs reach
+    $OUT. Malformed steps stop it before anything runs."""
+    series = H2H.parent / "series.sh"
+    logs, out = tmp_path / "h2h", tmp_path / "out"
+    logs.mkdir()
+    (logs / "pr1529_seed7.txt").write_text("final val_bpb:1.0\n")
+    (logs / "pr1529_seed7.ptz").write_bytes(b"not an artifact")
+    env = subprocess_env({"LOG_DIR": str(logs), "OUT": str(out)})
+    r = subprocess.run(["bash", str(series), "pr1529", "140", "train:8", "eval:7", "train:9"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"pr1529_seed8 not started: a training run needs 450 s, the deadline is 13[0-2] s", r.stdout)
+    assert "h2h: evaluating pr1529_seed7" in r.stdout and "series: pr1529 eval:7 failed" in r.stdout
+    assert "series: pr1529 train:9 at" in r.stdout and "series: done at" in r.stdout
+    assert sorted(p.name for p in (out / "h2h").iterdir()) == ["pr1529_seed7.txt"]  # the artifact stays behind
+    bad = subprocess.run(["bash", str(series), "pr1529", "140", "train:8", "later:9"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "step later:9 is not STAGE:SEED" in bad.stderr and "series: pr1529" not in bad.stdout

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Several run.sh steps in one device call, each with the time the call has left: one call can then train a
+# seed and evaluate another, and a step that does not fit is refused by run.sh (it says why) while the next
+# one may still fit. Run from the project root on the GPU machine after `source .carry/setup.sh`:
+#
+#     bash records/proxy_1gpu_frontier_vs_pr1529/series.sh PRESET LIMIT_SECONDS STAGE:SEED [STAGE:SEED ...]
+#
+# e.g. `series.sh frontier 585 eval:1337 train:42`. STAGE is train, eval or all (run.sh's). LIMIT_SECONDS is
+# the call's own limit, less what came before this script; each step's deadline is what is left of it less
+# H2H_STEP_MARGIN (default 8 s), and the step runs under `timeout` with that deadline, so a step that
+# overruns is stopped (run.sh sets its unfinished log aside on the next try) and the logs still come back.
+# The environment passes through to run.sh (H2H_SCRIPT, LOG_DIR, H2H_EMA_DECAY, H2H_TRAIN_SECONDS, ...).
+# Only the text logs of LOG_DIR are copied to $OUT/<LOG_DIR's name>/, not the 16 MB artifacts: they stay on
+# the machine, where the next call (while it stays warm) evaluates them.
+set -uo pipefail
+usage="usage: series.sh PRESET LIMIT_SECONDS STAGE:SEED [STAGE:SEED ...]"
+preset=${1:?$usage}
+limit=${2:?$usage}
+shift 2
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+for step in "$@"; do
+    case "$step" in train:[0-9]*|eval:[0-9]*|all:[0-9]*) ;;
+        *) echo "series.sh: step $step is not STAGE:SEED with STAGE one of train, eval, all" >&2; exit 2 ;;
+    esac
+done
+start=$SECONDS
+here=$(dirname "${BASH_SOURCE[0]}")
+log_dir=${LOG_DIR:-logs/h2h_ema93}
+out=${OUT:-}
+for step in "$@"; do
+    stage=${step%%:*}
+    seed=${step#*:}
+    left=$((limit - (SECONDS - start) - ${H2H_STEP_MARGIN:-8}))
+    echo "series: $preset $step at $((SECONDS - start)) s, deadline $left s ($(date -u +%H:%M:%S) UTC)"
+    if [ "$left" -le 0 ]; then
+        echo "series: $preset $step not started: the call's time is spent"
+        continue
+    fi
+    OUT="" timeout "$left" bash "$here/run.sh" "$preset" "$seed" "$left" "$stage"
+    status=$?
+    [ "$status" -eq 124 ] && echo "series: $preset $step stopped at its deadline; run it again"
+    [ "$status" -ne 0 ] && [ "$status" -ne 124 ] && echo "series: $preset $step failed (exit $status)"
+done
+if [ -n "$out" ]; then
+    mkdir -p "$out/$(basename "$log_dir")"
+    cp "$log_dir"/*.txt* "$out/$(basename "$log_dir")/" 2>/dev/null || true
+fi
+echo "series: done at $((SECONDS - start)) s"
