@@ -639,7 +639,7 @@ PRESETS = {
     # with the BOS mask -0.0084 bpb, Polar Express -0.0082, the LR floor -0.0020, and (2026-12-07) #2014's
     # progressive context, 1024 -> 2048 at 10% -> 3072 at 70% of training, -0.0111 (1.8% longer training time),
     # and document-masked attention (DOC_MASK, as every record from #1530 on), -0.0342 with a 5% shorter step.
-    # The proxy's documents are short (352 tokens on average, FineWeb's about twice that), so that gain
+    # The proxy's documents are short (354 tokens on average, FineWeb's validation documents 811), so that gain
     # overstates the challenge's: #1530 measured about 0.001 nats on FineWeb.
     # Left out: #1855's warm-down 0.85 and BETA2 0.99 (+0.0169), the sparse attention gate (+0.0022, seeds
     # +0.0046 and -0.0002) and #1855's clip sigmas (-0.0000, and 680 KB over the limit with this stack's int8
