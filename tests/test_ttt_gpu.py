@@ -32,15 +32,25 @@ def run(env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def artifact(tiny_data, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("gpu_ttt")
+def train_artifact(tiny_data, logs, **extra) -> dict:
     env = dict(GPU_MODEL, PRESET="frontier", DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(logs), RUN_ID="train", ITERATIONS="3", TTT_ENABLED="0", NGRAM_TILT="0",
-               SLIDING_WINDOW_ENABLED="0", TRAIN_SEQ_SCHEDULE="64@0,128@0.5")
+               SLIDING_WINDOW_ENABLED="0", TRAIN_SEQ_SCHEDULE="64@0,128@0.5", **extra)
     proc = run(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(env, EVAL_ONLY=str(logs / "train.ptz"))
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_data, tmp_path_factory):
+    return train_artifact(tiny_data, tmp_path_factory.mktemp("gpu_ttt"))
+
+
+@pytest.fixture(scope="module")
+def causal_artifact(tiny_data, tmp_path_factory):
+    """The preset trained without its document mask: DOC_MASK is a model setting, which EVAL_ONLY cannot turn
+    off, so the mask's own option needs an artifact of its own."""
+    return train_artifact(tiny_data, tmp_path_factory.mktemp("gpu_ttt_causal"), DOC_MASK="0")
 
 
 def final_ttt(proc) -> float:
@@ -50,8 +60,12 @@ def final_ttt(proc) -> float:
 
 @pytest.mark.parametrize("option_off", ["", "NGRAM_TILT=0", "TTT_SHORT_DOC_TOKENS=0", "TTT_LORA_ALPHA=0",
                                         "TTT_LORA_RESET=all", "TTT_LORA_TARGETS=k,o,mlp,head", "TTT_PHASES=0",
-                                        "EVAL_SEQ_LEN=128"])
-def test_the_frontier_evaluation_compiles_on_the_gpu(artifact, option_off):
+                                        "EVAL_SEQ_LEN=128", "DOC_MASK=0"])
+def test_the_frontier_evaluation_compiles_on_the_gpu(request, option_off):
+    """The preset's artifact is document-masked (its phase's SGD then trains through flex attention, its plain
+    pass through the masked SDPA reference); DOC_MASK=0 evaluates the causal artifact instead."""
+    artifact = request.getfixturevalue("causal_artifact" if option_off == "DOC_MASK=0" else "artifact")
+    option_off = "" if option_off == "DOC_MASK=0" else option_off
     env = dict(artifact, **EVAL, RUN_ID="eval_" + (option_off.partition("=")[0].lower() or "preset"))
     if option_off:
         key, _, value = option_off.partition("=")
