@@ -252,6 +252,36 @@ def test_welch_test_matches_scipy_ttest_ind():
         assert ours.df == pytest.approx(ref.df, rel=1e-9)
 
 
+def test_paired_test_matches_scipy_ttest_rel():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n = int(rng.integers(2, 8))
+        seed_effect = rng.normal(0, 5e-3, n)  # what a seed does to both sides alike
+        base = 2.78 + seed_effect + rng.normal(0, 1e-3, n)
+        new = 2.774 + seed_effect + rng.normal(0, 1e-3, n)
+        margin = (0.0, 0.005)[trial % 2]
+        ours = significance.paired_one_sided(list(base - new), margin)
+        ref = stats.ttest_rel(base, new + margin, alternative="greater")
+        assert ours.t == pytest.approx(ref.statistic, rel=1e-9) and ours.p == pytest.approx(ref.pvalue, rel=1e-7, abs=1e-12)
+        assert ours.df == n - 1
+    with pytest.raises(ValueError):
+        significance.paired_one_sided([0.01], 0.005)
+
+
+def test_runs_are_paired_only_when_both_sides_hold_the_same_seeds_once():
+    class Log:
+        def __init__(self, seed, nats):
+            self.seed, self.final_val_loss = seed, nats
+    base = [Log(1, 3.0), Log(2, 3.1), Log(3, 3.2)]
+    assert significance.paired_by_seed(base, [Log(3, 2.9), Log(1, 2.8), Log(2, 2.7)]) == \
+        {1: (3.0, 2.8), 2: (3.1, 2.7), 3: (3.2, 2.9)}
+    assert significance.paired_by_seed(base, [Log(1, 2.8), Log(2, 2.7)]) is None          # a seed missing
+    assert significance.paired_by_seed(base, [Log(1, 2.8), Log(1, 2.7), Log(3, 2.9)]) is None  # a seed twice
+    assert significance.paired_by_seed(base, [Log(None, 2.8), Log(2, 2.7), Log(3, 2.9)]) is None
+    assert significance.paired_by_seed(base[:1], [Log(1, 2.8)]) is None                    # one pair: no test
+
+
 def test_the_bar_is_a_test_of_the_margin_not_of_any_gain():
     S = significance.Sample
     clear = significance.compare(S(2.7800, 0.0005, 3), S(2.7700, 0.0005, 3))
@@ -624,6 +654,8 @@ def test_the_committed_comparison_reproduces_its_readmes_figures(capsys):
     for text in (readme, main_readme):
         assert f"p = {p_bar:.3f}" in text and f"p = {p_any:.3f}" in text and f"{gain_nats:.5f} nats" in text
     assert "NOT MET" in out
+    paired = float(re.search(r"paired H0 gain <= 0.005 nats: .* p=([0-9.]+)", out).group(1))
+    assert f"paired by seed, p = {paired:.3f}" in readme
 
 
 # --- issue 11's speed features on against off at equal wallclock (records/proxy_1gpu_h100_2026-12-07_speed_wallclock/) ---

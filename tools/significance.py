@@ -23,6 +23,12 @@ bpb and nats differ by one constant factor on a fixed validation set: val_loss /
 val_bpb; they must agree), or given with --nats-per-bpb when every side comes as statistics. The
 margin in bpb is 0.005 / that factor, so the t statistic and p-value are the same in both units.
 
+When both sides are logs of the same seeds, the runs are also paired by seed and a one-sided paired t-test
+of the per-seed gains is printed after the bar. It is not the challenge's test (a record's runs are compared
+with another submission's, not seed by seed), but where a seed moves both sides alike (the same data order
+and, mostly, the same initialisation) it removes that shared part of the spread: a study can read it as
+the tighter measurement of one change.
+
 The t distribution's CDF is computed here (regularized incomplete beta by its continued fraction), so
 the tool needs only the standard library; tests check it against scipy.stats.ttest_ind.
 """
@@ -152,6 +158,46 @@ def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> Welch
     df = (vb + vn) ** 2 / (vb ** 2 / (baseline.n - 1) + vn ** 2 / (new.n - 1))
     t = (gain - margin) / se
     return Welch(gain, margin, t, df, t_sf(t, df), se)
+
+
+def paired_one_sided(gains, margin: float = 0.0) -> Welch:
+    """One-sided paired t-test of H0: mean(gain) <= margin over per-seed gains (baseline - new of one seed).
+    Equals scipy.stats.ttest_rel(baseline, new + margin, alternative="greater"); df = pairs - 1."""
+    g = Sample.of(gains)
+    if g.n < 2:
+        raise ValueError(f"the paired test needs at least 2 seeds on both sides ({g.n} given)")
+    se = g.std / math.sqrt(g.n)
+    if se == 0.0:
+        return Welch(g.mean, margin, math.copysign(math.inf, g.mean - margin), g.n - 1, 0.0 if g.mean > margin else 1.0)
+    t = (g.mean - margin) / se
+    return Welch(g.mean, margin, t, g.n - 1, t_sf(t, g.n - 1), se)
+
+
+def paired_by_seed(base_logs, new_logs):
+    """{seed: (baseline nats, new nats)} when both sides hold one run of each of the same seeds (two or more),
+    else None."""
+    def by_seed(logs):
+        seeds = [log.seed for log in logs]
+        if None in seeds or len(set(seeds)) != len(seeds):
+            return None
+        return {log.seed: log.final_val_loss for log in logs}
+    base, new = by_seed(base_logs), by_seed(new_logs)
+    if not base or not new or set(base) != set(new) or len(base) < 2:
+        return None
+    return {seed: (base[seed], new[seed]) for seed in sorted(base)}
+
+
+def paired_report(pairs: dict, nats_per_bpb: float | None, margin: float, alpha: float) -> str:
+    gains = [b - n for b, n in pairs.values()]
+    bar, any_gain = paired_one_sided(gains, margin), paired_one_sided(gains, 0.0)
+    r = nats_per_bpb
+    per_seed = ", ".join(f"{seed}: {g:+.5f}" for seed, g in zip(pairs, gains))
+    return "\n".join([
+        f"paired by seed ({len(gains)} seeds; not the challenge's test): gains in nats {per_seed}; "
+        f"std {Sample.of(gains).std:.5f}" + ("" if r is None else f" ({Sample.of(gains).std / r:.5f} bpb)"),
+        f"  paired H0 gain <= 0:      t={any_gain.t:.3f} df={any_gain.df:g} p={any_gain.p:.4g}",
+        f"  paired H0 gain <= {margin:g} nats: t={bar.t:.3f} df={bar.df:g} p={bar.p:.4g} "
+        f"({'below' if bar.p < alpha else 'not below'} {alpha:g})"])
 
 
 def seeds_needed(baseline: Sample, new: Sample, margin: float, alpha: float, cap: int = 1000) -> int | None:
@@ -284,6 +330,9 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}: give more seeds, or the baseline as --baseline-stats MEAN,STD,N")
     print(result.report())
+    pairs = paired_by_seed(base_logs, new_logs)
+    if pairs is not None:
+        print(paired_report(pairs, ratio, args.margin, args.alpha))
 
 
 if __name__ == "__main__":
