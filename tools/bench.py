@@ -39,25 +39,15 @@ SPEED_FEATURES = {
 
 
 def summarize(lines, skip_after_switch: int):
-    """Step time before and after the recurrence switches on, peak memory, last loss, from the run's output lines."""
+    """Step time before and after the recurrence switches on (RunLog.phase_rates: from step 5 on, and from one
+    logging interval after the switch), peak memory, last loss, from the run's output lines."""
     log = runlog.parse_log("\n".join(lines))
-    switch = next((s.step for s in log.steps if s.looping), None)
-    phases = {"before_loop": [], "after_loop": []}
-    prev_step, prev_ms = 0, 0
-    for s in log.steps:
-        interval = (s.step - prev_step, s.train_time_ms - prev_ms)
-        prev_step, prev_ms = s.step, s.train_time_ms
-        if s.step <= 5:  # single-step lines right after start-up
-            continue
-        if not s.looping and (switch is None or s.step < switch):
-            phases["before_loop"].append(interval)
-        elif s.looping and s.step - interval[0] >= switch + skip_after_switch:
-            phases["after_loop"].append(interval)
     result = {}
-    for name, intervals in phases.items():
-        n, ms = sum(i[0] for i in intervals), sum(i[1] for i in intervals)
-        if n:
-            result[name] = {"steps": n, "step_ms": ms / n}
+    rates = log.phase_rates(skip_steps=5, skip_after_switch=skip_after_switch)
+    for name, phase in (("before_loop", "before_looping"), ("after_loop", "looping")):
+        if phase in rates:
+            r = rates[phase]
+            result[name] = {"steps": r["steps"], "step_ms": r["ms_per_step"], "tokens_per_s": r["tokens_per_s"]}
     if log.peak_memory_mib:
         result["peak_allocated_mib"], result["peak_reserved_mib"] = log.peak_memory_mib
     result["last_train_loss"] = log.steps[-1].train_loss if log.steps else None
@@ -118,10 +108,6 @@ def bench_once(args, overrides: dict) -> dict:
     t0 = time.time()
     lines = run_until_training_ends(cmd, env, args.steps)
     result, log = summarize(lines, skip_after_switch=args.log_every)
-    tokens = int(env.get("TRAIN_BATCH_TOKENS", 786432))
-    for phase in ("before_loop", "after_loop"):
-        if phase in result:
-            result[phase]["tokens_per_s"] = tokens / (result[phase]["step_ms"] / 1000.0)
     result.update(wall_seconds=time.time() - t0, command=" ".join(cmd), overrides=overrides,
                   device=" ".join(f"{k}: {v}" for k, v in log.versions.items()),
                   paths={k: log.info.get(k, "") for k in ("attention_backend", "mlp_kernel", "loss_kernel", "qk_kernel")},

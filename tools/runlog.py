@@ -227,16 +227,18 @@ class RunLog:
     def step_avg_ms(self) -> float | None:
         return self.steps[-1].step_avg_ms if self.steps else None
 
-    def phase_rates(self, skip_steps: int = 10) -> dict:
+    def phase_rates(self, skip_steps: int = 10, skip_after_switch: int = 0) -> dict:
         """Training speed before and after looping turned on, from the step lines' clocks rather than their
         tok/s fields: {"before_looping" / "looping": {"steps", "ms_per_step", "tokens_per_s"}} for each phase
         with two logged steps. Before looping starts at the first logged step >= skip_steps (the first steps
-        run slower); looping at its first logged step, so no interval holds the switch. Tokens per step are
-        TRAIN_BATCH_TOKENS (every rank and micro-batch together)."""
+        run slower); looping at its first logged step + skip_after_switch (tools/bench.py drops one logging
+        interval there), so no interval holds the switch. Tokens per step are TRAIN_BATCH_TOKENS (every rank
+        and micro-batch together)."""
         tokens = number(self.settings.get("TRAIN_BATCH_TOKENS"))
         timed = [s for s in self.steps if s.train_time_ms is not None and s.looping is not None]
+        switch = next((s.step for s in timed if s.looping), None)
         phases = {"before_looping": [s for s in timed if not s.looping and s.step >= skip_steps],
-                  "looping": [s for s in timed if s.looping]}
+                  "looping": [s for s in timed if s.looping and s.step >= switch + skip_after_switch]}
         rates = {}
         for name, steps in phases.items():
             if len(steps) >= 2 and tokens:

@@ -190,11 +190,11 @@ def paired_by_seed(base_logs, new_logs):
 def paired_report(pairs: dict, nats_per_bpb: float | None, margin: float, alpha: float) -> str:
     gains = [b - n for b, n in pairs.values()]
     bar, any_gain = paired_one_sided(gains, margin), paired_one_sided(gains, 0.0)
-    r = nats_per_bpb
+    std, r = Sample.of(gains).std, nats_per_bpb
     per_seed = ", ".join(f"{seed}: {g:+.5f}" for seed, g in zip(pairs, gains))
     return "\n".join([
         f"paired by seed ({len(gains)} seeds; not the challenge's test): gains in nats {per_seed}; "
-        f"std {Sample.of(gains).std:.5f}" + ("" if r is None else f" ({Sample.of(gains).std / r:.5f} bpb)"),
+        f"std {std:.5f}" + ("" if r is None else f" ({std / r:.5f} bpb)"),
         f"  paired H0 gain <= 0:      t={any_gain.t:.3f} df={any_gain.df:g} p={any_gain.p:.4g}",
         f"  paired H0 gain <= {margin:g} nats: t={bar.t:.3f} df={bar.df:g} p={bar.p:.4g} "
         f"({'below' if bar.p < alpha else 'not below'} {alpha:g})"])
