@@ -8,8 +8,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -712,3 +714,25 @@ def test_the_series_runner_gives_each_step_what_the_call_has_left_and_returns_on
     bad = subprocess.run(["bash", str(series), "pr1529", "140", "train:8", "later:9"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "step later:9 is not STAGE:SEED" in bad.stderr and "series: pr1529" not in bad.stdout
+
+
+def test_a_series_cut_short_still_returns_the_logs_of_its_finished_steps(tmp_path):
+    """The device's call can end mid-step (its limit, or the session's device time): series.sh copies LOG_DIR's
+    text logs to $OUT after each step, so a kill during the second step leaves the first one's log there. run.sh
+    is replaced by a stand-in beside a copy of series.sh: the first step writes its log, the second hangs."""
+    folder = tmp_path / "runner"
+    folder.mkdir()
+    shutil.copy(H2H.parent / "series.sh", folder / "series.sh")
+    (folder / "run.sh").write_text('echo "final val_bpb:1.0" > "$LOG_DIR/$1_seed$2.txt"\n[ "$2" = 2 ] && sleep 60\n')
+    logs, out = tmp_path / "h2h", tmp_path / "out"
+    logs.mkdir()
+    env = subprocess_env({"LOG_DIR": str(logs), "OUT": str(out)})
+    series = subprocess.Popen(["bash", str(folder / "series.sh"), "frontier", "500", "train:1", "train:2"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 30
+    while not (logs / "frontier_seed2.txt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(series.pid, signal.SIGKILL)  # the whole call: series.sh, its timeout and the hanging step
+    series.wait(timeout=30)
+    assert (logs / "frontier_seed2.txt").exists()
+    assert sorted(p.name for p in (out / "h2h").iterdir()) == ["frontier_seed1.txt"]

@@ -11,7 +11,8 @@
 # overruns is stopped (run.sh sets its unfinished log aside on the next try) and the logs still come back.
 # The environment passes through to run.sh (H2H_SCRIPT, LOG_DIR, H2H_EMA_DECAY, H2H_TRAIN_SECONDS, ...).
 # Only the text logs of LOG_DIR are copied to $OUT/<LOG_DIR's name>/, not the 16 MB artifacts: they stay on
-# the machine, where the next call (while it stays warm) evaluates them.
+# the machine, where the next call (while it stays warm) evaluates them. The logs are copied after every step,
+# so a call cut short (its limit, or the session's device time running out) still returns the finished ones.
 set -uo pipefail
 usage="usage: series.sh PRESET LIMIT_SECONDS STAGE:SEED [STAGE:SEED ...]"
 preset=${1:?$usage}
@@ -23,6 +24,11 @@ for step in "$@"; do
         *) echo "series.sh: step $step is not STAGE:SEED with STAGE one of train, eval, all" >&2; exit 2 ;;
     esac
 done
+return_logs() {
+    [ -n "$out" ] || return 0
+    mkdir -p "$out/$(basename "$log_dir")"
+    cp "$log_dir"/*.txt* "$out/$(basename "$log_dir")/" 2>/dev/null || true
+}
 start=$SECONDS
 here=$(dirname "${BASH_SOURCE[0]}")
 log_dir=${LOG_DIR:-logs/h2h_ema93}
@@ -40,9 +46,6 @@ for step in "$@"; do
     status=$?
     [ "$status" -eq 124 ] && echo "series: $preset $step stopped at its deadline; run it again"
     [ "$status" -ne 0 ] && [ "$status" -ne 124 ] && echo "series: $preset $step failed (exit $status)"
+    return_logs
 done
-if [ -n "$out" ]; then
-    mkdir -p "$out/$(basename "$log_dir")"
-    cp "$log_dir"/*.txt* "$out/$(basename "$log_dir")/" 2>/dev/null || true
-fi
 echo "series: done at $((SECONDS - start)) s"
