@@ -711,6 +711,11 @@ def test_the_series_runner_gives_each_step_what_the_call_has_left_and_returns_on
     assert "h2h: evaluating pr1529_seed7" in r.stdout and "series: pr1529 eval:7 failed" in r.stdout
     assert "series: pr1529 train:9 at" in r.stdout and "series: done at" in r.stdout
     assert sorted(p.name for p in (out / "h2h").iterdir()) == ["pr1529_seed7.txt"]  # the artifact stays behind
+    # unless asked for: a seed trained in one session, its artifact evaluated in the next
+    shutil.rmtree(out)
+    r = subprocess.run(["bash", str(series), "pr1529", "140", "train:8"], cwd=ROOT,
+                       env=dict(env, H2H_RETURN_ARTIFACTS="1"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and sorted(p.name for p in (out / "h2h").iterdir()) == ["pr1529_seed7.ptz", "pr1529_seed7.txt"]
     bad = subprocess.run(["bash", str(series), "pr1529", "140", "train:8", "later:9"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "step later:9 is not STAGE:SEED" in bad.stderr and "series: pr1529" not in bad.stdout

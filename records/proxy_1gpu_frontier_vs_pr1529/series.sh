@@ -13,6 +13,9 @@
 # Only the text logs of LOG_DIR are copied to $OUT/<LOG_DIR's name>/, not the 16 MB artifacts: they stay on
 # the machine, where the next call (while it stays warm) evaluates them. The logs are copied after every step,
 # so a call cut short (its limit, or the session's device time running out) still returns the finished ones.
+# H2H_RETURN_ARTIFACTS=1 copies LOG_DIR's artifacts too (15.9 MB each, under the device's 16 MiB a file; mind its
+# 8 files a call): a seed trained in one session can then be evaluated in another, with LOG_DIR carried there
+# (a carried folder replaces the machine's copy, so carry the whole LOG_DIR as it came back).
 set -uo pipefail
 usage="usage: series.sh PRESET LIMIT_SECONDS STAGE:SEED [STAGE:SEED ...]"
 preset=${1:?$usage}
@@ -28,6 +31,9 @@ return_logs() {
     [ -n "$out" ] || return 0
     mkdir -p "$out/$(basename "$log_dir")"
     cp "$log_dir"/*.txt* "$out/$(basename "$log_dir")/" 2>/dev/null || true
+    if [ "${H2H_RETURN_ARTIFACTS:-0}" = 1 ]; then
+        cp "$log_dir"/*.ptz "$out/$(basename "$log_dir")/" 2>/dev/null || true
+    fi
 }
 start=$SECONDS
 here=$(dirname "${BASH_SOURCE[0]}")
