@@ -271,6 +271,18 @@ def test_paired_test_matches_scipy_ttest_rel():
         significance.paired_one_sided([0.01], 0.005)
 
 
+def test_runs_without_spread_make_the_gain_exact():
+    """Identical runs on a side (a repeated seed on one machine can be) leave no standard error: the gain is
+    then exact, and both tests answer p = 0 above the margin and 1 at or below it, instead of dividing by 0."""
+    S = significance.Sample
+    welch = significance.welch_one_sided(S(2.78, 0.0, 3), S(2.77, 0.0, 3), margin=0.005)
+    assert welch.p == 0.0 and welch.t == math.inf and math.isnan(welch.df) and welch.gain_needed(0.01) == 0.005
+    assert significance.welch_one_sided(S(2.78, 0.0, 3), S(2.777, 0.0, 3), margin=0.005).p == 1.0
+    paired = significance.paired_one_sided([0.01, 0.01, 0.01], margin=0.005)
+    assert paired.p == 0.0 and paired.df == 2
+    assert significance.paired_one_sided([0.002, 0.002], margin=0.005).p == 1.0
+
+
 def test_runs_are_paired_only_when_both_sides_hold_the_same_seeds_once():
     class Log:
         def __init__(self, seed, nats):

@@ -145,19 +145,25 @@ class Welch:
         return self.margin + t_isf(alpha, self.df) * self.se
 
 
+def t_test(gain: float, margin: float, se: float, df: float) -> Welch:
+    """The one-sided t-test of H0: gain <= margin for a gain with standard error se and df degrees of freedom;
+    se = 0 (identical runs) makes the gain exact: p is 0 or 1."""
+    if se == 0.0:
+        return Welch(gain, margin, math.copysign(math.inf, gain - margin), df, 0.0 if gain > margin else 1.0)
+    t = (gain - margin) / se
+    return Welch(gain, margin, t, df, t_sf(t, df), se)
+
+
 def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> Welch:
     """One-sided Welch t-test of H0: mean(baseline) - mean(new) <= margin. Equals
     scipy.stats.ttest_ind(baseline, new + margin, equal_var=False, alternative="greater")."""
     if baseline.n < 2 or new.n < 2:
         raise ValueError(f"the Welch test needs at least 2 runs on each side (baseline {baseline.n}, new {new.n})")
     vb, vn = baseline.std ** 2 / baseline.n, new.std ** 2 / new.n
-    gain = baseline.mean - new.mean
     se = math.sqrt(vb + vn)
-    if se == 0.0:  # identical runs on both sides: the gain is exact
-        return Welch(gain, margin, math.copysign(math.inf, gain - margin), math.nan, 0.0 if gain > margin else 1.0)
-    df = (vb + vn) ** 2 / (vb ** 2 / (baseline.n - 1) + vn ** 2 / (new.n - 1))
-    t = (gain - margin) / se
-    return Welch(gain, margin, t, df, t_sf(t, df), se)
+    # Welch-Satterthwaite degrees of freedom; undefined (nan) when both sides have no spread
+    df = math.nan if se == 0.0 else (vb + vn) ** 2 / (vb ** 2 / (baseline.n - 1) + vn ** 2 / (new.n - 1))
+    return t_test(baseline.mean - new.mean, margin, se, df)
 
 
 def paired_one_sided(gains, margin: float = 0.0) -> Welch:
@@ -166,11 +172,7 @@ def paired_one_sided(gains, margin: float = 0.0) -> Welch:
     g = Sample.of(gains)
     if g.n < 2:
         raise ValueError(f"the paired test needs at least 2 seeds on both sides ({g.n} given)")
-    se = g.std / math.sqrt(g.n)
-    if se == 0.0:
-        return Welch(g.mean, margin, math.copysign(math.inf, g.mean - margin), g.n - 1, 0.0 if g.mean > margin else 1.0)
-    t = (g.mean - margin) / se
-    return Welch(g.mean, margin, t, g.n - 1, t_sf(t, g.n - 1), se)
+    return t_test(g.mean, margin, g.std / math.sqrt(g.n), g.n - 1)
 
 
 def paired_by_seed(base_logs, new_logs):
