@@ -10,8 +10,8 @@
 # H2H_STEP_MARGIN (default 8 s), and the step runs under `timeout` with that deadline, so a step that
 # overruns is stopped (run.sh sets its unfinished log aside on the next try) and the logs still come back.
 # The environment passes through to run.sh (H2H_SCRIPT, LOG_DIR, H2H_EMA_DECAY, H2H_TRAIN_SECONDS, ...).
-# Only the text logs of LOG_DIR are copied to $OUT/<LOG_DIR's name>/, not the 16 MB artifacts: they stay on
-# the machine, where the next call (while it stays warm) evaluates them. The logs are copied after every step,
+# By default only the text logs of LOG_DIR are copied to $OUT/<LOG_DIR's name>/, not the 16 MB artifacts: they
+# stay on the machine, where the next call (while it stays warm) evaluates them. The logs are copied after every step,
 # so a call cut short (its limit, or the session's device time running out) still returns the finished ones.
 # H2H_RETURN_ARTIFACTS=1 copies LOG_DIR's artifacts too (15.9 MB each, under the device's 16 MiB a file; mind its
 # 8 files a call): a seed trained in one session can then be evaluated in another, with LOG_DIR carried there
