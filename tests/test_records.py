@@ -753,3 +753,42 @@ def test_a_series_cut_short_still_returns_the_logs_of_its_finished_steps(tmp_pat
     series.wait(timeout=30)
     assert (logs / "frontier_seed2.txt").exists()
     assert sorted(p.name for p in (out / "h2h").iterdir()) == ["frontier_seed1.txt"]
+
+
+def test_series_3_figures_are_its_logs(capsys):
+    """Series 3 of the frontier-vs-pr1529 comparison (records/proxy_1gpu_frontier_vs_pr1529/ema093_frontier3/),
+    seed by seed as it comes in: each figure of its table is what the seed's committed training and evaluation
+    logs say, both READMEs quote the final, and the gain over pr1529's run of the same seed (ema093/) is
+    recomputed here from the two final losses and scores."""
+    folder = H2H.parent
+    readme, main_readme = (folder / "README.md").read_text(), (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Series 3"):readme.index("## Next")]
+    rows = {line.split("|")[1].strip().replace("**", ""): [c.strip().replace("**", "") for c in line.split("|")[2:-1]]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+    evals = sorted((folder / "ema093_frontier3").glob("frontier_seed*_eval.log"))
+    assert evals, "series 3 has no evaluated seed"
+    assert len(rows[""]) == 2 + len(evals)  # pr1529's and series 2's column at seed 1337, then series 3's seeds
+    for column, path in enumerate(evals, start=2):
+        seed = re.search(r"seed(\d+)_eval", path.name).group(1)
+        assert rows[""][column] == f"frontier {seed}, series 3"
+        scored, train = runlog.read_log(path), runlog.read_log(path.with_name(f"frontier_seed{seed}.log"))
+        assert scored.complete and train.complete
+        assert train.info["source_sha256"].startswith("2442a930") and scored.info["source_sha256"].startswith("2442a930")
+        assert train.settings["DOC_MASK"] == "True" and train.settings["TRAIN_SEQ_SCHEDULE"] == "1024@0,2048@0.1,3072@0.7"
+
+        def cell(label):
+            return rows[label][column]
+        assert cell("steps in 221-225 s (+ 12-15 s calibration)") == str(train.steps_done)
+        assert cell("live weights at the last step, val_bpb") == f"{train.val_points[-1].val_bpb:.4f}"
+        assert cell("post-EMA (0.93), before quantization") == \
+            f"{train.metrics['pre_quantization_post_ema'].val_bpb:.5f}"
+        assert cell("quantized, plain pass") == f"{scored.metrics['quantized'].val_bpb:.5f}"
+        assert cell("final (the preset's evaluation)") == f"{scored.final_val_bpb:.8f}"
+        assert cell("artifact bytes (code bytes)") == \
+            f"{int(train.artifact['total']):,} ({int(train.artifact['code_bytes']):,})"
+        assert f"{scored.final_val_bpb:.5f}" in main_readme
+        baseline = runlog.read_log(folder / "ema093" / f"pr1529_seed{seed}_eval.log")
+        gain_bpb = baseline.final_val_bpb - scored.final_val_bpb
+        gain_nats = baseline.metrics["final_ttt"].val_loss - scored.metrics["final_ttt"].val_loss
+        for text in (section, main_readme):
+            assert f"{gain_bpb:.5f} bpb" in text and f"{gain_nats:.5f} nats" in text, seed
