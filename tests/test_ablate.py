@@ -333,8 +333,11 @@ def test_the_committed_ablation_logs_reproduce_their_readmes_table(tmp_path):
     for name in ("smear", "polar_express", "min_lr", "greedy_1855", "seq_schedule", "attn_gate", "greedy_clips", "doc_mask"):
         cells = table_row(table, name)
         mean_delta, per_seed, live, tax = cells[4], cells[5].split(" (spread")[0], cells[10], cells[11]
+        spread = cells[5].split(" (spread ")[1].rstrip(")")
+        step_ms, artifact, eval_s = cells[6], cells[7], cells[8]
         line = next(x for x in main_readme.splitlines() if x.startswith(f"| {name} |") and per_seed in x)
-        assert mean_delta in line and line.rstrip(" |").endswith(f"{live} | {tax}")
+        assert mean_delta in line
+        assert line.rstrip(" |").endswith(f"{per_seed} | {spread} | {step_ms} | {artifact} | {eval_s} | {live} | {tax}")
 
 
 def test_the_frontier_eval_row_is_the_presets_evaluation_side():
