@@ -705,6 +705,36 @@ def test_the_committed_wallclock_comparison_reproduces_its_readmes_table():
     assert f"{gain:.4f} bpb better" in readme
 
 
+def test_the_warm_stage_compiles_a_seeds_graphs_and_leaves_no_result(tiny_data, tmp_path):
+    """STAGE warm trains two steps whose untimed warm-up compiles every graph a seed's training compiles (each
+    window length, looping off and on), evaluates that artifact with the preset's TTT (its graphs too), and
+    deletes the artifact; a second warm call runs nothing, and a seed trained after it is untouched by it."""
+    env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
+               LOG_DIR=str(tmp_path / "h2h"), EVAL_SEQ_LEN="64", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3",
+               TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4", TTT_LORA_RANK="4", TRAIN_SEQ_SCHEDULE="32@0,64@0.5",
+               H2H_WARM_EVAL_SECONDS="60")
+
+    def h2h(*args, extra=None):
+        return subprocess.run(["bash", str(H2H), *args], cwd=ROOT, env=subprocess_env(dict(env, **(extra or {}))),
+                              capture_output=True, text=True, timeout=900)
+    warm = h2h("frontier", "3", "900", "warm")
+    assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-2000:]
+    assert "h2h: frontier's graphs compiled on this machine" in warm.stdout
+    logs = tmp_path / "h2h"
+    assert sorted(p.name for p in logs.iterdir()) == ["frontier_warm.txt", "frontier_warm_eval.txt"]
+    trained, scored = runlog.read_log(logs / "frontier_warm.txt"), runlog.read_log(logs / "frontier_warm_eval.txt")
+    assert trained.complete and trained.steps_done == 2 and trained.settings["GPTQ_CALIBRATION_BATCHES"] == "4"
+    assert scored.complete and scored.ttt_protocols[0]["mode"] == "lora"
+    again = h2h("frontier", "3", "900", "warm")
+    assert again.returncode == 0 and "Hyperparameters" not in again.stdout
+    seed = h2h("frontier", "4", "900", "train", extra=dict(ITERATIONS="3"))
+    assert seed.returncode == 0, seed.stderr[-2000:]
+    graphs = [[line for line in runlog.read_log(logs / name).events if line.text.startswith("warmup:graph")]
+              for name in ("frontier_warm.txt", "frontier_seed4.txt")]
+    assert len(graphs[0]) >= 3 and [g.text for g in graphs[0]] == [g.text for g in graphs[1]]
+    assert runlog.read_log(logs / "frontier_seed4.txt").steps_done == 3
+
+
 def test_the_series_runner_gives_each_step_what_the_call_has_left_and_returns_only_text_logs(tmp_path):
     """series.sh runs its steps in order with the call's remaining time: a training that does not fit is refused
     by run.sh, the evaluation after it of a trained seed (a finished log, no artifact) is started with what is

@@ -5,9 +5,21 @@
 #
 #     bash records/proxy_1gpu_frontier_vs_pr1529/run.sh PRESET SEED [DEADLINE_SECONDS] [STAGE]
 #
-# STAGE is all (default: training, then the evaluation if time is left), train or eval. A call meant for one
-# training should say train: with all, the time a training leaves over starts an evaluation that the deadline
-# then stops (one H100, 2026-12-06: 68 s of device time lost that way), which the next call runs again.
+# STAGE is all (default: training, then the evaluation if time is left), train, eval or warm. A call meant for
+# one training should say train: with all, the time a training leaves over starts an evaluation that the
+# deadline then stops (one H100, 2026-12-06: 68 s of device time lost that way), which the next call runs again.
+#
+# STAGE warm readies a fresh machine: it compiles every graph the preset's training and evaluation use, so
+# that the seeds after it start from the inductor's on-disk cache. On a fresh H100 (2026-12-07) frontier's
+# training needed about 590 s, its warm-up of four graphs alone 304 s (36 s from the cache), more than a
+# device call has after its set-up; its evaluation compiled afresh took 198 s. The warm stage trains
+# <preset>_warm for two steps (ITERATIONS=2 without the wallclock cap: the untimed warm-up still compiles
+# every graph first, each window length with looping off and on), evaluates that artifact as a seed's
+# evaluation does (compiling the TTT graphs), and deletes the artifact. GPTQ calibrates on 4 batches, not 64,
+# and the evaluation starts with H2H_WARM_EVAL_SECONDS (default 170) left: its TTT graphs compile before its
+# pass, so a deadline that stops the pass still leaves them cached. Its logs, <preset>_warm.txt and
+# <preset>_warm_eval.txt, are no seed's result; SEED is the two steps' seed. It runs once per LOG_DIR: a
+# finished warm evaluation log makes it do nothing (delete the log to warm a new machine).
 #
 # 1. Training, unless LOG_DIR/<preset>_seed<S>.txt already reached `final val_bpb`: 240 s of wallclock for
 #    training + GPTQ calibration (the measured reserve, as the challenge counts it), the quantized artifact,
@@ -42,18 +54,23 @@
 #   H2H_EVAL_SCRIPT       the one that evaluates (default H2H_SCRIPT): a fix of the evaluation code can then
 #                         score artifacts trained by the pinned source.
 set -euo pipefail
-usage="usage: run.sh PRESET SEED [DEADLINE_SECONDS] [STAGE: all|train|eval]"
+usage="usage: run.sh PRESET SEED [DEADLINE_SECONDS] [STAGE: all|train|eval|warm]"
 preset=${1:?$usage}
 seed=${2:?$usage}
 deadline=${3:-570}
 stage=${4:-all}
-case "$stage" in all|train|eval) ;; *) echo "run.sh: STAGE=$stage is not one of all, train, eval" >&2; exit 2 ;; esac
+case "$stage" in all|train|eval|warm) ;; *) echo "run.sh: STAGE=$stage is not one of all, train, eval, warm" >&2; exit 2 ;; esac
 start=$SECONDS
 script=${H2H_SCRIPT:-train_gpt.py}
 eval_script=${H2H_EVAL_SCRIPT:-$script}
 log_dir=${LOG_DIR:-logs/h2h_ema93}
 mkdir -p "$log_dir"
 run_id=${preset}_seed${seed}
+train_limits=()
+if [ "$stage" = warm ]; then
+    run_id=${preset}_warm
+    train_limits=(ITERATIONS=2 MAX_WALLCLOCK_SECONDS=0 GPTQ_CALIBRATION_BATCHES=4)
+fi
 common=(PRESET="$preset" SEED="$seed" LOG_DIR="$log_dir" MAX_WALLCLOCK_SECONDS=240 WARMUP_STEPS=3
         EMA_DECAY="${H2H_EMA_DECAY:-0.93}"
         VAL_DOCS=782 TTT_PHASE_PREFIX_DOCS=300 TRAIN_LOG_EVERY=25 VAL_LOSS_EVERY=0 EVAL_FORCE=1)
@@ -79,13 +96,14 @@ if ! finished "$log_dir/$run_id.txt"; then
         echo "h2h: ${run_id}_eval not started: $run_id is not trained yet (run STAGE train or all first)"
         exit 0
     fi
-    if [ "$deadline" -lt "${H2H_TRAIN_SECONDS:-450}" ]; then  # compile + 240 s + quantize + pack, measured
+    if [ "$stage" != warm ] && [ "$deadline" -lt "${H2H_TRAIN_SECONDS:-450}" ]; then  # compile + 240 s + quantize + pack, measured
         echo "h2h: $run_id not started: a training run needs ${H2H_TRAIN_SECONDS:-450} s, the deadline is $deadline s"
         exit 0
     fi
     set_aside "$log_dir/$run_id.txt"
     echo "h2h: training $run_id"
-    env "${common[@]}" RUN_ID="$run_id" TTT_ENABLED=0 SLIDING_WINDOW_ENABLED=0 NGRAM_TILT=0 python3 "$script"
+    env "${common[@]}" RUN_ID="$run_id" TTT_ENABLED=0 SLIDING_WINDOW_ENABLED=0 NGRAM_TILT=0 "${train_limits[@]}" \
+        python3 "$script"
 fi
 echo "h2h: $run_id trained ($((SECONDS - start)) s into this call)"
 
@@ -93,6 +111,7 @@ if [ "$stage" != train ] && ! finished "$log_dir/${run_id}_eval.txt"; then
     set_aside "$log_dir/${run_id}_eval.txt"
     left=$((deadline - (SECONDS - start) - 20))
     case "$preset" in pr1529) eval_need=${H2H_EVAL_SECONDS:-100} ;; *) eval_need=${H2H_EVAL_SECONDS:-200} ;; esac
+    [ "$stage" = warm ] && eval_need=${H2H_WARM_EVAL_SECONDS:-170}  # its compile warm-ups: 168 s cold, frontier
     if [ "$left" -lt "$eval_need" ]; then
         echo "h2h: ${run_id}_eval not started: ${left} s left of the deadline, an evaluation needs" \
              "$eval_need s; run this again"
@@ -107,10 +126,17 @@ spec = u.spec_from_file_location("tg", sys.argv[1]); tg = u.module_from_spec(spe
 spec.loader.exec_module(tg); print(int(tg.Settings().ngram_tilt))' "$eval_script")
     env "${common[@]}" RUN_ID="${run_id}_eval" EVAL_ONLY="$log_dir/$run_id.ptz" SLIDING_WINDOW_ENABLED=0 \
         TTT_ENABLED=1 NGRAM_TILT="$tilt" timeout "$left" python3 "$eval_script" || status=$?
-    if [ "$status" -eq 124 ]; then
+    if [ "$status" -eq 124 ] && [ "$stage" = warm ]; then
+        echo "h2h: ${run_id}_eval stopped at the deadline; the TTT graphs compile before its pass, so they may be cached"
+    elif [ "$status" -eq 124 ]; then
         echo "h2h: ${run_id}_eval stopped at the deadline; run this again"
     elif [ "$status" -ne 0 ]; then
         exit "$status"
     fi
+fi
+if [ "$stage" = warm ]; then
+    rm -f "$log_dir/$run_id.ptz"  # two steps' artifact is nobody's result, and must not travel as one
+    finished "$log_dir/${run_id}_eval.txt" && \
+        echo "h2h: $preset's graphs compiled on this machine ($((SECONDS - start)) s); its seeds start warm"
 fi
 grep -h '^final val_bpb' "$log_dir/$run_id.txt" "$log_dir/${run_id}_eval.txt" 2>/dev/null || true

@@ -5,7 +5,8 @@
 #
 #     bash records/proxy_1gpu_frontier_vs_pr1529/series.sh PRESET LIMIT_SECONDS STAGE:SEED [STAGE:SEED ...]
 #
-# e.g. `series.sh frontier 585 eval:1337 train:42`. STAGE is train, eval or all (run.sh's). LIMIT_SECONDS is
+# e.g. `series.sh frontier 585 eval:1337 train:42`. STAGE is train, eval, all or warm (run.sh's; `warm:1` first
+# on a fresh machine). LIMIT_SECONDS is
 # the call's own limit, less what came before this script; each step's deadline is what is left of it less
 # H2H_STEP_MARGIN (default 8 s), and the step runs under `timeout` with that deadline, so a step that
 # overruns is stopped (run.sh sets its unfinished log aside on the next try) and the logs still come back.
@@ -23,8 +24,8 @@ limit=${2:?$usage}
 shift 2
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 for step in "$@"; do
-    case "$step" in train:[0-9]*|eval:[0-9]*|all:[0-9]*) ;;
-        *) echo "series.sh: step $step is not STAGE:SEED with STAGE one of train, eval, all" >&2; exit 2 ;;
+    case "$step" in train:[0-9]*|eval:[0-9]*|all:[0-9]*|warm:[0-9]*) ;;
+        *) echo "series.sh: step $step is not STAGE:SEED with STAGE one of train, eval, all, warm" >&2; exit 2 ;;
     esac
 done
 return_logs() {
