@@ -11,6 +11,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 from conftest import ROOT, subprocess_env
 
@@ -45,6 +46,8 @@ def packed(tmp_path_factory):
     """A cache that one compile wrote, packed into parts of 10 KiB (several parts for one small graph)."""
     root = tmp_path_factory.mktemp("compile_cache")
     assert compile_with_cache(root / "first") == (0, 2)  # forward and backward compiled afresh
+    if torch.cuda.is_available():  # the Triton kernels went into the folder too, so they travel with it
+        assert any((root / "first" / "triton").rglob("*.cubin"))
     result = tool("pack", root / "out", "--cache-dir", root / "first", "--part-mib", 10 / 1024, "--max-parts", 50)
     assert result.returncode == 0, result.stderr
     return root

@@ -7,7 +7,8 @@
 A fresh machine compiles every graph of a run from nothing: for `PRESET=frontier` on one H100 (2026-12-07) the
 training's warm-up of its four graphs took 304 s cold and 36 s with the inductor's cache warm, and its
 evaluation's two warm-ups 168 s cold. The cache is a folder (`TORCHINDUCTOR_CACHE_DIR`, by default
-`/tmp/torchinductor_<user>`) holding inductor's compiled graphs, AOTAutograd's and the Triton kernels; a run
+`/tmp/torchinductor_<user>`) holding inductor's compiled graphs, AOTAutograd's, and the Triton kernels under
+`triton/` (unless TRITON_CACHE_DIR sends them elsewhere); a run
 whose graphs are found there (same torch, Triton, GPU kind and graph) loads them instead of compiling.
 
 `pack` writes that folder as one xz-compressed tar split into parts of at most --part-mib MiB each
@@ -23,6 +24,7 @@ through a size-limited folder: the project's device calls, whose returned files 
 8 a call (`records/proxy_1gpu_frontier_vs_pr1529/README.md` says how its series use it).
 """
 import argparse
+import getpass
 import hashlib
 import io
 import json
@@ -30,6 +32,7 @@ import lzma
 import os
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,8 +49,11 @@ def default_cache_dir() -> Path:
     """The folder torch.compile uses here: TORCHINDUCTOR_CACHE_DIR when set, else torch's own default."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
-    return Path(torch_default())
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+        return Path(torch_default())
+    except ImportError:  # torch's rule, for a torch without that module
+        return Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
 
 
 def versions() -> dict:
@@ -120,6 +126,10 @@ def pack(out_dir: Path, cache_dir: Path, part_mib: float, max_parts: int, preset
     if not cache_dir.is_dir():
         fail(f"no compile cache at {cache_dir} (set --cache-dir or TORCHINDUCTOR_CACHE_DIR to the folder a run "
              "compiled into)")
+    if os.environ.get("TRITON_CACHE_DIR"):  # else Triton's kernels live in <cache>/triton/<device>, packed here
+        print(f"compile_cache:warning TRITON_CACHE_DIR={os.environ['TRITON_CACHE_DIR']} keeps Triton's kernels "
+              f"outside {cache_dir}: they are not packed, and a machine that unpacks this compiles them again",
+              file=sys.stderr)
     files = cache_files(cache_dir)
     if not files:
         fail(f"the compile cache at {cache_dir} holds no files: nothing to pack")

@@ -131,6 +131,7 @@ spec.loader.exec_module(tg); print(int(tg.Settings().ngram_tilt))' "$eval_script
     elif [ "$status" -eq 124 ]; then
         echo "h2h: ${run_id}_eval stopped at the deadline; run this again"
     elif [ "$status" -ne 0 ]; then
+        [ "$stage" = warm ] && rm -f "$log_dir/$run_id.ptz"
         exit "$status"
     fi
 fi
