@@ -34,6 +34,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = "compile_cache.json"
@@ -64,7 +65,7 @@ def versions() -> dict:
         info["torch"] = torch.__version__
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     except ImportError:
-        info["torch"] = "none"
+        info["torch"], info["gpu"] = "none", "none"
     try:
         import triton
         info["triton"] = triton.__version__
@@ -186,10 +187,11 @@ class PartReader(io.RawIOBase):
             self.file = None
 
 
-def members(paths: list):
-    """The archive's entries, read from the parts as one stream."""
+@contextmanager
+def archive(paths: list):
+    """The tar archive the parts hold, read as one stream (each pass over it opens it again)."""
     with lzma.open(io.BufferedReader(PartReader(paths)), "rb") as xz, tarfile.open(fileobj=xz, mode="r|") as tar:
-        yield from tar
+        yield tar
 
 
 def unpack(in_dir: Path, cache_dir: Path) -> dict:
@@ -221,14 +223,15 @@ def unpack(in_dir: Path, cache_dir: Path) -> dict:
     # no links or names leading out of the folder, no devices), so a bad archive is refused before one file is
     # written; the second extracts.
     try:
-        for member in members(paths):
-            tarfile.data_filter(member, str(cache_dir))
+        with archive(paths) as tar:
+            for member in tar:
+                tarfile.data_filter(member, str(cache_dir))
     except (tarfile.TarError, lzma.LZMAError, EOFError) as error:
         fail(f"the archive in {in_dir} cannot be unpacked safely ({type(error).__name__}: {error}); nothing was "
              "extracted. Pack the cache again")
     cache_dir.mkdir(parents=True, exist_ok=True)
     count = 0
-    with lzma.open(io.BufferedReader(PartReader(paths)), "rb") as xz, tarfile.open(fileobj=xz, mode="r|") as tar:
+    with archive(paths) as tar:
         for member in tar:
             tar.extract(member, cache_dir, filter="data")
             count += member.isfile()

@@ -89,7 +89,11 @@ copy_out() {
         cp "$log_dir"/*.ptz "$OUT"/ 2>/dev/null || true
     fi
 }
-trap copy_out EXIT
+on_exit() {  # every way out: the warm stage's two-step artifact is nobody's result and must not travel as one
+    if [ "$stage" = warm ]; then rm -f "$log_dir/$run_id.ptz"; fi
+    copy_out
+}
+trap on_exit EXIT
 
 if ! finished "$log_dir/$run_id.txt"; then
     if [ "$stage" = eval ]; then
@@ -131,13 +135,10 @@ spec.loader.exec_module(tg); print(int(tg.Settings().ngram_tilt))' "$eval_script
     elif [ "$status" -eq 124 ]; then
         echo "h2h: ${run_id}_eval stopped at the deadline; run this again"
     elif [ "$status" -ne 0 ]; then
-        [ "$stage" = warm ] && rm -f "$log_dir/$run_id.ptz"
         exit "$status"
     fi
 fi
-if [ "$stage" = warm ]; then
-    rm -f "$log_dir/$run_id.ptz"  # two steps' artifact is nobody's result, and must not travel as one
-    finished "$log_dir/${run_id}_eval.txt" && \
-        echo "h2h: $preset's graphs compiled on this machine ($((SECONDS - start)) s); its seeds start warm"
+if [ "$stage" = warm ] && finished "$log_dir/${run_id}_eval.txt"; then
+    echo "h2h: $preset's graphs compiled on this machine ($((SECONDS - start)) s); its seeds start warm"
 fi
 grep -h '^final val_bpb' "$log_dir/$run_id.txt" "$log_dir/${run_id}_eval.txt" 2>/dev/null || true
