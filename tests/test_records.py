@@ -596,14 +596,14 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path / "h2h"), OUT=str(tmp_path / "out"), ITERATIONS="3", EVAL_SEQ_LEN="64",
                TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3", TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4",
-               TTT_LORA_RANK="4", TRAIN_SEQ_SCHEDULE="32@0,64@0.5")
+               TTT_LORA_RANK="4", TRAIN_SEQ_SCHEDULE="32@0,64@0.5", H2H_COMPILED_DIR=str(tmp_path / "compiled"))
     def h2h(*args, timeout=900):
         return subprocess.run(["bash", str(H2H), *args], cwd=ROOT, env=subprocess_env(env), capture_output=True,
                               text=True, timeout=timeout)
     trained = h2h("frontier", "5", "900", "train")
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     assert not (tmp_path / "h2h" / "frontier_seed5_eval.txt").exists() and "evaluating" not in trained.stdout
-    too_late = h2h("frontier", "5", "120", "eval", timeout=300)  # 100 s left, under H2H_EVAL_SECONDS's 200
+    too_late = h2h("frontier", "5", "120", "eval", timeout=300)  # 100 s left, under the 270 of a first evaluation
     assert too_late.returncode == 0 and re.search(r"frontier_seed5_eval not started: (99|100) s left", too_late.stdout)
     assert not (tmp_path / "h2h" / "frontier_seed5_eval.txt").exists()
     first = h2h("frontier", "5", "900", "eval")
@@ -621,7 +621,7 @@ def test_the_comparison_runner_trains_then_evaluates_with_the_presets_own_evalua
     assert again.returncode == 0 and "Hyperparameters" not in again.stdout, again.stderr[-2000:]
     assert again.stdout.count("final val_bpb:") == 2
     short = h2h("pr1529", "6", "100", timeout=300)
-    assert short.returncode == 0 and "not started: a training run needs 450 s" in short.stdout
+    assert short.returncode == 0 and "not started: a training run needs 450 s compiled afresh" in short.stdout
     untrained = h2h("pr1529", "6", "900", "eval", timeout=300)
     assert untrained.returncode == 0 and "pr1529_seed6 is not trained yet" in untrained.stdout
     assert not (tmp_path / "h2h" / "pr1529_seed6.txt").exists()
@@ -712,7 +712,7 @@ def test_the_warm_stage_compiles_a_seeds_graphs_and_leaves_no_result(tiny_data, 
     env = dict(TINY_MODEL, DATA_PATH=tiny_data["DATA_PATH"], TOKENIZER_PATH=tiny_data["TOKENIZER_PATH"],
                LOG_DIR=str(tmp_path / "h2h"), EVAL_SEQ_LEN="64", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="3",
                TTT_CHUNK_SIZE="16", TTT_BATCH_DOCS="4", TTT_LORA_RANK="4", TRAIN_SEQ_SCHEDULE="32@0,64@0.5",
-               H2H_WARM_EVAL_SECONDS="60")
+               H2H_WARM_EVAL_SECONDS="60", H2H_COMPILED_DIR=str(tmp_path / "compiled"))
 
     def h2h(*args, extra=None):
         return subprocess.run(["bash", str(H2H), *args], cwd=ROOT, env=subprocess_env(dict(env, **(extra or {}))),
@@ -735,6 +735,68 @@ def test_the_warm_stage_compiles_a_seeds_graphs_and_leaves_no_result(tiny_data, 
     assert runlog.read_log(logs / "frontier_seed4.txt").steps_done == 3
 
 
+STAND_IN_TRAINER = """import os, sys, time
+class Settings:  # run.sh reads the preset's n-gram tilt from the evaluating script
+    ngram_tilt = True
+if __name__ == "__main__":  # a training or an evaluation (EVAL_ONLY) that writes what run.sh reads of a log
+    log = os.path.join(os.environ["LOG_DIR"], os.environ["RUN_ID"] + ".txt")
+    evaluating = bool(os.environ.get("EVAL_ONLY"))
+    if evaluating and not os.path.exists(os.environ["EVAL_ONLY"]):
+        sys.exit("no artifact at " + os.environ["EVAL_ONLY"])
+    with open(log, "w") as f:
+        f.write("eval_budget:early pass:ttt_lora estimated_8gpu_pass_seconds:1\\n" if evaluating else "warmup:done seconds:1.0\\n")
+        f.flush()
+        if os.environ.get("STAND_IN_HANG"):
+            time.sleep(60)
+        f.write("final val_bpb:1.0\\n")
+    if not evaluating:
+        open(os.path.join(os.environ["LOG_DIR"], os.environ["RUN_ID"] + ".ptz"), "wb").write(b"artifact")
+"""
+
+
+def test_the_runner_sizes_each_step_by_what_this_machine_has_compiled(tmp_path):
+    """run.sh asks a step for the time it needs on this machine: a frontier training 600 s compiled afresh and 360
+    s once its graphs are (STAGE warm compiles them), an evaluation 270 s and then 100 s. What is compiled is what
+    this machine's runs logged (training's `warmup:done`, the evaluation's TTT pass begun, even in a run stopped
+    after it), kept in H2H_COMPILED_DIR, not what LOG_DIR holds: a carried LOG_DIR on a fresh machine (another
+    H2H_COMPILED_DIR) is cold again, and the warm stage runs there again. A stand-in trainer writes the log lines
+    run.sh reads; the real trainer goes through run.sh in the tests above."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN_TRAINER)
+    logs = tmp_path / "h2h"
+
+    def h2h(machine, *args, **extra):
+        env = subprocess_env(dict(LOG_DIR=str(logs), H2H_SCRIPT=str(script), H2H_COMPILED_DIR=str(tmp_path / machine),
+                                  **extra))
+        r = subprocess.run(["bash", str(H2H), "frontier", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+    assert "seed1 not started: a training run needs 600 s compiled afresh" in h2h("a", "1", "590", "train")
+    warm = h2h("a", "1", "590", "warm")
+    assert "h2h: frontier's graphs compiled on this machine" in warm
+    assert sorted(p.name for p in logs.iterdir()) == ["frontier_warm.txt", "frontier_warm_eval.txt"]
+    assert "h2h: training" not in h2h("a", "1", "590", "warm")  # the same machine: nothing to compile
+    assert "h2h: training frontier_seed1" in h2h("a", "1", "360", "train")
+    assert "h2h: evaluating frontier_seed1" in h2h("a", "1", "120", "eval")  # 100 s left, 100 needed
+    assert (logs / "frontier_seed1_eval.txt").read_text().endswith("final val_bpb:1.0\n")
+    assert "h2h: training frontier_seed2" in h2h("a", "2", "360", "train")
+    # machine b: the same LOG_DIR carried to a fresh machine
+    refused = h2h("b", "2", "289", "eval")
+    assert re.search(r"seed2_eval not started: 26[89] s left of the deadline, an evaluation needs 270 s compiled "
+                     r"afresh", refused), refused
+    assert "h2h: training frontier_seed3" not in h2h("b", "3", "590", "train")
+    stopped = h2h("b", "2", "27", "eval", H2H_EVAL_SECONDS="1", STAND_IN_HANG="1")  # stopped in its TTT pass
+    assert "frontier_seed2_eval stopped at the deadline" in stopped
+    refused = h2h("b", "2", "119", "eval")
+    assert re.search(r"(98|99) s left of the deadline, an evaluation needs 100 s with its graphs compiled on this "
+                     r"machine", refused), refused
+    warm_b = h2h("b", "1", "590", "warm")  # LOG_DIR's finished warm logs do not make machine b warm
+    assert "h2h: training frontier_warm" in warm_b and "graphs compiled on this machine" in warm_b
+    assert (logs / "frontier_warm.txt.partial1").exists() and not (logs / "frontier_warm.ptz").exists()
+    assert "h2h: training frontier_seed3" in h2h("b", "3", "360", "train")
+
+
 def test_the_series_runner_gives_each_step_what_the_call_has_left_and_returns_only_text_logs(tmp_path):
     """series.sh runs its steps in order with the call's remaining time: a training that does not fit is refused
     by run.sh, the evaluation after it of a trained seed (a finished log, no artifact) is started with what is
@@ -745,11 +807,12 @@ def test_the_series_runner_gives_each_step_what_the_call_has_left_and_returns_on
     logs.mkdir()
     (logs / "pr1529_seed7.txt").write_text("final val_bpb:1.0\n")
     (logs / "pr1529_seed7.ptz").write_bytes(b"not an artifact")
-    env = subprocess_env({"LOG_DIR": str(logs), "OUT": str(out)})
+    env = subprocess_env({"LOG_DIR": str(logs), "OUT": str(out), "H2H_COMPILED_DIR": str(tmp_path / "compiled")})
     r = subprocess.run(["bash", str(series), "pr1529", "140", "train:8", "eval:7", "train:9"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"pr1529_seed8 not started: a training run needs 450 s, the deadline is 13[0-2] s", r.stdout)
+    assert re.search(r"pr1529_seed8 not started: a training run needs 450 s compiled afresh .*, the deadline is 13[0-2] s",
+                     r.stdout), r.stdout
     assert "h2h: evaluating pr1529_seed7" in r.stdout and "series: pr1529 eval:7 failed" in r.stdout
     assert "series: pr1529 train:9 at" in r.stdout and "series: done at" in r.stdout
     assert sorted(p.name for p in (out / "h2h").iterdir()) == ["pr1529_seed7.txt"]  # the artifact stays behind
