@@ -130,7 +130,7 @@ class Sample:
 
 
 @dataclass
-class Welch:
+class TTest:  # the outcome of a one-sided t-test, Welch's or paired
     gain: float    # mean(baseline) - mean(new): positive when the new runs score lower (better)
     margin: float  # H0: gain <= margin
     t: float
@@ -145,16 +145,16 @@ class Welch:
         return self.margin + t_isf(alpha, self.df) * self.se
 
 
-def t_test(gain: float, margin: float, se: float, df: float) -> Welch:
+def t_test(gain: float, margin: float, se: float, df: float) -> TTest:
     """The one-sided t-test of H0: gain <= margin for a gain with standard error se and df degrees of freedom;
     se = 0 (identical runs) makes the gain exact: p is 0 or 1."""
     if se == 0.0:
-        return Welch(gain, margin, math.copysign(math.inf, gain - margin), df, 0.0 if gain > margin else 1.0)
+        return TTest(gain, margin, math.copysign(math.inf, gain - margin), df, 0.0 if gain > margin else 1.0)
     t = (gain - margin) / se
-    return Welch(gain, margin, t, df, t_sf(t, df), se)
+    return TTest(gain, margin, t, df, t_sf(t, df), se)
 
 
-def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> Welch:
+def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> TTest:
     """One-sided Welch t-test of H0: mean(baseline) - mean(new) <= margin. Equals
     scipy.stats.ttest_ind(baseline, new + margin, equal_var=False, alternative="greater")."""
     if baseline.n < 2 or new.n < 2:
@@ -166,7 +166,7 @@ def welch_one_sided(baseline: Sample, new: Sample, margin: float = 0.0) -> Welch
     return t_test(baseline.mean - new.mean, margin, se, df)
 
 
-def paired_one_sided(gains, margin: float = 0.0) -> Welch:
+def paired_one_sided(gains, margin: float = 0.0) -> TTest:
     """One-sided paired t-test of H0: mean(gain) <= margin over per-seed gains (baseline - new of one seed).
     Equals scipy.stats.ttest_rel(baseline, new + margin, alternative="greater"); df = pairs - 1."""
     g = Sample.of(gains)
@@ -233,8 +233,8 @@ class Comparison:
     baseline_nats: Sample
     new_nats: Sample
     nats_per_bpb: float | None
-    bar: Welch          # H0: gain <= MARGIN_NATS
-    improvement: Welch  # H0: gain <= 0
+    bar: TTest         # H0: gain <= MARGIN_NATS
+    improvement: TTest # H0: gain <= 0
     alpha: float
 
     @property
