@@ -233,8 +233,8 @@ class Comparison:
     baseline_nats: Sample
     new_nats: Sample
     nats_per_bpb: float | None
-    bar: TTest         # H0: gain <= MARGIN_NATS
-    improvement: TTest # H0: gain <= 0
+    bar: TTest          # H0: gain <= MARGIN_NATS
+    improvement: TTest  # H0: gain <= 0
     alpha: float
 
     @property
