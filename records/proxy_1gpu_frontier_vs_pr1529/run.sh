@@ -155,7 +155,6 @@ if ! done_here train; then
     trained_here=1
     env "${common[@]}" RUN_ID="$run_id" TTT_ENABLED=0 SLIDING_WINDOW_ENABLED=0 NGRAM_TILT=0 "${train_limits[@]}" \
         python3 "$script"
-    mark_compiled
 fi
 echo "h2h: $run_id trained ($((SECONDS - start)) s into this call)"
 
@@ -192,8 +191,8 @@ spec.loader.exec_module(tg); print(int(tg.Settings().ngram_tilt))' "$eval_script
     elif [ "$status" -ne 0 ]; then
         exit "$status"
     fi
-    mark_compiled
 fi
+mark_compiled  # now, not only on exit: the warm stage's last line reads the markers
 if [ "$stage" = warm ] && done_here train && done_here eval; then
     echo "h2h: $preset's graphs compiled on this machine ($((SECONDS - start)) s); its seeds start warm"
 fi
