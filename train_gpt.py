@@ -96,7 +96,7 @@ class Settings:
     preset: str = setting("pr1529",
         "seed record whose defaults the run starts from (PRESETS; explicit variables still win): pr1529 = the project "
         "defaults; pr1477, pr1536 and pr1204 change the values the README preset table lists; frontier = the later "
-        "records' techniques on pr1529 (provisional until measured on the proxy against pr1529)",
+        "records' techniques on pr1529 (better than pr1529 on the proxy; not yet run on FineWeb)",
         choices=("pr1529", "pr1477", "pr1536", "pr1204", "frontier"))
     run_id: str = setting("",
         "name of the run: its log is LOG_DIR/<RUN_ID>.txt, its artifact LOG_DIR/<RUN_ID>.ptz (letters, digits, '.', "

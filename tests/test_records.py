@@ -852,7 +852,8 @@ def test_series_3_figures_are_its_logs(capsys):
     """Series 3 of the frontier-vs-pr1529 comparison (records/proxy_1gpu_frontier_vs_pr1529/ema093_frontier3/),
     seed by seed as it comes in: each figure of its table is what the seed's committed training and evaluation
     logs say, both READMEs quote the final, and the gain over pr1529's run of the same seed (ema093/) is
-    recomputed here from the two final losses and scores."""
+    recomputed here from the two final losses and scores. With three seeds in, the means, the gain and the
+    p-values both READMEs quote are tools/significance.py's on the same logs."""
     folder = H2H.parent
     readme, main_readme = (folder / "README.md").read_text(), (ROOT / "README.md").read_text()
     section = readme[readme.index("## Series 3"):readme.index("## Next")]
@@ -885,3 +886,19 @@ def test_series_3_figures_are_its_logs(capsys):
         gain_nats = baseline.metrics["final_ttt"].val_loss - scored.metrics["final_ttt"].val_loss
         for text in (section, main_readme):
             assert f"{gain_bpb:.5f} bpb" in text and f"{gain_nats:.5f} nats" in text, seed
+    if len(evals) < 3:
+        return
+    # all three seeds in: the means, the gain and the p-values both READMEs quote are tools/significance.py's on
+    # the committed logs, and the bar is met
+    baselines = [folder / "ema093" / re.sub(r"^frontier", "pr1529", path.name) for path in evals]
+    significance.main(["--new", *map(str, evals), "--baseline", *map(str, baselines)])
+    out = capsys.readouterr().out
+    assert "challenge bar (gain > 0.005 nats at p < 0.01): MET" in out
+    means = [float(m) for m in re.findall(r"mean [0-9.]+ nats \(([0-9.]+) bpb\)", out)]
+    gain = re.search(r"observed gain \(baseline - new\): ([0-9.]+) nats \(([0-9.]+) bpb\)", out)
+    p_bar = float(re.search(r"^H0 gain <= 0.005 nats: .* p=([0-9.]+)", out, re.M).group(1))
+    p_paired = float(re.search(r"paired H0 gain <= 0.005 nats: .* p=([0-9.]+)", out).group(1))
+    for text in (section.replace("**", ""), main_readme.replace("**", "")):
+        assert f"{means[0]:.6f}" in text and f"{means[1]:.6f}" in text
+        assert f"{gain.group(1)} nats ({gain.group(2)} bpb)" in text
+        assert f"p = {p_bar:.4f}" in text and f"p = {p_paired:.4f}" in text
